@@ -1,0 +1,1 @@
+"""The FedLoRA worker daemon and lab tools."""

@@ -1,0 +1,1 @@
+"""What the FedLoRA coordinator and workers share: the wire contract, manifests, chunking, aggregation math."""

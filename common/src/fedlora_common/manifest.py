@@ -1,0 +1,97 @@
+"""Ordered tensor layouts, and the flat float32 vectors that travel on the wire.
+
+Both sides agree on one order of named tensors (the manifest); an update is the
+concatenation of those tensors in that order. Nothing here knows about torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["WIRE_DTYPE", "Manifest", "TensorSpec", "flatten", "unflatten", "update_manifest"]
+
+WIRE_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = WIRE_DTYPE
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tensors: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("manifest names must be unique")
+
+    @classmethod
+    def of(cls, state: Mapping[str, npt.NDArray[np.floating]]) -> Manifest:
+        """The manifest of a state dict, in its iteration order."""
+        return cls(tuple(TensorSpec(name, tuple(int(d) for d in a.shape)) for name, a in state.items()))
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * np.dtype(WIRE_DTYPE).itemsize
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Element range [start, stop) of each tensor inside the flat vector."""
+        out: dict[str, tuple[int, int]] = {}
+        start = 0
+        for t in self.tensors:
+            out[t.name] = (start, start + t.numel)
+            start += t.numel
+        return out
+
+    def subset(self, names: Iterable[str]) -> Manifest:
+        keep = set(names)
+        return Manifest(tuple(t for t in self.tensors if t.name in keep))
+
+
+def update_manifest(manifest: Manifest, aggregation: str) -> Manifest:
+    """The tensors a worker's update carries: all of them, or only LoRA B under FFA-LoRA (A stays frozen)."""
+    if aggregation == "ffa":
+        return manifest.subset(t.name for t in manifest.tensors if ".lora_B." in t.name)
+    return manifest
+
+
+def flatten(manifest: Manifest, state: Mapping[str, npt.NDArray[np.floating]]) -> npt.NDArray[np.float32]:
+    """Concatenate the manifest's tensors, in its order, into one float32 vector."""
+    out = np.empty(manifest.numel, dtype=np.float32)
+    for spec, (start, stop) in zip(manifest.tensors, manifest.offsets().values(), strict=True):
+        array = state[spec.name]
+        if tuple(array.shape) != spec.shape:
+            raise ValueError(f"tensor {spec.name}: shape {tuple(array.shape)} != manifest {spec.shape}")
+        out[start:stop] = np.asarray(array, dtype=np.float32).reshape(-1)
+    return out
+
+
+def unflatten(manifest: Manifest, vector: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float32]]:
+    """Views into a flat vector, one per tensor, shaped as the manifest says."""
+    if vector.size != manifest.numel:
+        raise ValueError(f"vector has {vector.size} elements, manifest {manifest.numel}")
+    return {
+        spec.name: vector[start:stop].reshape(spec.shape)
+        for spec, (start, stop) in zip(manifest.tensors, manifest.offsets().values(), strict=True)
+    }

@@ -1,0 +1,1 @@
+"""The FedLoRA coordinator."""
