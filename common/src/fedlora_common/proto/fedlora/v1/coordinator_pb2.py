@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n1fedlora_common/proto/fedlora/v1/coordinator.proto\x12\nfedlora.v1\"P\n\x0bJoinRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x18\n\x10software_version\x18\x03 \x01(\t\"S\n\x0cJoinResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12 \n\x03run\x18\x03 \x01(\x0b\x32\x13.fedlora.v1.RunSpec\"\x98\x01\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\"\n\x04lora\x18\x05 \x01(\x0b\x32\x14.fedlora.v1.LoraSpec\x12\x14\n\x0ctotal_rounds\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"E\n\x0fPollTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xd1\x01\n\x04Task\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedlora.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\r\x12(\n\x06global\x18\x03 \x01(\x0b\x32\x18.fedlora.v1.ModelVersion\x12*\n\x08training\x18\x04 \x01(\x0b\x32\x18.fedlora.v1.TrainingPlan\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\"k\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12&\n\x08manifest\x18\x04 \x01(\x0b\x32\x14.fedlora.v1.Manifest\"3\n\x08Manifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedlora.v1.TensorSpec\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xa3\x01\n\x0cTrainingPlan\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x16\n\x0egrad_clip_norm\x18\x05 \x01(\x02\x12\x18\n\x10update_clip_norm\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"E\n\x0f\x44ownloadRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"i\n\rDownloadChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedlora.v1.DownloadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlora.v1.ChunkH\x00\x42\x06\n\x04part\"m\n\x0e\x44ownloadHeader\x12(\n\x06global\x18\x01 \x01(\x0b\x32\x18.fedlora.v1.ModelVersion\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x1c\n\x14\x61rtifact_config_json\x18\x03 \x01(\t\"\"\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"g\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedlora.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlora.v1.ChunkH\x00\x42\x06\n\x04part\"\xb4\x02\n\x0cUploadHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.fedlora.v1.UploadKind\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\r\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x12\n\ntotal_size\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12\r\n\x05\x64type\x18\n \x01(\t\x12&\n\x08manifest\x18\x0b \x01(\x0b\x32\x14.fedlora.v1.Manifest\x12\x1c\n\x14\x61rtifact_config_json\x18\x0c \x01(\t\x12\x12\n\ntrain_loss\x18\r \x01(\x01\"6\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\xa9\x01\n\rMetricsReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x06 \x01(\x04\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\"\x10\n\x0eMetricsReceipt*\x98\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x18\n\x14TASK_KIND_INITIALIZE\x10\x02\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x03\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x04\x12\x16\n\x12TASK_KIND_FINISHED\x10\x05*Y\n\nUploadKind\x12\x1b\n\x17UPLOAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13UPLOAD_KIND_INITIAL\x10\x01\x12\x15\n\x11UPLOAD_KIND_DELTA\x10\x02\x32\xdf\x02\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedlora.v1.JoinRequest\x1a\x18.fedlora.v1.JoinResponse\x12\x39\n\x08PollTask\x12\x1b.fedlora.v1.PollTaskRequest\x1a\x10.fedlora.v1.Task\x12J\n\x0e\x44ownloadGlobal\x12\x1b.fedlora.v1.DownloadRequest\x1a\x19.fedlora.v1.DownloadChunk0\x01\x12\x46\n\x0cUploadUpdate\x12\x19.fedlora.v1.UploadMessage\x1a\x19.fedlora.v1.UploadReceipt(\x01\x12\x46\n\rReportMetrics\x12\x19.fedlora.v1.MetricsReport\x1a\x1a.fedlora.v1.MetricsReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n1fedlora_common/proto/fedlora/v1/coordinator.proto\x12\nfedlora.v1\"P\n\x0bJoinRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x18\n\x10software_version\x18\x03 \x01(\t\"S\n\x0cJoinResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12 \n\x03run\x18\x03 \x01(\x0b\x32\x13.fedlora.v1.RunSpec\"\x98\x01\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\"\n\x04lora\x18\x05 \x01(\x0b\x32\x14.fedlora.v1.LoraSpec\x12\x14\n\x0ctotal_rounds\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"E\n\x0fPollTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xd0\x01\n\x04Task\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedlora.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\r\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.fedlora.v1.ModelVersion\x12*\n\x08training\x18\x04 \x01(\x0b\x32\x18.fedlora.v1.TrainingPlan\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\"k\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12&\n\x08manifest\x18\x04 \x01(\x0b\x32\x14.fedlora.v1.Manifest\"3\n\x08Manifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedlora.v1.TensorSpec\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xa3\x01\n\x0cTrainingPlan\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x16\n\x0egrad_clip_norm\x18\x05 \x01(\x02\x12\x18\n\x10update_clip_norm\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"E\n\x0f\x44ownloadRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"i\n\rDownloadChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedlora.v1.DownloadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlora.v1.ChunkH\x00\x42\x06\n\x04part\"l\n\x0e\x44ownloadHeader\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.fedlora.v1.ModelVersion\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x1c\n\x14\x61rtifact_config_json\x18\x03 \x01(\t\"\"\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"g\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedlora.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlora.v1.ChunkH\x00\x42\x06\n\x04part\"\xb4\x02\n\x0cUploadHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.fedlora.v1.UploadKind\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\r\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x12\n\ntotal_size\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12\r\n\x05\x64type\x18\n \x01(\t\x12&\n\x08manifest\x18\x0b \x01(\x0b\x32\x14.fedlora.v1.Manifest\x12\x1c\n\x14\x61rtifact_config_json\x18\x0c \x01(\t\x12\x12\n\ntrain_loss\x18\r \x01(\x01\"6\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\xa9\x01\n\rMetricsReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x06 \x01(\x04\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\"\x10\n\x0eMetricsReceipt*\x98\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x18\n\x14TASK_KIND_INITIALIZE\x10\x02\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x03\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x04\x12\x16\n\x12TASK_KIND_FINISHED\x10\x05*Y\n\nUploadKind\x12\x1b\n\x17UPLOAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13UPLOAD_KIND_INITIAL\x10\x01\x12\x15\n\x11UPLOAD_KIND_DELTA\x10\x02\x32\xdf\x02\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedlora.v1.JoinRequest\x1a\x18.fedlora.v1.JoinResponse\x12\x39\n\x08PollTask\x12\x1b.fedlora.v1.PollTaskRequest\x1a\x10.fedlora.v1.Task\x12J\n\x0e\x44ownloadGlobal\x12\x1b.fedlora.v1.DownloadRequest\x1a\x19.fedlora.v1.DownloadChunk0\x01\x12\x46\n\x0cUploadUpdate\x12\x19.fedlora.v1.UploadMessage\x1a\x19.fedlora.v1.UploadReceipt(\x01\x12\x46\n\rReportMetrics\x12\x19.fedlora.v1.MetricsReport\x1a\x1a.fedlora.v1.MetricsReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedlora_common.proto.fedlora.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=2126
-  _globals['_TASKKIND']._serialized_end=2278
-  _globals['_UPLOADKIND']._serialized_start=2280
-  _globals['_UPLOADKIND']._serialized_end=2369
+  _globals['_TASKKIND']._serialized_start=2124
+  _globals['_TASKKIND']._serialized_end=2276
+  _globals['_UPLOADKIND']._serialized_start=2278
+  _globals['_UPLOADKIND']._serialized_end=2367
   _globals['_JOINREQUEST']._serialized_start=65
   _globals['_JOINREQUEST']._serialized_end=145
   _globals['_JOINRESPONSE']._serialized_start=147
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLLTASKREQUEST']._serialized_start=469
   _globals['_POLLTASKREQUEST']._serialized_end=538
   _globals['_TASK']._serialized_start=541
-  _globals['_TASK']._serialized_end=750
-  _globals['_MODELVERSION']._serialized_start=752
-  _globals['_MODELVERSION']._serialized_end=859
-  _globals['_MANIFEST']._serialized_start=861
-  _globals['_MANIFEST']._serialized_end=912
-  _globals['_TENSORSPEC']._serialized_start=914
-  _globals['_TENSORSPEC']._serialized_end=970
-  _globals['_TRAININGPLAN']._serialized_start=973
-  _globals['_TRAININGPLAN']._serialized_end=1136
-  _globals['_DOWNLOADREQUEST']._serialized_start=1138
-  _globals['_DOWNLOADREQUEST']._serialized_end=1207
-  _globals['_DOWNLOADCHUNK']._serialized_start=1209
-  _globals['_DOWNLOADCHUNK']._serialized_end=1314
-  _globals['_DOWNLOADHEADER']._serialized_start=1316
-  _globals['_DOWNLOADHEADER']._serialized_end=1425
-  _globals['_CHUNK']._serialized_start=1427
-  _globals['_CHUNK']._serialized_end=1461
-  _globals['_UPLOADMESSAGE']._serialized_start=1463
-  _globals['_UPLOADMESSAGE']._serialized_end=1566
-  _globals['_UPLOADHEADER']._serialized_start=1569
-  _globals['_UPLOADHEADER']._serialized_end=1877
-  _globals['_UPLOADRECEIPT']._serialized_start=1879
-  _globals['_UPLOADRECEIPT']._serialized_end=1933
-  _globals['_METRICSREPORT']._serialized_start=1936
-  _globals['_METRICSREPORT']._serialized_end=2105
-  _globals['_METRICSRECEIPT']._serialized_start=2107
-  _globals['_METRICSRECEIPT']._serialized_end=2123
-  _globals['_COORDINATOR']._serialized_start=2372
-  _globals['_COORDINATOR']._serialized_end=2723
+  _globals['_TASK']._serialized_end=749
+  _globals['_MODELVERSION']._serialized_start=751
+  _globals['_MODELVERSION']._serialized_end=858
+  _globals['_MANIFEST']._serialized_start=860
+  _globals['_MANIFEST']._serialized_end=911
+  _globals['_TENSORSPEC']._serialized_start=913
+  _globals['_TENSORSPEC']._serialized_end=969
+  _globals['_TRAININGPLAN']._serialized_start=972
+  _globals['_TRAININGPLAN']._serialized_end=1135
+  _globals['_DOWNLOADREQUEST']._serialized_start=1137
+  _globals['_DOWNLOADREQUEST']._serialized_end=1206
+  _globals['_DOWNLOADCHUNK']._serialized_start=1208
+  _globals['_DOWNLOADCHUNK']._serialized_end=1313
+  _globals['_DOWNLOADHEADER']._serialized_start=1315
+  _globals['_DOWNLOADHEADER']._serialized_end=1423
+  _globals['_CHUNK']._serialized_start=1425
+  _globals['_CHUNK']._serialized_end=1459
+  _globals['_UPLOADMESSAGE']._serialized_start=1461
+  _globals['_UPLOADMESSAGE']._serialized_end=1564
+  _globals['_UPLOADHEADER']._serialized_start=1567
+  _globals['_UPLOADHEADER']._serialized_end=1875
+  _globals['_UPLOADRECEIPT']._serialized_start=1877
+  _globals['_UPLOADRECEIPT']._serialized_end=1931
+  _globals['_METRICSREPORT']._serialized_start=1934
+  _globals['_METRICSREPORT']._serialized_end=2103
+  _globals['_METRICSRECEIPT']._serialized_start=2105
+  _globals['_METRICSRECEIPT']._serialized_end=2121
+  _globals['_COORDINATOR']._serialized_start=2370
+  _globals['_COORDINATOR']._serialized_end=2721
 # @@protoc_insertion_point(module_scope)

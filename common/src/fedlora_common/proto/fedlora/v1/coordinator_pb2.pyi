@@ -233,7 +233,7 @@ class Task(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
-    GLOBAL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
@@ -244,6 +244,10 @@ class Task(_message.Message):
     deadline_s: _builtins.float
     """Seconds left before the coordinator closes this phase."""
     @_builtins.property
+    def model(self) -> Global___ModelVersion:
+        """The global model version the task is about; unset for WAIT, FINISHED and INITIALIZE."""
+
+    @_builtins.property
     def training(self) -> Global___TrainingPlan: ...
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -252,14 +256,15 @@ class Task(_message.Message):
         *,
         kind: Global___TaskKind.ValueType = ...,
         round: _builtins.int = ...,
+        model: Global___ModelVersion | None = ...,
         training: Global___TrainingPlan | None = ...,
         participants: _abc.Iterable[_builtins.str] | None = ...,
         retry_after_ms: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["global", b"global", "training", b"training"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "global", b"global", "kind", b"kind", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,21 +441,24 @@ Global___DownloadChunk: _TypeAlias = DownloadChunk  # noqa: Y015
 class DownloadHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    GLOBAL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
     ARTIFACT_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     chunk_count: _builtins.int
     artifact_config_json: _builtins.str
     """The adapter or model config the artifact was saved with (JSON)."""
+    @_builtins.property
+    def model(self) -> Global___ModelVersion: ...
     def __init__(
         self,
         *,
+        model: Global___ModelVersion | None = ...,
         chunk_count: _builtins.int = ...,
         artifact_config_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["global", b"global"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_config_json", b"artifact_config_json", "chunk_count", b"chunk_count", "global", b"global"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_config_json", b"artifact_config_json", "chunk_count", b"chunk_count", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,63 @@
+"""The worker's configuration (`worker.yaml`): who it is, where the coordinator is, its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedlora_common.settings import StrictModel
+
+__all__ = ["DataSection", "RetrySettings", "TlsClientSettings", "WorkerSettings"]
+
+
+class DataSection(StrictModel):
+    train: tuple[Path, ...] = Field(min_length=1)
+    eval: tuple[Path, ...] = ()
+
+
+class TlsClientSettings(StrictModel):
+    ca: Path
+    cert: Path | None = Field(None, description="Client certificate for mutual TLS")
+    key: Path | None = None
+    server_name: str | None = Field(None, description="Override the name checked in the server certificate")
+
+
+class RetrySettings(StrictModel):
+    attempts: int = Field(8, ge=1)
+    initial_backoff_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+
+
+class WorkerSettings(BaseSettings):
+    """Everything one data holder needs to take part in a run; the records never leave the site."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDLORA_", env_nested_delimiter="__", extra="forbid")
+
+    config_version: Literal[1] = 1
+    worker_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    coordinator: str = Field("127.0.0.1:50051", min_length=3)
+    tls: TlsClientSettings | None = None
+    base_model: str = Field(min_length=1, description="Local path (or hub id) of the run's base model")
+    data: DataSection
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    retry: RetrySettings = RetrySettings()
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_token(self) -> WorkerSettings:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("token: set exactly one of token or token_file")
+        return self
+
+    def bearer_token(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        assert self.token_file is not None
+        return self.token_file.read_text(encoding="utf-8").strip()

@@ -1,0 +1,170 @@
+"""Load the base model for one of the three training modes, and move its global state in and out.
+
+The global state is what the federation averages: the LoRA adapter tensors (lora, qlora) or every
+parameter (full). It leaves and enters the model as float32 numpy arrays named and ordered by the
+manifest, so the coordinator never needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from fedlora_common.manifest import Manifest, TensorSpec
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+__all__ = [
+    "Aggregation",
+    "LoadedModel",
+    "LoraSettings",
+    "Mode",
+    "ModelSpec",
+    "artifact_config_json",
+    "global_state",
+    "load_model",
+    "set_global_state",
+]
+
+Mode = Literal["lora", "qlora", "full"]
+Aggregation = Literal["fedavg", "ffa"]
+
+_ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft's LoRA knobs; the default targets every attention and MLP projection, as in the paper."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything every site must agree on to build the same model and the same initial adapter."""
+
+    base_model: str
+    mode: Mode
+    lora: LoraSettings
+    aggregation: Aggregation = "fedavg"
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+    manifest: Manifest
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id; many causal LM tokenizers have no pad token, and any id works under the mask."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"tokenizer of {self.spec.base_model} has neither a pad nor an eos token")
+        return int(pad)
+
+
+def load_model(spec: ModelSpec, *, device: str = "cpu") -> LoadedModel:
+    """Load base model and tokenizer, and wrap the model in a seeded LoRA adapter unless mode is full.
+
+    The adapter is attached only once the model is on its device: peft (and Opacus after it) must see
+    the final parameters, or the trained update can silently stay zero.
+    """
+    if spec.mode == "full" and spec.aggregation == "ffa":
+        raise ValueError("aggregation 'ffa' needs a LoRA adapter to freeze A in; mode 'full' has none")
+    dtype = getattr(torch, spec.dtype)
+    quantization = None
+    if spec.mode == "qlora":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.base_model, dtype=dtype, quantization_config=quantization, device_map={"": device}
+    )
+    if spec.mode != "full":
+        lora = LoraConfig(
+            r=spec.lora.rank,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=list(spec.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        # Same seed, same A at every site (FFA-LoRA keeps it forever); the caller's RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = get_peft_model(model, lora)
+        if spec.aggregation == "ffa":
+            for name, param in model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
+    tensors = _global_tensors(model, spec.mode)
+    manifest = Manifest(tuple(TensorSpec(name, tuple(t.shape)) for name, t in tensors.items()))
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, manifest=manifest)
+
+
+def _global_tensors(model: torch.nn.Module, mode: Mode) -> dict[str, torch.Tensor]:
+    """The live tensors of the global state, keyed by their manifest (wire and file) names."""
+    if mode == "full":
+        return dict(model.named_parameters())  # tied weights appear once
+    state: dict[str, torch.Tensor] = get_peft_model_state_dict(
+        model, adapter_name=_ADAPTER, save_embedding_layers=False
+    )
+    return state
+
+
+def global_state(loaded: LoadedModel) -> dict[str, npt.NDArray[np.float32]]:
+    """Float32 copies of the global state in manifest order (copies: training must not move them)."""
+    return {
+        name: tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+        for name, tensor in _global_tensors(loaded.model, loaded.spec.mode).items()
+    }
+
+
+def set_global_state(loaded: LoadedModel, state: Mapping[str, npt.NDArray[np.floating]]) -> None:
+    """Overwrite the global state; names and shapes must match the manifest exactly."""
+    expected = {spec.name: spec.shape for spec in loaded.manifest.tensors}
+    for name in state:
+        if name not in expected:
+            raise ValueError(f"tensor {name}: not in the manifest")
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"tensor {name}: missing")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"tensor {name}: shape {tuple(state[name].shape)} != manifest {shape}")
+    tensors = {name: torch.tensor(np.asarray(state[name], dtype=np.float32)) for name in expected}
+    if loaded.spec.mode != "full":
+        set_peft_model_state_dict(loaded.model, tensors, adapter_name=_ADAPTER)
+        return
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            param.copy_(tensors[name])
+
+
+def artifact_config_json(loaded: LoadedModel) -> str:
+    """The config file to ship beside the state: peft's adapter_config.json, or the model's config.json.
+
+    Mirrors ``PeftConfig.save_pretrained`` (sets as lists, saved in inference mode) but sorts the
+    lists, so every process writes byte-identical JSON whatever its hash seed.
+    """
+    if loaded.spec.mode == "full":
+        text: str = loaded.model.config.to_json_string()
+        return text
+    config: dict[str, Any] = loaded.model.peft_config[_ADAPTER].to_dict()
+    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+    config["base_model_name_or_path"] = loaded.spec.base_model
+    config["inference_mode"] = True
+    return json.dumps(config, indent=2, sort_keys=True)

@@ -1,0 +1,111 @@
+"""Transport-free messages of the round protocol; fedlora_common.serde converts them to the wire."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from fedlora_common.manifest import Manifest
+
+__all__ = [
+    "LoraSpec",
+    "MetricsReport",
+    "ModelVersion",
+    "RunSpec",
+    "Task",
+    "TaskKind",
+    "TrainingPlan",
+    "UploadHeader",
+    "UploadKind",
+]
+
+
+class TaskKind(enum.Enum):
+    WAIT = 1
+    INITIALIZE = 2
+    TRAIN = 3
+    EVALUATE = 4
+    FINISHED = 5
+
+
+class UploadKind(enum.Enum):
+    INITIAL = 1
+    DELTA = 2
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    mode: str
+    aggregation: str
+    base_model: str
+    lora: LoraSpec
+    total_rounds: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    max_seq_len: int
+    grad_clip_norm: float
+    update_clip_norm: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: int
+    size_bytes: int
+    sha256: bytes
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: TaskKind
+    round: int = 0
+    global_version: ModelVersion | None = None
+    training: TrainingPlan | None = None
+    participants: tuple[str, ...] = ()
+    retry_after_ms: int = 0
+    deadline_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    worker_id: str
+    run_id: str
+    round: int
+    kind: UploadKind
+    base_version: int
+    num_examples: int
+    total_size: int
+    chunk_count: int
+    sha256: bytes
+    dtype: str
+    manifest: Manifest | None = None
+    artifact_config_json: str = ""
+    train_loss: float = 0.0
+
+
+@dataclass(frozen=True)
+class MetricsReport:
+    worker_id: str
+    run_id: str
+    round: int
+    version: int
+    eval_loss: float
+    eval_tokens: int
+    train_loss: float = 0.0
+    tokens_per_second: float = 0.0

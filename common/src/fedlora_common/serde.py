@@ -1,0 +1,206 @@
+"""The one place that converts protocol messages to and from their protobuf form."""
+
+from __future__ import annotations
+
+from fedlora_common.manifest import Manifest, TensorSpec
+from fedlora_common.messages import (
+    LoraSpec,
+    MetricsReport,
+    ModelVersion,
+    RunSpec,
+    Task,
+    TaskKind,
+    TrainingPlan,
+    UploadHeader,
+    UploadKind,
+)
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+
+__all__ = [
+    "manifest_from_proto",
+    "manifest_to_proto",
+    "metrics_from_proto",
+    "metrics_to_proto",
+    "model_version_from_proto",
+    "model_version_to_proto",
+    "run_spec_from_proto",
+    "run_spec_to_proto",
+    "task_from_proto",
+    "task_to_proto",
+    "upload_header_from_proto",
+    "upload_header_to_proto",
+]
+
+
+def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
+    return pb.Manifest(
+        tensors=[pb.TensorSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in manifest.tensors]
+    )
+
+
+def manifest_from_proto(msg: pb.Manifest) -> Manifest:
+    return Manifest(tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), t.dtype) for t in msg.tensors))
+
+
+def _lora_to_proto(lora: LoraSpec) -> pb.LoraSpec:
+    return pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules))
+
+
+def _lora_from_proto(msg: pb.LoraSpec) -> LoraSpec:
+    return LoraSpec(msg.rank, msg.alpha, msg.dropout, tuple(msg.target_modules))
+
+
+def run_spec_to_proto(spec: RunSpec) -> pb.RunSpec:
+    return pb.RunSpec(
+        run_id=spec.run_id,
+        mode=spec.mode,
+        aggregation=spec.aggregation,
+        base_model=spec.base_model,
+        lora=_lora_to_proto(spec.lora),
+        total_rounds=spec.total_rounds,
+        seed=spec.seed,
+    )
+
+
+def run_spec_from_proto(msg: pb.RunSpec) -> RunSpec:
+    return RunSpec(
+        run_id=msg.run_id,
+        mode=msg.mode,
+        aggregation=msg.aggregation,
+        base_model=msg.base_model,
+        lora=_lora_from_proto(msg.lora),
+        total_rounds=msg.total_rounds,
+        seed=msg.seed,
+    )
+
+
+def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        version=version.version,
+        size_bytes=version.size_bytes,
+        sha256=version.sha256,
+        manifest=manifest_to_proto(version.manifest),
+    )
+
+
+def model_version_from_proto(msg: pb.ModelVersion) -> ModelVersion:
+    return ModelVersion(msg.version, msg.size_bytes, bytes(msg.sha256), manifest_from_proto(msg.manifest))
+
+
+def _plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
+    return pb.TrainingPlan(
+        local_steps=plan.local_steps,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        max_seq_len=plan.max_seq_len,
+        grad_clip_norm=plan.grad_clip_norm,
+        update_clip_norm=plan.update_clip_norm,
+        seed=plan.seed,
+    )
+
+
+def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
+    return TrainingPlan(
+        local_steps=msg.local_steps,
+        batch_size=msg.batch_size,
+        learning_rate=msg.learning_rate,
+        max_seq_len=msg.max_seq_len,
+        grad_clip_norm=msg.grad_clip_norm,
+        update_clip_norm=msg.update_clip_norm,
+        seed=msg.seed,
+    )
+
+
+def task_to_proto(task: Task) -> pb.Task:
+    msg = pb.Task(
+        kind=task.kind.value,
+        round=task.round,
+        participants=list(task.participants),
+        retry_after_ms=task.retry_after_ms,
+        deadline_s=task.deadline_s,
+    )
+    if task.global_version is not None:
+        msg.model.CopyFrom(model_version_to_proto(task.global_version))
+    if task.training is not None:
+        msg.training.CopyFrom(_plan_to_proto(task.training))
+    return msg
+
+
+def task_from_proto(msg: pb.Task) -> Task:
+    if msg.kind not in TaskKind._value2member_map_:
+        raise ValueError(f"unknown task kind {msg.kind}")
+    return Task(
+        kind=TaskKind(msg.kind),
+        round=msg.round,
+        global_version=model_version_from_proto(msg.model) if msg.HasField("model") else None,
+        training=_plan_from_proto(msg.training) if msg.HasField("training") else None,
+        participants=tuple(msg.participants),
+        retry_after_ms=msg.retry_after_ms,
+        deadline_s=msg.deadline_s,
+    )
+
+
+def upload_header_to_proto(header: UploadHeader) -> pb.UploadHeader:
+    msg = pb.UploadHeader(
+        worker_id=header.worker_id,
+        run_id=header.run_id,
+        round=header.round,
+        kind=header.kind.value,
+        base_version=header.base_version,
+        num_examples=header.num_examples,
+        total_size=header.total_size,
+        chunk_count=header.chunk_count,
+        sha256=header.sha256,
+        dtype=header.dtype,
+        artifact_config_json=header.artifact_config_json,
+        train_loss=header.train_loss,
+    )
+    if header.manifest is not None:
+        msg.manifest.CopyFrom(manifest_to_proto(header.manifest))
+    return msg
+
+
+def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
+    if msg.kind not in UploadKind._value2member_map_:
+        raise ValueError(f"unknown upload kind {msg.kind}")
+    return UploadHeader(
+        worker_id=msg.worker_id,
+        run_id=msg.run_id,
+        round=msg.round,
+        kind=UploadKind(msg.kind),
+        base_version=msg.base_version,
+        num_examples=msg.num_examples,
+        total_size=msg.total_size,
+        chunk_count=msg.chunk_count,
+        sha256=bytes(msg.sha256),
+        dtype=msg.dtype,
+        manifest=manifest_from_proto(msg.manifest) if msg.HasField("manifest") else None,
+        artifact_config_json=msg.artifact_config_json,
+        train_loss=msg.train_loss,
+    )
+
+
+def metrics_to_proto(report: MetricsReport) -> pb.MetricsReport:
+    return pb.MetricsReport(
+        worker_id=report.worker_id,
+        run_id=report.run_id,
+        round=report.round,
+        version=report.version,
+        eval_loss=report.eval_loss,
+        eval_tokens=report.eval_tokens,
+        train_loss=report.train_loss,
+        tokens_per_second=report.tokens_per_second,
+    )
+
+
+def metrics_from_proto(msg: pb.MetricsReport) -> MetricsReport:
+    return MetricsReport(
+        worker_id=msg.worker_id,
+        run_id=msg.run_id,
+        round=msg.round,
+        version=msg.version,
+        eval_loss=msg.eval_loss,
+        eval_tokens=msg.eval_tokens,
+        train_loss=msg.train_loss,
+        tokens_per_second=msg.tokens_per_second,
+    )

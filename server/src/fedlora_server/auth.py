@@ -1,0 +1,32 @@
+"""Who is calling: a bearer token on the allow-list, and with mutual TLS a matching certificate."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+
+from fedlora_server.config import WorkerEntry
+from fedlora_server.errors import PermissionDenied, Unauthenticated
+
+__all__ = ["Authenticator"]
+
+
+class Authenticator:
+    def __init__(self, allow_list: Sequence[WorkerEntry], *, require_client_cert: bool = False) -> None:
+        self._by_digest = {entry.token_sha256: entry.id for entry in allow_list}
+        self._require_client_cert = require_client_cert
+
+    def authenticate(self, claimed_id: str, token: str | None, peer_names: Sequence[str] = ()) -> str:
+        """Return the caller's worker id, or raise Unauthenticated / PermissionDenied."""
+        if not token:
+            raise Unauthenticated("missing bearer token")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        owner = next((wid for d, wid in self._by_digest.items() if hmac.compare_digest(d, digest)), None)
+        if owner is None:
+            raise Unauthenticated("unknown credentials")
+        if claimed_id != owner:
+            raise PermissionDenied(f"credentials of {owner} cannot act as {claimed_id!r}")
+        if self._require_client_cert and owner not in peer_names:
+            raise PermissionDenied(f"client certificate does not name {owner}")
+        return owner

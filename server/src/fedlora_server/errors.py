@@ -1,0 +1,46 @@
+"""What the coordinator's logic refuses, in its own terms; the servicer maps each to a gRPC status."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExists",
+    "CoordinatorError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+]
+
+
+class CoordinatorError(Exception):
+    """A request the coordinator refuses; its state is unchanged."""
+
+
+class Unauthenticated(CoordinatorError):
+    pass
+
+
+class PermissionDenied(CoordinatorError):
+    pass
+
+
+class FailedPrecondition(CoordinatorError):
+    """Right request, wrong moment: another round, phase or version."""
+
+
+class InvalidArgument(CoordinatorError):
+    pass
+
+
+class ResourceExhausted(CoordinatorError):
+    pass
+
+
+class AlreadyExists(CoordinatorError):
+    pass
+
+
+class NotFound(CoordinatorError):
+    pass

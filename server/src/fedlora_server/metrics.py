@@ -1,0 +1,46 @@
+"""The coordinator's Prometheus metrics, registered on a registry the caller owns."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["ServerMetrics"]
+
+PHASE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rounds_started = Counter(
+            "fedlora_rounds_started_total", "Training rounds started (attempts)", registry=registry
+        )
+        self.rounds_completed = Counter(
+            "fedlora_rounds_completed_total", "Rounds committed and evaluated", registry=registry
+        )
+        self.rounds_failed = Counter(
+            "fedlora_rounds_failed_total", "Round attempts that failed and were retried", registry=registry
+        )
+        self.phase_seconds = Histogram(
+            "fedlora_round_phase_seconds",
+            "Wall time of each round phase",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
+        self.workers_connected = Gauge("fedlora_workers_connected", "Workers admitted to the run", registry=registry)
+        self.current_round = Gauge("fedlora_current_round", "Round in progress", registry=registry)
+        self.received_bytes = Counter("fedlora_received_bytes_total", "Update bytes received", registry=registry)
+        self.sent_bytes = Counter("fedlora_sent_bytes_total", "Model bytes sent", registry=registry)
+        self.received_chunks = Counter("fedlora_received_chunks_total", "Update chunks received", registry=registry)
+        self.sent_chunks = Counter("fedlora_sent_chunks_total", "Model chunks sent", registry=registry)
+        self.aggregation_seconds = Histogram(
+            "fedlora_aggregation_seconds",
+            "Time to fold an update in, or to finish a round's aggregate",
+            ["step"],
+            registry=registry,
+        )
+        self.rejected_uploads = Counter(
+            "fedlora_rejected_uploads_total", "Uploads refused, by reason", ["reason"], registry=registry
+        )
+        self.train_loss = Gauge("fedlora_train_loss", "Example-weighted training loss", registry=registry)
+        self.eval_loss = Gauge("fedlora_eval_loss", "Token-weighted held-out loss", registry=registry)

@@ -1,0 +1,142 @@
+"""The coordinator daemon: gRPC service, health, metrics endpoint and the deadline clock."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import structlog
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from fedlora_server.auth import Authenticator
+from fedlora_server.config import RunSettings
+from fedlora_server.coordinator import Coordinator
+from fedlora_server.metrics import ServerMetrics
+from fedlora_server.report import build_report, write_reports
+from fedlora_server.servicer import CoordinatorServicer
+from fedlora_server.store import CoordinatorStore, SqliteStore
+
+__all__ = ["SERVICE_NAME", "CoordinatorServer"]
+
+SERVICE_NAME = "fedlora.v1.Coordinator"
+log = structlog.get_logger()
+
+
+def _server_credentials(settings: RunSettings) -> grpc.ServerCredentials | None:
+    tls = settings.listen.tls
+    if tls is None:
+        return None
+    root = tls.client_ca.read_bytes() if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
+class CoordinatorServer:
+    """One run's coordinator. `start()` binds (port 0 picks one) and returns; `shutdown()` is idempotent."""
+
+    def __init__(
+        self,
+        *,
+        settings: RunSettings,
+        registry: CollectorRegistry | None = None,
+        store: CoordinatorStore | None = None,
+        tick: timedelta = timedelta(milliseconds=250),
+    ) -> None:
+        self._settings = settings
+        self.registry = registry or CollectorRegistry()
+        self._store = store or SqliteStore(settings.state_dir / "coordinator.db")
+        self.coordinator = Coordinator(settings=settings, store=self._store, metrics=ServerMetrics(self.registry))
+        self._tick = tick
+        self._stopping = threading.Event()
+        self._health = health.HealthServicer()
+        self._grpc: grpc.Server | None = None
+        self._metrics_http: Any = None
+        self._ticker: threading.Thread | None = None
+        self._reported = False
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    def start(self) -> int:
+        s = self._settings
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", s.limits.chunk_bytes + 2**16),
+                ("grpc.max_send_message_length", s.limits.chunk_bytes + 2**20),
+            ],
+        )
+        servicer = CoordinatorServicer(
+            coordinator=self.coordinator,
+            authenticator=Authenticator(s.workers, require_client_cert=bool(s.listen.tls and s.listen.tls.client_ca)),
+            chunk_bytes=s.limits.chunk_bytes,
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        address = f"{s.listen.host}:{s.listen.port}"
+        credentials = _server_credentials(s)
+        if credentials is None:
+            self.port = self._grpc.add_insecure_port(address)
+        else:
+            self.port = self._grpc.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self._grpc.start()
+        if s.listen.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(s.listen.metrics_port, s.listen.host, registry=self.registry)
+            self.metrics_port = int(self._metrics_http.server_port)
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._ticker = threading.Thread(target=self._run_clock, name="deadlines", daemon=True)
+        self._ticker.start()
+        log.info("coordinator_listening", port=self.port, metrics_port=self.metrics_port, run_id=s.run_id)
+        return self.port
+
+    def _run_clock(self) -> None:
+        while not self._stopping.wait(self._tick.total_seconds()):
+            try:
+                self.coordinator.tick()
+            except Exception:
+                log.exception("deadline_tick_failed")
+            if self.coordinator.finished.is_set() and not self._reported:
+                self.write_report()
+
+    def write_report(self) -> list[Path]:
+        paths = write_reports(build_report(self._settings, self._store), self._settings.state_dir)
+        self._reported = True
+        log.info("report_written", path=str(paths[0]))
+        return paths
+
+    def wait_finished(self, timeout: timedelta | None = None) -> bool:
+        return self.coordinator.finished.wait(None if timeout is None else timeout.total_seconds())
+
+    def shutdown(self, grace: timedelta = timedelta(seconds=2)) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            self._grpc.stop(grace.total_seconds()).wait()
+        if self._ticker is not None:
+            self._ticker.join()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self._store.close()
+
+    def __enter__(self) -> CoordinatorServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()

@@ -1,0 +1,141 @@
+"""The gRPC face of the coordinator: decode, authenticate, call the logic, map its refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NoReturn
+
+import grpc
+import structlog
+from fedlora_common.chunking import chunk_count, iter_chunks
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
+from fedlora_common.serde import (
+    metrics_from_proto,
+    model_version_to_proto,
+    run_spec_to_proto,
+    task_to_proto,
+    upload_header_from_proto,
+)
+
+from fedlora_server.auth import Authenticator
+from fedlora_server.coordinator import Coordinator
+from fedlora_server.errors import (
+    AlreadyExists,
+    CoordinatorError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+__all__ = ["CoordinatorServicer"]
+
+log = structlog.get_logger()
+
+STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def abort_with(context: grpc.ServicerContext, error: CoordinatorError) -> NoReturn:
+    """End the call with the status that names the refusal; nothing was changed."""
+    context.abort(STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, *, coordinator: Coordinator, authenticator: Authenticator, chunk_bytes: int) -> None:
+        self._coordinator = coordinator
+        self._auth = authenticator
+        self._chunk_bytes = chunk_bytes
+
+    def _caller(self, context: grpc.ServicerContext, claimed_id: str) -> str:
+        metadata = dict(context.invocation_metadata())
+        header = str(metadata.get("authorization", ""))
+        token = header.removeprefix("Bearer ").strip() or None
+        names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
+        return self._auth.authenticate(claimed_id, token, names)
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        try:
+            worker_id = self._caller(context, request.worker_id)
+            spec = self._coordinator.join(worker_id, request.num_examples)
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        return pb.JoinResponse(run_id=spec.run_id, worker_id=worker_id, run=run_spec_to_proto(spec))
+
+    def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        try:
+            worker_id = self._caller(context, request.worker_id)
+            self._check_run(request.run_id)
+            return task_to_proto(self._coordinator.poll(worker_id))
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+
+    def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
+        try:
+            worker_id = self._caller(context, request.worker_id)
+            self._check_run(request.run_id)
+            model = self._coordinator.global_model(worker_id, request.version)
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        payload = memoryview(model.vector).cast("B")
+        yield pb.DownloadChunk(
+            header=pb.DownloadHeader(
+                model=model_version_to_proto(model.version),
+                chunk_count=chunk_count(len(payload), self._chunk_bytes),
+                artifact_config_json=model.config_json,
+            )
+        )
+        sent = chunks = 0
+        for seq, piece in enumerate(iter_chunks(payload, self._chunk_bytes)):
+            yield pb.DownloadChunk(chunk=pb.Chunk(seq=seq, data=piece.tobytes()))
+            sent += len(piece)
+            chunks += 1
+        self._coordinator.count_download(sent, chunks)
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
+    ) -> pb.UploadReceipt:
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("an upload starts with its header")
+            try:
+                header = upload_header_from_proto(first.header)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            worker_id = self._caller(context, header.worker_id)
+            round_ = self._coordinator.receive_upload(header, _chunks(request_iterator))
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        log.debug("upload_received", worker_id=worker_id, round=round_)
+        return pb.UploadReceipt(round=round_, bytes_received=header.total_size)
+
+    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsReceipt:
+        try:
+            self._caller(context, request.worker_id)
+            self._check_run(request.run_id)
+            self._coordinator.report_metrics(metrics_from_proto(request))
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        return pb.MetricsReceipt()
+
+    def _check_run(self, run_id: str) -> None:
+        if run_id != self._coordinator.run_spec.run_id:
+            raise FailedPrecondition(f"run {run_id!r} is not this coordinator's run")
+
+
+def _chunks(messages: Iterator[pb.UploadMessage]) -> Iterator[tuple[int, bytes]]:
+    for message in messages:
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidArgument("only chunks may follow the upload header")
+        yield message.chunk.seq, message.chunk.data

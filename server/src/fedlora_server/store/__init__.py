@@ -1,0 +1,29 @@
+"""Where the coordinator keeps what it decided: an abstract contract and its backends."""
+
+from fedlora_server.store.base import (
+    ArtifactRecord,
+    CoordinatorStore,
+    DuplicateUploadError,
+    MetricsRecord,
+    RoundRecord,
+    RunRecord,
+    StoreError,
+    UploadRecord,
+    WorkerRecord,
+)
+from fedlora_server.store.memory import MemoryStore
+from fedlora_server.store.sqlite import SqliteStore
+
+__all__ = [
+    "ArtifactRecord",
+    "CoordinatorStore",
+    "DuplicateUploadError",
+    "MemoryStore",
+    "MetricsRecord",
+    "RoundRecord",
+    "RunRecord",
+    "SqliteStore",
+    "StoreError",
+    "UploadRecord",
+    "WorkerRecord",
+]

@@ -1,0 +1,158 @@
+"""The coordinator's durable state, behind a small contract every backend honours.
+
+Invariants (the shared test class in tests/server/test_store.py checks each backend):
+- one run per store; `create_run` on a store that holds a different run is refused;
+- a worker's upload for a round is recorded at most once per attempt (`DuplicateUploadError`);
+- committed artifact versions strictly increase and are never rewritten;
+- a write returns only once it is durable: callers announce a decision after it is stored.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "ArtifactRecord",
+    "CoordinatorStore",
+    "DuplicateUploadError",
+    "MetricsRecord",
+    "RoundRecord",
+    "RoundStatus",
+    "RunRecord",
+    "StoreError",
+    "UploadRecord",
+    "WorkerRecord",
+]
+
+RoundStatus = Literal["training", "evaluating", "completed", "failed"]
+
+
+class StoreError(Exception):
+    """The store refused a write that would break one of its invariants."""
+
+
+class DuplicateUploadError(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    config_json: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    num_examples: int
+    joined_at: float
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    attempt: int
+    status: RoundStatus
+    participants: tuple[str, ...]
+    started_at: float
+    deadline_at: float
+    finished_at: float | None = None
+    dropped: tuple[str, ...] = ()
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    upload_bytes: int = 0
+    download_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    version: int
+    round: int
+    sha256: str
+    size_bytes: int
+    path: str
+    committed_at: float
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    round: int
+    attempt: int
+    worker_id: str
+    num_examples: int
+    size_bytes: int
+    sha256: str
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class MetricsRecord:
+    round: int
+    worker_id: str
+    version: int
+    eval_loss: float
+    eval_tokens: int
+    train_loss: float
+    tokens_per_second: float
+
+
+class CoordinatorStore(abc.ABC):
+    """Durable state of one run. Implementations are safe to call from several threads."""
+
+    @abc.abstractmethod
+    def load_run(self) -> RunRecord | None:
+        """The run this store holds, or None for a new store."""
+
+    @abc.abstractmethod
+    def create_run(self, run: RunRecord) -> None:
+        """Start a run; refused if the store already holds another run id."""
+
+    @abc.abstractmethod
+    def upsert_worker(self, worker: WorkerRecord) -> None:
+        """Admit a worker, or update its example count when it rejoins."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[WorkerRecord]:
+        """Admitted workers, by id."""
+
+    @abc.abstractmethod
+    def save_round(self, record: RoundRecord) -> None:
+        """Insert or replace the record of (round, attempt)."""
+
+    @abc.abstractmethod
+    def rounds(self) -> list[RoundRecord]:
+        """Every attempt of every round, in (round, attempt) order."""
+
+    @abc.abstractmethod
+    def record_upload(self, upload: UploadRecord) -> None:
+        """Record an accepted upload; DuplicateUploadError if this worker already uploaded this attempt."""
+
+    @abc.abstractmethod
+    def uploads(self, round_: int, attempt: int) -> list[UploadRecord]:
+        """Accepted uploads of one attempt of a round."""
+
+    @abc.abstractmethod
+    def commit_artifact(self, artifact: ArtifactRecord) -> None:
+        """Record a committed global version; StoreError unless it is newer than every other."""
+
+    @abc.abstractmethod
+    def artifacts(self) -> list[ArtifactRecord]:
+        """Committed versions, oldest first."""
+
+    @abc.abstractmethod
+    def record_metrics(self, metrics: MetricsRecord) -> None:
+        """Insert or replace one worker's evaluation of one round."""
+
+    @abc.abstractmethod
+    def metrics(self, round_: int) -> list[MetricsRecord]:
+        """Evaluations reported for a round."""
+
+    def latest_artifact(self) -> ArtifactRecord | None:
+        found = self.artifacts()
+        return found[-1] if found else None
+
+    def close(self) -> None:
+        """Release resources; the default holds none."""

@@ -1,0 +1,203 @@
+"""The durable store: one SQLite file in WAL mode, every write in its own committed transaction."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedlora_server.store.base import (
+    ArtifactRecord,
+    CoordinatorStore,
+    DuplicateUploadError,
+    MetricsRecord,
+    RoundRecord,
+    RunRecord,
+    StoreError,
+    UploadRecord,
+    WorkerRecord,
+)
+
+__all__ = ["SqliteStore"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS worker (
+    worker_id TEXT PRIMARY KEY, num_examples INTEGER NOT NULL, joined_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS round (
+    round INTEGER NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
+    participants TEXT NOT NULL, started_at REAL NOT NULL, deadline_at REAL NOT NULL,
+    finished_at REAL, dropped TEXT NOT NULL, train_loss REAL, eval_loss REAL,
+    upload_bytes INTEGER NOT NULL, download_bytes INTEGER NOT NULL,
+    PRIMARY KEY (round, attempt));
+CREATE TABLE IF NOT EXISTS upload (
+    round INTEGER NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    train_loss REAL NOT NULL, PRIMARY KEY (round, attempt, worker_id));
+CREATE TABLE IF NOT EXISTS artifact (
+    version INTEGER PRIMARY KEY, round INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL, path TEXT NOT NULL, committed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL, worker_id TEXT NOT NULL, version INTEGER NOT NULL,
+    eval_loss REAL NOT NULL, eval_tokens INTEGER NOT NULL, train_loss REAL NOT NULL,
+    tokens_per_second REAL NOT NULL, PRIMARY KEY (round, worker_id));
+"""
+
+
+class SqliteStore(CoordinatorStore):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    def load_run(self) -> RunRecord | None:
+        rows = self._query("SELECT run_id, config_json, created_at FROM run")
+        return RunRecord(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def create_run(self, run: RunRecord) -> None:
+        with self._tx() as db:
+            rows = db.execute("SELECT run_id FROM run").fetchall()
+            if rows and rows[0][0] != run.run_id:
+                raise StoreError(f"store holds run {rows[0][0]}, not {run.run_id}")
+            if not rows:
+                db.execute("INSERT INTO run VALUES (?, ?, ?)", (run.run_id, run.config_json, run.created_at))
+
+    def upsert_worker(self, worker: WorkerRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO worker VALUES (?, ?, ?) ON CONFLICT(worker_id) "
+                "DO UPDATE SET num_examples = excluded.num_examples",
+                (worker.worker_id, worker.num_examples, worker.joined_at),
+            )
+
+    def workers(self) -> list[WorkerRecord]:
+        rows = self._query("SELECT worker_id, num_examples, joined_at FROM worker ORDER BY worker_id")
+        return [WorkerRecord(*row) for row in rows]  # type: ignore[arg-type]
+
+    def save_round(self, record: RoundRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO round VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.round,
+                    record.attempt,
+                    record.status,
+                    json.dumps(list(record.participants)),
+                    record.started_at,
+                    record.deadline_at,
+                    record.finished_at,
+                    json.dumps(list(record.dropped)),
+                    record.train_loss,
+                    record.eval_loss,
+                    record.upload_bytes,
+                    record.download_bytes,
+                ),
+            )
+
+    def rounds(self) -> list[RoundRecord]:
+        rows = self._query("SELECT * FROM round ORDER BY round, attempt")
+        return [
+            RoundRecord(
+                round=r[0],  # type: ignore[arg-type]
+                attempt=r[1],  # type: ignore[arg-type]
+                status=r[2],  # type: ignore[arg-type]
+                participants=tuple(json.loads(r[3])),  # type: ignore[arg-type]
+                started_at=r[4],  # type: ignore[arg-type]
+                deadline_at=r[5],  # type: ignore[arg-type]
+                finished_at=r[6],  # type: ignore[arg-type]
+                dropped=tuple(json.loads(r[7])),  # type: ignore[arg-type]
+                train_loss=r[8],  # type: ignore[arg-type]
+                eval_loss=r[9],  # type: ignore[arg-type]
+                upload_bytes=r[10],  # type: ignore[arg-type]
+                download_bytes=r[11],  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]
+
+    def record_upload(self, upload: UploadRecord) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO upload VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        upload.round,
+                        upload.attempt,
+                        upload.worker_id,
+                        upload.num_examples,
+                        upload.size_bytes,
+                        upload.sha256,
+                        upload.train_loss,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise DuplicateUploadError(f"{upload.worker_id} already uploaded round {upload.round}") from None
+
+    def uploads(self, round_: int, attempt: int) -> list[UploadRecord]:
+        rows = self._query("SELECT * FROM upload WHERE round = ? AND attempt = ? ORDER BY worker_id", (round_, attempt))
+        return [UploadRecord(*row) for row in rows]  # type: ignore[arg-type]
+
+    def commit_artifact(self, artifact: ArtifactRecord) -> None:
+        with self._tx() as db:
+            (latest,) = db.execute("SELECT MAX(version) FROM artifact").fetchone()
+            if latest is not None and artifact.version <= latest:
+                raise StoreError(f"version {artifact.version} is not newer than {latest}")
+            db.execute(
+                "INSERT INTO artifact VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    artifact.version,
+                    artifact.round,
+                    artifact.sha256,
+                    artifact.size_bytes,
+                    artifact.path,
+                    artifact.committed_at,
+                ),
+            )
+
+    def artifacts(self) -> list[ArtifactRecord]:
+        rows = self._query("SELECT * FROM artifact ORDER BY version")
+        return [ArtifactRecord(*row) for row in rows]  # type: ignore[arg-type]
+
+    def record_metrics(self, metrics: MetricsRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    metrics.round,
+                    metrics.worker_id,
+                    metrics.version,
+                    metrics.eval_loss,
+                    metrics.eval_tokens,
+                    metrics.train_loss,
+                    metrics.tokens_per_second,
+                ),
+            )
+
+    def metrics(self, round_: int) -> list[MetricsRecord]:
+        rows = self._query("SELECT * FROM metrics WHERE round = ? ORDER BY worker_id", (round_,))
+        return [MetricsRecord(*row) for row in rows]  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

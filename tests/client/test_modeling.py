@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM
+
+from fedlora_worker.modeling import (
+    LoadedModel,
+    LoraSettings,
+    Mode,
+    ModelSpec,
+    artifact_config_json,
+    global_state,
+    load_model,
+    set_global_state,
+)
+
+LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.0)
+TARGETS = "|".join(LORA.target_modules)
+ADAPTER_NAME = re.compile(rf"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.({TARGETS})\.lora_[AB]\.weight$")
+LAYERS = 2
+
+
+def load(base: Path, mode: Mode, **kwargs: object) -> LoadedModel:
+    return load_model(ModelSpec(base_model=str(base), mode=mode, lora=LORA, **kwargs))  # type: ignore[arg-type]
+
+
+def random_state(loaded: LoadedModel, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t.name: rng.normal(0.0, 0.05, t.shape).astype(np.float32) for t in loaded.manifest.tensors}
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        out: torch.Tensor = model(input_ids=input_ids).logits
+    return out
+
+
+SAMPLE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 200, 300, 400, 500, 2, 7]])
+
+
+def test_qlora_base_projections_are_bitsandbytes_4bit_layers(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "qlora")
+
+    projections = {
+        name: module.base_layer
+        for name, module in loaded.model.named_modules()
+        if name.split(".")[-1] in LORA.target_modules
+    }
+
+    assert len(projections) == LAYERS * len(LORA.target_modules)
+    assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in projections.values())
+    assert {layer.weight.quant_type for layer in projections.values()} == {"nf4"}
+
+
+def test_bfloat16_qlora_computes_in_bfloat16_with_a_float32_adapter(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "qlora", dtype="bfloat16")
+
+    q_proj = loaded.model.base_model.model.model.layers[0].self_attn.q_proj
+
+    assert q_proj.base_layer.compute_dtype == torch.bfloat16
+    assert all(array.dtype == np.float32 for array in global_state(loaded).values())
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_adapter_manifest_holds_only_lora_a_and_b_of_every_target_module(tiny_base_model: Path, mode: Mode) -> None:
+    loaded = load(tiny_base_model, mode)
+
+    tensors = loaded.manifest.tensors
+
+    assert len(tensors) == LAYERS * len(LORA.target_modules) * 2
+    assert all(ADAPTER_NAME.match(t.name) for t in tensors)
+    assert all(t.shape[0] == LORA.rank for t in tensors if ".lora_A." in t.name)
+    assert all(t.shape[1] == LORA.rank for t in tensors if ".lora_B." in t.name)
+
+
+def test_full_manifest_covers_every_parameter_once(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "full")
+
+    unique = {id(p): p for p in loaded.model.parameters()}
+
+    assert loaded.manifest.names == tuple(name for name, _ in loaded.model.named_parameters())
+    assert "lm_head.weight" not in loaded.manifest.names  # tied to the embedding, shipped once
+    assert loaded.manifest.numel == sum(p.numel() for p in unique.values())
+    assert all(p.requires_grad for p in unique.values())
+
+
+def test_ffa_freezes_every_lora_a_and_trains_every_lora_b(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "lora", aggregation="ffa")
+
+    trainable = {name for name, p in loaded.model.named_parameters() if p.requires_grad}
+
+    assert trainable
+    assert all(".lora_B." in name for name in trainable)
+    assert len(trainable) == LAYERS * len(LORA.target_modules)
+
+
+def test_full_with_ffa_is_rejected(tiny_base_model: Path) -> None:
+    with pytest.raises(ValueError, match="ffa"):
+        load(tiny_base_model, "full", aggregation="ffa")
+
+
+def test_same_seed_builds_the_same_initial_adapter_and_another_seed_another_a(tiny_base_model: Path) -> None:
+    first = global_state(load(tiny_base_model, "lora", seed=7))
+    again = global_state(load(tiny_base_model, "lora", seed=7))
+    other = global_state(load(tiny_base_model, "lora", seed=8))
+
+    assert all(np.array_equal(first[name], again[name]) for name in first)
+    a_names = [name for name in first if ".lora_A." in name]
+    assert all(not np.array_equal(first[name], other[name]) for name in a_names)
+    assert all(not first[name].any() for name in first if ".lora_B." in name)  # B starts at zero
+
+
+def test_loading_leaves_the_callers_random_state_alone(tiny_base_model: Path) -> None:
+    before = torch.random.get_rng_state()
+
+    load(tiny_base_model, "lora", seed=3)
+
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_global_state_round_trips_through_set_global_state(tiny_base_model: Path, mode: Mode) -> None:
+    loaded = load(tiny_base_model, mode)
+    state = random_state(loaded, seed=1)
+
+    set_global_state(loaded, state)
+    read = global_state(loaded)
+
+    assert list(read) == list(loaded.manifest.names)
+    assert all(np.array_equal(read[name], state[name]) for name in state)
+
+
+def test_global_state_is_a_copy_the_model_does_not_share(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "full")
+    state = global_state(loaded)
+    name = loaded.manifest.names[0]
+
+    state[name][...] = 123.0
+
+    assert not (global_state(loaded)[name] == 123.0).any()
+
+
+def test_set_global_state_names_a_tensor_of_the_wrong_shape(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "lora")
+    state = global_state(loaded)
+    name = loaded.manifest.names[3]
+    state[name] = np.zeros((1, 1), dtype=np.float32)
+
+    with pytest.raises(ValueError, match=re.escape(name)):
+        set_global_state(loaded, state)
+
+
+def test_set_global_state_names_a_missing_or_unknown_tensor(tiny_base_model: Path) -> None:
+    loaded = load(tiny_base_model, "lora")
+    missing = global_state(loaded)
+    gone = loaded.manifest.names[-1]
+    del missing[gone]
+    unknown = {**global_state(loaded), "base_model.model.lm_head.lora_A.weight": np.zeros((4, 64), np.float32)}
+
+    with pytest.raises(ValueError, match=re.escape(gone)):
+        set_global_state(loaded, missing)
+    with pytest.raises(ValueError, match="lm_head"):
+        set_global_state(loaded, unknown)
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "ffa"])
+def test_coordinator_written_adapter_loads_with_stock_peft(
+    tiny_base_model: Path, tmp_path: Path, aggregation: str
+) -> None:
+    loaded = load(tiny_base_model, "lora", aggregation=aggregation)
+    state = random_state(loaded, seed=2)
+    set_global_state(loaded, state)
+    (tmp_path / "adapter_config.json").write_text(artifact_config_json(loaded))
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_model), tmp_path)
+
+    assert json.loads(artifact_config_json(loaded))["base_model_name_or_path"] == str(tiny_base_model)
+    torch.testing.assert_close(logits(stock, SAMPLE), logits(loaded.model, SAMPLE))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base_model)
+    assert not torch.allclose(logits(stock, SAMPLE), logits(plain, SAMPLE))
+
+
+def test_adapter_config_json_matches_what_peft_itself_writes(tiny_base_model: Path, tmp_path: Path) -> None:
+    loaded = load(tiny_base_model, "lora")
+
+    loaded.model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    ours = json.loads(artifact_config_json(loaded))
+
+    assert sorted(written.pop("target_modules")) == ours.pop("target_modules") == sorted(LORA.target_modules)
+    assert ours == written
+
+
+def test_coordinator_written_full_model_loads_with_from_pretrained(tiny_base_model: Path, tmp_path: Path) -> None:
+    loaded = load(tiny_base_model, "full")
+    state = random_state(loaded, seed=3)
+    set_global_state(loaded, state)
+    (tmp_path / "config.json").write_text(artifact_config_json(loaded))
+    save_file(state, str(tmp_path / "model.safetensors"))
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+
+    torch.testing.assert_close(logits(stock, SAMPLE), logits(loaded.model, SAMPLE))
