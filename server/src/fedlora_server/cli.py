@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
-        sys.stdout.write(f"listening on port {server.port}\n")
+        sys.stdout.write(json.dumps({"event": "listening", "port": server.port, "metrics_port": server.metrics_port}) + "\n")
         sys.stdout.flush()
         while not stop.is_set() and not server.wait_finished(timedelta(seconds=0.5)):
             pass

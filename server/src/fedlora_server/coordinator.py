@@ -214,8 +214,8 @@ class Coordinator:
             received.discard()
 
     def report_metrics(self, report: MetricsReport) -> None:
-        if not (np.isfinite(report.eval_loss) and report.eval_tokens > 0):
-            raise InvalidArgument("eval_loss must be finite and eval_tokens positive")
+        if not np.isfinite(report.eval_loss):
+            raise InvalidArgument("eval_loss must be finite")
         with self._lock:
             self._advance()
             phase = self._phase
@@ -378,7 +378,7 @@ class Coordinator:
 
     def _close_evaluation(self) -> None:
         phase = self._phase
-        reports = self._store.metrics(phase.round)
+        reports = [m for m in self._store.metrics(phase.round) if m.eval_tokens > 0]
         eval_loss = None
         if reports:
             tokens = np.array([m.eval_tokens for m in reports], dtype=np.float64)

@@ -1,0 +1,89 @@
+import random
+
+from fedlora_common.manifest import Manifest, TensorSpec
+from fedlora_common.messages import (
+    LoraSpec,
+    MetricsReport,
+    ModelVersion,
+    RunSpec,
+    Task,
+    TaskKind,
+    TrainingPlan,
+    UploadHeader,
+    UploadKind,
+)
+from fedlora_common.serde import (
+    metrics_from_proto,
+    metrics_to_proto,
+    run_spec_from_proto,
+    run_spec_to_proto,
+    task_from_proto,
+    task_to_proto,
+    upload_header_from_proto,
+    upload_header_to_proto,
+)
+
+
+def _manifest(rng: random.Random) -> Manifest:
+    return Manifest(
+        tuple(
+            TensorSpec(f"layer.{i}.lora_{'AB'[i % 2]}.weight", (rng.randint(1, 64), rng.randint(1, 64)))
+            for i in range(rng.randint(1, 6))
+        )
+    )
+
+
+def _floats(rng: random.Random) -> float:
+    return float(rng.choice([0.5, 0.25, 3.0, 1e-3 * 1024]))
+
+
+def test_task_round_trips() -> None:
+    rng = random.Random(7)
+    for kind in TaskKind:
+        task = Task(
+            kind=kind,
+            round=rng.randint(0, 100),
+            global_version=ModelVersion(rng.randint(0, 9), rng.randint(1, 10**9), rng.randbytes(32), _manifest(rng)),
+            training=TrainingPlan(rng.randint(1, 50), 8, _floats(rng), 256, 1.0, 0.5, rng.randint(0, 2**40)),
+            participants=("clinical", "legal"),
+            retry_after_ms=500,
+            deadline_s=12.5,
+        )
+
+        assert task_from_proto(task_to_proto(task)) == task
+
+
+def test_waiting_task_without_version_round_trips() -> None:
+    task = Task(TaskKind.WAIT, round=3, retry_after_ms=250)
+
+    assert task_from_proto(task_to_proto(task)) == task
+
+
+def test_upload_header_round_trips_with_and_without_manifest() -> None:
+    rng = random.Random(11)
+    for manifest in (None, _manifest(rng)):
+        header = UploadHeader(
+            worker_id="legal",
+            run_id="run-1",
+            round=2,
+            kind=UploadKind.DELTA if manifest is None else UploadKind.INITIAL,
+            base_version=1,
+            num_examples=321,
+            total_size=4096,
+            chunk_count=1,
+            sha256=rng.randbytes(32),
+            dtype="float32",
+            manifest=manifest,
+            artifact_config_json="{}" if manifest else "",
+            train_loss=1.5,
+        )
+
+        assert upload_header_from_proto(upload_header_to_proto(header)) == header
+
+
+def test_run_spec_and_metrics_round_trip() -> None:
+    spec = RunSpec("run-1", "qlora", "ffa", "/models/base", LoraSpec(16, 32.0, 0.0, ("q_proj", "v_proj")), 5, 9)
+    report = MetricsReport("finance", "run-1", 3, 3, 2.5, 1234, 2.75, 1500.0)
+
+    assert run_spec_from_proto(run_spec_to_proto(spec)) == spec
+    assert metrics_from_proto(metrics_to_proto(report)) == report

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedlora_common.settings import ConfigError, StrictModel, load_settings
+
+
+class _Lora(StrictModel):
+    rank: int = Field(16, ge=1)
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDLORA_", env_nested_delimiter="__", extra="forbid")
+    rounds: int = 3
+    lora: _Lora = _Lora()
+
+
+def test_flags_override_environment_which_overrides_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("rounds: 4\nlora:\n  rank: 2\n")
+
+    from_file = load_settings(_Settings, ["--config", str(config)], environ={})
+    from_env = load_settings(_Settings, ["--config", str(config)], environ={"FEDLORA_LORA__RANK": "9"})
+    from_flag = load_settings(
+        _Settings, ["--config", str(config), "--lora.rank", "7"], environ={"FEDLORA_LORA__RANK": "9"}
+    )
+
+    assert (from_file.rounds, from_file.lora.rank) == (4, 2)
+    assert from_env.lora.rank == 9
+    assert from_flag.lora.rank == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "argv", "message"),
+    [
+        ("rounds: 4\nlorax: 1\n", [], "lorax: unknown setting"),
+        ("lora:\n  rank: 0\n", [], "lora.rank: Input should be greater than or equal to 1"),
+        ("rounds: [1\n", [], "is not valid YAML"),
+        ("- 1\n", [], "must be a mapping"),
+        ("rounds: 4\n", ["--rounds", "many"], "rounds: Input should be a valid integer"),
+        ("rounds: 4\n", ["--bogus", "1"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_configs_give_one_line_naming_the_field(tmp_path: Path, content: str, argv: list[str], message: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(_Settings, ["--config", str(config), *argv], environ={})
+
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(_Settings, ["--config", str(tmp_path / "nope.yaml")], environ={})

@@ -1,0 +1,104 @@
+"""One contract, every backend: the same tests run against the in-memory and the SQLite store."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedlora_server.store import (
+    ArtifactRecord,
+    CoordinatorStore,
+    DuplicateUploadError,
+    MemoryStore,
+    MetricsRecord,
+    RoundRecord,
+    RunRecord,
+    SqliteStore,
+    StoreError,
+    UploadRecord,
+    WorkerRecord,
+)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CoordinatorStore]:
+    backend: CoordinatorStore = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "c.db")
+    yield backend
+    backend.close()
+
+
+def _upload(worker: str, attempt: int = 1) -> UploadRecord:
+    return UploadRecord(1, attempt, worker, 10, 400, "ab" * 32, 2.5)
+
+
+def test_a_store_holds_one_run(store: CoordinatorStore) -> None:
+    store.create_run(RunRecord("run-a", "{}", 1.0))
+    store.create_run(RunRecord("run-a", "{}", 2.0))
+
+    with pytest.raises(StoreError, match="run-a"):
+        store.create_run(RunRecord("run-b", "{}", 3.0))
+    assert store.load_run() == RunRecord("run-a", "{}", 1.0)
+
+
+def test_rejoining_worker_updates_its_example_count(store: CoordinatorStore) -> None:
+    store.upsert_worker(WorkerRecord("legal", 10, 1.0))
+    store.upsert_worker(WorkerRecord("clinical", 5, 1.0))
+    store.upsert_worker(WorkerRecord("legal", 12, 2.0))
+
+    assert [(w.worker_id, w.num_examples) for w in store.workers()] == [("clinical", 5), ("legal", 12)]
+
+
+def test_an_upload_is_recorded_once_per_attempt(store: CoordinatorStore) -> None:
+    store.record_upload(_upload("legal"))
+
+    with pytest.raises(DuplicateUploadError):
+        store.record_upload(_upload("legal"))
+    store.record_upload(_upload("legal", attempt=2))
+    assert store.uploads(1, 1) == [_upload("legal")]
+    assert store.uploads(1, 2) == [_upload("legal", attempt=2)]
+
+
+def test_artifact_versions_only_move_forward(store: CoordinatorStore) -> None:
+    first = ArtifactRecord(0, 0, "00" * 32, 100, "/a/v0", 1.0)
+    second = ArtifactRecord(1, 1, "11" * 32, 100, "/a/v1", 2.0)
+    store.commit_artifact(first)
+    store.commit_artifact(second)
+
+    with pytest.raises(StoreError, match="not newer"):
+        store.commit_artifact(ArtifactRecord(1, 2, "22" * 32, 100, "/a/v1b", 3.0))
+    assert store.artifacts() == [first, second]
+    assert store.latest_artifact() == second
+
+
+def test_rounds_are_kept_per_attempt_in_order(store: CoordinatorStore) -> None:
+    failed = RoundRecord(1, 1, "failed", ("a", "b"), 1.0, 9.0, 9.0, dropped=("b",))
+    retried = RoundRecord(1, 2, "training", ("a",), 10.0, 20.0)
+    store.save_round(retried)
+    store.save_round(failed)
+    done = RoundRecord(1, 2, "completed", ("a",), 10.0, 20.0, 15.0, (), 2.0, 1.5, 400, 800)
+    store.save_round(done)
+
+    assert store.rounds() == [failed, done]
+
+
+def test_metrics_are_replaced_per_worker_and_round(store: CoordinatorStore) -> None:
+    store.record_metrics(MetricsRecord(1, "legal", 1, 3.0, 100, 0.0, 0.0))
+    store.record_metrics(MetricsRecord(1, "legal", 1, 2.5, 120, 0.0, 0.0))
+    store.record_metrics(MetricsRecord(2, "legal", 2, 2.0, 120, 0.0, 0.0))
+
+    assert store.metrics(1) == [MetricsRecord(1, "legal", 1, 2.5, 120, 0.0, 0.0)]
+
+
+def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = SqliteStore(path)
+    first.create_run(RunRecord("run-a", "{}", 1.0))
+    first.commit_artifact(ArtifactRecord(0, 0, "00" * 32, 100, "/a/v0", 1.0))
+    first.close()
+
+    reopened = SqliteStore(path)
+
+    assert reopened.load_run() == RunRecord("run-a", "{}", 1.0)
+    assert reopened.latest_artifact() == ArtifactRecord(0, 0, "00" * 32, 100, "/a/v0", 1.0)
+    assert reopened._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reopened.close()
