@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from fedlora_common.manifest import Manifest, TensorSpec, flatten, unflatten, update_manifest
 
 

@@ -1,5 +1,6 @@
 import random
 
+import pytest
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.messages import (
     LoraSpec,
@@ -87,3 +88,12 @@ def test_run_spec_and_metrics_round_trip() -> None:
 
     assert run_spec_from_proto(run_spec_to_proto(spec)) == spec
     assert metrics_from_proto(metrics_to_proto(report)) == report
+
+
+def test_an_unspecified_kind_is_refused() -> None:
+    from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+
+    with pytest.raises(ValueError, match="TaskKind"):
+        task_from_proto(pb.Task(kind=pb.TASK_KIND_UNSPECIFIED))
+    with pytest.raises(ValueError, match="UploadKind"):
+        upload_header_from_proto(pb.UploadHeader(kind=pb.UPLOAD_KIND_UNSPECIFIED))

@@ -1,10 +1,9 @@
 from pathlib import Path
 
 import pytest
+from fedlora_common.settings import ConfigError, StrictModel, load_settings
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from fedlora_common.settings import ConfigError, StrictModel, load_settings
 
 
 class _Lora(StrictModel):
@@ -43,7 +42,9 @@ def test_flags_override_environment_which_overrides_the_file(tmp_path: Path) -> 
         ("rounds: 4\n", ["--bogus", "1"], "unrecognized arguments: --bogus"),
     ],
 )
-def test_bad_configs_give_one_line_naming_the_field(tmp_path: Path, content: str, argv: list[str], message: str) -> None:
+def test_bad_configs_give_one_line_naming_the_field(
+    tmp_path: Path, content: str, argv: list[str], message: str
+) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(content)
 

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fedlora_server.cli import main
 
 GOOD = """

@@ -6,9 +6,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_server.server import CoordinatorServer
+
 from tests.server.conftest import MANIFEST, Wire, start_round_one
 
 GOOD = np.linspace(-1, 1, MANIFEST.numel).astype(np.float32)
@@ -86,6 +86,7 @@ BAD_UPLOADS: dict[str, tuple[dict[str, Any], Any, Any, grpc.StatusCode]] = {
     "wrong round": ({"round": 5}, None, GOOD, grpc.StatusCode.FAILED_PRECONDITION),
     "stale base version": ({"base_version": 3}, None, GOOD, grpc.StatusCode.FAILED_PRECONDITION),
     "wrong run": ({"run_id": "other-run"}, None, GOOD, grpc.StatusCode.FAILED_PRECONDITION),
+    "unspecified kind": ({"kind": pb.UPLOAD_KIND_UNSPECIFIED}, None, GOOD, grpc.StatusCode.INVALID_ARGUMENT),
 }
 
 
@@ -136,6 +137,4 @@ def test_metrics_for_a_round_not_under_evaluation_are_refused(wire: Wire) -> Non
     start_round_one(wire)
 
     assert _code(lambda: wire.report("legal", 1, 1)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert (
-        _code(lambda: wire.report("legal", 1, 1, loss=float("nan"))) == grpc.StatusCode.INVALID_ARGUMENT
-    )
+    assert _code(lambda: wire.report("legal", 1, 1, loss=float("nan"))) == grpc.StatusCode.INVALID_ARGUMENT

@@ -42,8 +42,17 @@ def test_server_installs_and_starts_in_a_virtualenv_without_torch(tmp_path: Path
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"),
-         str(ROOT / "common"), str(ROOT / "server")],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(ROOT / "constraints.txt"),
+            str(ROOT / "common"),
+            str(ROOT / "server"),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -66,10 +75,13 @@ def test_server_installs_and_starts_in_a_virtualenv_without_torch(tmp_path: Path
         assert server.stdout is not None
         ready = json.loads(server.stdout.readline())
         health = subprocess.run(
-            [str(python), "-c",
-             "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;"
-             f"s = g.HealthStub(grpc.insecure_channel('127.0.0.1:{ready['port']}'));"
-             "print(h.HealthCheckResponse.ServingStatus.Name(s.Check(h.HealthCheckRequest(service='fedlora.v1.Coordinator'), timeout=10).status))"],
+            [
+                str(python),
+                "-c",
+                "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;"
+                f"s = g.HealthStub(grpc.insecure_channel('127.0.0.1:{ready['port']}'));"
+                "print(h.HealthCheckResponse.ServingStatus.Name(s.Check(h.HealthCheckRequest(service='fedlora.v1.Coordinator'), timeout=10).status))",
+            ],
             capture_output=True,
             text=True,
             timeout=60,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "chunk_count", "iter_chunks", "sha256"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "as_bytes", "chunk_count", "iter_chunks", "sha256"]
 
 DEFAULT_CHUNK_BYTES = 2**20
 
@@ -27,3 +30,8 @@ def iter_chunks(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> It
 
 def sha256(payload: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(payload).digest()
+
+
+def as_bytes(vector: npt.NDArray[np.generic]) -> memoryview:
+    """The raw bytes of a contiguous array, as a view (no copy)."""
+    return np.ascontiguousarray(vector).reshape(-1).view(np.uint8).data

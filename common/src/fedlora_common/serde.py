@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.messages import (
     LoraSpec,
@@ -30,6 +34,17 @@ __all__ = [
     "upload_header_from_proto",
     "upload_header_to_proto",
 ]
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum_from_proto(cls: type[E], value: int, name_of: Callable[[Any], str], prefix: str) -> E:
+    """The Python enum member of a wire enum value; ValueError for unknown or UNSPECIFIED values."""
+    try:
+        return cls[name_of(value).removeprefix(prefix)]
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown {cls.__name__} value {value}") from None
 
 
 def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
@@ -113,7 +128,7 @@ def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
 
 def task_to_proto(task: Task) -> pb.Task:
     msg = pb.Task(
-        kind=task.kind.value,
+        kind=pb.TaskKind.Value(f"TASK_KIND_{task.kind.name}"),
         round=task.round,
         participants=list(task.participants),
         retry_after_ms=task.retry_after_ms,
@@ -127,10 +142,8 @@ def task_to_proto(task: Task) -> pb.Task:
 
 
 def task_from_proto(msg: pb.Task) -> Task:
-    if msg.kind not in TaskKind._value2member_map_:
-        raise ValueError(f"unknown task kind {msg.kind}")
     return Task(
-        kind=TaskKind(msg.kind),
+        kind=_enum_from_proto(TaskKind, msg.kind, pb.TaskKind.Name, "TASK_KIND_"),
         round=msg.round,
         global_version=model_version_from_proto(msg.model) if msg.HasField("model") else None,
         training=_plan_from_proto(msg.training) if msg.HasField("training") else None,
@@ -145,7 +158,7 @@ def upload_header_to_proto(header: UploadHeader) -> pb.UploadHeader:
         worker_id=header.worker_id,
         run_id=header.run_id,
         round=header.round,
-        kind=header.kind.value,
+        kind=pb.UploadKind.Value(f"UPLOAD_KIND_{header.kind.name}"),
         base_version=header.base_version,
         num_examples=header.num_examples,
         total_size=header.total_size,
@@ -161,13 +174,11 @@ def upload_header_to_proto(header: UploadHeader) -> pb.UploadHeader:
 
 
 def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
-    if msg.kind not in UploadKind._value2member_map_:
-        raise ValueError(f"unknown upload kind {msg.kind}")
     return UploadHeader(
         worker_id=msg.worker_id,
         run_id=msg.run_id,
         round=msg.round,
-        kind=UploadKind(msg.kind),
+        kind=_enum_from_proto(UploadKind, msg.kind, pb.UploadKind.Name, "UPLOAD_KIND_"),
         base_version=msg.base_version,
         num_examples=msg.num_examples,
         total_size=msg.total_size,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from fedlora_common.chunking import sha256
+from fedlora_common.chunking import as_bytes, sha256
 from fedlora_common.manifest import Manifest, TensorSpec, flatten, unflatten
 from safetensors.numpy import load_file, save_file
 
@@ -64,7 +64,7 @@ def write_artifact(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     config_name, weights_name = _names(mode)
-    digest = sha256(memoryview(vector).cast("B"))
+    digest = sha256(as_bytes(vector))
     (tmp / config_name).write_text(config_json, encoding="utf-8")
     save_file(
         {name: np.ascontiguousarray(a) for name, a in unflatten(manifest, vector).items()},
@@ -101,6 +101,6 @@ def load_artifact(path: Path) -> tuple[Manifest, npt.NDArray[np.float32], str]:
     manifest = Manifest(tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in meta["manifest"]))
     config_name, weights_name = _names(meta["mode"])
     vector = flatten(manifest, load_file(str(path / weights_name)))
-    if sha256(memoryview(vector).cast("B")).hex() != meta["sha256"]:
+    if sha256(as_bytes(vector)).hex() != meta["sha256"]:
         raise ValueError(f"artifact {path}: digest does not match its contents")
     return manifest, vector, (path / config_name).read_text(encoding="utf-8")

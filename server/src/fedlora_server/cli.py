@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
-        sys.stdout.write(json.dumps({"event": "listening", "port": server.port, "metrics_port": server.metrics_port}) + "\n")
+        sys.stdout.write(
+            json.dumps({"event": "listening", "port": server.port, "metrics_port": server.metrics_port}) + "\n"
+        )
         sys.stdout.flush()
         while not stop.is_set() and not server.wait_finished(timedelta(seconds=0.5)):
             pass

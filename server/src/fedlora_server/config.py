@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from fedlora_common.settings import StrictModel
 from pydantic import Field, model_validator
@@ -24,7 +24,7 @@ __all__ = [
     "token_digest",
 ]
 
-CONFIG_VERSION = 1
+CONFIG_VERSION: Final = 1
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

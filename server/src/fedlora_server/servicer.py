@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import grpc
 import structlog
-from fedlora_common.chunking import chunk_count, iter_chunks
+from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.serde import (
@@ -61,7 +61,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         metadata = dict(context.invocation_metadata())
         header = str(metadata.get("authorization", ""))
         token = header.removeprefix("Bearer ").strip() or None
-        names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
+        # grpc-stubs types these values as bytes; grpc hands over a list of bytes per property.
+        peer = cast(list[bytes], context.auth_context().get("x509_common_name", []))
+        names = [n.decode() for n in peer]
         return self._auth.authenticate(claimed_id, token, names)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
@@ -87,7 +89,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             model = self._coordinator.global_model(worker_id, request.version)
         except CoordinatorError as exc:
             abort_with(context, exc)
-        payload = memoryview(model.vector).cast("B")
+        payload = as_bytes(model.vector)
         yield pb.DownloadChunk(
             header=pb.DownloadHeader(
                 model=model_version_to_proto(model.version),
