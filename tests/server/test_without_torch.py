@@ -90,5 +90,6 @@ def test_server_installs_and_starts_in_a_virtualenv_without_torch(tmp_path: Path
         server.terminate()
         server.wait(timeout=30)
 
-    assert ready["event"] == "listening" and ready["port"] > 0
+    assert ready["event"] == "listening"
+    assert ready["port"] > 0
     assert health.stdout.strip() == "SERVING", health.stderr

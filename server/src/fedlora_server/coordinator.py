@@ -337,7 +337,8 @@ class Coordinator:
 
     def _commit_round(self) -> None:
         phase = self._phase
-        assert self._accumulator is not None and self._global is not None
+        assert self._accumulator is not None
+        assert self._global is not None
         started = time.perf_counter()
         manifest = self._global.version.manifest
         vector = apply_update(self._global.vector, manifest, self._update_manifest(), self._accumulator.mean())
