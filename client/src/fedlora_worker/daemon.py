@@ -1,0 +1,261 @@
+"""The worker daemon: join, then do what the coordinator asks until the run is finished.
+
+Records stay on this site. What leaves it: the example count, aggregate losses and
+throughput, and protected updates (delta = local - global, bounded, in manifest order).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import structlog
+import torch
+from tqdm import tqdm
+
+from fedlora_common.manifest import flatten, unflatten, update_manifest
+from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadKind
+from fedlora_worker.config import WorkerSettings
+from fedlora_worker.data import TokenizedData, load_records, tokenize
+from fedlora_worker.metrics import WorkerMetrics
+from fedlora_worker.modeling import (
+    LoadedModel,
+    LoraSettings,
+    ModelSpec,
+    artifact_config_json,
+    global_state,
+    load_model,
+    set_global_state,
+)
+from fedlora_worker.protect import protect_update
+from fedlora_worker.training import TrainConfig, evaluate, train_locally
+from fedlora_worker.transport import CoordinatorClient, DownloadedModel
+
+__all__ = ["Worker", "WorkerOutcome"]
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    run_id: str
+    rounds_trained: int
+    finished: bool
+
+
+class Worker:
+    """One site's participation in one run. `run()` blocks; `shutdown()` may be called from any thread."""
+
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        client: CoordinatorClient,
+        metrics: WorkerMetrics,
+        idle: Callable[[float], bool] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._metrics = metrics
+        self._stopping = threading.Event()
+        self._idle = idle or self._stopping.wait
+        self._records = load_records(list(settings.data.train))
+        self._eval_records = load_records(list(settings.data.eval)) if settings.data.eval else None
+        self._loaded: LoadedModel | None = None
+        self._held: DownloadedModel | None = None
+        self._train_data: TokenizedData | None = None
+        self._eval_data: TokenizedData | None = None
+        self._seq_len = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._records)
+
+    def run(self) -> WorkerOutcome:
+        spec = self._client.join(self.num_examples)
+        structlog.contextvars.bind_contextvars(run_id=spec.run_id, worker_id=self._client.worker_id)
+        log.info("joined", mode=spec.mode, rounds=spec.total_rounds, examples=self.num_examples)
+        trained = 0
+        while not self._stopping.is_set():
+            try:
+                task = self._client.poll(spec.run_id)
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                log.info("rejoining", reason=exc.details())
+                spec = self._client.join(self.num_examples)
+                continue
+            structlog.contextvars.bind_contextvars(round=task.round)
+            if task.kind is TaskKind.FINISHED:
+                log.info("run_finished", rounds_trained=trained)
+                return WorkerOutcome(spec.run_id, trained, finished=True)
+            if task.kind is TaskKind.WAIT:
+                self._idle(task.retry_after_ms / 1000)
+            elif task.kind is TaskKind.INITIALIZE:
+                self._initialize(spec, task)
+            elif task.kind is TaskKind.TRAIN:
+                self._train(spec, task)
+                trained += 1
+            elif task.kind is TaskKind.EVALUATE:
+                self._evaluate(spec, task)
+        return WorkerOutcome(spec.run_id, trained, finished=False)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()
+        self._client.close()
+
+    # ---- tasks ------------------------------------------------------------------------
+
+    def _model(self, spec: RunSpec) -> LoadedModel:
+        if self._loaded is None:
+            lora = LoraSettings(spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.lora.target_modules)
+            model_spec = ModelSpec(
+                base_model=self._settings.base_model,
+                mode=spec.mode,  # type: ignore[arg-type]
+                lora=lora,
+                aggregation=spec.aggregation,  # type: ignore[arg-type]
+                seed=spec.seed,
+            )
+            log.info("loading_base_model", mode=spec.mode)
+            self._loaded = load_model(model_spec, device=self._settings.device)
+        return self._loaded
+
+    def _initialize(self, spec: RunSpec, task: Task) -> None:
+        loaded = self._model(spec)
+        vector = flatten(loaded.manifest, global_state(loaded))
+        self._upload(spec, task, UploadKind.INITIAL, vector, base_version=0, initial=True)
+
+    def _sync(self, spec: RunSpec, task: Task) -> LoadedModel:
+        """Make the local model hold the task's global version, downloading it unless already held."""
+        loaded = self._model(spec)
+        wanted = task.global_version
+        assert wanted is not None
+        if self._held is None or self._held.version.sha256 != wanted.sha256:
+            with self._progress(wanted.size_bytes, "download") as bar:
+
+                def count(n: int) -> None:
+                    bar.update(n)
+                    self._metrics.downloaded_bytes.inc(n)
+
+                self._held = self._client.download(spec.run_id, wanted, on_bytes=count)
+        set_global_state(loaded, unflatten(loaded.manifest, self._held.vector))
+        return loaded
+
+    def _tokenized(self, loaded: LoadedModel, max_seq_len: int) -> tuple[TokenizedData, TokenizedData | None]:
+        if self._train_data is None or self._seq_len != max_seq_len:
+            self._train_data = tokenize(self._records, loaded.tokenizer, max_seq_len=max_seq_len)
+            if self._eval_records is not None:
+                self._eval_data = tokenize(self._eval_records, loaded.tokenizer, max_seq_len=max_seq_len)
+            self._seq_len = max_seq_len
+        return self._train_data, self._eval_data
+
+    def _train(self, spec: RunSpec, task: Task) -> None:
+        plan = task.training
+        assert plan is not None and task.global_version is not None
+        loaded = self._sync(spec, task)
+        data, _ = self._tokenized(loaded, plan.max_seq_len)
+        config = TrainConfig(plan.local_steps, plan.batch_size, plan.learning_rate, plan.grad_clip_norm, plan.seed)
+        with self._progress(plan.local_steps, "train", unit="step") as bar:
+
+            def on_step(step: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                self._metrics.training_steps.inc()
+
+            result = train_locally(loaded.model, data, config, pad_id=loaded.pad_id, on_step=on_step)
+        self._metrics.train_loss.set(result.mean_loss)
+        self._metrics.tokens_per_second.set(result.tokens_per_second)
+        sent = update_manifest(loaded.manifest, spec.aggregation)
+        assert self._held is not None
+        start = unflatten(loaded.manifest, self._held.vector)
+        delta = flatten(sent, global_state(loaded)) - flatten(sent, start)
+        update = protect_update(delta, clip_norm=plan.update_clip_norm)
+        log.info(
+            "trained",
+            steps=result.steps,
+            loss=round(result.mean_loss, 4),
+            tokens_per_s=round(result.tokens_per_second, 1),
+            update_norm=round(float(np.linalg.norm(update)), 5),
+        )
+        self._upload(spec, task, UploadKind.DELTA, update, base_version=task.global_version.version, loss=result.mean_loss)
+        self._metrics.rounds.inc()
+
+    def _evaluate(self, spec: RunSpec, task: Task) -> None:
+        assert task.global_version is not None
+        loaded = self._sync(spec, task)
+        _, data = self._tokenized(loaded, self._seq_len or 256)
+        if data is None:
+            loss, tokens = 0.0, 0
+        else:
+            with torch.inference_mode():
+                result = evaluate(loaded.model, data, batch_size=8, pad_id=loaded.pad_id)
+            loss, tokens = result.loss, result.tokens
+            self._metrics.eval_loss.set(loss)
+        log.info("evaluated", version=task.global_version.version, eval_loss=round(loss, 4), tokens=tokens)
+        self._client.report(
+            MetricsReport(
+                worker_id=self._client.worker_id,
+                run_id=spec.run_id,
+                round=task.round,
+                version=task.global_version.version,
+                eval_loss=loss,
+                eval_tokens=tokens,
+            )
+        )
+
+    def _upload(
+        self,
+        spec: RunSpec,
+        task: Task,
+        kind: UploadKind,
+        vector: npt.NDArray[np.float32],
+        *,
+        base_version: int,
+        loss: float = 0.0,
+        initial: bool = False,
+    ) -> None:
+        loaded = self._loaded
+        assert loaded is not None
+        with self._progress(vector.nbytes, "upload") as bar:
+
+            def count(n: int) -> None:
+                bar.update(n)
+                self._metrics.uploaded_bytes.inc(n)
+
+            self._client.upload(
+                run_id=spec.run_id,
+                round_=task.round,
+                kind=kind,
+                base_version=base_version,
+                num_examples=self.num_examples,
+                vector=vector,
+                train_loss=loss,
+                manifest=loaded.manifest if initial else None,
+                artifact_config_json=artifact_config_json(loaded) if initial else "",
+                on_bytes=count,
+            )
+
+    def _progress(self, total: int, what: str, unit: str = "B") -> tqdm:
+        return tqdm(
+            total=total,
+            desc=what,
+            unit=unit,
+            unit_scale=unit == "B",
+            leave=False,
+            disable=not self._settings.progress,
+            mininterval=0.5,
+        )
+

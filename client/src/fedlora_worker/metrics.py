@@ -1,0 +1,23 @@
+"""The worker's Prometheus metrics, registered on a registry the caller owns."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+__all__ = ["WorkerMetrics"]
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.train_loss = Gauge("fedlora_worker_train_loss", "Mean local training loss of the last round", registry=registry)
+        self.eval_loss = Gauge("fedlora_worker_eval_loss", "Held-out loss of the last evaluated version", registry=registry)
+        self.tokens_per_second = Gauge(
+            "fedlora_worker_tokens_per_second", "Training throughput of the last round", registry=registry
+        )
+        self.training_steps = Counter("fedlora_worker_training_steps_total", "Optimizer steps", registry=registry)
+        self.uploaded_bytes = Counter("fedlora_worker_uploaded_bytes_total", "Update bytes sent", registry=registry)
+        self.downloaded_bytes = Counter(
+            "fedlora_worker_downloaded_bytes_total", "Global model bytes received", registry=registry
+        )
+        self.rounds = Counter("fedlora_worker_rounds_total", "Rounds this worker trained", registry=registry)
+        self.retries = Counter("fedlora_worker_retries_total", "Calls retried after a transient failure", registry=registry)

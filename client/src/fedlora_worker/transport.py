@@ -1,0 +1,216 @@
+"""The worker's side of the wire: authenticated calls, chunked streams, retries with backoff."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks, sha256
+from fedlora_common.manifest import WIRE_DTYPE, Manifest
+from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadHeader, UploadKind
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
+from fedlora_common.serde import (
+    metrics_to_proto,
+    model_version_from_proto,
+    run_spec_from_proto,
+    task_from_proto,
+    upload_header_to_proto,
+)
+from fedlora_worker.config import RetrySettings, TlsClientSettings
+
+__all__ = ["CoordinatorClient", "DownloadedModel", "TransferError"]
+
+T = TypeVar("T")
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+log = structlog.get_logger()
+
+
+class TransferError(Exception):
+    """A download that did not arrive as the coordinator declared it."""
+
+
+@dataclass(frozen=True)
+class DownloadedModel:
+    version: ModelVersion
+    vector: npt.NDArray[np.float32]
+    config_json: str
+
+
+def _channel(target: str, tls: TlsClientSettings | None, chunk_bytes: int) -> grpc.Channel:
+    options: list[tuple[str, str | int]] = [
+        ("grpc.max_receive_message_length", chunk_bytes + 2**20),
+        ("grpc.max_send_message_length", chunk_bytes + 2**16),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes() if tls.key else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert else None,
+    )
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+class CoordinatorClient:
+    """One worker's connection to the coordinator. Safe to retry: every call is idempotent or deduplicated."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        worker_id: str,
+        token: str,
+        retry: RetrySettings,
+        tls: TlsClientSettings | None = None,
+        chunk_bytes: int = 2**20,
+        on_retry: Callable[[], None] = lambda: None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._retry = retry
+        self._chunk_bytes = chunk_bytes
+        self._channel = _channel(target, tls, chunk_bytes)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._on_retry = on_retry
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _with_retry(self, what: str, call: Callable[[], T]) -> T:
+        delay = self._retry.initial_backoff_s
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in TRANSIENT or attempt == self._retry.attempts:
+                    raise
+                log.warning("call_retry", call=what, code=code.name, attempt=attempt, backoff_s=round(delay, 2))
+                self._on_retry()
+                self._sleep(delay * self._rng.uniform(0.5, 1.0))
+                delay = min(delay * 2, self._retry.max_backoff_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def join(self, num_examples: int) -> RunSpec:
+        request = pb.JoinRequest(worker_id=self.worker_id, num_examples=num_examples, software_version="0.1.0")
+        response = self._with_retry("join", lambda: self._stub.Join(request, metadata=self._metadata, timeout=30))
+        return run_spec_from_proto(response.run)
+
+    def poll(self, run_id: str) -> Task:
+        request = pb.PollTaskRequest(worker_id=self.worker_id, run_id=run_id)
+        return task_from_proto(
+            self._with_retry("poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30))
+        )
+
+    def download(
+        self, run_id: str, version: ModelVersion, *, on_bytes: Callable[[int], None] = lambda n: None
+    ) -> DownloadedModel:
+        """Stream a global version and verify its size, chunk sequence and digest."""
+        request = pb.DownloadRequest(worker_id=self.worker_id, run_id=run_id, version=version.version)
+        return self._with_retry("download", lambda: self._download_once(request, version, on_bytes))
+
+    def _download_once(
+        self, request: pb.DownloadRequest, expected: ModelVersion, on_bytes: Callable[[int], None]
+    ) -> DownloadedModel:
+        stream = self._stub.DownloadGlobal(request, metadata=self._metadata, timeout=_stream_timeout(expected.size_bytes))
+        first = next(stream)
+        if first.WhichOneof("part") != "header":
+            raise TransferError("download did not start with a header")
+        declared = model_version_from_proto(first.header.model)
+        if declared.version != expected.version or declared.sha256 != expected.sha256:
+            raise TransferError(f"coordinator sent version {declared.version}, expected {expected.version}")
+        buffer = bytearray(declared.size_bytes)
+        digest = hashlib.sha256()
+        offset = 0
+        for seq, message in enumerate(stream):
+            if message.WhichOneof("part") != "chunk" or message.chunk.seq != seq:
+                raise TransferError(f"download chunk {seq} out of sequence")
+            data = message.chunk.data
+            if offset + len(data) > len(buffer):
+                raise TransferError("download is longer than declared")
+            buffer[offset : offset + len(data)] = data
+            digest.update(data)
+            offset += len(data)
+            on_bytes(len(data))
+        if offset != declared.size_bytes or digest.digest() != declared.sha256:
+            raise TransferError("download is incomplete or its digest does not match")
+        vector = np.frombuffer(buffer, dtype=np.float32)
+        return DownloadedModel(declared, vector, first.header.artifact_config_json)
+
+    def upload(
+        self,
+        *,
+        run_id: str,
+        round_: int,
+        kind: UploadKind,
+        base_version: int,
+        num_examples: int,
+        vector: npt.NDArray[np.float32],
+        train_loss: float = 0.0,
+        manifest: Manifest | None = None,
+        artifact_config_json: str = "",
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> int:
+        """Stream one vector; a retry resends it whole. Returns the bytes the coordinator acknowledged."""
+        payload = as_bytes(vector.astype(np.float32, copy=False))
+        header = UploadHeader(
+            worker_id=self.worker_id,
+            run_id=run_id,
+            round=round_,
+            kind=kind,
+            base_version=base_version,
+            num_examples=num_examples,
+            total_size=len(payload),
+            chunk_count=chunk_count(len(payload), self._chunk_bytes),
+            sha256=sha256(payload),
+            dtype=WIRE_DTYPE,
+            manifest=manifest,
+            artifact_config_json=artifact_config_json,
+            train_loss=train_loss,
+        )
+
+        def messages() -> Iterator[pb.UploadMessage]:
+            yield pb.UploadMessage(header=upload_header_to_proto(header))
+            for seq, piece in enumerate(iter_chunks(payload, self._chunk_bytes)):
+                yield pb.UploadMessage(chunk=pb.Chunk(seq=seq, data=piece.tobytes()))
+                on_bytes(len(piece))
+
+        def send() -> int:
+            try:
+                receipt = self._stub.UploadUpdate(
+                    messages(), metadata=self._metadata, timeout=_stream_timeout(len(payload))
+                )
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.ALREADY_EXISTS:
+                    log.info("upload_already_received", round=round_)
+                    return len(payload)
+                raise
+            return int(receipt.bytes_received)
+
+        return self._with_retry("upload", send)
+
+    def report(self, report: MetricsReport) -> None:
+        message = metrics_to_proto(report)
+        self._with_retry("report", lambda: self._stub.ReportMetrics(message, metadata=self._metadata, timeout=30))
+
+
+def _stream_timeout(nbytes: int) -> float:
+    """Streams get time in proportion to their size: about 1 MiB/s at the slowest, plus a minute."""
+    return 60.0 + nbytes / 2**20

@@ -1,0 +1,113 @@
+"""A coordinator in-process on port 0 and three real workers (threads), once per training mode."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from prometheus_client import CollectorRegistry
+from transformers import AutoModelForCausalLM
+
+from fedlora_server.config import RunSettings
+from fedlora_server.server import CoordinatorServer
+from fedlora_worker.config import WorkerSettings
+from fedlora_worker.daemon import Worker, WorkerOutcome
+from fedlora_worker.lab.datagen import DataSpec, generate_site, write_site
+from fedlora_worker.lab.federation import site_names
+from fedlora_worker.lab.model_factory import MadeModel
+from fedlora_worker.metrics import WorkerMetrics
+from fedlora_worker.transport import CoordinatorClient
+
+ROUNDS = 2
+
+
+def _run_federation(tmp_path: Path, base: Path, mode: str) -> tuple[dict, list[WorkerOutcome]]:
+    sites = site_names(3)
+    tokens = {worker: f"secret-{worker}" for worker, _ in sites}
+    settings = RunSettings.model_validate(
+        {
+            "run_id": f"it-{mode}",
+            "base_model": str(base),
+            "mode": mode,
+            "rounds": ROUNDS,
+            "min_workers": 3,
+            "workers": [{"id": w, "token_sha256": hashlib.sha256(t.encode()).hexdigest()} for w, t in tokens.items()],
+            "state_dir": tmp_path / "coordinator",
+            "lora": {"rank": 4, "alpha": 8},
+            "training": {"local_steps": 4, "batch_size": 4, "max_seq_len": 64, "learning_rate": 3e-3},
+            "listen": {"port": 0, "metrics_port": None},
+            "timeouts": {"poll_wait_ms": 50},
+        }
+    )
+    outcomes: list[WorkerOutcome] = []
+    errors: list[BaseException] = []
+    with CoordinatorServer(settings=settings) as server:
+
+        def work(worker_id: str, domain: str, index: int) -> None:
+            paths = write_site(
+                tmp_path / worker_id, generate_site(domain, DataSpec(n_train=16, n_eval=4, n_canaries=2, n_controls=1, seed=index))  # type: ignore[arg-type]
+            )
+            worker_settings = WorkerSettings.model_validate(
+                {
+                    "worker_id": worker_id,
+                    "token": tokens[worker_id],
+                    "coordinator": f"127.0.0.1:{server.port}",
+                    "base_model": str(base),
+                    "data": {"train": [paths.train], "eval": [paths.eval]},
+                    "progress": False,
+                }
+            )
+            client = CoordinatorClient(
+                target=worker_settings.coordinator,
+                worker_id=worker_id,
+                token=tokens[worker_id],
+                retry=worker_settings.retry,
+            )
+            try:
+                with Worker(settings=worker_settings, client=client, metrics=WorkerMetrics(CollectorRegistry())) as w:
+                    outcomes.append(w.run())
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=work, args=(w, d, i), name=w) for i, (w, d) in enumerate(sites)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert not errors, errors
+        assert server.wait_finished()
+        server.write_report()
+    return json.loads((settings.state_dir / "report.json").read_text()), outcomes
+
+
+def _logits(model: torch.nn.Module, base: Path) -> torch.Tensor:
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_three_workers_train_and_the_final_model_loads_and_differs_from_the_base(
+    tmp_path: Path, lab_model: MadeModel, mode: str
+) -> None:
+    report, outcomes = _run_federation(tmp_path, lab_model.path, mode)
+
+    assert sorted(o.rounds_trained for o in outcomes) == [ROUNDS] * 3
+    assert all(o.finished for o in outcomes)
+    assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
+    assert all(len(r["participants"]) == 3 and not r["dropped"] for r in report["rounds"])
+    assert report["base_eval_loss"] is not None
+    assert all(r["eval_loss"] is not None and r["upload_bytes"] > 0 for r in report["rounds"])
+    base = AutoModelForCausalLM.from_pretrained(lab_model.path)
+    if mode == "full":
+        tuned = AutoModelForCausalLM.from_pretrained(report["adapter_path"])
+    else:
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lab_model.path), report["adapter_path"])
+    assert not torch.allclose(_logits(base, lab_model.path), _logits(tuned, lab_model.path), atol=1e-4)
