@@ -66,7 +66,8 @@ class StreamingAccumulator:
     def mean(self) -> Vector:
         if self._count == 0:
             raise ValueError("no update was added")
-        return (self._sum / self._weight).astype(np.float32)
+        out = np.empty(self._sum.size, dtype=np.float32)
+        return np.divide(self._sum, self._weight, out=out, casting="same_kind")
 
 
 def apply_update(

@@ -142,7 +142,7 @@ class LocalFederation:
         try:
             server = self._start("coordinator", [sys.executable, "-m", "fedlora_server", "--config", str(run_yaml)])
             ready = _read_ready(server, deadline)
-            log.info("coordinator_ready", **ready)
+            log.info("coordinator_ready", port=ready["port"], metrics_port=ready["metrics_port"])
             for path in worker_yamls:
                 config = yaml.safe_load(path.read_text(encoding="utf-8"))
                 config["coordinator"] = f"127.0.0.1:{ready['port']}"

@@ -1,0 +1,302 @@
+"""Bytes per worker per round on the wire: LoRA adapters vs full fine-tuning.
+
+Up is one worker's delta (UploadUpdate: header, then chunks); down is the global model
+(DownloadGlobal: header, then chunks). Wire bytes are the serialized protobuf messages of a
+stream, built exactly as CoordinatorClient.upload and CoordinatorServicer.DownloadGlobal build
+them, plus gRPC's 5-byte length prefix per message. HTTP/2 framing (9 bytes per DATA frame of at
+most 16 KiB, about 0.06%) and TCP/IP headers are below this layer and not counted.
+
+The small Llama is measured: loaded through fedlora_worker.modeling.load_model, its real state
+is chunked into real messages and each one is sized. The published Llama shapes are computed:
+built on the meta device (no weights), their manifests are exact and the message sizes come from
+the same framing function, with chunk counts derived instead of 70B floats allocated.
+
+Usage: python bench/comm.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from google.protobuf.message import Message
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count, iter_chunks, sha256
+from fedlora_common.manifest import WIRE_DTYPE, Manifest, TensorSpec, flatten
+from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_common.serde import model_version_to_proto, upload_header_to_proto
+from fedlora_worker.modeling import (
+    LoadedModel,
+    LoraSettings,
+    Mode,
+    ModelSpec,
+    artifact_config_json,
+    global_state,
+    load_model,
+)
+
+GRPC_PREFIX_BYTES = 5  # compressed flag + 4-byte message length, before every message of a stream
+FLOAT_BYTES = np.dtype(WIRE_DTYPE).itemsize
+LORA = LoraSettings(rank=16, alpha=32.0)
+MB = 1e6
+PAPER_RATIO_3B = 130
+
+SMALL_LLAMA = LlamaConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+)
+# The published configurations (Hugging Face meta-llama/*/config.json), shapes only.
+PUBLISHED: dict[str, LlamaConfig] = {
+    "Llama-3.2-3B": LlamaConfig(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "Llama-3.1-8B": LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "Llama-3.1-70B": LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+}
+
+ChunkWrapper = Callable[[pb.Chunk], Message]
+
+
+def _upload_chunk(chunk: pb.Chunk) -> Message:
+    return pb.UploadMessage(chunk=chunk)
+
+
+def _download_chunk(chunk: pb.Chunk) -> Message:
+    return pb.DownloadChunk(chunk=chunk)
+
+
+# ---- framing --------------------------------------------------------------------------
+
+
+def framed(message: Message) -> int:
+    """Bytes one message of a stream takes on the wire: its serialization plus gRPC's prefix."""
+    return message.ByteSize() + GRPC_PREFIX_BYTES
+
+
+def stream_wire_bytes(head: Message, payload_bytes: int, chunk_bytes: int, wrap: ChunkWrapper) -> int:
+    """Wire bytes of a header message followed by the payload in chunks, without building the payload.
+
+    A chunk message's size depends only on its data length and on the varint width of its seq
+    (proto3 omits seq 0), so one probe per (width, length) class sizes every chunk exactly.
+    """
+    count = chunk_count(payload_bytes, chunk_bytes)
+    last_len = payload_bytes - (count - 1) * chunk_bytes
+
+    def size(seq: int, length: int) -> int:
+        return framed(wrap(pb.Chunk(seq=seq, data=bytes(length))))
+
+    total = framed(head)
+    start = 0
+    for stop in (1, 2**7, 2**14, 2**21, 2**28, 2**32):  # seq 0 (omitted), then 1..5-byte varints (uint32)
+        if start < count:
+            total += (min(stop, count) - start) * size(start, chunk_bytes)
+        start = stop
+    return total - size(count - 1, chunk_bytes) + size(count - 1, last_len)
+
+
+# ---- the messages of one round, as the real client and servicer build them ----------------
+
+
+def upload_header(digest: bytes, payload_bytes: int, chunk_bytes: int) -> pb.UploadMessage:
+    """The header CoordinatorClient.upload sends before a round-1 delta."""
+    header = UploadHeader(
+        worker_id="clinical",
+        run_id="fedlora-run",
+        round=1,
+        kind=UploadKind.DELTA,
+        base_version=0,
+        num_examples=1000,
+        total_size=payload_bytes,
+        chunk_count=chunk_count(payload_bytes, chunk_bytes),
+        sha256=digest,
+        dtype=WIRE_DTYPE,
+        train_loss=1.0,
+    )
+    return pb.UploadMessage(header=upload_header_to_proto(header))
+
+
+def download_header(manifest: Manifest, config_json: str, digest: bytes, chunk_bytes: int) -> pb.DownloadChunk:
+    """The header CoordinatorServicer.DownloadGlobal sends before version 1 of the global model."""
+    version = ModelVersion(version=1, size_bytes=manifest.nbytes, sha256=digest, manifest=manifest)
+    return pb.DownloadChunk(
+        header=pb.DownloadHeader(
+            model=model_version_to_proto(version),
+            chunk_count=chunk_count(manifest.nbytes, chunk_bytes),
+            artifact_config_json=config_json,
+        )
+    )
+
+
+def chunk_messages(payload: memoryview, chunk_bytes: int, wrap: ChunkWrapper) -> Iterator[Message]:
+    for seq, piece in enumerate(iter_chunks(payload, chunk_bytes)):
+        yield wrap(pb.Chunk(seq=seq, data=piece.tobytes()))
+
+
+# ---- models ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    mode: Mode
+    source: str
+    params: int
+    raw_bytes: int
+    up_bytes: int
+    down_bytes: int
+
+
+def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with vocab_size ids: load_model needs one; its contents are irrelevant here."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def measured_row(base_dir: Path, mode: Mode, chunk_bytes: int) -> Row:
+    """Load the small Llama for `mode` and size the real messages of its real state."""
+    loaded = load_model(ModelSpec(base_model=str(base_dir), mode=mode, lora=LORA))
+    vector = flatten(loaded.manifest, global_state(loaded))
+    payload = vector.data.cast("B")
+    digest = sha256(payload)
+    up_head = upload_header(digest, len(payload), chunk_bytes)
+    down_head = download_header(loaded.manifest, artifact_config_json(loaded), digest, chunk_bytes)
+    up = framed(up_head) + sum(framed(m) for m in chunk_messages(payload, chunk_bytes, _upload_chunk))
+    down = framed(down_head) + sum(framed(m) for m in chunk_messages(payload, chunk_bytes, _download_chunk))
+    if (up, down) != (
+        stream_wire_bytes(up_head, len(payload), chunk_bytes, _upload_chunk),
+        stream_wire_bytes(down_head, len(payload), chunk_bytes, _download_chunk),
+    ):
+        raise AssertionError("the analytic framing disagrees with the built messages")
+    return Row("small Llama", mode, "measured", loaded.manifest.numel, loaded.manifest.nbytes, up, down)
+
+
+def computed_rows(name: str, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, chunk_bytes: int) -> list[Row]:
+    """Both modes of a published shape, from manifests of a weightless (meta) model."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    full_manifest = Manifest(tuple(TensorSpec(n, tuple(p.shape)) for n, p in model.named_parameters()))
+    lora = LoraConfig(
+        r=LORA.rank,
+        lora_alpha=LORA.alpha,  # type: ignore[arg-type]  # as load_model passes it
+        lora_dropout=LORA.dropout,
+        target_modules=list(LORA.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    lora_manifest = Manifest(tuple(TensorSpec(n, tuple(t.shape)) for n, t in adapter.items()))
+    lora_loaded = LoadedModel(peft_model, tokenizer, ModelSpec(name, "lora", LORA), lora_manifest)
+    configs: dict[Mode, tuple[Manifest, str]] = {
+        "lora": (lora_manifest, artifact_config_json(lora_loaded)),
+        "full": (full_manifest, config.to_json_string()),
+    }
+    rows = []
+    digest = bytes(32)  # a SHA-256 is 32 bytes whatever its value
+    for mode, (manifest, config_json) in configs.items():
+        up_head = upload_header(digest, manifest.nbytes, chunk_bytes)
+        down_head = download_header(manifest, config_json, digest, chunk_bytes)
+        up = stream_wire_bytes(up_head, manifest.nbytes, chunk_bytes, _upload_chunk)
+        down = stream_wire_bytes(down_head, manifest.nbytes, chunk_bytes, _download_chunk)
+        rows.append(Row(name, mode, "computed", manifest.numel, manifest.nbytes, up, down))
+    return rows
+
+
+# ---- report ---------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row]) -> None:
+    lora_up = {r.model: r.up_bytes for r in rows if r.mode == "lora"}
+    lora_params = {r.model: r.params for r in rows if r.mode == "lora"}
+    header = (
+        f"{'model':<14} {'mode':<5} {'source':<9} {'params':>15} {'raw MB':>12} {'up MB':>12} "
+        f"{'down MB':>12} {'up/raw':>8} {'down/raw':>8} {'full/LoRA':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = f"{r.up_bytes / lora_up[r.model]:.1f}x" if r.mode == "full" else ""
+        print(
+            f"{r.model:<14} {r.mode:<5} {r.source:<9} {r.params:>15,} {r.raw_bytes / MB:>12,.2f} "
+            f"{r.up_bytes / MB:>12,.2f} {r.down_bytes / MB:>12,.2f} {r.up_bytes / r.raw_bytes:>8.5f} "
+            f"{r.down_bytes / r.raw_bytes:>8.5f} {ratio:>10}"
+        )
+    print()
+    print("MB = 1e6 bytes; raw = float32 tensor bytes of the manifest; up = one worker's delta upload,")
+    print("down = one global download, both per worker per round; full/LoRA = ratio of up wire bytes.")
+    print(f"LoRA: rank {LORA.rank}, alpha {LORA.alpha:g}, {', '.join(LORA.target_modules)}; chunks of 1 MiB.")
+    if "Llama-3.2-3B" in lora_params:
+        full_3b = next(r.params for r in rows if r.model == "Llama-3.2-3B" and r.mode == "full")
+        params_ratio = full_3b / lora_params["Llama-3.2-3B"]
+        print(f"Llama-3.2-3B: full/LoRA = {params_ratio:.1f}x in parameters, hence in bytes whenever both travel")
+        print(f"in one dtype (fp32 and fp32 here, or bf16 and bf16): the paper's ~{PAPER_RATIO_3B}x is this ratio.")
+        print(f"Full weights in bf16 against fp32 adapters would give {params_ratio / 2:.1f}x instead.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip Llama-3.1-70B (its meta model takes ~30 s)")
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
+
+    tokenizer = _tiny_tokenizer(SMALL_LLAMA.vocab_size)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-comm-") as tmp:
+        base_dir = Path(tmp)
+        tokenizer.save_pretrained(base_dir)
+        torch.manual_seed(0)
+        LlamaForCausalLM(SMALL_LLAMA).save_pretrained(base_dir)
+        rows += [measured_row(base_dir, mode, args.chunk_bytes) for mode in ("lora", "full")]
+    for name, config in PUBLISHED.items():
+        if args.quick and name == "Llama-3.1-70B":
+            continue
+        rows += computed_rows(name, config, tokenizer, args.chunk_bytes)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
