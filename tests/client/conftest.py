@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,22 @@ def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         vocab_size=VOCAB_SIZE,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     bos = SPECIAL_TOKENS.index("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture(scope="session")
+def make_sentences() -> Callable[[int, int], list[str]]:
+    """sentences(count, seed), for tests that need text the tiny tokenizer knows."""
+    return sentences
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +63,7 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=4,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        initializer_range=0.1,
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
         bos_token_id=SPECIAL_TOKENS.index("<s>"),
         eos_token_id=SPECIAL_TOKENS.index("</s>"),
@@ -61,3 +72,13 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def single_threaded_torch() -> Iterator[None]:
+    """One intra-op thread for the test: tiny matmuls gain nothing from more, and on a shared
+    2-core box OpenMP's spin-waiting threads made these tests 5-30 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

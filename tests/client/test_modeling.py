@@ -3,15 +3,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import cast
 
-import bitsandbytes as bnb
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
-from safetensors.numpy import save_file
-from transformers import AutoModelForCausalLM
-
+from bitsandbytes.nn.modules import Linear4bit
 from fedlora_worker.modeling import (
     LoadedModel,
     LoraSettings,
@@ -22,11 +19,17 @@ from fedlora_worker.modeling import (
     load_model,
     set_global_state,
 )
+from peft import PeftModel
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.0)
 TARGETS = "|".join(LORA.target_modules)
 ADAPTER_NAME = re.compile(rf"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.({TARGETS})\.lora_[AB]\.weight$")
 LAYERS = 2
+SAMPLE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 200, 300, 400, 500, 2, 7]])
 
 
 def load(base: Path, mode: Mode, **kwargs: object) -> LoadedModel:
@@ -44,9 +47,6 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-SAMPLE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 200, 300, 400, 500, 2, 7]])
-
-
 def test_qlora_base_projections_are_bitsandbytes_4bit_layers(tiny_base_model: Path) -> None:
     loaded = load(tiny_base_model, "qlora")
 
@@ -57,16 +57,16 @@ def test_qlora_base_projections_are_bitsandbytes_4bit_layers(tiny_base_model: Pa
     }
 
     assert len(projections) == LAYERS * len(LORA.target_modules)
-    assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in projections.values())
+    assert all(isinstance(layer, Linear4bit) for layer in projections.values())
     assert {layer.weight.quant_type for layer in projections.values()} == {"nf4"}
 
 
 def test_bfloat16_qlora_computes_in_bfloat16_with_a_float32_adapter(tiny_base_model: Path) -> None:
     loaded = load(tiny_base_model, "qlora", dtype="bfloat16")
 
-    q_proj = loaded.model.base_model.model.model.layers[0].self_attn.q_proj
+    q_proj = loaded.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
 
-    assert q_proj.base_layer.compute_dtype == torch.bfloat16
+    assert q_proj.compute_dtype == torch.bfloat16
     assert all(array.dtype == np.float32 for array in global_state(loaded).values())
 
 
@@ -106,6 +106,12 @@ def test_ffa_freezes_every_lora_a_and_trains_every_lora_b(tiny_base_model: Path)
 def test_full_with_ffa_is_rejected(tiny_base_model: Path) -> None:
     with pytest.raises(ValueError, match="ffa"):
         load(tiny_base_model, "full", aggregation="ffa")
+
+
+@pytest.mark.parametrize(("field", "value"), [("mode", "dora"), ("aggregation", "fedprox"), ("dtype", "float16")])
+def test_unknown_choices_are_rejected_naming_the_field(tiny_base_model: Path, field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be one of"):
+        ModelSpec(**{"base_model": str(tiny_base_model), "mode": "lora", "lora": LORA, field: value})  # type: ignore[arg-type]
 
 
 def test_same_seed_builds_the_same_initial_adapter_and_another_seed_another_a(tiny_base_model: Path) -> None:
@@ -193,7 +199,7 @@ def test_coordinator_written_adapter_loads_with_stock_peft(
 def test_adapter_config_json_matches_what_peft_itself_writes(tiny_base_model: Path, tmp_path: Path) -> None:
     loaded = load(tiny_base_model, "lora")
 
-    loaded.model.save_pretrained(tmp_path)
+    cast(PeftModel, loaded.model).save_pretrained(str(tmp_path))
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     ours = json.loads(artifact_config_json(loaded))
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import datasets
 import torch
@@ -49,9 +50,7 @@ def load_records(paths: Sequence[Path]) -> datasets.Dataset:
     parts = []
     with tempfile.TemporaryDirectory(prefix="fedlora-data-") as cache:
         for builder, files in by_builder.items():
-            part = datasets.load_dataset(
-                builder, data_files=files, split="train", cache_dir=cache, keep_in_memory=True
-            )
+            part = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, keep_in_memory=True)
             parts.append(_select_fields(part, files))
     return datasets.concatenate_datasets(parts)
 
@@ -64,8 +63,7 @@ def _select_fields(ds: datasets.Dataset, files: Sequence[str]) -> datasets.Datas
         keep = ["text"]
     else:
         raise ValueError(
-            f"{', '.join(files)}: records need a 'text' field or 'prompt' and 'completion'; "
-            f"found {sorted(columns)}"
+            f"{', '.join(files)}: records need a 'text' field or 'prompt' and 'completion'; found {sorted(columns)}"
         )
     strings = datasets.Features({name: datasets.Value("string") for name in keep})
     return ds.select_columns(keep).cast(strings)
@@ -125,12 +123,13 @@ def _encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: st
         return prompt_ids, _with_eos(tokenizer.encode(completion, add_special_tokens=False), tokenizer)
     user = {"role": "user", "content": prompt}
     assistant = {"role": "assistant", "content": completion}
-    # transformers 5 returns a BatchEncoding unless told otherwise.
-    prompt_ids = tokenizer.apply_chat_template([user], add_generation_prompt=True, return_dict=False)
-    full_ids: list[int] = tokenizer.apply_chat_template([user, assistant], return_dict=False)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
+    # Split the rendered text, not the token ids: BPE merges across the boundary would shift it.
+    prompt_text = cast(str, tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False))
+    full_text = cast(str, tokenizer.apply_chat_template([user, assistant], tokenize=False))
+    if not full_text.startswith(prompt_text):
         raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    completion_ids = full_ids[len(prompt_ids) :]
+    prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)  # the template has them
+    completion_ids: list[int] = tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
     if tokenizer.eos_token_id in completion_ids:  # the template already closes the turn
         return prompt_ids, completion_ids
     return prompt_ids, _with_eos(completion_ids, tokenizer)

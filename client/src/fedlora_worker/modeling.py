@@ -10,14 +10,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from fedlora_common.manifest import Manifest, TensorSpec
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 __all__ = [
     "Aggregation",
@@ -33,6 +39,7 @@ __all__ = [
 
 Mode = Literal["lora", "qlora", "full"]
 Aggregation = Literal["fedavg", "ffa"]
+_Dtype = Literal["float32", "bfloat16"]
 
 _ADAPTER = "default"
 
@@ -46,6 +53,14 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora target_modules must name at least one module")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -56,11 +71,20 @@ class ModelSpec:
     lora: LoraSettings
     aggregation: Aggregation = "fedavg"
     seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: _Dtype = "float32"
+
+    def __post_init__(self) -> None:
+        for field, allowed in (("mode", Mode), ("aggregation", Aggregation), ("dtype", _Dtype)):
+            if getattr(self, field) not in get_args(allowed):
+                raise ValueError(f"{field} must be one of {get_args(allowed)}, got {getattr(self, field)!r}")
+        if self.mode == "full" and self.aggregation == "ffa":
+            raise ValueError("aggregation 'ffa' needs a LoRA adapter to freeze A in; mode 'full' has none")
 
 
 @dataclass
 class LoadedModel:
+    """A model ready to train, with the manifest that names and orders its global state."""
+
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
@@ -83,22 +107,20 @@ def load_model(spec: ModelSpec, *, device: str = "cpu") -> LoadedModel:
     The adapter is attached only once the model is on its device: peft (and Opacus after it) must see
     the final parameters, or the trained update can silently stay zero.
     """
-    if spec.mode == "full" and spec.aggregation == "ffa":
-        raise ValueError("aggregation 'ffa' needs a LoRA adapter to freeze A in; mode 'full' has none")
     dtype = getattr(torch, spec.dtype)
     quantization = None
     if spec.mode == "qlora":
-        quantization = BitsAndBytesConfig(
+        quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
         spec.base_model, dtype=dtype, quantization_config=quantization, device_map={"": device}
     )
     if spec.mode != "full":
         lora = LoraConfig(
             r=spec.lora.rank,
-            lora_alpha=spec.lora.alpha,
+            lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # annotated int; a float scales as well
             lora_dropout=spec.lora.dropout,
             target_modules=list(spec.lora.target_modules),
             task_type="CAUSAL_LM",
@@ -161,9 +183,9 @@ def artifact_config_json(loaded: LoadedModel) -> str:
     lists, so every process writes byte-identical JSON whatever its hash seed.
     """
     if loaded.spec.mode == "full":
-        text: str = loaded.model.config.to_json_string()
+        text: str = cast(PreTrainedModel, loaded.model).config.to_json_string()
         return text
-    config: dict[str, Any] = loaded.model.peft_config[_ADAPTER].to_dict()
+    config: dict[str, Any] = cast(PeftModel, loaded.model).peft_config[_ADAPTER].to_dict()
     config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
     config["base_model_name_or_path"] = loaded.spec.base_model
     config["inference_mode"] = True

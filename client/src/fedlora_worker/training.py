@@ -17,11 +17,18 @@ __all__ = ["EvalResult", "TrainConfig", "TrainResult", "causal_lm_loss", "evalua
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One round of local training; seed fixes batch order and dropout, so vary it from round to round."""
+
     local_steps: int
     batch_size: int
     learning_rate: float
     grad_clip_norm: float
     seed: int
+
+    def __post_init__(self) -> None:
+        for field in ("local_steps", "batch_size", "learning_rate", "grad_clip_norm"):
+            if not getattr(self, field) > 0:  # a zero clip norm would silently zero every gradient
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ def causal_lm_loss(
     counted = targets != IGNORE_INDEX
     if loss_mask is not None:
         counted = counted & loss_mask[:, 1:].to(torch.bool)
-    per_token = F.cross_entropy(
+    per_token = F.cross_entropy(  # in float32: a bf16 softmax over a large vocabulary loses the tail
         logits[:, :-1].flatten(0, 1).float(), targets.masked_fill(~counted, 0).flatten(), reduction="none"
     )
     count = int(counted.sum())
@@ -98,7 +105,7 @@ def train_locally(
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss is {value} at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
             optimizer.step()
             loss_sum += value * counted
