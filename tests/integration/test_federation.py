@@ -7,12 +7,15 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from peft import PeftModel
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
+from fedlora_common.secagg import identity_keypair
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import WorkerSettings
@@ -26,17 +29,25 @@ from fedlora_worker.transport import CoordinatorClient
 ROUNDS = 2
 
 
-def _run_federation(tmp_path: Path, base: Path, mode: str) -> tuple[dict, list[WorkerOutcome]]:
+def _run_federation(
+    tmp_path: Path, base: Path, mode: str, *, secure: bool, rounds: int = ROUNDS
+) -> tuple[dict, list[WorkerOutcome]]:
     sites = site_names(3)
     tokens = {worker: f"secret-{worker}" for worker, _ in sites}
+    identities = {worker: identity_keypair() for worker, _ in sites}
+    peers = {worker: keys.public.hex() for worker, keys in identities.items()}
     settings = RunSettings.model_validate(
         {
             "run_id": f"it-{mode}",
             "base_model": str(base),
             "mode": mode,
-            "rounds": ROUNDS,
+            "rounds": rounds,
             "min_workers": 3,
-            "workers": [{"id": w, "token_sha256": hashlib.sha256(t.encode()).hexdigest()} for w, t in tokens.items()],
+            "workers": [
+                {"id": w, "token_sha256": hashlib.sha256(t.encode()).hexdigest(), "identity_public": peers[w]}
+                for w, t in tokens.items()
+            ],
+            "secure_aggregation": {"enabled": secure},
             "state_dir": tmp_path / "coordinator",
             "lora": {"rank": 4, "alpha": 8},
             "training": {"local_steps": 4, "batch_size": 4, "max_seq_len": 64, "learning_rate": 3e-3},
@@ -49,6 +60,8 @@ def _run_federation(tmp_path: Path, base: Path, mode: str) -> tuple[dict, list[W
     with CoordinatorServer(settings=settings) as server:
 
         def work(worker_id: str, domain: str, index: int) -> None:
+            key_file = tmp_path / f"{worker_id}.key"
+            key_file.write_text(identities[worker_id].private.hex())
             paths = write_site(
                 tmp_path / worker_id, generate_site(domain, DataSpec(n_train=16, n_eval=4, n_canaries=2, n_controls=1, seed=index))  # type: ignore[arg-type]
             )
@@ -60,6 +73,8 @@ def _run_federation(tmp_path: Path, base: Path, mode: str) -> tuple[dict, list[W
                     "base_model": str(base),
                     "data": {"train": [paths.train], "eval": [paths.eval]},
                     "progress": False,
+                    "identity_key": key_file,
+                    "peers": peers,
                 }
             )
             client = CoordinatorClient(
@@ -97,7 +112,7 @@ def _logits(model: torch.nn.Module, base: Path) -> torch.Tensor:
 def test_three_workers_train_and_the_final_model_loads_and_differs_from_the_base(
     tmp_path: Path, lab_model: MadeModel, mode: str
 ) -> None:
-    report, outcomes = _run_federation(tmp_path, lab_model.path, mode)
+    report, outcomes = _run_federation(tmp_path, lab_model.path, mode, secure=mode == "lora")
 
     assert sorted(o.rounds_trained for o in outcomes) == [ROUNDS] * 3
     assert all(o.finished for o in outcomes)
@@ -111,3 +126,24 @@ def test_three_workers_train_and_the_final_model_loads_and_differs_from_the_base
     else:
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lab_model.path), report["adapter_path"])
     assert not torch.allclose(_logits(base, lab_model.path), _logits(tuned, lab_model.path), atol=1e-4)
+
+
+def test_secure_aggregation_matches_plain_aggregation_within_the_quantization_bound(
+    tmp_path: Path, lab_model: MadeModel
+) -> None:
+    secure_report, _ = _run_federation(tmp_path / "secure", lab_model.path, "lora", secure=True, rounds=1)
+    plain_report, _ = _run_federation(tmp_path / "plain", lab_model.path, "lora", secure=False, rounds=1)
+
+    secure = load_file(str(Path(secure_report["adapter_path"]) / "adapter_model.safetensors"))
+    plain = load_file(str(Path(plain_report["adapter_path"]) / "adapter_model.safetensors"))
+    # Each weighted coordinate is off by at most one quantization step (0.05 / (2**28 - 1) with 3 workers);
+    # the mean divides by sum(w)/M, so the bound is 3 * step * M / sum(w) = 3 * step * 65536 / (3 * 16).
+    bound = 3 * (0.05 / (2**28 - 1)) * 65536 / (3 * 16)
+    worst = max(float(np.abs(secure[name] - plain[name]).max()) for name in plain)
+    assert secure_report["secure_aggregation"] is True
+    assert plain_report["secure_aggregation"] is False
+    assert worst <= bound * 1.01
+    assert any(float(np.abs(plain[name]).max()) > 100 * bound for name in plain if "lora_B" in name)
+    stages = secure_report["rounds"][0]["secagg"]
+    assert set(stages) == {"advertise", "share", "masked", "unmask"}
+    assert stages["masked"]["bytes"] > 0

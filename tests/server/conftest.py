@@ -46,6 +46,7 @@ def run_settings(state_dir: Path, **overrides: Any) -> RunSettings:
         "listen": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
         "timeouts": {"poll_wait_ms": 10},
         "limits": {"chunk_bytes": 1024},
+        "secure_aggregation": {"enabled": False},
     }
     values.update(overrides)
     return RunSettings.model_validate(values)

@@ -13,6 +13,8 @@ workers:
   - id: clinical
     token_sha256: "%s"
 min_workers: 1
+secure_aggregation:
+  enabled: false
 """ % ("ab" * 32)
 
 

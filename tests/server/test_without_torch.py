@@ -63,6 +63,7 @@ def test_server_installs_and_starts_in_a_virtualenv_without_torch(tmp_path: Path
     config.write_text(
         "base_model: tiny\nmin_workers: 1\nworkers:\n  - id: a\n    token_sha256: " + "ab" * 32 + "\n"
         f"state_dir: {tmp_path / 'state'}\nlisten:\n  port: 0\n  metrics_port: 0\n"
+        "secure_aggregation:\n  enabled: false\n"
     )
 
     server = subprocess.Popen(

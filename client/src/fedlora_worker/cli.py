@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from types import FrameType
 
@@ -13,6 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from fedlora_common.logs import configure_logging
+from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import ConfigError, load_settings
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.daemon import Worker
@@ -21,7 +24,27 @@ from fedlora_worker.transport import CoordinatorClient
 
 __all__ = ["main"]
 
-USAGE = "usage: fedlora-worker --config worker.yaml [--field value ...] (FEDLORA_* variables override the file)"
+USAGE = (
+    "usage: fedlora-worker --config worker.yaml [--field value ...] (FEDLORA_* variables override the file)\n"
+    "       fedlora-worker keygen --out FILE   (writes an Ed25519 identity key, prints its public half)"
+)
+
+
+def keygen(argv: Sequence[str]) -> int:
+    """Write a new long-term identity key (hex, mode 0600) and print the public key for the allow-list."""
+    if len(argv) != 2 or argv[0] != "--out":
+        sys.stderr.write("fedlora-worker keygen: usage: fedlora-worker keygen --out FILE\n")
+        return 2
+    path = Path(argv[1])
+    if path.exists():
+        sys.stderr.write(f"fedlora-worker keygen: {path} exists; refusing to overwrite an identity key\n")
+        return 2
+    keys = identity_keypair()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        f.write(keys.private.hex() + "\n")
+    sys.stdout.write(keys.public.hex() + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE + "\n")
         return 0
+    if args and args[0] == "keygen":
+        return keygen(args[1:])
     try:
         settings = load_settings(WorkerSettings, args)
         token = settings.bearer_token()

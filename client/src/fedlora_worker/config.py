@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedlora_common.settings import StrictModel
@@ -49,12 +49,32 @@ class WorkerSettings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     retry: RetrySettings = RetrySettings()
     progress: bool = True
+    identity_key: Path | None = Field(
+        None, description="File holding this site's Ed25519 identity key (hex), from `fedlora-worker keygen`"
+    )
+    peers: dict[str, str] = Field(
+        default_factory=dict,
+        description="The consortium's allow-list: worker id -> identity public key (hex); how peers' keys are checked",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _hex_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for worker, key in value.items():
+            if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+                raise ValueError(f"the identity key of {worker} must be 64 lowercase hex characters")
+        return value
 
     @model_validator(mode="after")
     def _one_token(self) -> WorkerSettings:
         if (self.token is None) == (self.token_file is None):
             raise ValueError("token: set exactly one of token or token_file")
         return self
+
+    def identity_private(self) -> bytes | None:
+        if self.identity_key is None:
+            return None
+        return bytes.fromhex(self.identity_key.read_text(encoding="utf-8").strip())
 
     def bearer_token(self) -> str:
         if self.token is not None:

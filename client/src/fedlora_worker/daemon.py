@@ -7,6 +7,7 @@ throughput, and protected updates (delta = local - global, bounded, in manifest 
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from fedlora_common.manifest import flatten, unflatten, update_manifest
 from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadKind
+from fedlora_common.secagg import SecAggParams, StageError, quantize
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.data import TokenizedData, load_records, tokenize
 from fedlora_worker.metrics import WorkerMetrics
@@ -33,12 +35,22 @@ from fedlora_worker.modeling import (
     set_global_state,
 )
 from fedlora_worker.protect import protect_update
+from fedlora_worker.secagg_session import WorkerSession
 from fedlora_worker.training import TrainConfig, evaluate, train_locally
 from fedlora_worker.transport import CoordinatorClient, DownloadedModel
 
 __all__ = ["Worker", "WorkerOutcome"]
 
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class _SecureState:
+    """What a worker keeps between the secure-aggregation stages of one round attempt."""
+
+    session: WorkerSession
+    vector: npt.NDArray[np.uint32]
+    loss: float
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Worker:
         self._train_data: TokenizedData | None = None
         self._eval_data: TokenizedData | None = None
         self._seq_len = 0
+        self._secure: _SecureState | None = None
 
     @property
     def num_examples(self) -> int:
@@ -103,6 +116,8 @@ class Worker:
                 trained += 1
             elif task.kind is TaskKind.EVALUATE:
                 self._evaluate(spec, task)
+            else:
+                self._secure_step(spec, task)
         return WorkerOutcome(spec.run_id, trained, finished=False)
 
     def shutdown(self) -> None:
@@ -190,8 +205,55 @@ class Worker:
             tokens_per_s=round(result.tokens_per_second, 1),
             update_norm=round(float(np.linalg.norm(update)), 5),
         )
-        self._upload(spec, task, UploadKind.DELTA, update, base_version=task.global_version.version, loss=result.mean_loss)
+        if task.secagg is None:
+            self._upload(
+                spec, task, UploadKind.DELTA, update, base_version=task.global_version.version, loss=result.mean_loss
+            )
+        else:
+            self._begin_secure(spec, task.secagg.params, update, plan.seed, result.mean_loss)
         self._metrics.rounds.inc()
+
+    # ---- secure aggregation -----------------------------------------------------------
+
+    def _begin_secure(self, spec: RunSpec, params: SecAggParams, update: npt.NDArray[np.float32], seed: int, loss: float) -> None:
+        """Weight, quantize and keep the update; advertise this round's keys."""
+        identity = self._settings.identity_private()
+        if identity is None:
+            raise StageError("this run aggregates securely but the worker has no identity_key")
+        weight = min(self.num_examples, params.max_examples)
+        scaled = update * np.float32(weight / params.max_examples)
+        rng = np.random.default_rng([seed, params.tag, zlib.crc32(self._client.worker_id.encode())])
+        quantized = quantize(scaled, clip=params.clip_range, bits=params.bits, rng=rng)
+        vector = np.concatenate([quantized, np.array([weight], dtype=np.uint32)])
+        peers = {worker: bytes.fromhex(key) for worker, key in self._settings.peers.items()}
+        session = WorkerSession(
+            worker_id=self._client.worker_id, params=params, identity_private=identity, peer_identities=peers
+        )
+        self._secure = _SecureState(session, vector, loss)
+        self._client.advertise(spec.run_id, params.tag, session.advertise())
+        log.info("keys_advertised", tag=params.tag, threshold=params.threshold)
+
+    def _secure_step(self, spec: RunSpec, task: Task) -> None:
+        """One secure-aggregation stage; a protocol violation abandons this round's session."""
+        assert task.secagg is not None
+        state, secagg = self._secure, task.secagg
+        if state is None or state.session.params.tag != secagg.params.tag:
+            log.warning("no_session_for_round", tag=secagg.params.tag)
+            self._idle(1.0)
+            return
+        tag = secagg.params.tag
+        try:
+            if task.kind is TaskKind.SECAGG_SHARE_KEYS:
+                self._client.share_keys(spec.run_id, tag, state.session.share_keys(secagg.roster))
+            elif task.kind is TaskKind.SECAGG_MASKED_UPLOAD:
+                masked = state.session.mask(secagg.inbox, secagg.survivors, state.vector)
+                self._upload(spec, task, UploadKind.MASKED, masked, base_version=0, loss=state.loss, tag=tag)
+            elif task.kind is TaskKind.SECAGG_UNMASK:
+                self._client.reveal(spec.run_id, tag, state.session.reveal(secagg.survivors, secagg.dropped))
+                self._secure = None
+        except StageError as exc:
+            log.error("secure_aggregation_refused", tag=tag, stage=task.kind.name, reason=str(exc))
+            self._secure = None
 
     def _evaluate(self, spec: RunSpec, task: Task) -> None:
         assert task.global_version is not None
@@ -221,11 +283,12 @@ class Worker:
         spec: RunSpec,
         task: Task,
         kind: UploadKind,
-        vector: npt.NDArray[np.float32],
+        vector: npt.NDArray[np.float32] | npt.NDArray[np.uint32],
         *,
         base_version: int,
         loss: float = 0.0,
         initial: bool = False,
+        tag: int = 0,
     ) -> None:
         loaded = self._loaded
         assert loaded is not None
@@ -243,6 +306,7 @@ class Worker:
                 num_examples=self.num_examples,
                 vector=vector,
                 train_loss=loss,
+                tag=tag,
                 manifest=loaded.manifest if initial else None,
                 artifact_config_json=artifact_config_json(loaded) if initial else "",
                 on_bytes=count,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,11 +15,15 @@ import numpy.typing as npt
 import structlog
 
 from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks, sha256
-from fedlora_common.manifest import WIRE_DTYPE, Manifest
+from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
 from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadHeader, UploadKind
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
+from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
 from fedlora_common.serde import (
+    advertisement_to_proto,
+    encrypted_share_to_proto,
+    revealed_share_to_proto,
     metrics_to_proto,
     model_version_from_proto,
     run_spec_from_proto,
@@ -116,7 +120,8 @@ class CoordinatorClient:
     def poll(self, run_id: str) -> Task:
         request = pb.PollTaskRequest(worker_id=self.worker_id, run_id=run_id)
         return task_from_proto(
-            self._with_retry("poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30))
+            self._with_retry("poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30)),
+            run_id=run_id,
         )
 
     def download(
@@ -162,14 +167,16 @@ class CoordinatorClient:
         kind: UploadKind,
         base_version: int,
         num_examples: int,
-        vector: npt.NDArray[np.float32],
+        vector: npt.NDArray[np.float32] | npt.NDArray[np.uint32],
         train_loss: float = 0.0,
+        tag: int = 0,
         manifest: Manifest | None = None,
         artifact_config_json: str = "",
         on_bytes: Callable[[int], None] = lambda n: None,
     ) -> int:
         """Stream one vector; a retry resends it whole. Returns the bytes the coordinator acknowledged."""
-        payload = as_bytes(vector.astype(np.float32, copy=False))
+        dtype = MASKED_DTYPE if kind is UploadKind.MASKED else WIRE_DTYPE
+        payload = as_bytes(vector.astype(dtype, copy=False))
         header = UploadHeader(
             worker_id=self.worker_id,
             run_id=run_id,
@@ -180,10 +187,11 @@ class CoordinatorClient:
             total_size=len(payload),
             chunk_count=chunk_count(len(payload), self._chunk_bytes),
             sha256=sha256(payload),
-            dtype=WIRE_DTYPE,
+            dtype=dtype,
             manifest=manifest,
             artifact_config_json=artifact_config_json,
             train_loss=train_loss,
+            tag=tag,
         )
 
         def messages() -> Iterator[pb.UploadMessage]:
@@ -206,9 +214,42 @@ class CoordinatorClient:
 
         return self._with_retry("upload", send)
 
+    def advertise(self, run_id: str, tag: int, keys: Advertisement) -> None:
+        request = pb.AdvertiseKeysRequest(
+            worker_id=self.worker_id, run_id=run_id, tag=tag, keys=advertisement_to_proto(keys)
+        )
+        self._with_retry(
+            "advertise", lambda: _deduplicated(lambda: self._stub.AdvertiseKeys(request, metadata=self._metadata, timeout=30))
+        )
+
+    def share_keys(self, run_id: str, tag: int, shares: Sequence[EncryptedShare]) -> None:
+        request = pb.ShareKeysRequest(
+            worker_id=self.worker_id, run_id=run_id, tag=tag, shares=[encrypted_share_to_proto(s) for s in shares]
+        )
+        self._with_retry(
+            "share_keys", lambda: _deduplicated(lambda: self._stub.ShareKeys(request, metadata=self._metadata, timeout=60))
+        )
+
+    def reveal(self, run_id: str, tag: int, shares: Sequence[RevealedShare]) -> None:
+        request = pb.RevealSharesRequest(
+            worker_id=self.worker_id, run_id=run_id, tag=tag, shares=[revealed_share_to_proto(s) for s in shares]
+        )
+        self._with_retry(
+            "reveal", lambda: _deduplicated(lambda: self._stub.RevealShares(request, metadata=self._metadata, timeout=60))
+        )
+
     def report(self, report: MetricsReport) -> None:
         message = metrics_to_proto(report)
         self._with_retry("report", lambda: self._stub.ReportMetrics(message, metadata=self._metadata, timeout=30))
+
+
+def _deduplicated(call: Callable[[], object]) -> None:
+    """A retried message that already arrived is answered ALREADY_EXISTS: that is success."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        if exc.code() is not grpc.StatusCode.ALREADY_EXISTS:
+            raise
 
 
 def _stream_timeout(nbytes: int) -> float:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["WIRE_DTYPE", "Manifest", "TensorSpec", "flatten", "unflatten", "update_manifest"]
+__all__ = ["MASKED_DTYPE", "WIRE_DTYPE", "Manifest", "TensorSpec", "flatten", "unflatten", "update_manifest"]
 
 WIRE_DTYPE = "float32"
+MASKED_DTYPE = "uint32"
+"""Masked updates travel as elements of Z_2^32: four bytes each, like the float32 delta."""
 
 
 @dataclass(frozen=True)

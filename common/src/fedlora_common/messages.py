@@ -6,12 +6,14 @@ import enum
 from dataclasses import dataclass
 
 from fedlora_common.manifest import Manifest
+from fedlora_common.secagg.protocol import Advertisement, EncryptedShare, SecAggParams
 
 __all__ = [
     "LoraSpec",
     "MetricsReport",
     "ModelVersion",
     "RunSpec",
+    "SecAggTask",
     "Task",
     "TaskKind",
     "TrainingPlan",
@@ -26,11 +28,15 @@ class TaskKind(enum.Enum):
     TRAIN = 3
     EVALUATE = 4
     FINISHED = 5
+    SECAGG_SHARE_KEYS = 6
+    SECAGG_MASKED_UPLOAD = 7
+    SECAGG_UNMASK = 8
 
 
 class UploadKind(enum.Enum):
     INITIAL = 1
     DELTA = 2
+    MASKED = 3
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,17 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class SecAggTask:
+    """A secure-aggregation round's parameters and what the current stage hands to the worker."""
+
+    params: SecAggParams
+    roster: tuple[Advertisement, ...] = ()
+    inbox: tuple[EncryptedShare, ...] = ()
+    survivors: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Task:
     kind: TaskKind
     round: int = 0
@@ -80,6 +97,7 @@ class Task:
     participants: tuple[str, ...] = ()
     retry_after_ms: int = 0
     deadline_s: float = 0.0
+    secagg: SecAggTask | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,7 @@ class UploadHeader:
     manifest: Manifest | None = None
     artifact_config_json: str = ""
     train_loss: float = 0.0
+    tag: int = 0
 
 
 @dataclass(frozen=True)

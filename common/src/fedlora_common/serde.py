@@ -12,6 +12,7 @@ from fedlora_common.messages import (
     MetricsReport,
     ModelVersion,
     RunSpec,
+    SecAggTask,
     Task,
     TaskKind,
     TrainingPlan,
@@ -19,8 +20,15 @@ from fedlora_common.messages import (
     UploadKind,
 )
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_common.secagg.protocol import Advertisement, EncryptedShare, RevealedShare, SecAggParams
 
 __all__ = [
+    "advertisement_from_proto",
+    "advertisement_to_proto",
+    "encrypted_share_from_proto",
+    "encrypted_share_to_proto",
+    "revealed_share_from_proto",
+    "revealed_share_to_proto",
     "manifest_from_proto",
     "manifest_to_proto",
     "metrics_from_proto",
@@ -126,6 +134,69 @@ def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
     )
 
 
+def advertisement_to_proto(ad: Advertisement) -> pb.Advertisement:
+    return pb.Advertisement(
+        worker_id=ad.worker_id, mask_public=ad.mask_public, enc_public=ad.enc_public, signature=ad.signature
+    )
+
+
+def advertisement_from_proto(msg: pb.Advertisement) -> Advertisement:
+    return Advertisement(msg.worker_id, bytes(msg.mask_public), bytes(msg.enc_public), bytes(msg.signature))
+
+
+def encrypted_share_to_proto(share: EncryptedShare) -> pb.EncryptedShare:
+    return pb.EncryptedShare(sender=share.sender, recipient=share.recipient, ciphertext=share.ciphertext)
+
+
+def encrypted_share_from_proto(msg: pb.EncryptedShare) -> EncryptedShare:
+    return EncryptedShare(msg.sender, msg.recipient, bytes(msg.ciphertext))
+
+
+def revealed_share_to_proto(share: RevealedShare) -> pb.RevealedShare:
+    return pb.RevealedShare(owner=share.owner, kind=share.kind, share=share.share)
+
+
+def revealed_share_from_proto(msg: pb.RevealedShare) -> RevealedShare:
+    if msg.kind not in ("self_seed", "mask_key"):
+        raise ValueError(f"unknown share kind {msg.kind!r}")
+    return RevealedShare(msg.owner, msg.kind, bytes(msg.share))  # type: ignore[arg-type]
+
+
+def _secagg_to_proto(task: SecAggTask) -> pb.SecAggPlan:
+    p = task.params
+    return pb.SecAggPlan(
+        tag=p.tag,
+        participants=list(p.participants),
+        threshold=p.threshold,
+        bits=p.bits,
+        clip_range=p.clip_range,
+        max_examples=p.max_examples,
+        roster=[advertisement_to_proto(a) for a in task.roster],
+        inbox=[encrypted_share_to_proto(s) for s in task.inbox],
+        survivors=list(task.survivors),
+        dropped=list(task.dropped),
+    )
+
+
+def _secagg_from_proto(msg: pb.SecAggPlan, run_id: str) -> SecAggTask:
+    params = SecAggParams(
+        run_id=run_id,
+        tag=msg.tag,
+        participants=tuple(msg.participants),
+        threshold=msg.threshold,
+        bits=msg.bits,
+        clip_range=msg.clip_range,
+        max_examples=msg.max_examples,
+    )
+    return SecAggTask(
+        params=params,
+        roster=tuple(advertisement_from_proto(a) for a in msg.roster),
+        inbox=tuple(encrypted_share_from_proto(s) for s in msg.inbox),
+        survivors=tuple(msg.survivors),
+        dropped=tuple(msg.dropped),
+    )
+
+
 def task_to_proto(task: Task) -> pb.Task:
     msg = pb.Task(
         kind=pb.TaskKind.Value(f"TASK_KIND_{task.kind.name}"),
@@ -138,10 +209,13 @@ def task_to_proto(task: Task) -> pb.Task:
         msg.model.CopyFrom(model_version_to_proto(task.global_version))
     if task.training is not None:
         msg.training.CopyFrom(_plan_to_proto(task.training))
+    if task.secagg is not None:
+        msg.secagg.CopyFrom(_secagg_to_proto(task.secagg))
     return msg
 
 
-def task_from_proto(msg: pb.Task) -> Task:
+def task_from_proto(msg: pb.Task, *, run_id: str = "") -> Task:
+    """The task; `run_id` completes the secure-aggregation parameters (the wire does not repeat it)."""
     return Task(
         kind=_enum_from_proto(TaskKind, msg.kind, pb.TaskKind.Name, "TASK_KIND_"),
         round=msg.round,
@@ -150,6 +224,7 @@ def task_from_proto(msg: pb.Task) -> Task:
         participants=tuple(msg.participants),
         retry_after_ms=msg.retry_after_ms,
         deadline_s=msg.deadline_s,
+        secagg=_secagg_from_proto(msg.secagg, run_id) if msg.HasField("secagg") else None,
     )
 
 
@@ -167,6 +242,7 @@ def upload_header_to_proto(header: UploadHeader) -> pb.UploadHeader:
         dtype=header.dtype,
         artifact_config_json=header.artifact_config_json,
         train_loss=header.train_loss,
+        tag=header.tag,
     )
     if header.manifest is not None:
         msg.manifest.CopyFrom(manifest_to_proto(header.manifest))
@@ -188,6 +264,7 @@ def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
         manifest=manifest_from_proto(msg.manifest) if msg.HasField("manifest") else None,
         artifact_config_json=msg.artifact_config_json,
         train_loss=msg.train_loss,
+        tag=msg.tag,
     )
 
 

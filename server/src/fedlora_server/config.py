@@ -17,6 +17,7 @@ __all__ = [
     "ListenSettings",
     "LoraSection",
     "RunSettings",
+    "SecureAggregationSection",
     "TimeoutSettings",
     "TlsServerSettings",
     "TrainingSection",
@@ -50,10 +51,24 @@ class TrainingSection(StrictModel):
 
 
 class WorkerEntry(StrictModel):
-    """One admitted institution: its id and the SHA-256 of its bearer token (never the token)."""
+    """One admitted institution: its id, the SHA-256 of its bearer token (never the token), and the
+    public half of its long-term Ed25519 identity key, which signs its secure-aggregation keys."""
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    identity_public: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class SecureAggregationSection(StrictModel):
+    """Bonawitz et al. (CCS 2017) secure aggregation; on unless a run turns it off."""
+
+    enabled: bool = True
+    threshold_fraction: float = Field(
+        2 / 3, gt=0, le=1, description="Survivors needed, as a fraction of a round's participants (at least 2)"
+    )
+    clip_range: float = Field(0.05, gt=0, description="Each weighted coordinate is clamped here before quantization")
+    bits: int | None = Field(None, ge=2, le=31, description="Quantization bits; by default the most that cannot wrap")
+    max_examples: int = Field(65536, ge=1, le=2**20, description="Example counts above this weigh as this")
 
 
 class TlsServerSettings(StrictModel):
@@ -104,6 +119,7 @@ class RunSettings(BaseSettings):
     min_workers: int = Field(2, ge=1)
     workers: tuple[WorkerEntry, ...] = Field(min_length=1)
     seed: int = Field(0, ge=0)
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     state_dir: Path = Path("state")
     listen: ListenSettings = ListenSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
@@ -118,4 +134,13 @@ class RunSettings(BaseSettings):
         ids = [w.id for w in self.workers]
         if len(set(ids)) != len(ids):
             raise ValueError("workers: worker ids must be unique")
+        if self.secure_aggregation.enabled:
+            missing = [w.id for w in self.workers if w.identity_public is None]
+            if missing:
+                raise ValueError(
+                    f"workers: secure aggregation needs identity_public for {', '.join(missing)} "
+                    "(fedlora-worker keygen), or secure_aggregation.enabled: false"
+                )
+            if self.min_workers < 2:
+                raise ValueError("min_workers: secure aggregation needs at least 2 workers")
         return self

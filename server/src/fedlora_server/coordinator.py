@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -20,12 +20,13 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 from fedlora_common.aggregation import StreamingAccumulator, apply_update
-from fedlora_common.manifest import WIRE_DTYPE, Manifest, update_manifest
+from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, update_manifest
 from fedlora_common.messages import (
     LoraSpec,
     MetricsReport,
     ModelVersion,
     RunSpec,
+    SecAggTask,
     Task,
     TaskKind,
     TrainingPlan,
@@ -33,6 +34,15 @@ from fedlora_common.messages import (
     UploadKind,
 )
 
+from fedlora_common.secagg import (
+    Advertisement,
+    EncryptedShare,
+    RevealedShare,
+    SecAggParams,
+    dequantize_sum,
+    max_bits,
+    round_tag,
+)
 from fedlora_server.artifacts import load_artifact, point_latest, write_artifact
 from fedlora_server.config import RunSettings
 from fedlora_server.errors import (
@@ -44,6 +54,7 @@ from fedlora_server.errors import (
     ResourceExhausted,
 )
 from fedlora_server.metrics import ServerMetrics
+from fedlora_server.secure_round import RoundFailed, SecureRound
 from fedlora_server.store import (
     ArtifactRecord,
     CoordinatorStore,
@@ -105,6 +116,9 @@ class Coordinator:
         self._joined: dict[str, int] = {}
         self._global: GlobalModel | None = None
         self._accumulator: StreamingAccumulator | None = None
+        self._secure: SecureRound | None = None
+        self._secure_stats: dict[str, dict[str, float]] = {}
+        self._stage_started = 0.0
         self._phase = _Phase("admission", deadline_at=clock() + settings.timeouts.admission_s)
         self._uploads_in_flight: set[str] = set()
         self._download_bytes = 0
@@ -154,6 +168,12 @@ class Coordinator:
                 return Task(TaskKind.INITIALIZE, round=0, participants=phase.participants, deadline_s=deadline_s)
             assert self._global is not None
             kind = TaskKind.TRAIN if phase.name == "train" else TaskKind.EVALUATE
+            secagg = None
+            if kind is TaskKind.TRAIN and self._secure is not None:
+                found = self._secure_task(worker_id)
+                if found is None:
+                    return wait
+                kind, secagg = found
             return Task(
                 kind,
                 round=phase.round,
@@ -161,6 +181,7 @@ class Coordinator:
                 training=self._training_plan(phase.round) if kind is TaskKind.TRAIN else None,
                 participants=phase.participants,
                 deadline_s=deadline_s,
+                secagg=secagg,
             )
 
     def global_model(self, worker_id: str, version: int) -> GlobalModel:
@@ -193,6 +214,7 @@ class Coordinator:
                 declared_chunks=header.chunk_count,
                 declared_sha256=header.sha256,
                 max_chunk_bytes=self._settings.limits.chunk_bytes,
+                dtype=header.dtype,
             )
         except (InvalidArgument, ResourceExhausted) as exc:
             self._metrics.rejected_uploads.labels(reason=type(exc).__name__).inc()
@@ -207,11 +229,136 @@ class Coordinator:
                     raise FailedPrecondition("the round closed while the upload was streaming")
                 if header.kind is UploadKind.INITIAL:
                     self._accept_initial(header, received)
+                elif header.kind is UploadKind.MASKED:
+                    self._accept_masked(header, received)
                 else:
                     self._accept_delta(header, received)
                 return header.round
         finally:
             received.discard()
+
+    # ---- secure aggregation ------------------------------------------------------------
+
+    def advertise_keys(self, worker_id: str, tag: int, ad: Advertisement) -> None:
+        if ad.worker_id != worker_id:
+            raise PermissionDenied(f"{worker_id} cannot advertise keys for {ad.worker_id}")
+        with self._lock:
+            secure = self._secure_for(tag)
+            secure.advertise(ad)
+            self._count_stage_bytes("advertise", len(ad.mask_public) + len(ad.enc_public) + len(ad.signature))
+            self._advance()
+
+    def share_keys(self, worker_id: str, tag: int, shares: Sequence[EncryptedShare]) -> None:
+        with self._lock:
+            secure = self._secure_for(tag)
+            secure.submit_shares(worker_id, shares)
+            self._count_stage_bytes("share", sum(len(s.ciphertext) for s in shares))
+            self._advance()
+
+    def reveal_shares(self, worker_id: str, tag: int, reveals: Sequence[RevealedShare]) -> None:
+        with self._lock:
+            secure = self._secure_for(tag)
+            secure.submit_reveal(worker_id, reveals)
+            self._count_stage_bytes("unmask", sum(len(r.share) for r in reveals))
+            self._advance()
+
+    def _secure_for(self, tag: int) -> SecureRound:
+        self._advance()
+        if self._phase.name != "train" or self._secure is None:
+            raise FailedPrecondition(f"no secure aggregation is open (phase {self._phase.name})")
+        if tag != self._secure.params.tag:
+            raise FailedPrecondition(
+                f"message for session tag {tag}; the open round attempt is {self._secure.params.tag} "
+                "(replayed from another round or attempt?)"
+            )
+        return self._secure
+
+    def _new_secure_round(self, round_: int, attempt: int, participants: tuple[str, ...]) -> SecureRound:
+        s = self._settings.secure_aggregation
+        n = len(participants)
+        params = SecAggParams(
+            run_id=self._settings.run_id,
+            tag=round_tag(round_, attempt),
+            participants=participants,
+            threshold=SecAggParams.threshold_for(n, s.threshold_fraction),
+            bits=s.bits or max_bits(n),
+            clip_range=s.clip_range,
+            max_examples=s.max_examples,
+        )
+        identities = {w.id: bytes.fromhex(w.identity_public) for w in self._settings.workers if w.identity_public}
+        return SecureRound(params=params, identities=identities, numel=self._update_manifest().numel + 1)
+
+    def _secure_task(self, worker_id: str) -> tuple[TaskKind, SecAggTask] | None:
+        """What the current secure stage asks of this worker, or None when it has nothing to do."""
+        secure = self._secure
+        assert secure is not None
+        params = secure.params
+        if secure.stage == "advertise" and not secure.has_advertised(worker_id):
+            return TaskKind.TRAIN, SecAggTask(params)
+        if secure.stage == "share" and worker_id in secure.u1 and not secure.has_shared(worker_id):
+            return TaskKind.SECAGG_SHARE_KEYS, SecAggTask(params, roster=tuple(secure.roster()))
+        if secure.stage == "masked" and worker_id in secure.u2 and not secure.has_masked(worker_id):
+            if worker_id in self._uploads_in_flight:
+                return None
+            inbox = tuple(secure.inbox(worker_id))
+            return TaskKind.SECAGG_MASKED_UPLOAD, SecAggTask(params, inbox=inbox, survivors=secure.u2)
+        if secure.stage == "unmask" and worker_id in secure.u3 and not secure.has_revealed(worker_id):
+            return TaskKind.SECAGG_UNMASK, SecAggTask(params, survivors=secure.u3, dropped=secure.dropped)
+        return None
+
+    def _advance_secure(self) -> None:
+        """Close the current secure stage (all answered, or its deadline passed)."""
+        secure = self._secure
+        assert secure is not None
+        stage, now = secure.stage, self._clock()
+        before = {"advertise": secure.params.participants, "share": secure.u1, "masked": secure.u2, "unmask": secure.u3}
+        try:
+            if stage == "advertise":
+                secure.close_advertise()
+                after: tuple[str, ...] = secure.u1
+            elif stage == "share":
+                secure.close_share()
+                after = secure.u2
+            elif stage == "masked":
+                secure.close_masked()
+                after = secure.u3
+            else:
+                started = time.perf_counter()
+                total = secure.finish()
+                self._metrics.aggregation_seconds.labels(step="unmask").observe(time.perf_counter() - started)
+                after = tuple(w for w in secure.u3 if secure.has_revealed(w))
+        except RoundFailed as exc:
+            self._record_stage(stage, now, dropouts=len(before[stage]))
+            self._fail_round(str(exc))
+            return
+        self._record_stage(stage, now, dropouts=len(before[stage]) - len(after))
+        if secure.stage == "done":
+            self._commit_mean(self._dequantized_mean(total))
+        else:
+            self._phase.deadline_at = now + self._deadline(training=False)
+            self._stage_started = now
+
+    def _dequantized_mean(self, total: npt.NDArray[np.uint32]) -> npt.NDArray[np.float32]:
+        """sum_u (w_u/M) delta_u / sum_u (w_u/M): the example-weighted mean, from sums alone."""
+        assert self._secure is not None
+        params = self._secure.params
+        weight = float(total[-1])
+        if weight <= 0:
+            raise InvalidArgument("the securely aggregated weight is zero")
+        values = dequantize_sum(total[:-1], clip=params.clip_range, bits=params.bits)
+        return (values * (params.max_examples / weight)).astype(np.float32)
+
+    def _record_stage(self, stage: str, now: float, *, dropouts: int) -> None:
+        stats = self._secure_stats.setdefault(stage, {"dropouts": 0, "seconds": 0.0, "bytes": 0})
+        stats["dropouts"] += dropouts
+        stats["seconds"] = round(now - self._stage_started, 3)
+        self._metrics.secagg_dropouts.labels(stage=stage).inc(dropouts)
+        self._metrics.secagg_stage_seconds.labels(stage=stage).observe(now - self._stage_started)
+
+    def _count_stage_bytes(self, stage: str, nbytes: int) -> None:
+        stats = self._secure_stats.setdefault(stage, {"dropouts": 0, "seconds": 0.0, "bytes": 0})
+        stats["bytes"] += nbytes
+        self._metrics.secagg_bytes.labels(stage=stage).inc(nbytes)
 
     def report_metrics(self, report: MetricsReport) -> None:
         if not np.isfinite(report.eval_loss):
@@ -249,10 +396,14 @@ class Coordinator:
     def _advance(self) -> None:
         """Move through every phase transition that is due now (caller holds the lock)."""
         while True:
-            before = (self._phase.name, self._phase.round, self._phase.attempt)
+            before = self._state_key()
             self._step()
-            if (self._phase.name, self._phase.round, self._phase.attempt) == before:
+            if self._state_key() == before:
                 return
+
+    def _state_key(self) -> tuple[str, int, int, str]:
+        secure = self._secure.stage if self._secure is not None else ""
+        return (self._phase.name, self._phase.round, self._phase.attempt, secure)
 
     def _step(self) -> None:
         phase, now = self._phase, self._clock()
@@ -265,6 +416,9 @@ class Coordinator:
                 phase.deadline_at = now + self._settings.timeouts.admission_s
         elif phase.name == "initialize" and expired:
             self._start_initialize(exclude=set(phase.participants))
+        elif phase.name == "train" and self._secure is not None:
+            if self._secure.ready() or expired:
+                self._advance_secure()
         elif phase.name == "train":
             if set(phase.participants) <= phase.done:
                 self._commit_round()
@@ -309,7 +463,12 @@ class Coordinator:
             deadline_at=now + self._deadline(training=True),
         )
         self._store.save_round(record)
-        self._accumulator = StreamingAccumulator(self._update_manifest().numel)
+        if self._settings.secure_aggregation.enabled:
+            self._secure = self._new_secure_round(round_, attempt, record.participants)
+            self._secure_stats = {}
+            self._stage_started = now
+        else:
+            self._accumulator = StreamingAccumulator(self._update_manifest().numel)
         self._download_bytes = 0
         self._phase = _Phase("train", round_, attempt, record.participants, now, record.deadline_at)
         self._metrics.rounds_started.inc()
@@ -336,24 +495,29 @@ class Coordinator:
             self._start_train(completed_round + 1)
 
     def _commit_round(self) -> None:
-        phase = self._phase
         assert self._accumulator is not None
+        self._commit_mean(self._accumulator.mean())
+
+    def _commit_mean(self, mean_delta: npt.NDArray[np.float32]) -> None:
+        phase = self._phase
         assert self._global is not None
         started = time.perf_counter()
         manifest = self._global.version.manifest
-        vector = apply_update(self._global.vector, manifest, self._update_manifest(), self._accumulator.mean())
+        vector = apply_update(self._global.vector, manifest, self._update_manifest(), mean_delta)
         self._commit_version(vector, self._global.config_json, phase.round)
         self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
         uploads = self._store.uploads(phase.round, phase.attempt)
         weights = np.array([u.num_examples for u in uploads], dtype=np.float64)
         train_loss = float(np.average([u.train_loss for u in uploads], weights=weights))
+        survivors = set(self._secure.u3) if self._secure is not None else phase.done
         record = self._last_attempt(phase.round)
         assert record is not None
         self._store.save_round(
             replace(
                 record,
                 status="evaluating",
-                dropped=self._missing(phase),
+                dropped=tuple(sorted(set(phase.participants) - survivors)),
+                secagg=json.dumps(self._secure_stats) if self._secure is not None else "",
                 train_loss=train_loss,
                 upload_bytes=sum(u.size_bytes for u in uploads),
                 download_bytes=self._download_bytes,
@@ -362,6 +526,7 @@ class Coordinator:
         self._metrics.train_loss.set(train_loss)
         self._metrics.phase_seconds.labels(phase="train").observe(self._clock() - phase.started_at)
         self._accumulator = None
+        self._secure = None
         log.info("round_committed", round=phase.round, updates=len(uploads), train_loss=train_loss)
         self._start_evaluate(phase.round)
 
@@ -375,6 +540,7 @@ class Coordinator:
         self._metrics.rounds_failed.inc()
         log.warning("round_failed", round=phase.round, attempt=phase.attempt, reason=reason)
         self._accumulator = None
+        self._secure = None
         self._start_train(phase.round)
 
     def _close_evaluation(self) -> None:
@@ -417,8 +583,9 @@ class Coordinator:
         if header.run_id != self._settings.run_id:
             raise FailedPrecondition(f"run {header.run_id!r} is not this coordinator's run")
         self._require_joined(header.worker_id)
-        if header.dtype != WIRE_DTYPE:
-            raise InvalidArgument(f"dtype {header.dtype!r} is not supported; send {WIRE_DTYPE}")
+        wire_dtype = MASKED_DTYPE if header.kind is UploadKind.MASKED else WIRE_DTYPE
+        if header.dtype != wire_dtype:
+            raise InvalidArgument(f"dtype {header.dtype!r} is not supported for this upload; send {wire_dtype}")
         if header.num_examples <= 0:
             raise InvalidArgument("num_examples must be positive")
         if not np.isfinite(header.train_loss):
@@ -437,7 +604,18 @@ class Coordinator:
             if header.manifest is None or not header.manifest.tensors or not header.artifact_config_json:
                 raise InvalidArgument("an initial upload needs a manifest and an artifact config")
             expected_size = header.manifest.nbytes
+        elif header.kind is UploadKind.MASKED:
+            secure = self._secure_for(header.tag)
+            if header.round != phase.round:
+                raise FailedPrecondition(f"round {header.round} is not accepting updates")
+            if header.worker_id in self._uploads_in_flight:
+                raise AlreadyExists(f"{header.worker_id} is already uploading its masked update")
+            numel = header.total_size // 4
+            secure.check_masked_upload(header.worker_id, numel)
+            expected_size = numel * 4
         else:
+            if self._secure is not None:
+                raise FailedPrecondition("this run aggregates securely: send a masked update")
             if phase.name != "train" or header.round != phase.round:
                 raise FailedPrecondition(f"round {header.round} is not accepting updates (phase {phase.name})")
             if header.worker_id not in phase.participants:
@@ -490,6 +668,26 @@ class Coordinator:
         self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
         phase.done.add(header.worker_id)
         log.info("update_accepted", worker_id=header.worker_id, round=phase.round, bytes=received.size_bytes)
+        self._advance()
+
+    def _accept_masked(self, header: UploadHeader, received: ReceivedUpload) -> None:
+        phase, secure = self._phase, self._secure
+        assert secure is not None
+        secure.check_masked_upload(header.worker_id, received.size_bytes // 4)
+        try:
+            self._store.record_upload(
+                UploadRecord(phase.round, phase.attempt, header.worker_id, 1, received.size_bytes,
+                             received.sha256.hex(), header.train_loss)
+            )
+        except DuplicateUploadError as exc:
+            raise AlreadyExists(str(exc)) from None
+        started = time.perf_counter()
+        for offset, values in received.slices(np.uint32):
+            secure.add_masked(header.worker_id, values, offset)
+        secure.close_masked_upload(header.worker_id)
+        self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
+        self._count_stage_bytes("masked", received.size_bytes)
+        log.info("masked_update_accepted", worker_id=header.worker_id, round=phase.round, bytes=received.size_bytes)
         self._advance()
 
     # ---- versions ---------------------------------------------------------------------

@@ -42,5 +42,18 @@ class ServerMetrics:
         self.rejected_uploads = Counter(
             "fedlora_rejected_uploads_total", "Uploads refused, by reason", ["reason"], registry=registry
         )
+        self.secagg_dropouts = Counter(
+            "fedlora_secagg_dropouts_total", "Workers lost in each secure-aggregation stage", ["stage"], registry=registry
+        )
+        self.secagg_stage_seconds = Histogram(
+            "fedlora_secagg_stage_seconds",
+            "Wall time of each secure-aggregation stage",
+            ["stage"],
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
+        self.secagg_bytes = Counter(
+            "fedlora_secagg_bytes_total", "Bytes received in each secure-aggregation stage", ["stage"], registry=registry
+        )
         self.train_loss = Gauge("fedlora_train_loss", "Example-weighted training loss", registry=registry)
         self.eval_loss = Gauge("fedlora_eval_loss", "Token-weighted held-out loss", registry=registry)

@@ -56,7 +56,7 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
         "run_id": settings.run_id,
         "mode": settings.mode,
         "aggregation": settings.aggregation,
-        "secure_aggregation": False,
+        "secure_aggregation": settings.secure_aggregation.enabled,
         "base_model": settings.base_model,
         "lora": None
         if settings.mode == "full"
@@ -82,6 +82,7 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
                 "epsilon": None,
                 "delta": None,
                 "memorization": None,
+                "secagg": json.loads(r.secagg) if r.secagg else None,
             }
             for number, r in sorted(rounds.items())
             if number > 0

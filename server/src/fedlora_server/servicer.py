@@ -11,6 +11,9 @@ from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.serde import (
+    advertisement_from_proto,
+    encrypted_share_from_proto,
+    revealed_share_from_proto,
     metrics_from_proto,
     model_version_to_proto,
     run_spec_to_proto,
@@ -130,6 +133,38 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except CoordinatorError as exc:
             abort_with(context, exc)
         return pb.MetricsReceipt()
+
+    def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
+        try:
+            worker_id = self._caller(context, request.worker_id)
+            self._check_run(request.run_id)
+            self._coordinator.advertise_keys(worker_id, request.tag, advertisement_from_proto(request.keys))
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        return pb.SecAggReceipt(tag=request.tag)
+
+    def ShareKeys(self, request: pb.ShareKeysRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
+        try:
+            worker_id = self._caller(context, request.worker_id)
+            self._check_run(request.run_id)
+            shares = [encrypted_share_from_proto(s) for s in request.shares]
+            self._coordinator.share_keys(worker_id, request.tag, shares)
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        return pb.SecAggReceipt(tag=request.tag)
+
+    def RevealShares(self, request: pb.RevealSharesRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
+        try:
+            worker_id = self._caller(context, request.worker_id)
+            self._check_run(request.run_id)
+            try:
+                reveals = [revealed_share_from_proto(s) for s in request.shares]
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            self._coordinator.reveal_shares(worker_id, request.tag, reveals)
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+        return pb.SecAggReceipt(tag=request.tag)
 
     def _check_run(self, run_id: str) -> None:
         if run_id != self._coordinator.run_spec.run_id:

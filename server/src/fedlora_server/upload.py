@@ -8,11 +8,13 @@ in-flight upload is one chunk; the accumulator is the only O(model) buffer.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from fedlora_common.aggregation import StreamingAccumulator
 from fedlora_common.chunking import chunk_count
 from fedlora_common.manifest import WIRE_DTYPE
@@ -37,13 +39,18 @@ class ReceivedUpload:
         """The whole vector (for the small initial upload only; deltas are folded in slices)."""
         return np.fromfile(self.path, dtype=np.float32)
 
-    def fold_into(self, accumulator: StreamingAccumulator, weight: float) -> None:
+    def slices(self, dtype: type[np.generic]) -> Iterator[tuple[int, npt.NDArray[Any]]]:
+        """(element offset, values) over the spooled vector, a few MiB at a time."""
         with self.path.open("rb") as f:
             offset = 0
             while block := f.read(FOLD_SLICE_BYTES):
-                values = np.frombuffer(block, dtype=np.float32)
-                accumulator.add_slice(offset, values, weight)
+                values = np.frombuffer(block, dtype=dtype)
+                yield offset, values
                 offset += values.size
+
+    def fold_into(self, accumulator: StreamingAccumulator, weight: float) -> None:
+        for offset, values in self.slices(np.float32):
+            accumulator.add_slice(offset, values, weight)
         accumulator.close_update(weight)
 
     def discard(self) -> None:
@@ -58,11 +65,13 @@ def receive_to_spool(
     declared_chunks: int,
     declared_sha256: bytes,
     max_chunk_bytes: int,
+    dtype: str = WIRE_DTYPE,
 ) -> ReceivedUpload:
     """Consume (seq, data) pairs; raise InvalidArgument/ResourceExhausted and delete the spool on any fault."""
     expected_chunks = chunk_count(total_size, max_chunk_bytes)
     if declared_chunks < expected_chunks:
         raise InvalidArgument(f"{declared_chunks} chunks cannot carry {total_size} bytes")
+    check_finite = dtype == WIRE_DTYPE
     digest = hashlib.sha256()
     received = 0
     next_seq = 0
@@ -79,7 +88,7 @@ def receive_to_spool(
                 received += len(data)
                 if received > total_size:
                     raise InvalidArgument(f"upload exceeds its declared size of {total_size} bytes")
-                if not np.isfinite(np.frombuffer(data, dtype=np.float32)).all():
+                if check_finite and not np.isfinite(np.frombuffer(data, dtype=np.float32)).all():
                     raise InvalidArgument(f"chunk {seq} holds NaN or Inf")
                 digest.update(data)
                 out.write(data)

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive, default=3)
     demo.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
     demo.add_argument("--aggregation", choices=("fedavg", "ffa"), default="fedavg")
+    demo.add_argument(
+        "--secagg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="secure aggregation: the coordinator sees only the sum of the updates (default: on)",
+    )
     demo.add_argument("--local-steps", type=_positive, default=30)
     demo.add_argument("--records", type=_positive, default=DataSpec().n_train)
     demo.add_argument("--seed", type=int, default=0)
@@ -92,6 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         mode=args.mode,
         aggregation=args.aggregation,
+        secure_aggregation=args.secagg,
         seed=args.seed,
         data=DataSpec(n_train=args.records, seed=args.seed),
         run={"training": {"local_steps": args.local_steps, "learning_rate": learning_rate, "batch_size": 8}},

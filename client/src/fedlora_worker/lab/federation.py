@@ -23,6 +23,7 @@ from typing import IO, Any, Literal
 import structlog
 import yaml
 
+from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import merge
 from fedlora_worker.lab.datagen import DOMAINS, DataSpec, Domain, generate_site, write_site
 
@@ -52,6 +53,7 @@ class FederationPlan:
     data: DataSpec = field(default_factory=DataSpec)
     run: dict[str, Any] = field(default_factory=dict)
     """Extra run.yaml settings (training, lora, timeouts...), merged over the defaults below."""
+    secure_aggregation: bool = True
     threads_per_worker: int = 1
     timeout: timedelta = timedelta(minutes=30)
 
@@ -93,6 +95,8 @@ class LocalFederation:
             shutil.copytree(p.base_model, base)
         allow: list[dict[str, str]] = []
         worker_configs = []
+        identities = {worker_id: identity_keypair() for worker_id, _ in site_names(p.workers)}
+        peers = {worker_id: keys.public.hex() for worker_id, keys in identities.items()}
         for index, (worker_id, domain) in enumerate(site_names(p.workers)):
             site_dir = out / "sites" / worker_id
             spec = DataSpec(**{**p.data.__dict__, "seed": p.seed * 1000 + index})
@@ -101,7 +105,16 @@ class LocalFederation:
             token_file = site_dir / "token"
             token_file.write_text(token, encoding="utf-8")
             token_file.chmod(0o600)
-            allow.append({"id": worker_id, "token_sha256": hashlib.sha256(token.encode()).hexdigest()})
+            identity_file = site_dir / "identity.key"
+            identity_file.write_text(identities[worker_id].private.hex(), encoding="utf-8")
+            identity_file.chmod(0o600)
+            allow.append(
+                {
+                    "id": worker_id,
+                    "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                    "identity_public": peers[worker_id],
+                }
+            )
             config = {
                 "worker_id": worker_id,
                 "token_file": str(token_file),
@@ -111,6 +124,8 @@ class LocalFederation:
                 "threads": p.threads_per_worker,
                 "metrics_port": 0,
                 "progress": False,
+                "identity_key": str(identity_file),
+                "peers": peers,
             }
             worker_configs.append((site_dir / "worker.yaml", config))
         run = {
@@ -125,6 +140,7 @@ class LocalFederation:
             "state_dir": str(out),
             "listen": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
             "timeouts": {"poll_wait_ms": 500},
+            "secure_aggregation": {"enabled": p.secure_aggregation},
         }
         run = merge(run, p.run)
         run_yaml = out / "run.yaml"

@@ -65,6 +65,8 @@ class RoundRecord:
     eval_loss: float | None = None
     upload_bytes: int = 0
     download_bytes: int = 0
+    secagg: str = ""
+    """Per secure-aggregation stage: dropouts, seconds and bytes (JSON); empty without it."""
 
 
 @dataclass(frozen=True)

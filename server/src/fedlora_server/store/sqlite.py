@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS round (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
     participants TEXT NOT NULL, started_at REAL NOT NULL, deadline_at REAL NOT NULL,
     finished_at REAL, dropped TEXT NOT NULL, train_loss REAL, eval_loss REAL,
-    upload_bytes INTEGER NOT NULL, download_bytes INTEGER NOT NULL,
+    upload_bytes INTEGER NOT NULL, download_bytes INTEGER NOT NULL, secagg TEXT NOT NULL,
     PRIMARY KEY (round, attempt));
 CREATE TABLE IF NOT EXISTS upload (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT NOT NULL,
@@ -99,7 +99,7 @@ class SqliteStore(CoordinatorStore):
     def save_round(self, record: RoundRecord) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO round VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO round VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.round,
                     record.attempt,
@@ -113,6 +113,7 @@ class SqliteStore(CoordinatorStore):
                     record.eval_loss,
                     record.upload_bytes,
                     record.download_bytes,
+                    record.secagg,
                 ),
             )
 
@@ -132,6 +133,7 @@ class SqliteStore(CoordinatorStore):
                 eval_loss=r[9],  # type: ignore[arg-type]
                 upload_bytes=r[10],  # type: ignore[arg-type]
                 download_bytes=r[11],  # type: ignore[arg-type]
+                secagg=r[12],  # type: ignore[arg-type]
             )
             for r in rows
         ]

@@ -42,6 +42,12 @@ class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.Val
     """evaluate the global version and report metrics"""
     TASK_KIND_FINISHED: _TaskKind.ValueType  # 5
     """the run is over; exit"""
+    TASK_KIND_SECAGG_SHARE_KEYS: _TaskKind.ValueType  # 6
+    """check the key roster, seal shares to every peer"""
+    TASK_KIND_SECAGG_MASKED_UPLOAD: _TaskKind.ValueType  # 7
+    """open the shares received, upload the masked update"""
+    TASK_KIND_SECAGG_UNMASK: _TaskKind.ValueType  # 8
+    """reveal shares for survivors and dropped workers"""
 
 class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper): ...
 
@@ -56,6 +62,12 @@ TASK_KIND_EVALUATE: TaskKind.ValueType  # 4
 """evaluate the global version and report metrics"""
 TASK_KIND_FINISHED: TaskKind.ValueType  # 5
 """the run is over; exit"""
+TASK_KIND_SECAGG_SHARE_KEYS: TaskKind.ValueType  # 6
+"""check the key roster, seal shares to every peer"""
+TASK_KIND_SECAGG_MASKED_UPLOAD: TaskKind.ValueType  # 7
+"""open the shares received, upload the masked update"""
+TASK_KIND_SECAGG_UNMASK: TaskKind.ValueType  # 8
+"""reveal shares for survivors and dropped workers"""
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
 class _UploadKind:
@@ -69,6 +81,8 @@ class _UploadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UploadKind
     """the initial global model (no data in it)"""
     UPLOAD_KIND_DELTA: _UploadKind.ValueType  # 2
     """local - global after training"""
+    UPLOAD_KIND_MASKED: _UploadKind.ValueType  # 3
+    """quantized, weighted and masked delta (uint32)"""
 
 class UploadKind(_UploadKind, metaclass=_UploadKindEnumTypeWrapper): ...
 
@@ -77,6 +91,8 @@ UPLOAD_KIND_INITIAL: UploadKind.ValueType  # 1
 """the initial global model (no data in it)"""
 UPLOAD_KIND_DELTA: UploadKind.ValueType  # 2
 """local - global after training"""
+UPLOAD_KIND_MASKED: UploadKind.ValueType  # 3
+"""quantized, weighted and masked delta (uint32)"""
 Global___UploadKind: _TypeAlias = UploadKind  # noqa: Y015
 
 @_typing.final
@@ -238,6 +254,7 @@ class Task(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     kind: Global___TaskKind.ValueType
     round: _builtins.int
     retry_after_ms: _builtins.int
@@ -251,6 +268,10 @@ class Task(_message.Message):
     def training(self) -> Global___TrainingPlan: ...
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggPlan:
+        """Set when the round aggregates securely."""
+
     def __init__(
         self,
         *,
@@ -261,14 +282,261 @@ class Task(_message.Message):
         participants: _abc.Iterable[_builtins.str] | None = ...,
         retry_after_ms: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
+        secagg: Global___SecAggPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "training", b"training"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class SecAggPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    CLIP_RANGE_FIELD_NUMBER: _builtins.int
+    MAX_EXAMPLES_FIELD_NUMBER: _builtins.int
+    ROSTER_FIELD_NUMBER: _builtins.int
+    INBOX_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """Names the round attempt; every signature and share is bound to it."""
+    threshold: _builtins.int
+    bits: _builtins.int
+    clip_range: _builtins.float
+    max_examples: _builtins.int
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___Advertisement]:
+        """for SHARE_KEYS"""
+
+    @_builtins.property
+    def inbox(self) -> _containers.RepeatedCompositeFieldContainer[Global___EncryptedShare]:
+        """for MASKED_UPLOAD"""
+
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """MASKED_UPLOAD: who shared keys; UNMASK: who uploaded"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """for UNMASK"""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        participants: _abc.Iterable[_builtins.str] | None = ...,
+        threshold: _builtins.int = ...,
+        bits: _builtins.int = ...,
+        clip_range: _builtins.float = ...,
+        max_examples: _builtins.int = ...,
+        roster: _abc.Iterable[Global___Advertisement] | None = ...,
+        inbox: _abc.Iterable[Global___EncryptedShare] | None = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip_range", b"clip_range", "dropped", b"dropped", "inbox", b"inbox", "max_examples", b"max_examples", "participants", b"participants", "roster", b"roster", "survivors", b"survivors", "tag", b"tag", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggPlan: _TypeAlias = SecAggPlan  # noqa: Y015
+
+@_typing.final
+class Advertisement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_FIELD_NUMBER: _builtins.int
+    ENC_PUBLIC_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    mask_public: _builtins.bytes
+    enc_public: _builtins.bytes
+    signature: _builtins.bytes
+    """Ed25519 signature by the worker's identity key over its ids, the round tag and both keys."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        mask_public: _builtins.bytes = ...,
+        enc_public: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enc_public", b"enc_public", "mask_public", b"mask_public", "signature", b"signature", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Advertisement: _TypeAlias = Advertisement  # noqa: Y015
+
+@_typing.final
+class EncryptedShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    recipient: _builtins.str
+    ciphertext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptedShare: _TypeAlias = EncryptedShare  # noqa: Y015
+
+@_typing.final
+class RevealedShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    kind: _builtins.str
+    """"self_seed" | "mask_key" """
+    share: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "owner", b"owner", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealedShare: _TypeAlias = RevealedShare  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    run_id: _builtins.str
+    tag: _builtins.int
+    @_builtins.property
+    def keys(self) -> Global___Advertisement: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        tag: _builtins.int = ...,
+        keys: Global___Advertisement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "run_id", b"run_id", "tag", b"tag", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvertiseKeysRequest: _TypeAlias = AdvertiseKeysRequest  # noqa: Y015
+
+@_typing.final
+class ShareKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    run_id: _builtins.str
+    tag: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___EncryptedShare]: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        tag: _builtins.int = ...,
+        shares: _abc.Iterable[Global___EncryptedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "shares", b"shares", "tag", b"tag", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysRequest: _TypeAlias = ShareKeysRequest  # noqa: Y015
+
+@_typing.final
+class RevealSharesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    run_id: _builtins.str
+    tag: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevealedShare]: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        tag: _builtins.int = ...,
+        shares: _abc.Iterable[Global___RevealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "shares", b"shares", "tag", b"tag", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealSharesRequest: _TypeAlias = RevealSharesRequest  # noqa: Y015
+
+@_typing.final
+class SecAggReceipt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggReceipt: _TypeAlias = SecAggReceipt  # noqa: Y015
 
 @_typing.final
 class ModelVersion(_message.Message):
@@ -521,6 +789,7 @@ class UploadHeader(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
@@ -535,6 +804,8 @@ class UploadHeader(_message.Message):
     kind: Global___UploadKind.ValueType
     base_version: _builtins.int
     """The global version the delta was computed against."""
+    tag: _builtins.int
+    """For UPLOAD_KIND_MASKED: the round attempt's secure-aggregation tag."""
     num_examples: _builtins.int
     total_size: _builtins.int
     chunk_count: _builtins.int
@@ -554,6 +825,7 @@ class UploadHeader(_message.Message):
         round: _builtins.int = ...,
         kind: Global___UploadKind.ValueType = ...,
         base_version: _builtins.int = ...,
+        tag: _builtins.int = ...,
         num_examples: _builtins.int = ...,
         total_size: _builtins.int = ...,
         chunk_count: _builtins.int = ...,
@@ -565,7 +837,7 @@ class UploadHeader(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_config_json", b"artifact_config_json", "base_version", b"base_version", "chunk_count", b"chunk_count", "dtype", b"dtype", "kind", b"kind", "manifest", b"manifest", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id", "sha256", b"sha256", "total_size", b"total_size", "train_loss", b"train_loss", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_config_json", b"artifact_config_json", "base_version", b"base_version", "chunk_count", b"chunk_count", "dtype", b"dtype", "kind", b"kind", "manifest", b"manifest", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id", "sha256", b"sha256", "tag", b"tag", "total_size", b"total_size", "train_loss", b"train_loss", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

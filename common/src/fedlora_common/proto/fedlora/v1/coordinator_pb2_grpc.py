@@ -59,6 +59,21 @@ class CoordinatorStub:
                 request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReceipt.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedlora.v1.Coordinator/AdvertiseKeys',
+                request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedlora.v1.Coordinator/ShareKeys',
+                request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/fedlora.v1.Coordinator/RevealShares',
+                request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -99,6 +114,25 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +160,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReport.FromString,
                     response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReceipt.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +312,87 @@ class Coordinator:
             '/fedlora.v1.Coordinator/ReportMetrics',
             fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReport.SerializeToString,
             fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlora.v1.Coordinator/AdvertiseKeys',
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlora.v1.Coordinator/ShareKeys',
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlora.v1.Coordinator/RevealShares',
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
             options,
             channel_credentials,
             insecure,

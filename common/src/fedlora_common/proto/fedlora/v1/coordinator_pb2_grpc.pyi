@@ -47,6 +47,10 @@ class CoordinatorStub:
     """One update: a header declaring size and digest, then sequence-numbered chunks."""
     ReportMetrics: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.MetricsReport, _coordinator_pb2.MetricsReceipt]
     """Aggregate metrics a worker measured (losses, throughput). Never records."""
+    AdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AdvertiseKeysRequest, _coordinator_pb2.SecAggReceipt]
+    """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
+    ShareKeys: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ShareKeysRequest, _coordinator_pb2.SecAggReceipt]
+    RevealShares: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevealSharesRequest, _coordinator_pb2.SecAggReceipt]
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -61,6 +65,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """One update: a header declaring size and digest, then sequence-numbered chunks."""
     ReportMetrics: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.MetricsReport, _coordinator_pb2.MetricsReceipt]  # type: ignore[assignment]
     """Aggregate metrics a worker measured (losses, throughput). Never records."""
+    AdvertiseKeys: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AdvertiseKeysRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
+    """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
+    ShareKeys: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ShareKeysRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
+    RevealShares: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevealSharesRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,5 +110,27 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.MetricsReceipt, _abc.Awaitable[_coordinator_pb2.MetricsReceipt]]:
         """Aggregate metrics a worker measured (losses, throughput). Never records."""
+
+    @_abc_1.abstractmethod
+    def AdvertiseKeys(
+        self,
+        request: _coordinator_pb2.AdvertiseKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SecAggReceipt, _abc.Awaitable[_coordinator_pb2.SecAggReceipt]]:
+        """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
+
+    @_abc_1.abstractmethod
+    def ShareKeys(
+        self,
+        request: _coordinator_pb2.ShareKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SecAggReceipt, _abc.Awaitable[_coordinator_pb2.SecAggReceipt]]: ...
+
+    @_abc_1.abstractmethod
+    def RevealShares(
+        self,
+        request: _coordinator_pb2.RevealSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SecAggReceipt, _abc.Awaitable[_coordinator_pb2.SecAggReceipt]]: ...
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,60 @@
+"""Secure aggregation's pure parts: Shamir sharing, quantization, AES-CTR masks, keys, and protocol messages."""
+
+from fedlora_common.secagg.crypto import (
+    KeyPair,
+    agree,
+    identity_keypair,
+    new_x25519,
+    open_sealed,
+    round_keys_message,
+    seal,
+    session_id,
+    share_associated_data,
+    sign,
+    verify,
+    x25519_public_of,
+)
+from fedlora_common.secagg.masking import keystream_u32, mask_vector, pairwise_sign, unmask_sum
+from fedlora_common.secagg.protocol import (
+    Advertisement,
+    EncryptedShare,
+    RevealedShare,
+    SecAggParams,
+    StageError,
+    round_tag,
+)
+from fedlora_common.secagg.quantize import dequantize_sum, max_bits, quantization_step, quantize
+from fedlora_common.secagg.shamir import PRIME, Share, combine_shares, split_secret
+
+__all__ = [
+    "PRIME",
+    "Advertisement",
+    "EncryptedShare",
+    "KeyPair",
+    "RevealedShare",
+    "SecAggParams",
+    "Share",
+    "StageError",
+    "agree",
+    "combine_shares",
+    "dequantize_sum",
+    "identity_keypair",
+    "keystream_u32",
+    "mask_vector",
+    "max_bits",
+    "new_x25519",
+    "open_sealed",
+    "pairwise_sign",
+    "quantization_step",
+    "quantize",
+    "round_keys_message",
+    "round_tag",
+    "seal",
+    "session_id",
+    "share_associated_data",
+    "sign",
+    "split_secret",
+    "unmask_sum",
+    "verify",
+    "x25519_public_of",
+]

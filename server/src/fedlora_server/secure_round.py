@@ -1,0 +1,209 @@
+"""The coordinator's side of secure aggregation for one round attempt: a stage machine.
+
+advertise -> share -> masked -> unmask -> done. The coordinator relays keys and sealed
+shares it cannot open, adds masked vectors it cannot read, and learns only the sum of
+the survivors' quantized updates (their example weights included) once at least
+`threshold` survivors reveal their shares. Below the threshold at any stage the attempt
+fails and nothing of it is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from fedlora_common.secagg import (
+    Advertisement,
+    EncryptedShare,
+    RevealedShare,
+    SecAggParams,
+    Share,
+    agree,
+    combine_shares,
+    pairwise_sign,
+    round_keys_message,
+    session_id,
+    unmask_sum,
+    verify,
+    x25519_public_of,
+)
+from fedlora_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+
+__all__ = ["RoundFailed", "SecureRound", "SecureStage"]
+
+SecureStage = Literal["advertise", "share", "masked", "unmask", "done", "failed"]
+UNMASK_SLICE = 2**20
+
+
+class RoundFailed(Exception):
+    """Too few workers remain for the threshold; the attempt is abandoned whole."""
+
+
+class SecureRound:
+    def __init__(self, *, params: SecAggParams, identities: Mapping[str, bytes], numel: int) -> None:
+        self.params = params
+        self.stage: SecureStage = "advertise"
+        self._identities = dict(identities)
+        self._numel = numel
+        self._advertised: dict[str, Advertisement] = {}
+        self._shares: dict[str, list[EncryptedShare]] = {}
+        self._masked: set[str] = set()
+        self._reveals: dict[str, list[RevealedShare]] = {}
+        self._sum = np.zeros(numel, dtype=np.uint32)
+        self._session = b""
+        self.u1: tuple[str, ...] = ()
+        self.u2: tuple[str, ...] = ()
+        self.u3: tuple[str, ...] = ()
+
+    # ---- what each stage accepts ------------------------------------------------------
+
+    def _expect(self, stage: SecureStage, worker: str, members: Sequence[str]) -> None:
+        if self.stage != stage:
+            raise FailedPrecondition(f"secure aggregation is in stage {self.stage!r}, not {stage!r}")
+        if worker not in members:
+            raise PermissionDenied(f"{worker} is not part of stage {stage!r} of this round")
+
+    def advertise(self, ad: Advertisement) -> None:
+        self._expect("advertise", ad.worker_id, self.params.participants)
+        if ad.worker_id in self._advertised:
+            raise AlreadyExists(f"{ad.worker_id} already advertised keys for this round")
+        if len(ad.mask_public) != 32 or len(ad.enc_public) != 32:
+            raise InvalidArgument("public keys must be 32-byte X25519 keys")
+        message = round_keys_message(ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public)
+        if not verify(self._identities[ad.worker_id], message, ad.signature):
+            raise PermissionDenied(f"the signature on {ad.worker_id}'s keys does not verify for this round")
+        self._advertised[ad.worker_id] = ad
+
+    def roster(self) -> list[Advertisement]:
+        if self.stage not in ("share", "masked", "unmask"):
+            raise FailedPrecondition("the key roster is published when advertising closes")
+        return [self._advertised[w] for w in self.u1]
+
+    def submit_shares(self, worker: str, shares: Sequence[EncryptedShare]) -> None:
+        self._expect("share", worker, self.u1)
+        if worker in self._shares:
+            raise AlreadyExists(f"{worker} already shared its keys")
+        recipients = [s.recipient for s in shares]
+        if any(s.sender != worker for s in shares):
+            raise PermissionDenied(f"{worker} sent a share in another worker's name")
+        if sorted(recipients) != sorted(set(self.u1) - {worker}):
+            raise InvalidArgument("exactly one sealed share for every other worker that advertised keys is required")
+        self._shares[worker] = list(shares)
+
+    def inbox(self, worker: str) -> list[EncryptedShare]:
+        if self.stage not in ("masked", "unmask"):
+            raise FailedPrecondition("shares are delivered once key sharing closes")
+        if worker not in self.u2:
+            raise PermissionDenied(f"{worker} did not share keys this round")
+        return [s for sender in self.u2 for s in self._shares[sender] if s.recipient == worker]
+
+    def add_masked(self, worker: str, masked: npt.NDArray[np.uint32], offset: int) -> None:
+        """Add one slice of a verified masked upload (wrapping in Z_2^32)."""
+        self._expect("masked", worker, self.u2)
+        self._sum[offset : offset + masked.size] += masked
+
+    def close_masked_upload(self, worker: str) -> None:
+        self._expect("masked", worker, self.u2)
+        if worker in self._masked:
+            raise AlreadyExists(f"{worker} already uploaded its masked update")
+        self._masked.add(worker)
+
+    def check_masked_upload(self, worker: str, numel: int) -> None:
+        self._expect("masked", worker, self.u2)
+        if worker in self._masked:
+            raise AlreadyExists(f"{worker} already uploaded its masked update")
+        if numel != self._numel:
+            raise InvalidArgument(f"a masked vector of {numel} elements; this round masks {self._numel}")
+
+    def submit_reveal(self, worker: str, reveals: Sequence[RevealedShare]) -> None:
+        self._expect("unmask", worker, self.u3)
+        if worker in self._reveals:
+            raise AlreadyExists(f"{worker} already revealed its shares")
+        wanted = {(w, "self_seed") for w in self.u3} | {(w, "mask_key") for w in self.dropped}
+        if {(r.owner, r.kind) for r in reveals} != wanted or len(reveals) != len(wanted):
+            raise InvalidArgument("reveal exactly the self-seed share of each survivor and the key share of each dropped worker")
+        self._reveals[worker] = list(reveals)
+
+    def has_advertised(self, worker: str) -> bool:
+        return worker in self._advertised
+
+    def has_shared(self, worker: str) -> bool:
+        return worker in self._shares
+
+    def has_masked(self, worker: str) -> bool:
+        return worker in self._masked
+
+    def has_revealed(self, worker: str) -> bool:
+        return worker in self._reveals
+
+    # ---- closing stages ---------------------------------------------------------------
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        return tuple(w for w in self.u2 if w not in self.u3)
+
+    def _enough(self, present: Sequence[str], stage: str) -> tuple[str, ...]:
+        if len(present) < self.params.threshold:
+            self.stage = "failed"
+            raise RoundFailed(f"{len(present)} workers completed {stage}; the threshold is {self.params.threshold}")
+        return tuple(sorted(present))
+
+    def close_advertise(self) -> None:
+        self.u1 = self._enough(list(self._advertised), "advertising")
+        self._session = session_id(
+            self.params.run_id,
+            self.params.tag,
+            {w: (self._advertised[w].mask_public, self._advertised[w].enc_public) for w in self.u1},
+        )
+        self.stage = "share"
+
+    def close_share(self) -> None:
+        self.u2 = self._enough(list(self._shares), "key sharing")
+        self.stage = "masked"
+
+    def close_masked(self) -> None:
+        self.u3 = self._enough(list(self._masked), "the masked upload")
+        self.stage = "unmask"
+
+    def ready(self) -> bool:
+        """Whether each stage's members all answered (the caller also closes stages on deadlines)."""
+        waiting = {
+            "advertise": set(self.params.participants) - self._advertised.keys(),
+            "share": set(self.u1) - self._shares.keys(),
+            "masked": set(self.u2) - self._masked,
+            "unmask": set(self.u3) - self._reveals.keys(),
+        }.get(self.stage, set())
+        return not waiting
+
+    def finish(self) -> npt.NDArray[np.uint32]:
+        """Reconstruct the seeds and keys, strip every mask, return the survivors' plain sum."""
+        if self.stage != "unmask":
+            raise FailedPrecondition(f"cannot unmask in stage {self.stage!r}")
+        revealers = self._enough(list(self._reveals), "unmasking")
+        t = self.params.threshold
+        collected: dict[tuple[str, str], list[Share]] = {}
+        for worker in revealers:
+            for r in self._reveals[worker]:
+                collected.setdefault((r.owner, r.kind), []).append(Share.from_bytes(r.share))
+        index = {w: i + 1 for i, w in enumerate(self.u1)}
+        self_seeds = [combine_shares(collected[(w, "self_seed")][:t], threshold=t) for w in self.u3]
+        dropped_pairwise: list[tuple[bytes, int]] = []
+        for gone in self.dropped:
+            key = combine_shares(collected[(gone, "mask_key")][:t], threshold=t)
+            if x25519_public_of(key) != self._advertised[gone].mask_public:
+                self.stage = "failed"
+                raise RoundFailed(f"the mask key reconstructed for {gone} does not match its advertised key")
+            for survivor in self.u3:
+                seed = agree(key, self._advertised[survivor].mask_public, session=self._session, purpose=b"mask")
+                dropped_pairwise.append((seed, pairwise_sign(index[survivor], index[gone])))
+        total = self._sum
+        for start in range(0, self._numel, UNMASK_SLICE):
+            stop = min(start + UNMASK_SLICE, self._numel)
+            total[start:stop] = unmask_sum(
+                total[start:stop], self_seeds=self_seeds, dropped_pairwise=dropped_pairwise, offset=start
+            )
+        self.stage = "done"
+        return total

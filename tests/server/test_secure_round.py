@@ -1,0 +1,314 @@
+"""Secure aggregation, both stage machines together without a network: exact sums under dropouts,
+clean failure below the threshold, and refusal of every out-of-order step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedlora_common.secagg import (
+    Advertisement,
+    EncryptedShare,
+    SecAggParams,
+    StageError,
+    identity_keypair,
+    max_bits,
+    quantize,
+    round_tag,
+)
+from fedlora_server.errors import FailedPrecondition
+from fedlora_server.secure_round import RoundFailed, SecureRound
+from fedlora_worker.secagg_session import WorkerSession
+
+STAGES = ("advertise", "share", "masked", "unmask")
+NUMEL = 257
+
+
+class Federation:
+    """n worker sessions and one coordinator round, stepped by hand."""
+
+    def __init__(self, n: int, *, seed: int = 0) -> None:
+        self.ids = tuple(f"w{i:02d}" for i in range(n))
+        identities = {w: identity_keypair() for w in self.ids}
+        self.public = {w: k.public for w, k in identities.items()}
+        self.params = SecAggParams(
+            run_id="run", tag=round_tag(1, 1), participants=self.ids,
+            threshold=SecAggParams.threshold_for(n, 2 / 3), bits=max_bits(n), clip_range=1.0, max_examples=1000,
+        )
+        self.sessions = {
+            w: WorkerSession(worker_id=w, params=self.params, identity_private=identities[w].private,
+                             peer_identities=self.public)
+            for w in self.ids
+        }
+        self.server = SecureRound(params=self.params, identities=self.public, numel=NUMEL)
+        rng = np.random.default_rng(seed)
+        self.plain = {
+            w: quantize(rng.uniform(-1, 1, NUMEL).astype(np.float32), clip=1.0, bits=self.params.bits, rng=rng)
+            for w in self.ids
+        }
+
+    def run(self, drop: dict[str, int]) -> np.ndarray:
+        """Drop `drop[stage]` workers (highest ids first) before they act in that stage; return the sum."""
+        alive = list(self.ids)
+
+        def lose(stage: str) -> None:
+            for _ in range(drop.get(stage, 0)):
+                alive.pop()
+
+        lose("advertise")
+        for w in alive:
+            self.server.advertise(self.sessions[w].advertise())
+        self.server.close_advertise()
+        roster = self.server.roster()
+        lose("share")
+        for w in alive:
+            self.server.submit_shares(w, self.sessions[w].share_keys(roster))
+        self.server.close_share()
+        lose("masked")
+        for w in alive:
+            masked = self.sessions[w].mask(self.server.inbox(w), self.server.u2, self.plain[w])
+            self.server.check_masked_upload(w, masked.size)
+            self.server.add_masked(w, masked, 0)
+            self.server.close_masked_upload(w)
+        self.server.close_masked()
+        lose("unmask")
+        for w in alive:
+            self.server.submit_reveal(w, self.sessions[w].reveal(self.server.u3, self.server.dropped))
+        total = self.server.finish()
+        self.survivors = self.server.u3
+        return total
+
+
+def _plain_sum(fed: Federation, workers: tuple[str, ...]) -> np.ndarray:
+    total = np.zeros(NUMEL, dtype=np.uint32)
+    for w in workers:
+        total += fed.plain[w]
+    return total
+
+
+CASES = [
+    (n, stage, k)
+    for n in (3, 5, 10)
+    for stage in STAGES
+    for k in sorted({0, 1, n - SecAggParams.threshold_for(n, 2 / 3)})
+]
+
+
+@pytest.mark.parametrize(("n", "stage", "dropouts"), CASES)
+def test_the_secure_sum_equals_the_plain_sum_of_the_survivors(n: int, stage: str, dropouts: int) -> None:
+    fed = Federation(n, seed=n * 100 + dropouts)
+
+    total = fed.run({stage: dropouts})
+
+    np.testing.assert_array_equal(total, _plain_sum(fed, fed.survivors))
+    expected_survivors = n - dropouts if stage != "unmask" else n
+    assert len(fed.survivors) == expected_survivors
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_one_dropout_past_the_threshold_fails_the_round_cleanly(n: int, stage: str) -> None:
+    fed = Federation(n)
+    too_many = n - fed.params.threshold + 1
+
+    with pytest.raises(RoundFailed, match="threshold"):
+        fed.run({stage: too_many})
+    assert fed.server.stage == "failed"
+
+
+def test_a_worker_refuses_to_reveal_both_shares_of_one_peer() -> None:
+    fed = Federation(3)
+    fed.run({})
+    other = Federation(3)
+    for w in other.ids:
+        other.server.advertise(other.sessions[w].advertise())
+    other.server.close_advertise()
+    for w in other.ids:
+        other.server.submit_shares(w, other.sessions[w].share_keys(other.server.roster()))
+    other.server.close_share()
+    session = other.sessions["w00"]
+    session.mask(other.server.inbox("w00"), other.server.u2, other.plain["w00"])
+
+    with pytest.raises(StageError, match="both shares of w01"):
+        session.reveal(("w00", "w01"), ("w01",))
+
+
+def test_a_swapped_round_key_is_detected_by_the_workers() -> None:
+    fed = Federation(3)
+    ads = [fed.sessions[w].advertise() for w in fed.ids]
+    forged_keys = fed.sessions["w02"]
+    intruder = Federation(3).sessions["w02"].advertise()
+    swapped = [ads[0], ads[1], Advertisement("w02", intruder.mask_public, ads[2].enc_public, ads[2].signature)]
+
+    with pytest.raises(StageError, match="bad signature on the keys of w02"):
+        fed.sessions["w00"].share_keys(swapped)
+    assert forged_keys.stage == "advertised"
+
+
+def test_an_unknown_key_is_refused_by_the_workers() -> None:
+    fed = Federation(3)
+    ads = [fed.sessions[w].advertise() for w in fed.ids]
+    stranger = Advertisement("mallory", ads[2].mask_public, ads[2].enc_public, ads[2].signature)
+
+    with pytest.raises(StageError, match="unknown key"):
+        fed.sessions["w00"].share_keys([ads[0], ads[1], stranger])
+
+
+def test_a_share_addressed_to_another_worker_is_refused() -> None:
+    fed = Federation(3)
+    for w in fed.ids:
+        fed.server.advertise(fed.sessions[w].advertise())
+    fed.server.close_advertise()
+    for w in fed.ids:
+        fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
+    fed.server.close_share()
+    misrouted = fed.server.inbox("w01")
+
+    with pytest.raises(StageError, match="addressed to w01"):
+        fed.sessions["w00"].mask(misrouted, fed.server.u2, fed.plain["w00"])
+
+
+def test_a_share_replayed_from_another_session_does_not_open() -> None:
+    fed, old = Federation(3), Federation(3)
+    for f in (fed, old):
+        for w in f.ids:
+            f.server.advertise(f.sessions[w].advertise())
+        f.server.close_advertise()
+        for w in f.ids:
+            f.server.submit_shares(w, f.sessions[w].share_keys(f.server.roster()))
+        f.server.close_share()
+    replayed = [EncryptedShare(s.sender, s.recipient, s.ciphertext) for s in old.server.inbox("w00")]
+
+    with pytest.raises(StageError, match="does not open"):
+        fed.sessions["w00"].mask(replayed, fed.server.u2, fed.plain["w00"])
+
+
+def test_the_masked_upload_is_indistinguishable_from_uniform() -> None:
+    fed = Federation(5, seed=7)
+    big = np.zeros(1 << 16, dtype=np.uint32)
+    for w in fed.ids:
+        fed.server.advertise(fed.sessions[w].advertise())
+    fed.server.close_advertise()
+    for w in fed.ids:
+        fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
+    fed.server.close_share()
+
+    masked = fed.sessions["w00"].mask(fed.server.inbox("w00"), fed.server.u2, big)
+
+    # A plain all-zero update: without the other workers' masks, what the coordinator holds must look
+    # uniform. 65,536 words in 256 bins of the top byte; chi-square p-value far from 0 (alpha 1e-6).
+    counts = np.bincount(masked >> np.uint32(24), minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-6
+    low = np.bincount(masked & np.uint32(0xFF), minlength=256)
+    assert stats.chisquare(low).pvalue > 1e-6
+    assert len(np.unique(masked)) > 0.99 * masked.size
+
+
+WORKER_STEPS: dict[str, Callable[[WorkerSession], object]] = {
+    "advertise": lambda s: s.advertise(),
+    "share": lambda s: s.share_keys([]),
+    "mask": lambda s: s.mask([], (), np.zeros(1, dtype=np.uint32)),
+    "reveal": lambda s: s.reveal((), ()),
+}
+WORKER_ALLOWED = {"new": "advertise", "advertised": "share", "shared": "mask", "masked": "reveal", "revealed": None}
+
+
+def _session_in(stage: str) -> tuple[Federation, WorkerSession]:
+    fed = Federation(3)
+    session = fed.sessions["w00"]
+    order = ["new", "advertised", "shared", "masked", "revealed"]
+    if order.index(stage) >= 1:
+        for w in fed.ids:
+            fed.server.advertise(fed.sessions[w].advertise())
+        fed.server.close_advertise()
+    if order.index(stage) >= 2:
+        for w in fed.ids:
+            fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
+        fed.server.close_share()
+    if order.index(stage) >= 3:
+        session.mask(fed.server.inbox("w00"), fed.server.u2, fed.plain["w00"])
+    if order.index(stage) >= 4:
+        session.reveal(fed.server.u2, ())
+    assert session.stage == stage
+    return fed, session
+
+
+@pytest.mark.parametrize(
+    ("stage", "step"),
+    [(stage, step) for stage, allowed in WORKER_ALLOWED.items() for step in WORKER_STEPS if step != allowed],
+)
+def test_every_invalid_worker_stage_transition_is_refused(stage: str, step: str) -> None:
+    _, session = _session_in(stage)
+
+    with pytest.raises(StageError, match=f"in stage '{stage}'"):
+        WORKER_STEPS[step](session)
+    assert session.stage == stage
+
+
+SERVER_STEPS: dict[str, Callable[[Federation], object]] = {
+    "advertise": lambda f: f.server.advertise(f.sessions["w00"].advertise() if f.sessions["w00"].stage == "new"
+                                              else Advertisement("w00", b"\0" * 32, b"\0" * 32, b"")),
+    "submit_shares": lambda f: f.server.submit_shares("w00", []),
+    "inbox": lambda f: f.server.inbox("w00"),
+    "roster": lambda f: f.server.roster(),
+    "masked_upload": lambda f: f.server.check_masked_upload("w00", NUMEL),
+    "submit_reveal": lambda f: f.server.submit_reveal("w00", []),
+    "finish": lambda f: f.server.finish(),
+}
+SERVER_ALLOWED = {
+    "advertise": {"advertise"},
+    "share": {"submit_shares", "roster"},
+    "masked": {"inbox", "roster", "masked_upload"},
+    "unmask": {"inbox", "roster", "submit_reveal", "finish"},
+    "done": set(),
+    "failed": set(),
+}
+
+
+def _server_in(stage: str) -> Federation:
+    fed = Federation(3)
+    if stage == "failed":
+        with pytest.raises(RoundFailed):
+            fed.server.close_advertise()
+        return fed
+    if stage == "done":
+        fed.run({})
+        return fed
+    order = ["advertise", "share", "masked", "unmask"]
+    if order.index(stage) >= 1:
+        for w in fed.ids:
+            fed.server.advertise(fed.sessions[w].advertise())
+        fed.server.close_advertise()
+    if order.index(stage) >= 2:
+        for w in fed.ids:
+            fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
+        fed.server.close_share()
+    if order.index(stage) >= 3:
+        for w in fed.ids:
+            masked = fed.sessions[w].mask(fed.server.inbox(w), fed.server.u2, fed.plain[w])
+            fed.server.add_masked(w, masked, 0)
+            fed.server.close_masked_upload(w)
+        fed.server.close_masked()
+    return fed
+
+
+@pytest.mark.parametrize(
+    ("stage", "step"),
+    [(stage, step) for stage, allowed in SERVER_ALLOWED.items() for step in SERVER_STEPS if step not in allowed],
+)
+def test_every_invalid_coordinator_stage_transition_is_refused(stage: str, step: str) -> None:
+    fed = _server_in(stage)
+
+    with pytest.raises(FailedPrecondition):
+        SERVER_STEPS[step](fed)
+    assert fed.server.stage == stage
+
+
+def test_the_threshold_tolerates_a_third_of_the_workers() -> None:
+    assert [SecAggParams.threshold_for(n, 2 / 3) for n in (3, 5, 10, 30)] == [2, 4, 7, 20]
+    assert all(n - SecAggParams.threshold_for(n, 2 / 3) >= math.floor(n / 3) for n in range(3, 50))
+
