@@ -1,6 +1,11 @@
-"""Secure aggregation's pure parts: Shamir sharing, quantization, AES-CTR masks, keys, and protocol messages."""
+"""Secure aggregation's pure parts: Shamir sharing, quantization, AES-CTR masks, keys, and protocol messages.
+
+Pure functions over bytes and numpy arrays; every source of randomness is passed in. The
+stage machines that use them live with the worker and the coordinator.
+"""
 
 from fedlora_common.secagg.crypto import (
+    KEY_BYTES,
     KeyPair,
     agree,
     identity_keypair,
@@ -14,7 +19,7 @@ from fedlora_common.secagg.crypto import (
     verify,
     x25519_public_of,
 )
-from fedlora_common.secagg.masking import keystream_u32, mask_vector, pairwise_sign, unmask_sum
+from fedlora_common.secagg.masking import SEED_BYTES, keystream_u32, mask_vector, pairwise_sign, unmask_sum
 from fedlora_common.secagg.protocol import (
     Advertisement,
     EncryptedShare,
@@ -24,10 +29,21 @@ from fedlora_common.secagg.protocol import (
     round_tag,
 )
 from fedlora_common.secagg.quantize import dequantize_sum, max_bits, quantization_step, quantize
-from fedlora_common.secagg.shamir import PRIME, Share, combine_shares, split_secret
+from fedlora_common.secagg.shamir import (
+    MAX_SECRET_BYTES,
+    PRIME,
+    SHARE_BYTES,
+    Share,
+    combine_shares,
+    split_secret,
+)
 
 __all__ = [
+    "KEY_BYTES",
+    "MAX_SECRET_BYTES",
     "PRIME",
+    "SEED_BYTES",
+    "SHARE_BYTES",
     "Advertisement",
     "EncryptedShare",
     "KeyPair",

@@ -1,4 +1,10 @@
-"""Unbiased stochastic quantization of a clipped vector into Z_2^32, sized so n of them cannot wrap."""
+"""Unbiased stochastic quantization of a clipped vector into Z_2^32, sized so n of them cannot wrap.
+
+Masking works on integers mod 2**32, so a float delta becomes signed integers of `bits` bits
+before it is masked. Stochastic rounding keeps the mean unbiased (the aggregate is an
+unbiased estimate of the float sum); the rounding draws come from the generator passed in,
+which only decides rounding, never a mask.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +15,49 @@ __all__ = ["dequantize_sum", "max_bits", "quantization_step", "quantize"]
 
 
 def max_bits(n_workers: int) -> int:
-    """The largest b with b <= 32 - ceil(log2 n) - 1: n signed b-bit values sum inside int32."""
+    """The largest b with b <= 32 - ceil(log2 n) - 1: n signed b-bit values then sum inside int32."""
     if n_workers < 1:
-        raise ValueError("at least one worker")
-    return 32 - (n_workers - 1).bit_length() - 1
+        raise ValueError(f"at least one worker, got {n_workers}")
+    return 32 - (n_workers - 1).bit_length() - 1  # (n - 1).bit_length() == ceil(log2 n) for n >= 1
 
 
 def _levels(bits: int) -> int:
+    """The largest magnitude a quantized coordinate takes: 2**(bits-1) - 1 (symmetric, no -2**(bits-1))."""
     if not 2 <= bits <= 31:
         raise ValueError(f"bits must lie in [2, 31], got {bits}")
     return (1 << (bits - 1)) - 1
 
 
+def _check_clip(clip: float) -> None:
+    if not (np.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a positive finite number, got {clip}")
+
+
 def quantization_step(clip: float, bits: int) -> float:
+    """The float value of one integer level: the bound on one coordinate's rounding error."""
+    _check_clip(clip)
     return clip / _levels(bits)
 
 
 def quantize(
     values: npt.NDArray[np.float32], *, clip: float, bits: int, rng: np.random.Generator
 ) -> npt.NDArray[np.uint32]:
-    """Clamp to [-clip, clip], scale to integers with unbiased stochastic rounding, two's complement in uint32."""
-    if clip <= 0:
-        raise ValueError("clip must be positive")
-    scaled = np.clip(values.astype(np.float64), -clip, clip) * (_levels(bits) / clip)
+    """Clamp to [-clip, clip], scale to +-(2**(bits-1) - 1) with unbiased stochastic rounding, as uint32."""
+    _check_clip(clip)
+    levels = _levels(bits)
+    as_float = np.asarray(values, dtype=np.float64)
+    if np.isnan(as_float).any():
+        raise ValueError("cannot quantize NaN")
+    scaled = np.clip(as_float, -clip, clip) * (levels / clip)
+    np.clip(scaled, -levels, levels, out=scaled)  # clip * (levels / clip) may land an ulp past levels
     floor = np.floor(scaled)
+    # Round up with probability equal to the fractional part: E[rounded] == scaled exactly.
     rounded = floor + (rng.random(scaled.shape) < (scaled - floor))
-    return rounded.astype(np.int64).astype(np.uint32)
+    return rounded.astype(np.int32).view(np.uint32)
 
 
 def dequantize_sum(total: npt.NDArray[np.uint32], *, clip: float, bits: int) -> npt.NDArray[np.float64]:
-    """A sum (mod 2**32) of quantized vectors, read as signed int32 and scaled back."""
-    return total.view(np.int32).astype(np.float64) * quantization_step(clip, bits)
+    """A sum (mod 2**32) of quantized vectors, read as signed int32 and scaled back to floats."""
+    step = quantization_step(clip, bits)
+    signed = np.ascontiguousarray(total, dtype=np.uint32).view(np.int32)
+    return signed.astype(np.float64) * step
