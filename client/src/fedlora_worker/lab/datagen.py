@@ -8,10 +8,9 @@ tell what the format alone predicts from what a model memorised.
 
 Two guarantees hold by construction rather than by luck:
 
-* Held-out material. Half of each domain's document kinds never appear in the pre-training
-  corpus (see ``_KINDS``: ``held_out=True``), and neither do the site-only sections of the
-  other kinds. The lab base model therefore knows the vocabulary and the public formats, and
-  federated fine-tuning still has real structure to learn.
+* Held-out material. Every document kind has one section that only site data carries (the
+  ``if site:`` branches of the builders), so the lab base model knows the vocabulary and the
+  formats while federated fine-tuning still has real structure to learn.
 * No secret leaks into pre-training. Every person value (full names, record numbers, phones,
   dates of birth) is drawn from one of two disjoint halves of its space, split by a keyed hash:
   site data only uses the private half, the pre-training corpus only the public half. Within a
@@ -28,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -57,6 +57,7 @@ DOMAINS: Final[tuple[Domain, ...]] = get_args(Domain)
 _T = TypeVar("_T")
 _FORMAT_VERSION: Final = 1
 _DUPLICATES_HIGH: Final = 10
+_ALTERNATIVES: Final = re.compile(r"\[([^\[\]|]*(?:\|[^\[\]|]*)+)\]")
 _ID_PREFIX: Final[Mapping[Domain, str]] = {"clinical": "MRN", "legal": "CASE", "finance": "ACCT"}
 
 
@@ -163,8 +164,16 @@ class _Person:
         return "she" if self.female else "he"
 
     @property
+    def cap_subj(self) -> str:
+        return self.subj.capitalize()
+
+    @property
     def poss(self) -> str:
         return "her" if self.female else "his"
+
+    @property
+    def cap_poss(self) -> str:
+        return self.poss.capitalize()
 
     @property
     def obj(self) -> str:
@@ -191,11 +200,20 @@ class _Draw:
         self._private = private
         self._used: set[str] = set()
 
+    def vary(self, text: str) -> str:
+        """Replace each ``[a|b|c]`` in ``text`` by one alternative, innermost first."""
+        while True:
+            varied = _ALTERNATIVES.sub(lambda m: self.rng.choice(m.group(1).split("|")), text)
+            if varied == text:
+                return text
+            text = varied
+
     def pick(self, options: Sequence[_T]) -> _T:
         return self.rng.choice(options)
 
-    def several(self, options: Sequence[_T], low: int, high: int) -> list[_T]:
-        return self.rng.sample(list(options), self.rng.randint(low, min(high, len(options))))
+    def several(self, options: Sequence[_T], low: int, high: int, *, ordered: bool = False) -> list[_T]:
+        picked = self.rng.sample(range(len(options)), self.rng.randint(low, min(high, len(options))))
+        return [options[i] for i in (sorted(picked) if ordered else picked)]
 
     def num(self, low: int, high: int) -> int:
         return self.rng.randint(low, high)
@@ -225,7 +243,7 @@ class _Draw:
         return self._fresh(lambda: f"{first()} {fake.last_name()}")
 
     def phone(self) -> str:
-        return self._fresh(lambda: self.fake.numerify("(%##) %##-####"))
+        return self._fresh(lambda: f"({self.num(201, 989)}) {self.num(201, 989)}-{self.num(0, 9999):04d}")
 
     def person(self, domain: Domain) -> _Person:
         female = self.rng.random() < 0.5
@@ -341,7 +359,6 @@ _SYMPTOMS: Final = (
     "low back pain",
     "poor appetite",
 )
-_DURATIONS: Final = ("several hours", "one day", "two days", "three days", "five days", "one week", "two weeks")
 _SPECIALTIES: Final = (
     "cardiology",
     "pulmonology",
@@ -352,7 +369,8 @@ _SPECIALTIES: Final = (
     "neurology",
     "general surgery",
 )
-_HOSPITALS: Final = ("Memorial Hospital", "Regional Medical Center", "Community Hospital", "University Hospital")
+_DURATION: Final = "[several hours|one day|two days|three days|five days|one week|two weeks]"
+_HOSPITAL: Final = "[Memorial Hospital|Regional Medical Center|Community Hospital|University Hospital]"
 
 
 def _labs(d: _Draw) -> str:
@@ -375,52 +393,48 @@ def _vitals(d: _Draw) -> str:
     return (
         f"blood pressure {d.num(96, 182)}/{d.num(54, 104)}, heart rate {d.num(58, 128)}, "
         f"respiratory rate {d.num(12, 26)}, temperature {d.real(36.2, 39.4)} C, "
-        f"oxygen saturation {d.num(86, 99)}% on {d.pick(('room air', '2 L nasal cannula', '4 L nasal cannula'))}"
+        f"oxygen saturation {d.num(86, 99)}% on [room air|2 L nasal cannula|4 L nasal cannula]"
     )
 
 
-def _exam(d: _Draw) -> str:
-    findings = (
-        d.pick(("alert and oriented, in no acute distress", "tired-appearing but conversant", "mildly dyspneic")),
-        d.pick(("lungs clear to auscultation", "crackles at the right base", "diffuse expiratory wheezes")),
-        d.pick(("regular rate and rhythm", "irregularly irregular rhythm", "a soft systolic murmur")),
-        d.pick(("abdomen soft and nontender", "tenderness in the right upper quadrant", "mild epigastric tenderness")),
-        d.pick(("no peripheral edema", "trace bilateral ankle edema", "2+ pitting edema to the knees")),
-    )
-    return "; ".join(findings)
+_EXAM: Final = (
+    "[alert and oriented, in no acute distress|tired-appearing but conversant|mildly dyspneic]; "
+    "[lungs clear to auscultation|crackles at the right base|diffuse expiratory wheezes]; "
+    "[regular rate and rhythm|irregularly irregular rhythm|a soft systolic murmur]; "
+    "[abdomen soft and nontender|tenderness in the right upper quadrant|mild epigastric tenderness]; "
+    "[no peripheral edema|trace bilateral ankle edema|2+ pitting edema to the knees]"
+)
 
 
 def _hpi(d: _Draw, p: _Person, seen: date, history: Sequence[str]) -> str:
     symptoms = d.several(_SYMPTOMS, 2, 3)
     onset = d.pick(
         (
-            f"Symptoms began gradually and worsened despite rest at home.",
-            f"{p.subj.capitalize()} first noticed the {symptoms[0]} after a recent upper respiratory illness.",
-            f"{p.poss.capitalize()} family reports that {p.subj} has been less active than usual.",
-            f"{p.subj.capitalize()} tried over-the-counter remedies without relief.",
+            "Symptoms began gradually and worsened despite rest at home.",
+            f"{p.cap_subj} first noticed the {symptoms[0]} after a recent upper respiratory illness.",
+            f"{p.cap_poss} family reports that {p.subj} has been less active than usual.",
+            f"{p.cap_subj} tried over-the-counter remedies without relief.",
         )
     )
     return (
         f"{p.honor} is a {p.age_on(seen)}-year-old {p.noun} with a history of {_join(history)} who presents "
-        f"with {d.pick(_DURATIONS)} of {_join(symptoms)}. {onset} "
-        f"{p.subj.capitalize()} denies {d.pick(('recent travel', 'sick contacts', 'new medications'))}."
+        f"with {_DURATION} of {_join(symptoms)}. {onset} "
+        f"{p.cap_subj} denies [recent travel|sick contacts|new medications]."
     )
 
 
 def _course(d: _Draw, p: _Person, diagnosis: str, meds: Sequence[str]) -> str:
-    sentences = [
-        f"{p.subj.capitalize()} was treated for {diagnosis} with {meds[0].split(' ')[0]} and supportive care, "
+    sentences = (
+        f"{p.cap_subj} was treated for {diagnosis} with {meds[0].split(' ')[0]} and supportive care, "
         f"with steady improvement over the following {d.num(2, 5)} days.",
         f"{d.pick(_SPECIALTIES).capitalize()} was consulted and recommended "
-        + d.pick(("continued medical management", "outpatient follow-up", "a repeat echocardiogram"))
-        + ".",
+        "[continued medical management|outpatient follow-up|a repeat echocardiogram].",
         f"Repeat laboratory studies on hospital day {d.num(2, 4)} showed {_labs(d)}.",
-        f"{p.subj.capitalize()} remained hemodynamically stable and tolerated a regular diet by day {d.num(2, 4)}.",
+        f"{p.cap_subj} remained hemodynamically stable and tolerated a regular diet by day {d.num(2, 4)}.",
         f"Physical therapy evaluated {p.obj} and cleared {p.obj} for discharge "
-        + d.pick(("home without services", "home with home health", "to a skilled nursing facility"))
-        + ".",
-    ]
-    return " ".join(d.several(sentences, 3, 5))
+        "[home without services|home with home health|to a skilled nursing facility].",
+    )
+    return " ".join(d.several(sentences, 3, 5, ordered=True))
 
 
 def _clinical_discharge(d: _Draw, p: _Person, site: bool) -> str:
@@ -428,8 +442,8 @@ def _clinical_discharge(d: _Draw, p: _Person, site: bool) -> str:
     admitted = d.day(2019, 2024)
     meds = d.several(_MEDICATIONS, 3, 6)
     parts = [
-        f"DISCHARGE SUMMARY\n{d.fake.last_name()} {d.pick(_HOSPITALS)}",
-        f"Patient: {p.name}  MRN: {p.record_id}  DOB: {p.dob}\n"
+        f"DISCHARGE SUMMARY\n{d.fake.last_name()} {_HOSPITAL}",
+        f"Patient: {p.name}  MRN: {p.record_id}  DOB: {p.dob}  Phone: {p.phone}\n"
         f"Admitted: {admitted}  Discharged: {admitted + timedelta(days=d.num(2, 9))}  "
         f"Attending: Dr. {d.full_name()}",
         f"Principal diagnosis: {dx} ({icd}). Secondary diagnosis: {dx2}.",
@@ -439,14 +453,13 @@ def _clinical_discharge(d: _Draw, p: _Person, site: bool) -> str:
     ]
     if site:
         parts.append(
-            f"Social history: {p.subj.capitalize()} lives "
-            + d.pick(("alone in an apartment", "with a spouse", "with an adult daughter", "in assisted living"))
-            + f", {d.pick(('never smoked', 'quit smoking ten years ago', 'smokes half a pack per day'))}, "
-            + f"and {d.pick(('drinks alcohol rarely', 'does not drink alcohol', 'drinks two beers daily'))}."
+            f"Social history: {p.cap_subj} lives [alone in an apartment|with a spouse|with an adult daughter|"
+            "in assisted living], [never smoked|quit smoking ten years ago|smokes half a pack per day], "
+            "and [drinks alcohol rarely|does not drink alcohol|drinks two beers daily]."
         )
     parts.append(
         f"Follow-up: {d.pick(('primary care', *_SPECIALTIES))} clinic in {d.num(3, 14)} days. "
-        f"Return for {d.pick(_SYMPTOMS)} or any new concern. Patient phone: {p.phone}."
+        f"Return for {d.pick(_SYMPTOMS)} or any new concern."
     )
     return "\n\n".join(parts)
 
@@ -455,36 +468,32 @@ def _clinical_progress(d: _Draw, p: _Person, site: bool) -> str:
     (dx, _), (dx2, _) = d.several(_DIAGNOSES, 2, 2)
     seen = d.day(2019, 2024)
     meds = d.several(_MEDICATIONS, 2, 3)
-    trend = d.pick(("improving", "stable", "slowly improving", "not yet improving"))
+    plan = (
+        f"{dx.capitalize()}: continue {meds[0]}; "
+        "[repeat labs in the morning|monitor daily weights|wean oxygen as tolerated].",
+        f"{dx2.capitalize()}: continue {meds[1]}; [recheck tomorrow|outpatient follow-up].",
+        "Prophylaxis: [enoxaparin|heparin|sequential compression devices].",
+        f"Disposition: anticipate discharge in {d.num(1, 4)} days.",
+    )
     parts = [
         f"PROGRESS NOTE - Hospital day {d.num(2, 8)}\n"
-        f"Patient: {p.name} | MRN: {p.record_id} | DOB: {p.dob}\n"
+        f"Patient: {p.name} | MRN: {p.record_id} | DOB: {p.dob} | Phone: {p.phone}\n"
         f"Date: {seen} | Author: Dr. {d.full_name()}, {d.pick(_SPECIALTIES)}",
-        f"Subjective: {p.honor} reports {d.pick(('less', 'more', 'unchanged'))} {d.pick(_SYMPTOMS)} overnight. "
-        f"{p.subj.capitalize()} slept {d.pick(('well', 'poorly', 'a few hours'))} and "
-        f"{d.pick(('is eating most of each meal', 'has a poor appetite', 'tolerated breakfast'))}. "
+        f"Subjective: {p.honor} reports [less|more|unchanged] {d.pick(_SYMPTOMS)} overnight. "
+        f"{p.cap_subj} slept [well|poorly|a few hours] and "
+        "[is eating most of each meal|has a poor appetite|tolerated breakfast]. "
         f"Denies {_join(d.several(_SYMPTOMS, 2, 3))}.",
-        f"Objective: Vitals: {_vitals(d)}. Exam: {_exam(d)}. Labs: {_labs(d)}.",
-        f"Assessment: {p.age_on(seen)}-year-old {p.noun} with {dx}, {trend}, and {dx2}.",
-        "Plan:\n"
-        + _numbered(
-            (
-                f"{dx.capitalize()}: continue {meds[0]}; "
-                + d.pick(("repeat labs in the morning", "monitor daily weights", "wean oxygen as tolerated")),
-                f"{dx2.capitalize()}: continue {meds[1]}; " + d.pick(("recheck tomorrow", "outpatient follow-up")),
-                f"Prophylaxis: {d.pick(('enoxaparin', 'heparin', 'sequential compression devices'))}.",
-                f"Disposition: anticipate discharge in {d.num(1, 4)} days. Patient phone: {p.phone}.",
-            )
-        ),
+        f"Objective: Vitals: {_vitals(d)}. Exam: {_EXAM}. Labs: {_labs(d)}.",
+        f"Assessment: {p.age_on(seen)}-year-old {p.noun} with {dx}, "
+        f"[improving|stable|slowly improving|not yet improving], and {dx2}.",
     ]
     if site:
-        parts.insert(
-            4,
-            "Care coordination: case management "
-            + d.pick(("confirmed insurance coverage for", "is arranging", "has ordered"))
-            + f" {d.pick(('home oxygen', 'a rolling walker', 'home infusion', 'outpatient rehabilitation'))}; "
-            + f"{p.poss} {d.pick(('son', 'daughter', 'spouse', 'neighbor'))} will provide transport.",
+        parts.append(
+            "Care coordination: case management [confirmed insurance coverage for|is arranging|has ordered] "
+            "[home oxygen|a rolling walker|home infusion|outpatient rehabilitation]; "
+            f"{p.poss} [son|daughter|spouse|neighbor] will provide transport."
         )
+    parts.append("Plan:\n" + _numbered(plan))
     return "\n\n".join(parts)
 
 
@@ -492,58 +501,67 @@ def _clinical_emergency(d: _Draw, p: _Person, site: bool) -> str:
     diagnoses = [dx for dx, _ in d.several(_DIAGNOSES, 3, 3)]
     arrived = d.day(2019, 2024)
     complaint = d.pick(_SYMPTOMS)
-    return "\n\n".join(
-        (
-            "EMERGENCY DEPARTMENT PHYSICIAN NOTE\n"
-            f"Arrival: {arrived} {d.num(0, 23):02d}:{d.num(0, 59):02d} by "
-            f"{d.pick(('ambulance', 'private vehicle', 'walk-in'))}  Triage acuity: ESI {d.num(2, 4)}",
-            f"Name: {p.name}  MRN: {p.record_id}  DOB: {p.dob}",
-            f'Chief complaint: "{complaint}"',
-            f"HPI: {_hpi(d, p, arrived, d.several(_HISTORY, 1, 2))}",
-            f"Review of systems: positive for {complaint} and {d.pick(_SYMPTOMS)}; "
-            "all other systems reviewed and negative.",
-            f"Physical exam: {_vitals(d)}. {_exam(d).capitalize()}.",
-            f"ED course and medical decision making: the differential diagnosis included {_join(diagnoses)}. "
-            f"Workup showed {_labs(d)}. {p.subj.capitalize()} received "
-            + d.pick(("1 L of normal saline", "IV ceftriaxone", "a nebulized bronchodilator", "IV morphine 4 mg"))
-            + f" and on reassessment reported {d.pick(('improvement', 'partial relief', 'no change'))}.",
-            f"Disposition: {d.pick(('admitted to medicine', 'admitted to telemetry', 'discharged home'))} "
-            f"with a diagnosis of {diagnoses[0]}. Callback number: {p.phone}.",
+    parts = [
+        "EMERGENCY DEPARTMENT PHYSICIAN NOTE\n"
+        f"Arrival: {arrived} {d.num(0, 23):02d}:{d.num(0, 59):02d} by [ambulance|private vehicle|walk-in]  "
+        f"Triage acuity: ESI {d.num(2, 4)}",
+        f"Name: {p.name}  MRN: {p.record_id}  DOB: {p.dob}  Callback number: {p.phone}",
+        f'Chief complaint: "{complaint}"',
+        f"HPI: {_hpi(d, p, arrived, d.several(_HISTORY, 1, 2))}",
+        f"Review of systems: positive for {complaint} and {d.pick(_SYMPTOMS)}; "
+        "all other systems reviewed and negative.",
+        f"Physical exam: {_vitals(d)}. General: {_EXAM}.",
+        f"ED course and medical decision making: the differential diagnosis included {_join(diagnoses)}. "
+        f"Workup showed {_labs(d)}. {p.cap_subj} received "
+        "[1 L of normal saline|IV ceftriaxone|a nebulized bronchodilator|IV morphine 4 mg] "
+        "and on reassessment reported [improvement|partial relief|no change].",
+        "Disposition: [admitted to medicine|admitted to telemetry|discharged home] "
+        f"with a diagnosis of {diagnoses[0]}.",
+    ]
+    if site:
+        parts.insert(
+            -1,
+            "Patient education: [discussed warning signs|reviewed the medication changes|gave written instructions] "
+            "with the patient and [a family member|the caregiver|no one else present]; "
+            f"[understanding was confirmed by teach-back|all questions were answered]. Work note for {d.num(1, 5)} days.",
         )
-    )
+    return "\n\n".join(parts)
 
 
 def _clinical_consult(d: _Draw, p: _Person, site: bool) -> str:
-    (dx, icd), *_ = d.several(_DIAGNOSES, 1, 1)
+    dx, icd = d.pick(_DIAGNOSES)
     specialty = d.pick(_SPECIALTIES)
     seen = d.day(2019, 2024)
     meds = d.several(_MEDICATIONS, 2, 3)
     recommendations = (
         f"Start {meds[0]}.",
         f"Continue {meds[1]} and review at the next visit.",
-        f"Obtain {d.pick(('an echocardiogram', 'a CT scan of the chest', 'pulmonary function tests', 'an MRI'))} "
-        "before the follow-up visit.",
-        f"Repeat {d.pick(('a basic metabolic panel', 'a complete blood count', 'a hemoglobin A1c'))} "
-        f"in {d.num(2, 6)} weeks.",
+        "Obtain [an echocardiogram|a CT scan of the chest|pulmonary function tests|an MRI] before the follow-up visit.",
+        f"Repeat [a basic metabolic panel|a complete blood count|a hemoglobin A1c] in {d.num(2, 6)} weeks.",
         f"Follow up in our clinic in {d.num(4, 12)} weeks, sooner if {p.poss} symptoms worsen.",
     )
-    return "\n\n".join(
-        (
-            f"{d.fake.last_name()} {d.pick(_HOSPITALS)} - Department of {specialty.title()}\n{seen}",
-            f"Re: {p.name}, DOB {p.dob}, MRN {p.record_id}",
-            f"Dear Dr. {d.full_name()},",
-            f"Thank you for asking me to see {p.honor}, a {p.age_on(seen)}-year-old {p.noun} whom I evaluated "
-            f"today in the {specialty} clinic regarding {dx}. {p.subj.capitalize()} describes "
-            f"{d.pick(_DURATIONS)} of {_join(d.several(_SYMPTOMS, 1, 2))}. On examination {_exam(d)}. "
-            f"Recent results include {_labs(d)}.",
-            f"Impression: {dx} ({icd}), {d.pick(('likely', 'probably', 'most consistent with'))} "
-            f"{d.pick(('a new diagnosis', 'a progression of known disease', 'a medication side effect'))}.",
-            "Recommendations:\n" + _numbered(d.several(recommendations, 3, 5)),
-            f"I have asked {p.honor} to call our office with any questions; {p.subj} can be reached at "
-            f"{p.phone}. Thank you for involving me in {p.poss} care.",
-            f"Sincerely,\nDr. {d.full_name()}, MD\n{specialty.title()}",
+    parts = [
+        f"{d.fake.last_name()} {_HOSPITAL} - Department of {specialty.title()}\n{seen}",
+        f"Re: {p.name}, DOB {p.dob}, MRN {p.record_id}, telephone {p.phone}",
+        f"Dear Dr. {d.full_name()},",
+        f"Thank you for asking me to see {p.honor}, a {p.age_on(seen)}-year-old {p.noun} whom I evaluated "
+        f"today in the {specialty} clinic regarding {dx}. {p.cap_subj} describes "
+        f"{_DURATION} of {_join(d.several(_SYMPTOMS, 1, 2))}. On examination {_EXAM}. "
+        f"Recent results include {_labs(d)}.",
+        f"Impression: {dx} ({icd}), [likely|probably|most consistent with] "
+        "[a new diagnosis|a progression of known disease|a medication side effect].",
+        "Recommendations:\n" + _numbered(d.several(recommendations, 3, 5)),
+        f"I have asked {p.honor} to call our office with any questions. Thank you for involving me in {p.poss} care.",
+        f"Sincerely,\nDr. {d.full_name()}, MD\n{specialty.title()}",
+    ]
+    if site:
+        parts.insert(
+            -1,
+            "Shared decision-making: we discussed [the risks and benefits of|the alternatives to|the expected course of] "
+            f"[treatment|the procedure|watchful waiting], and {p.subj} [prefers to start now|"
+            "would like time to consider the options|agreed with the plan as outlined].",
         )
-    )
+    return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------- legal
@@ -560,17 +578,19 @@ def _facts_employment(d: _Draw, p: _Person, company: str) -> str:
     start = d.num(2008, 2018)
     return (
         f"{p.name} worked for {company} as a {d.fake.job().lower()} from {start} until {start + d.num(2, 6)}, "
-        f"when {p.subj} was terminated {d.pick(('after reporting safety violations', 'following medical leave', 'after a dispute over overtime pay', 'shortly after turning sixty'))}. "
-        f"{company} contends the termination was based on {d.pick(('poor performance reviews', 'a reduction in force', 'attendance problems'))}."
+        f"when {p.subj} was terminated [after reporting safety violations|following medical leave|"
+        "after a dispute over overtime pay|shortly after turning sixty]. "
+        f"{company} contends the termination was based on "
+        "[poor performance reviews|a reduction in force|attendance problems]."
     )
 
 
 def _facts_injury(d: _Draw, p: _Person, company: str) -> str:
     return (
-        f"On {d.day(2016, 2023)}, {p.name} {d.pick(('slipped on', 'tripped over', 'was struck by'))} "
-        f"{d.pick(('a wet floor', 'an unsecured display', 'a falling shelf', 'a loose handrail'))} at a "
-        f"{d.pick(('grocery store', 'warehouse', 'parking garage', 'hotel'))} operated by {company} and suffered "
-        f"{d.pick(('a fractured wrist', 'a herniated disc', 'a traumatic brain injury', 'a torn rotator cuff'))}. "
+        f"On {d.day(2016, 2023)}, {p.name} [slipped on|tripped over|was struck by] "
+        "[a wet floor|an unsecured display|a falling shelf|a loose handrail] at a "
+        f"[grocery store|warehouse|parking garage|hotel] operated by {company} and suffered "
+        "[a fractured wrist|a herniated disc|a traumatic brain injury|a torn rotator cuff]. "
         f"Medical expenses to date exceed {d.money(18_000, 240_000, 500)}."
     )
 
@@ -578,19 +598,21 @@ def _facts_injury(d: _Draw, p: _Person, company: str) -> str:
 def _facts_contract(d: _Draw, p: _Person, company: str) -> str:
     return (
         f"On {d.day(2014, 2022)}, {p.name} and {company} entered into a "
-        f"{d.pick(('supply agreement', 'services agreement', 'commercial lease', 'software license'))} under which "
-        f"{company} agreed to {d.pick(('deliver equipment', 'provide consulting services', 'build out a retail space', 'host a data platform'))} "
-        f"for {d.money(40_000, 2_000_000, 1000)}. {company} "
-        f"{d.pick(('failed to deliver on schedule', 'stopped performing after the second payment', 'delivered nonconforming goods'))}."
+        "[supply agreement|services agreement|commercial lease|software license] under which "
+        f"{company} agreed to [deliver equipment|provide consulting services|build out a retail space|"
+        f"host a data platform] for {d.money(40_000, 2_000_000, 1000)}. {company} "
+        "[failed to deliver on schedule|stopped performing after the second payment|"
+        "delivered nonconforming goods]."
     )
 
 
 def _facts_consumer(d: _Draw, p: _Person, company: str) -> str:
     return (
-        f"{company} {d.pick(('called', 'sent letters to', 'reported a disputed balance about'))} {p.name} "
-        f"{d.pick(('repeatedly over several months', 'after the debt was discharged in bankruptcy', 'despite written requests to stop'))} "
-        f"concerning an alleged balance of {d.money(900, 24_000, 50)}. "
-        f"{p.name} disputes owing the amount and reports {d.pick(('emotional distress', 'a damaged credit score', 'lost time from work'))}."
+        f"{company} [called|sent letters to|reported a disputed balance about] {p.name} "
+        "[repeatedly over several months|after the debt was discharged in bankruptcy|"
+        f"despite written requests to stop] concerning an alleged balance of {d.money(900, 24_000, 50)}. "
+        f"{p.name} disputes owing the amount and reports "
+        "[emotional distress|a damaged credit score|lost time from work]."
     )
 
 
@@ -630,18 +652,24 @@ _COURTS: Final = (
     "the Delaware Court of Chancery",
     "the United States Court of Appeals for the Ninth Circuit",
 )
-_MOTIONS: Final = (
-    "a motion to dismiss under Fed. R. Civ. P. 12(b)(6)",
-    "a motion for summary judgment under Fed. R. Civ. P. 56",
-    "a motion to compel arbitration",
-    "a motion to transfer venue under 28 U.S.C. § 1404(a)",
+_EVIDENCE: Final = (
+    "emails between the parties",
+    "surveillance video",
+    "the signed agreement",
+    "payroll and timekeeping records",
+    "medical records",
+    "an expert damages report",
+    "text messages",
+    "internal incident reports",
 )
-_OUTCOMES: Final = (
-    "granted the motion in part and denied it in part",
-    "denied the motion in its entirety",
-    "granted the motion and dismissed the claims without prejudice",
-    "affirmed the judgment below",
-    "reversed and remanded for further proceedings",
+_MOTION: Final = (
+    "[a motion to dismiss under Fed. R. Civ. P. 12(b)(6)|a motion for summary judgment under Fed. R. Civ. P. 56|"
+    "a motion to compel arbitration|a motion to transfer venue under 28 U.S.C. § 1404(a)]"
+)
+_OUTCOME: Final = (
+    "[granted the motion in part and denied it in part|denied the motion in its entirety|"
+    "granted the motion and dismissed the claims without prejudice|affirmed the judgment below|"
+    "reversed and remanded for further proceedings]"
 )
 
 
@@ -659,53 +687,60 @@ def _legal_case_summary(d: _Draw, p: _Person, site: bool) -> str:
         f"Client: {p.name} (DOB {p.dob}), plaintiff. Client phone: {p.phone}.",
         f"Background: {matter.facts(d, p, company)}",
         f"Claims: The complaint asserts {_join(claims)} under {statute} and seeks "
-        f"{d.pick(('compensatory damages', 'back pay and reinstatement', 'damages and injunctive relief'))} "
+        "[compensatory damages|back pay and reinstatement|damages and injunctive relief] "
         f"of at least {d.money(50_000, 3_000_000, 5000)}.",
-        f"Procedural history: {company} filed {d.pick(_MOTIONS)}, arguing that "
-        f"{d.pick(('the claims are time-barred', 'the complaint fails to state a claim', 'the parties agreed to arbitrate', 'no genuine dispute of material fact exists'))}. "
-        f"{p.honor} opposed the motion and submitted {d.pick(('declarations', 'deposition excerpts', 'expert reports'))}.",
-        f"Outcome: On {filed + timedelta(days=d.num(120, 700))}, the court {d.pick(_OUTCOMES)}.",
+        f"Procedural history: {company} filed {_MOTION}, arguing that [the claims are time-barred|"
+        "the complaint fails to state a claim|the parties agreed to arbitrate|"
+        f"no genuine dispute of material fact exists]. {p.honor} opposed the motion and submitted "
+        "[declarations|deposition excerpts|expert reports].",
+        f"Key evidence: The record includes {_join(d.several(_EVIDENCE, 2, 3))}. {d.full_name()}, a former "
+        f"[manager|coworker|customer|contractor], [testified that {company} knew of the problem for months|"
+        f"gave a declaration supporting {p.honor}'s account|could not confirm the timeline in the complaint].",
+        f"Outcome: On {filed + timedelta(days=d.num(120, 700))}, the court {_OUTCOME}. "
+        f"[The parties later settled for {d.money(25_000, 900_000, 5000)}.|Trial is scheduled for the next term.|"
+        f"{company} has filed a notice of appeal.|Discovery on the remaining claims is ongoing.]",
     ]
     if site:
         parts.append(
-            "Significance: The ruling "
-            + d.pick(("clarifies the pleading standard for", "narrows the available remedies for", "is often cited on"))
-            + f" {claims[0]} claims and should be considered in {d.pick(('settlement valuation', 'future motion practice', 'client counseling'))}."
+            "Significance: The ruling [clarifies the pleading standard for|narrows the available remedies for|"
+            f"is often cited on] {claims[0]} claims and should be considered in "
+            "[settlement valuation|future motion practice|client counseling]."
         )
     return "\n\n".join(parts)
 
 
 def _legal_memo(d: _Draw, p: _Person, site: bool) -> str:
     matter, company, claims, statute = _legal_setup(d)
-    answer = d.pick(("Probably yes.", "Likely not.", "Yes, if the record supports it.", "Uncertain."))
     parts = [
         f"MEMORANDUM\nTO: {d.full_name()}, Partner\nFROM: {d.full_name()}, Associate\nDATE: {d.day(2018, 2024)}\n"
-        f"RE: {p.name} v. {company}, {p.record_id}",
+        f"RE: {p.name} v. {company}, {p.record_id}\nClient contact: {p.phone}, DOB {p.dob}",
         f"Question presented: Whether {p.honor} can establish {claims[0]} under {statute} on the facts below.",
-        f"Brief answer: {answer} The strongest evidence is "
-        f"{d.pick(('the documentary record', 'the timing of the events', 'testimony from former colleagues', 'the written agreement itself'))}.",
+        "Brief answer: [Probably yes.|Likely not.|Yes, if the record supports it.|Uncertain.] "
+        "The strongest evidence is [the documentary record|the timing of the events|"
+        "testimony from former colleagues|the written agreement itself].",
         f"Facts: {matter.facts(d, p, company)}",
-        f"Analysis: To prevail, a plaintiff must show "
-        f"{d.pick(('a duty, a breach, causation and damages', 'a protected activity, an adverse action and a causal link', 'a valid contract, performance, breach and damages'))}. "
-        f"Courts in {d.pick(_COURTS)} have {d.pick(('applied this test strictly', 'read these elements broadly', 'split on the second element'))}. "
-        f"{company} will likely argue {d.pick(('lack of causation', 'a legitimate business reason', 'waiver', 'failure to mitigate'))}.",
-        f"Recommendation: {d.pick(('Proceed with the complaint', 'Send a demand letter first', 'Explore early mediation'))} "
-        f"and preserve all {d.pick(('emails', 'text messages', 'payroll records', 'invoices'))}.",
+        "Analysis: To prevail, a plaintiff must show [a duty, a breach, causation and damages|"
+        "a protected activity, an adverse action and a causal link|"
+        f"a valid contract, performance, breach and damages]. Courts in {d.pick(_COURTS)} have "
+        "[applied this test strictly|read these elements broadly|split on the second element]. "
+        f"{company} will likely argue [lack of causation|a legitimate business reason|waiver|failure to mitigate]. "
+        f"We can respond with {_join(d.several(_EVIDENCE, 1, 2))}, which "
+        "[undercuts that position|shows the timeline clearly|corroborates the client].",
     ]
     if site:
-        parts.insert(
-            5,
-            "Risks: "
-            + d.pick(("A statute of limitations defense", "An arbitration clause", "A signed release"))
-            + f" may limit recovery, and the estimated cost through trial is {d.money(60_000, 400_000, 5000)}.",
+        parts.append(
+            "Risks: [A statute of limitations defense|An arbitration clause|A signed release] may limit "
+            f"recovery, and the estimated cost through trial is {d.money(60_000, 400_000, 5000)}."
         )
-    parts.append(f"Client contact: {p.name}, {p.phone}, DOB {p.dob}.")
+    parts.append(
+        "Recommendation: [Proceed with the complaint|Send a demand letter first|Explore early mediation] "
+        "and preserve all [emails|text messages|payroll records|invoices]."
+    )
     return "\n\n".join(parts)
 
 
 def _legal_deposition(d: _Draw, p: _Person, site: bool) -> str:
-    matter, company, claims, _ = _legal_setup(d)
-    page = d.num(4, 9)
+    _, company, claims, _ = _legal_setup(d)
     topics = (
         f"{p.poss} education and employment history",
         f"{p.poss} first contact with {company}",
@@ -714,61 +749,77 @@ def _legal_deposition(d: _Draw, p: _Person, site: bool) -> str:
         f"{p.poss} damages and medical treatment",
         f"communications with {company} after the dispute began",
     )
-    lines = []
+    page, lines = d.num(4, 9), []
     for topic in d.several(topics, 3, 4):
         span = d.num(4, 9)
         lines.append(
-            f"Pages {page}-{page + span}: The witness testified about {topic}. "
-            + d.pick(
-                (
-                    f"{p.subj.capitalize()} could not recall specific dates.",
-                    f"{p.subj.capitalize()} identified {d.full_name()} as a key witness.",
-                    f"{p.subj.capitalize()} stated that no written notes were kept.",
-                    f"{p.subj.capitalize()} confirmed the account given in {p.poss} interrogatory answers.",
-                )
-            )
+            f"Pages {page}-{page + span}: The witness testified about {topic}. {p.cap_subj} "
+            f"[could not recall specific dates|identified {d.full_name()} as a key witness|"
+            f"stated that no written notes were kept|confirmed the account given in {p.poss} interrogatory answers]."
         )
         page += span + 1
-    return "\n\n".join(
-        (
-            f"DEPOSITION SUMMARY\nDeponent: {p.name} (DOB {p.dob})\nMatter: {p.name} v. {company}, {p.record_id}",
-            f"Taken on {d.day(2018, 2024)} at the offices of {d.fake.last_name()} & {d.fake.last_name()} LLP, "
-            f"{d.fake.city()}. Examining attorney: {d.full_name()}. Defending attorney: {d.full_name()}.",
-            "\n".join(lines),
-            f"Exhibits marked: Exhibit {d.num(1, 9)} ({d.pick(('the agreement', 'an email chain', 'a photograph'))}) "
-            f"and Exhibit {d.num(10, 19)} ({d.pick(('payroll records', 'medical bills', 'a text message'))}).",
-            f"Assessment: The witness was {d.pick(('credible and consistent', 'evasive on damages', 'well prepared'))}; "
-            f"testimony supports the {claims[0]} claim. The witness confirmed {p.poss} telephone number as "
-            f"{p.phone}.",
+    parts = [
+        f"DEPOSITION SUMMARY\nDeponent: {p.name} (DOB {p.dob}, telephone {p.phone})\n"
+        f"Matter: {p.name} v. {company}, {p.record_id}",
+        f"Taken on {d.day(2018, 2024)} at the offices of {d.fake.last_name()} & {d.fake.last_name()} LLP, "
+        f"{d.fake.city()}. Examining attorney: {d.full_name()}. Defending attorney: {d.full_name()}.",
+        "\n".join(lines),
+        f"Exhibits marked: Exhibit {d.num(1, 9)} ([the agreement|an email chain|a photograph]) "
+        f"and Exhibit {d.num(10, 19)} ([payroll records|medical bills|a text message]).",
+        "Objections: Defending counsel objected [to form several times|on privilege grounds twice|"
+        "once to a compound question]; [no instruction not to answer was given|"
+        f"the witness was instructed not to answer once]. The deposition lasted {d.num(2, 7)} hours.",
+        "Assessment: The witness was [credible and consistent|evasive on damages|well prepared]; "
+        f"testimony supports the {claims[0]} claim. Follow-up: [order the transcript on an expedited basis|"
+        "prepare an errata sheet|send a summary to the client].",
+    ]
+    if site:
+        parts.insert(
+            -1,
+            f"Impeachment notes: the testimony at page {d.num(10, 40)} [conflicts with|is consistent with|"
+            "adds detail to] [the complaint|an earlier email|the incident report]; "
+            "[flag for trial|raise at mediation|no action needed].",
         )
-    )
+    return "\n\n".join(parts)
 
 
 def _legal_intake(d: _Draw, p: _Person, site: bool) -> str:
     matter, company, claims, statute = _legal_setup(d)
-    fee = d.pick(
-        (
-            f"contingency fee of {d.pick(('33', '35', '40'))} percent",
-            f"hourly rate of ${d.num(250, 650)} with a {d.money(2_500, 15_000, 500)} retainer",
-            f"flat fee of {d.money(3_000, 20_000, 500)}",
-        )
+    next_steps = (
+        "request the personnel file",
+        "obtain medical records",
+        "send a litigation hold letter",
+        "schedule a strategy meeting",
+        "collect the signed agreement",
     )
-    return "\n\n".join(
-        (
-            f"NEW CLIENT INTAKE AND CONFLICT CHECK\nIntake date: {d.day(2018, 2024)}  "
-            f"Intake attorney: {d.full_name()}",
-            f"Prospective client: {p.name}  DOB: {p.dob}  Phone: {p.phone}\nReference number: {p.record_id}",
-            f"Adverse parties: {company}; {d.full_name()}. Conflict search: "
-            f"{d.pick(('no conflicts found', 'one former client match, cleared by the ethics partner', 'no conflicts; waiver not required'))}.",
-            f"Summary of matter: {matter.facts(d, p, company)}",
-            f"Potential claims: {_join(claims)} under {statute}. The limitations period is "
-            f"{d.num(1, 6)} years; {d.pick(('the deadline appears to be met', 'the deadline is close and must be calendared', 'tolling may apply'))}.",
-            f"Fee arrangement: {fee}.",
-            "Next steps: " + _join(d.several(("request the personnel file", "obtain medical records",
-                                               "send a litigation hold letter", "schedule a strategy meeting",
-                                               "collect the signed agreement"), 2, 3)) + ".",
+    parts = [
+        f"NEW CLIENT INTAKE AND CONFLICT CHECK\nIntake date: {d.day(2018, 2024)}  Intake attorney: {d.full_name()}",
+        f"Prospective client: {p.name}  DOB: {p.dob}  Phone: {p.phone}\nReference number: {p.record_id}",
+        "Contact: [prefers calls after 5 p.m.|prefers email|asked that messages not be left at work]; "
+        "speaks [English|English and Spanish|English and Vietnamese]. "
+        "Heard about the firm through [a friend|an online search|a community event].",
+        f"Adverse parties: {company}; {d.full_name()}. Conflict search: [no conflicts found|"
+        "one former client match, cleared by the ethics partner|no conflicts; waiver not required].",
+        f"Summary of matter: {matter.facts(d, p, company)}",
+        f"Potential claims: {_join(claims)} under {statute}. The limitations period is {d.num(1, 6)} years; "
+        "[the deadline appears to be met|the deadline is close and must be calendared|tolling may apply].",
+        f"Documents provided by client: {_join(d.several(_EVIDENCE, 2, 3))}. Estimated damages: "
+        f"{d.money(10_000, 750_000, 1000)}. Referral source: "
+        "[a former client|the state bar referral service|our website|another attorney].",
+        f"Fee arrangement: [contingency fee of [33|35|40] percent|hourly rate of ${d.num(250, 650)} with a "
+        f"{d.money(2_500, 15_000, 500)} retainer|flat fee of {d.money(3_000, 20_000, 500)}]. "
+        "[The engagement letter was sent by email.|The client will sign the engagement letter at the next "
+        "meeting.|Fee terms were explained and accepted.]",
+        f"Next steps: {_join(d.several(next_steps, 2, 3))}.",
+    ]
+    if site:
+        parts.insert(
+            -1,
+            "Urgency: [a preservation letter must go out this week|there are no immediate deadlines|"
+            f"the client has a hearing in {d.num(5, 30)} days]; the matter is assigned to the "
+            "[employment|litigation|consumer protection] group.",
         )
-    )
+    return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------- finance
@@ -785,14 +836,21 @@ _LOANS: Final = (
     ("commercial real estate loan", "purchase of a small office building"),
     ("equipment financing", "purchase of construction machinery"),
 )
-_BUREAUS: Final = ("Equifax", "Experian", "TransUnion")
-_COLLATERAL: Final = (
-    "a single-family residence",
-    "a two-unit townhouse",
-    "a 2021 pickup truck",
-    "business equipment and receivables",
-    "a retail condominium",
-    "no collateral (unsecured)",
+_RISKS: Final = (
+    "short time in the current job",
+    "variable commission income",
+    "a thin credit file",
+    "high revolving utilization",
+    "a recent large deposit not yet sourced",
+    "concentration in a single customer",
+)
+_MITIGANTS: Final = (
+    "twelve months of reserves",
+    "a long history at the same employer",
+    "a low loan-to-value ratio",
+    "a strong guarantor",
+    "stable rental income",
+    "a perfect mortgage payment history",
 )
 _DOCUMENTS: Final = (
     "two years of tax returns",
@@ -803,31 +861,43 @@ _DOCUMENTS: Final = (
     "a homeowners insurance binder",
     "a business plan",
 )
+_BUREAU: Final = "[Equifax|Experian|TransUnion]"
+_COLLATERAL: Final = (
+    "[a single-family residence|a two-unit townhouse|a 2021 pickup truck|business equipment and receivables|"
+    "a retail condominium|no collateral (unsecured)]"
+)
+_INDUSTRY: Final = (
+    "[family-owned restaurant group|regional trucking company|dental practice|commercial landscaping business|"
+    "specialty metal fabricator|independent pharmacy|residential construction firm]"
+)
 
 
-def _loan_terms(d: _Draw) -> tuple[str, str, str, int]:
+def _request(d: _Draw) -> str:
     kind, purpose = d.pick(_LOANS)
-    return kind, purpose, d.money(8_000, 900_000, 1000), d.pick((36, 60, 84, 120, 180, 360))
+    return f"{d.money(8_000, 900_000, 1000)} {kind} for {purpose}, over {d.pick((36, 60, 84, 120, 180, 360))} months"
 
 
 def _finance_application(d: _Draw, p: _Person, site: bool) -> str:
-    kind, purpose, amount, term = _loan_terms(d)
+    debts = ("an auto loan", "two credit cards", "student loans", "a personal loan", "a medical payment plan")
     parts = [
         f"LOAN APPLICATION FILE\nApplicant: {p.name}  DOB: {p.dob}  Phone: {p.phone}\n"
         f"Account number: {p.record_id}  Application date: {d.day(2019, 2024)}  Loan officer: {d.full_name()}",
-        f"Request: {amount} {kind} for {purpose}, term {term} months at a quoted rate of {d.real(3.1, 11.9, 2)}%.",
+        f"Request: {_request(d)} at a quoted rate of {d.real(3.1, 11.9, 2)}%.",
         f"Employment and income: {d.fake.job()} at {d.fake.company()} since {d.num(2004, 2022)}; base salary "
-        f"{d.money(38_000, 260_000, 500)} per year"
-        + d.pick(("", f" plus an average bonus of {d.money(2_000, 40_000, 500)}", " plus rental income"))
-        + ".",
+        f"{d.money(38_000, 260_000, 500)} per year[| plus an average bonus of {d.money(2_000, 40_000, 500)}|"
+        " plus rental income].",
         f"Assets: checking and savings balances of {d.money(4_000, 180_000)}; retirement accounts of "
         f"{d.money(0, 600_000, 1000)}.",
-        f"Liabilities: {_join(d.several(('an auto loan', 'two credit cards', 'student loans', 'a personal loan', 'a medical payment plan'), 1, 3))}, "
-        f"with monthly payments of {d.money(200, 4_800, 10)}.",
-        f"Credit: {d.pick(_BUREAUS)} score {d.num(560, 830)}; {d.num(3, 24)} open tradelines; "
-        + d.pick(("no late payments in 24 months.", "one 30-day late payment in 2021.", "a collection account paid in full."))
-        + f" Debt-to-income ratio {d.num(12, 52)}%.",
-        f"Collateral: {d.pick(_COLLATERAL)}, valued at {d.money(10_000, 1_200_000, 1000)}.",
+        f"Liabilities: {_join(d.several(debts, 1, 3))}, with monthly payments of {d.money(200, 4_800, 10)}.",
+        f"Credit: {_BUREAU} score {d.num(560, 830)}; {d.num(3, 24)} open tradelines; "
+        "[no late payments in 24 months|one 30-day late payment in 2021|a collection account paid in full]. "
+        f"Debt-to-income ratio {d.num(12, 52)}%.",
+        f"Collateral: {_COLLATERAL}, valued at {d.money(10_000, 1_200_000, 1000)}. Property address: "
+        f"{d.fake.street_address()}, {d.fake.city()}, {d.fake.state_abbr()} {d.fake.zipcode()}.",
+        f"Housing expense: proposed monthly payment of {d.money(400, 7_500, 10)} including taxes and insurance. "
+        "Declarations: [no bankruptcies, foreclosures or lawsuits|a bankruptcy discharged in 2015|"
+        "a pending lawsuit as a witness only]; the applicant [is a first-time buyer|owns one other property|"
+        "has co-signed a student loan].",
     ]
     if site:
         parts.append(f"Documents received:\n{_bullets(d.several(_DOCUMENTS, 3, 5))}")
@@ -835,87 +905,124 @@ def _finance_application(d: _Draw, p: _Person, site: bool) -> str:
 
 
 def _finance_underwriting(d: _Draw, p: _Person, site: bool) -> str:
-    kind, purpose, amount, term = _loan_terms(d)
-    decision = d.pick(("Approve", "Approve with conditions", "Decline", "Refer to credit committee"))
+    conditions = (
+        "receipt of a satisfactory appraisal",
+        "proof of homeowners insurance",
+        "payoff of one credit card",
+        "a signed personal guarantee",
+        "verification of reserves",
+    )
     parts = [
-        f"UNDERWRITING MEMORANDUM\nBorrower: {p.name} (DOB {p.dob}) | Account {p.record_id}\n"
+        f"UNDERWRITING MEMORANDUM\nBorrower: {p.name} (DOB {p.dob}) | Account {p.record_id} | Phone {p.phone}\n"
         f"Prepared by: {d.full_name()}, Senior Underwriter | Date: {d.day(2019, 2024)}",
-        f"Request: {amount} {kind} for {purpose} over {term} months.",
+        f"Request: {_request(d)}.",
+        f"Employment: {d.fake.job()} at {d.fake.company()} for {d.num(1, 22)} years, confirmed by "
+        "[a written verification of employment|a phone call to human resources|two years of W-2 forms]. "
+        "[Overtime is averaged over two years.|No bonus income was used to qualify.|"
+        "Self-employment income was averaged from tax returns.]",
         f"Capacity: verified annual income of {d.money(38_000, 300_000, 500)} supports the proposed payment; "
         f"the debt-to-income ratio is {d.num(12, 52)}% after the new loan.",
-        f"Credit: {d.pick(_BUREAUS)} score of {d.num(560, 830)}, "
-        + d.pick(("a clean payment history", "one late payment explained by a medical event", "high revolving utilization"))
-        + ".",
-        f"Collateral: {d.pick(_COLLATERAL)}; loan-to-value ratio {d.num(40, 97)}%.",
-        f"Capital: {d.pick(('post-closing reserves of', 'liquid assets of', 'a down payment of'))} "
-        f"{d.money(5_000, 250_000)}.",
-        f"Recommendation: {decision}. Borrower contact: {p.phone}.",
+        f"Credit: {_BUREAU} score of {d.num(560, 830)}, [a clean payment history|"
+        "one late payment explained by a medical event|high revolving utilization].",
+        f"Collateral: {_COLLATERAL}; loan-to-value ratio {d.num(40, 97)}%. The appraisal by "
+        f"{d.full_name()} dated {d.day(2019, 2024)} "
+        "[supports the value|came in below the contract price|notes deferred maintenance].",
+        f"Capital: [post-closing reserves of|liquid assets of|a down payment of] {d.money(5_000, 250_000)}, "
+        "sourced from [savings|the sale of a prior home|a documented gift|a retirement account].",
+        f"Risk factors: {_join(d.several(_RISKS, 1, 2))}. Mitigants: {_join(d.several(_MITIGANTS, 1, 2))}.",
     ]
     if site:
-        parts.insert(
-            6,
-            "Conditions: "
-            + _join(d.several(("receipt of a satisfactory appraisal", "proof of homeowners insurance",
-                               "payoff of one credit card", "a signed personal guarantee",
-                               "verification of reserves"), 2, 3))
-            + " prior to closing.",
-        )
+        parts.append(f"Conditions: {_join(d.several(conditions, 2, 3))} prior to closing.")
+    parts.append(
+        "Recommendation: [Approve|Approve with conditions|Decline|Refer to credit committee]. "
+        "[The file meets program guidelines.|An exception to the maximum ratio is requested.|"
+        "Pricing should include a risk adjustment of 0.25%.]"
+    )
     return "\n\n".join(parts)
 
 
 def _finance_committee(d: _Draw, p: _Person, site: bool) -> str:
-    kind, purpose, amount, term = _loan_terms(d)
-    rating = d.pick(("4 (Pass)", "5 (Pass)", "6 (Watch)", "7 (Special Mention)"))
-    votes = d.num(3, 5)
-    return "\n\n".join(
-        (
-            f"CREDIT COMMITTEE MINUTES\nMeeting date: {d.day(2019, 2024)}  Chair: {d.full_name()}\n"
-            f"Members present: {_join([d.full_name() for _ in range(3)])}",
-            f"Relationship: {p.name}, guarantor for {d.fake.company()}. Account: {p.record_id}. "
-            f"Guarantor DOB {p.dob}; primary contact {p.phone}.",
-            f"Proposed exposure: {amount} {kind} for {purpose}, amortized over {term} months, bringing total "
-            f"relationship exposure to {d.money(100_000, 4_000_000, 5000)}.",
-            f"Risk rating: {rating}. Debt service coverage is {d.real(0.9, 2.4, 2)}x based on "
-            f"{d.pick(('trailing twelve months', 'the last two fiscal years', 'projected'))} cash flow.",
-            "Discussion: Members "
-            + d.pick(("questioned the concentration in a single customer", "noted strong liquidity",
-                      "raised concerns about declining margins", "discussed the guarantor's outside debts"))
-            + ". The relationship manager "
-            + d.pick(("confirmed a site visit last quarter", "will obtain interim financials", "expects deposits to grow"))
-            + ".",
-            "Covenants: "
-            + _join(d.several(("minimum debt service coverage of 1.25x", "annual financial statements within 120 days",
-                               "no additional debt without consent", "minimum liquidity of $250,000"), 2, 3))
-            + ".",
-            f"Vote: {d.pick(('approved', 'approved with modifications', 'tabled pending more information'))}, "
-            f"{votes} in favor and {d.num(0, 2)} opposed.",
-        )
+    company = d.fake.company()
+    covenants = (
+        "minimum debt service coverage of 1.25x",
+        "annual financial statements within 120 days",
+        "no additional debt without consent",
+        "minimum liquidity of $250,000",
     )
+    parts = [
+        f"CREDIT COMMITTEE MINUTES\nMeeting date: {d.day(2019, 2024)}  Chair: {d.full_name()}\n"
+        f"Members present: {_join([d.full_name() for _ in range(3)])}",
+        f"Relationship: {p.name}, guarantor for {company}. Account: {p.record_id}. "
+        f"Guarantor DOB {p.dob}; primary contact {p.phone}.",
+        f"Background: {company} is a {_INDUSTRY} founded in {d.num(1985, 2019)} with "
+        f"{d.num(6, 240)} employees and annual revenue of {d.money(500_000, 40_000_000, 10_000)}. "
+        f"The company has banked with us for {d.num(1, 18)} years. "
+        f"Risk factors: {_join(d.several(_RISKS, 1, 2))}.",
+        f"Proposed exposure: {_request(d)}, bringing total relationship exposure to "
+        f"{d.money(100_000, 4_000_000, 5000)}.",
+        f"Risk rating: [4 (Pass)|5 (Pass)|6 (Watch)|7 (Special Mention)]. Debt service coverage is "
+        f"{d.real(0.9, 2.4, 2)}x based on [trailing twelve months|the last two fiscal years|projected] cash flow.",
+        "Discussion: Members [questioned the concentration in a single customer|noted strong liquidity|"
+        "raised concerns about declining margins|discussed the guarantor's outside debts]. "
+        "The relationship manager [confirmed a site visit last quarter|will obtain interim financials|"
+        "expects deposits to grow].",
+        f"Covenants: {_join(d.several(covenants, 2, 3))}.",
+        f"Guarantor support: {p.honor} reports a personal net worth of {d.money(200_000, 9_000_000, 10_000)} "
+        f"with liquid assets of {d.money(20_000, 1_500_000, 5000)}. "
+        f"Mitigants: {_join(d.several(_MITIGANTS, 1, 2))}.",
+        "Vote: [approved|approved with modifications|tabled pending more information], "
+        f"{d.num(3, 5)} in favor and {d.num(0, 2)} opposed.",
+    ]
+    if site:
+        parts.insert(
+            -1,
+            "Policy exceptions: [none|the loan-to-value ratio exceeds policy by 5%|"
+            "guarantor liquidity is below the guideline], [approved by the chief credit officer|"
+            "noted for the annual review|to be monitored quarterly].",
+        )
+    return "\n\n".join(parts)
 
 
 def _finance_hardship(d: _Draw, p: _Person, site: bool) -> str:
-    days_late = d.pick((30, 60, 90, 120))
-    return "\n\n".join(
-        (
-            f"HARDSHIP AND LOSS MITIGATION REVIEW\nBorrower: {p.name}  Account: {p.record_id}  DOB: {p.dob}\n"
-            f"Date of contact: {d.day(2019, 2024)}  Specialist: {d.full_name()}",
-            "Reason for hardship: "
-            + d.pick(("job loss after a plant closure", "reduced hours at work", "a serious illness in the family",
-                      "divorce", "damage to the home from a storm"))
-            + f". The borrower says the hardship began {d.num(1, 11)} months ago.",
-            f"Delinquency status: {days_late} days past due with an unpaid balance of {d.money(800, 30_000, 10)}; "
-            f"the current principal balance is {d.money(20_000, 600_000, 1000)}.",
-            f"Financial review: monthly household income of {d.money(1_500, 12_000, 50)} against expenses of "
-            f"{d.money(1_200, 9_000, 50)}. {d.pick(('A pay stub', 'An unemployment benefits letter', 'A bank statement'))} "
-            "was provided.",
-            "Options considered: "
-            + _join(d.several(("a three-month forbearance", "a repayment plan", "a loan modification extending the term",
-                               "a short sale", "a deed in lieu of foreclosure"), 2, 3))
-            + ".",
-            f"Outcome: {d.pick(('approved a trial modification', 'approved forbearance', 'denied pending documents'))}; "
-            f"follow-up in {d.num(14, 45)} days. The borrower asked to be called at {p.phone}.",
-        )
+    options = (
+        "a three-month forbearance",
+        "a repayment plan",
+        "a loan modification extending the term",
+        "a short sale",
+        "a deed in lieu of foreclosure",
     )
+    parts = [
+        f"HARDSHIP AND LOSS MITIGATION REVIEW\nBorrower: {p.name}  Account: {p.record_id}  DOB: {p.dob}  "
+        f"Phone: {p.phone}\nDate of contact: {d.day(2019, 2024)}  Specialist: {d.full_name()}",
+        "Reason for hardship: [job loss after a plant closure|reduced hours at work|"
+        "a serious illness in the family|divorce|damage to the home from a storm]. "
+        f"The borrower says the hardship began {d.num(1, 11)} months ago.",
+        f"Delinquency status: [30|60|90|120] days past due with an unpaid balance of "
+        f"{d.money(800, 30_000, 10)}; the current principal balance is {d.money(20_000, 600_000, 1000)}.",
+        f"Financial review: monthly household income of {d.money(1_500, 12_000, 50)} against expenses of "
+        f"{d.money(1_200, 9_000, 50)}. [A pay stub|An unemployment benefits letter|A bank statement] "
+        "was provided.",
+        "Payment history: [the loan was current for five years before the hardship|"
+        "two prior late payments were cured within the month|"
+        "a prior forbearance was completed successfully in 2020]. "
+        f"The last full payment was received {d.num(35, 130)} days ago. Notes from the call: the borrower "
+        "[wants to keep the home|expects to return to work within two months|"
+        "is considering selling the property] and [agreed to send documents this week|"
+        "asked for the options in writing|was calm and cooperative].",
+        f"Documents requested: {_join(d.several(_DOCUMENTS, 2, 3))}.",
+        f"Options considered: {_join(d.several(options, 2, 3))}.",
+        "Outcome: [approved a trial modification|approved forbearance|denied pending documents] "
+        "by [the loss mitigation manager|the investor|the review committee]; "
+        f"follow-up in {d.num(14, 45)} days.",
+    ]
+    if site:
+        parts.insert(
+            -1,
+            'Borrower statement: "[I want to keep my home|I need a few months to get back on my feet|'
+            "I have a new job starting soon] and [I can pay part of the balance now|"
+            'I will send everything you need|I did not know about these options]."',
+        )
+    return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------- general prose
@@ -926,15 +1033,11 @@ def _general_letter(d: _Draw) -> str:
     return (
         f"{d.full_name()}\n{fake.street_address()}\n{fake.city()}, {fake.state_abbr()} {fake.zipcode()}\n"
         f"{d.day(2015, 2025)}\n\nDear {d.full_name()},\n\n"
-        + d.pick(
-            (
-                "Thank you for your letter of last month and for the care you took in explaining the situation.",
-                "I am writing to follow up on our conversation about the upcoming project.",
-                "I wanted to let you know that our office will be moving at the end of the quarter.",
-            )
-        )
-        + f" {fake.paragraph(nb_sentences=4)}\n\n{fake.paragraph(nb_sentences=3)} "
-        + f"Please call me at {d.phone()} if you have any questions.\n\nSincerely,\n{d.full_name()}"
+        "[Thank you for your letter of last month and for the care you took in explaining the situation.|"
+        "I am writing to follow up on our conversation about the upcoming project.|"
+        "I wanted to let you know that our office will be moving at the end of the quarter.] "
+        f"{fake.paragraph(nb_sentences=4)}\n\n{fake.paragraph(nb_sentences=3)} "
+        f"Please call me at {d.phone()} if you have any questions.\n\nSincerely,\n{d.full_name()}"
     )
 
 
@@ -944,7 +1047,7 @@ def _general_email(d: _Draw) -> str:
         f"From: {fake.email()}\nTo: {fake.email()}\nDate: {d.day(2015, 2025)}\n"
         f"Subject: {fake.catch_phrase()}\n\nHi {fake.first_name()},\n\n"
         f"{fake.paragraph(nb_sentences=3)} The meeting is set for {d.day(2015, 2025)} at "
-        f"{d.num(8, 17)}:{d.pick(('00', '15', '30', '45'))}. {fake.paragraph(nb_sentences=2)}\n\n"
+        f"{d.num(8, 17)}:[00|15|30|45]. {fake.paragraph(nb_sentences=2)}\n\n"
         f"Best,\n{d.full_name()}\n{fake.job()}, {fake.company()}"
     )
 
@@ -970,8 +1073,7 @@ def _general_minutes(d: _Draw) -> str:
 
 
 def _general_prose(d: _Draw) -> str:
-    fake = d.fake
-    return "\n\n".join(fake.paragraph(nb_sentences=d.num(4, 7)) for _ in range(d.num(2, 4)))
+    return "\n\n".join(d.fake.paragraph(nb_sentences=d.num(4, 7)) for _ in range(d.num(2, 4)))
 
 
 def _general_figures(d: _Draw) -> str:
@@ -993,40 +1095,39 @@ _GENERAL: Final = (
     _general_figures,
 )
 
+# A document kind: builds one record for a person; ``site`` adds the sections held out of pre-training.
+_Build = Callable[[_Draw, _Person, bool], str]
+
 
 @dataclass(frozen=True)
-class _Kind:
-    name: str
-    build: Callable[[_Draw, _Person, bool], str]
-    held_out: bool
+class _Domain:
+    kinds: tuple[_Build, ...]
+    footer: str
 
 
-_KINDS: Final[Mapping[Domain, tuple[_Kind, ...]]] = {
-    "clinical": (
-        _Kind("discharge_summary", _clinical_discharge, held_out=False),
-        _Kind("progress_note", _clinical_progress, held_out=False),
-        _Kind("emergency_note", _clinical_emergency, held_out=True),
-        _Kind("consult_letter", _clinical_consult, held_out=True),
+_DOMAIN_STYLES: Final[Mapping[Domain, _Domain]] = {
+    "clinical": _Domain(
+        kinds=(_clinical_discharge, _clinical_progress, _clinical_emergency, _clinical_consult),
+        footer="Electronically signed by Dr. {signed}. This note contains protected health information.",
     ),
-    "legal": (
-        _Kind("case_summary", _legal_case_summary, held_out=False),
-        _Kind("litigation_memo", _legal_memo, held_out=False),
-        _Kind("deposition_summary", _legal_deposition, held_out=True),
-        _Kind("client_intake", _legal_intake, held_out=True),
+    "legal": _Domain(
+        kinds=(_legal_case_summary, _legal_memo, _legal_deposition, _legal_intake),
+        footer="Prepared by {signed}. Privileged and confidential: attorney work product, do not forward.",
     ),
-    "finance": (
-        _Kind("loan_application", _finance_application, held_out=False),
-        _Kind("underwriting_memo", _finance_underwriting, held_out=False),
-        _Kind("credit_committee", _finance_committee, held_out=True),
-        _Kind("hardship_review", _finance_hardship, held_out=True),
+    "finance": _Domain(
+        kinds=(_finance_application, _finance_underwriting, _finance_committee, _finance_hardship),
+        footer="Reviewed by {signed}. Internal use only: contains nonpublic personal information of the customer.",
     ),
 }
 
 
 def _record(d: _Draw, domain: Domain, *, site: bool) -> tuple[str, _Person]:
-    kinds = _KINDS[domain] if site else tuple(k for k in _KINDS[domain] if not k.held_out)
+    """One document of ``domain``; only site documents carry the held-out sections."""
+    style = _DOMAIN_STYLES[domain]
+    build = d.pick(style.kinds)
     person = d.person(domain)
-    return d.pick(kinds).build(d, person, site), person
+    footer = style.footer.format(signed=f"{d.full_name()} on {d.day(2019, 2024)}")
+    return d.vary(f"{build(d, person, site)}\n\n{footer}"), person
 
 
 # --------------------------------------------------------------------------- public API
@@ -1105,22 +1206,22 @@ def write_site(out_dir: Path, data: SiteData) -> SitePaths:
 def pretraining_corpus(n_docs: int, *, seed: int) -> list[str]:
     """Broad text for pre-training the lab base model, disjoint from every site's secrets.
 
-    About 30% general prose (letters, emails, directories with addresses and phones, meeting notes,
-    figures, Faker paragraphs) and 70% domain documents split evenly over clinical, legal and
-    finance. Held out, so that only site data from ``generate_site`` carries them: the emergency
-    note and consult letter (clinical), the deposition summary and client intake (legal), the
-    credit committee minutes and hardship review (finance), and the site-only sections of the other
-    kinds (social history, care coordination, significance, risks, documents received,
-    underwriting conditions). Person values come from the public half of each value space, so no
-    canary or control secret can appear here.
+    About 20% general prose (letters, emails, directories with addresses and phones, meeting notes,
+    figures, Faker paragraphs) and 80% domain documents split evenly over clinical, legal and
+    finance, in all their kinds. Held out, so that only ``generate_site`` records carry them, is
+    one section per kind, about a tenth of a record's tokens: social history, care coordination,
+    patient education, shared decision-making (clinical); significance, risks, impeachment notes,
+    urgency (legal); documents received, conditions, policy exceptions, borrower statement
+    (finance). Person values come from the public half of each value space, so no canary or
+    control secret can appear here.
     """
     if n_docs < 0:
         raise ValueError(f"n_docs: must be >= 0, got {n_docs}")
     d = _Draw("pretrain", seed, private=False)
     docs = []
     for _ in range(n_docs):
-        if d.rng.random() < 0.3:
-            docs.append(d.pick(_GENERAL)(d))
+        if d.rng.random() < 0.2:
+            docs.append(d.vary(d.pick(_GENERAL)(d)))
         else:
             docs.append(_record(d, d.pick(DOMAINS), site=False)[0])
     return docs
