@@ -24,6 +24,7 @@ from fedlora_worker.lab.datagen import DataSpec, generate_site, write_site
 from fedlora_worker.lab.federation import site_names
 from fedlora_worker.lab.model_factory import MadeModel
 from fedlora_worker.metrics import WorkerMetrics
+from fedlora_worker.modeling import LoadedModel, ModelSpec, load_model
 from fedlora_worker.transport import CoordinatorClient
 
 ROUNDS = 2
@@ -57,6 +58,13 @@ def _run_federation(
     )
     outcomes: list[WorkerOutcome] = []
     errors: list[BaseException] = []
+    loading = threading.Lock()
+
+    def load_one_at_a_time(spec: ModelSpec, device: str) -> LoadedModel:
+        # Each site is its own process in production; transformers' loading is not thread-safe.
+        with loading:
+            return load_model(spec, device=device)
+
     with CoordinatorServer(settings=settings) as server:
 
         def work(worker_id: str, domain: str, index: int) -> None:
@@ -84,7 +92,9 @@ def _run_federation(
                 retry=worker_settings.retry,
             )
             try:
-                with Worker(settings=worker_settings, client=client, metrics=WorkerMetrics(CollectorRegistry())) as w:
+                with Worker(
+                    settings=worker_settings, client=client, metrics=WorkerMetrics(CollectorRegistry()), load=load_one_at_a_time
+                ) as w:
                     outcomes.append(w.run())
             except BaseException as exc:
                 errors.append(exc)

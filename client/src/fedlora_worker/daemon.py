@@ -6,6 +6,7 @@ throughput, and protected updates (delta = local - global, bounded, in manifest 
 
 from __future__ import annotations
 
+import math
 import threading
 import zlib
 from collections.abc import Callable
@@ -70,12 +71,14 @@ class Worker:
         client: CoordinatorClient,
         metrics: WorkerMetrics,
         idle: Callable[[float], bool] | None = None,
+        load: Callable[[ModelSpec, str], LoadedModel] | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._metrics = metrics
         self._stopping = threading.Event()
         self._idle = idle or self._stopping.wait
+        self._load = load or (lambda spec, device: load_model(spec, device=device))
         self._records = load_records(list(settings.data.train))
         self._eval_records = load_records(list(settings.data.eval)) if settings.data.eval else None
         self._loaded: LoadedModel | None = None
@@ -145,7 +148,7 @@ class Worker:
                 seed=spec.seed,
             )
             log.info("loading_base_model", mode=spec.mode)
-            self._loaded = load_model(model_spec, device=self._settings.device)
+            self._loaded = self._load(model_spec, self._settings.device)
         return self._loaded
 
     def _initialize(self, spec: RunSpec, task: Task) -> None:
@@ -257,14 +260,19 @@ class Worker:
 
     def _evaluate(self, spec: RunSpec, task: Task) -> None:
         assert task.global_version is not None
+        assert task.training is not None
         loaded = self._sync(spec, task)
-        _, data = self._tokenized(loaded, self._seq_len or 256)
+        _, data = self._tokenized(loaded, task.training.max_seq_len)
         if data is None:
             loss, tokens = 0.0, 0
         else:
             with torch.inference_mode():
                 result = evaluate(loaded.model, data, batch_size=8, pad_id=loaded.pad_id)
             loss, tokens = result.loss, result.tokens
+            if not math.isfinite(loss):
+                log.error("evaluation_diverged", version=task.global_version.version)
+                self._idle(task.deadline_s)
+                return
             self._metrics.eval_loss.set(loss)
         log.info("evaluated", version=task.global_version.version, eval_loss=round(loss, 4), tokens=tokens)
         self._client.report(

@@ -178,7 +178,7 @@ class Coordinator:
                 kind,
                 round=phase.round,
                 global_version=self._global.version,
-                training=self._training_plan(phase.round) if kind is TaskKind.TRAIN else None,
+                training=self._training_plan(phase.round),
                 participants=phase.participants,
                 deadline_s=deadline_s,
                 secagg=secagg,
