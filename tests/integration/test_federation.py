@@ -50,7 +50,7 @@ def _run_federation(
             ],
             "secure_aggregation": {"enabled": secure},
             "state_dir": tmp_path / "coordinator",
-            "lora": {"rank": 4, "alpha": 8},
+            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},  # no dropout: threads share torch's global RNG
             "training": {"local_steps": 4, "batch_size": 4, "max_seq_len": 64, "learning_rate": 3e-3},
             "listen": {"port": 0, "metrics_port": None},
             "timeouts": {"poll_wait_ms": 50},
