@@ -36,12 +36,18 @@ class Federation:
         identities = {w: identity_keypair() for w in self.ids}
         self.public = {w: k.public for w, k in identities.items()}
         self.params = SecAggParams(
-            run_id="run", tag=round_tag(1, 1), participants=self.ids,
-            threshold=SecAggParams.threshold_for(n, 2 / 3), bits=max_bits(n), clip_range=1.0, max_examples=1000,
+            run_id="run",
+            tag=round_tag(1, 1),
+            participants=self.ids,
+            threshold=SecAggParams.threshold_for(n, 2 / 3),
+            bits=max_bits(n),
+            clip_range=1.0,
+            max_examples=1000,
         )
         self.sessions = {
-            w: WorkerSession(worker_id=w, params=self.params, identity_private=identities[w].private,
-                             peer_identities=self.public)
+            w: WorkerSession(
+                worker_id=w, params=self.params, identity_private=identities[w].private, peer_identities=self.public
+            )
             for w in self.ids
         }
         self.server = SecureRound(params=self.params, identities=self.public, numel=NUMEL)
@@ -250,8 +256,11 @@ def test_every_invalid_worker_stage_transition_is_refused(stage: str, step: str)
 
 
 SERVER_STEPS: dict[str, Callable[[Federation], object]] = {
-    "advertise": lambda f: f.server.advertise(f.sessions["w00"].advertise() if f.sessions["w00"].stage == "new"
-                                              else Advertisement("w00", b"\0" * 32, b"\0" * 32, b"")),
+    "advertise": lambda f: f.server.advertise(
+        f.sessions["w00"].advertise()
+        if f.sessions["w00"].stage == "new"
+        else Advertisement("w00", b"\0" * 32, b"\0" * 32, b"")
+    ),
     "submit_shares": lambda f: f.server.submit_shares("w00", []),
     "inbox": lambda f: f.server.inbox("w00"),
     "roster": lambda f: f.server.roster(),
@@ -311,4 +320,3 @@ def test_every_invalid_coordinator_stage_transition_is_refused(stage: str, step:
 def test_the_threshold_tolerates_a_third_of_the_workers() -> None:
     assert [SecAggParams.threshold_for(n, 2 / 3) for n in (3, 5, 10, 30)] == [2, 4, 7, 20]
     assert all(n - SecAggParams.threshold_for(n, 2 / 3) >= math.floor(n / 3) for n in range(3, 50))
-
