@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,32 +107,22 @@ def test_a_secure_round_refuses_bad_messages_precisely_and_still_commits_the_mea
         for w in WORKERS:
             share(w, shares[w])
 
+        def masked_upload(worker: str, vector: np.ndarray) -> Any:
+            return wire.upload(
+                worker,
+                vector.view(np.float32),
+                round_=1,
+                kind=pb.UPLOAD_KIND_MASKED,
+                header_changes={"dtype": "uint32", "tag": params.tag},
+            )
+
         for w in WORKERS:
             masked_task = wire.poll(w)
             assert masked_task.kind == pb.TASK_KIND_SECAGG_MASKED_UPLOAD
             inbox = [encrypted_share_from_proto(s) for s in masked_task.secagg.inbox]
             masked = sessions[w].mask(inbox, tuple(masked_task.secagg.survivors), vectors[w])
-            if w == "clinical":
-                short = masked[:-2]
-                assert (
-                    _code(
-                        lambda: wire.upload(
-                            w,
-                            short.view(np.float32),
-                            round_=1,
-                            kind=pb.UPLOAD_KIND_MASKED,
-                            header_changes={"dtype": "uint32", "tag": params.tag},
-                        )
-                    )
-                    == grpc.StatusCode.INVALID_ARGUMENT
-                )
-            wire.upload(
-                w,
-                masked.view(np.float32),
-                round_=1,
-                kind=pb.UPLOAD_KIND_MASKED,
-                header_changes={"dtype": "uint32", "tag": params.tag},
-            )
+            assert _code(partial(masked_upload, w, masked[:-2])) == grpc.StatusCode.INVALID_ARGUMENT
+            masked_upload(w, masked)
 
         for w in WORKERS:
             unmask = wire.poll(w)
