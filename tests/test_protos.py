@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _load_generator():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("fedlora_protoc", ROOT / "tools" / "protoc.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -8,6 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
 from fedlora_worker.data import (
     IGNORE_INDEX,
     TokenizedData,
@@ -15,7 +17,6 @@ from fedlora_worker.data import (
     load_records,
     tokenize,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 from bitsandbytes.nn.modules import Linear4bit
+from peft import PeftModel
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM
+
 from fedlora_worker.modeling import (
     LoadedModel,
     LoraSettings,
@@ -19,9 +23,6 @@ from fedlora_worker.modeling import (
     load_model,
     set_global_state,
 )
-from peft import PeftModel
-from safetensors.numpy import save_file
-from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bitsandbytes.nn.modules import Linear4bit
+
 from fedlora_worker.data import IGNORE_INDEX, TokenizedData
 from fedlora_worker.modeling import LoadedModel, LoraSettings, Mode, ModelSpec, load_model
 from fedlora_worker.training import TrainConfig, causal_lm_loss, evaluate, train_locally

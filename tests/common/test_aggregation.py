@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
-from fedlora_common.aggregation import StreamingAccumulator, apply_update, weighted_mean
-from fedlora_common.manifest import Manifest, TensorSpec, update_manifest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from fedlora_common.aggregation import StreamingAccumulator, apply_update, weighted_mean
+from fedlora_common.manifest import Manifest, TensorSpec, update_manifest
 
 
 @settings(max_examples=50, deadline=None)

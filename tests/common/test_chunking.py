@@ -1,8 +1,9 @@
 import hashlib
 
-from fedlora_common.chunking import chunk_count, iter_chunks, sha256
 from hypothesis import given
 from hypothesis import strategies as st
+
+from fedlora_common.chunking import chunk_count, iter_chunks, sha256
 
 
 @given(payload=st.binary(max_size=5000), chunk=st.integers(min_value=1, max_value=700))

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from fedlora_common.manifest import Manifest, TensorSpec, flatten, unflatten, update_manifest
 
 

@@ -1,6 +1,7 @@
 import random
 
 import pytest
+
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.messages import (
     LoraSpec,

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
-from fedlora_common.settings import ConfigError, StrictModel, load_settings
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedlora_common.settings import ConfigError, StrictModel, load_settings
 
 
 class _Lora(StrictModel):

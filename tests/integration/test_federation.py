@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
 from peft import PeftModel
 from prometheus_client import CollectorRegistry
+from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from fedlora_common.secagg import identity_keypair
@@ -71,7 +71,8 @@ def _run_federation(
             key_file = tmp_path / f"{worker_id}.key"
             key_file.write_text(identities[worker_id].private.hex())
             paths = write_site(
-                tmp_path / worker_id, generate_site(domain, DataSpec(n_train=16, n_eval=4, n_canaries=2, n_controls=1, seed=index))  # type: ignore[arg-type]
+                tmp_path / worker_id,
+                generate_site(domain, DataSpec(n_train=16, n_eval=4, n_canaries=2, n_controls=1, seed=index)),  # type: ignore[arg-type]
             )
             worker_settings = WorkerSettings.model_validate(
                 {
@@ -93,15 +94,16 @@ def _run_federation(
             )
             try:
                 with Worker(
-                    settings=worker_settings, client=client, metrics=WorkerMetrics(CollectorRegistry()), load=load_one_at_a_time
+                    settings=worker_settings,
+                    client=client,
+                    metrics=WorkerMetrics(CollectorRegistry()),
+                    load=load_one_at_a_time,
                 ) as w:
                     outcomes.append(w.run())
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [
-            threading.Thread(target=work, args=(w, d, i), name=w) for i, (w, d) in enumerate(sites)
-        ]
+        threads = [threading.Thread(target=work, args=(w, d, i), name=w) for i, (w, d) in enumerate(sites)]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from fedlora_common.chunking import iter_chunks, sha256
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fedlora_server.cli import main
 
 GOOD = """

@@ -6,9 +6,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_server.server import CoordinatorServer
-
 from tests.server.conftest import MANIFEST, Wire, start_round_one
 
 GOOD = np.linspace(-1, 1, MANIFEST.numel).astype(np.float32)

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
+
 from fedlora_common.aggregation import weighted_mean
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_server.server import CoordinatorServer
-from safetensors.numpy import load_file
-
 from tests.server.conftest import MANIFEST, WORKERS, Wire, connect, initial_vector, run_settings, start_round_one
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import grpc

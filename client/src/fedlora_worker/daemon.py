@@ -182,7 +182,8 @@ class Worker:
 
     def _train(self, spec: RunSpec, task: Task) -> None:
         plan = task.training
-        assert plan is not None and task.global_version is not None
+        assert plan is not None
+        assert task.global_version is not None
         loaded = self._sync(spec, task)
         data, _ = self._tokenized(loaded, plan.max_seq_len)
         config = TrainConfig(plan.local_steps, plan.batch_size, plan.learning_rate, plan.grad_clip_norm, plan.seed)
@@ -218,7 +219,9 @@ class Worker:
 
     # ---- secure aggregation -----------------------------------------------------------
 
-    def _begin_secure(self, spec: RunSpec, params: SecAggParams, update: npt.NDArray[np.float32], seed: int, loss: float) -> None:
+    def _begin_secure(
+        self, spec: RunSpec, params: SecAggParams, update: npt.NDArray[np.float32], seed: int, loss: float
+    ) -> None:
         """Weight, quantize and keep the update; advertise this round's keys."""
         identity = self._settings.identity_private()
         if identity is None:
@@ -330,4 +333,3 @@ class Worker:
             disable=not self._settings.progress,
             mininterval=0.5,
         )
-

@@ -9,8 +9,12 @@ __all__ = ["WorkerMetrics"]
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.train_loss = Gauge("fedlora_worker_train_loss", "Mean local training loss of the last round", registry=registry)
-        self.eval_loss = Gauge("fedlora_worker_eval_loss", "Held-out loss of the last evaluated version", registry=registry)
+        self.train_loss = Gauge(
+            "fedlora_worker_train_loss", "Mean local training loss of the last round", registry=registry
+        )
+        self.eval_loss = Gauge(
+            "fedlora_worker_eval_loss", "Held-out loss of the last evaluated version", registry=registry
+        )
         self.tokens_per_second = Gauge(
             "fedlora_worker_tokens_per_second", "Training throughput of the last round", registry=registry
         )
@@ -20,4 +24,6 @@ class WorkerMetrics:
             "fedlora_worker_downloaded_bytes_total", "Global model bytes received", registry=registry
         )
         self.rounds = Counter("fedlora_worker_rounds_total", "Rounds this worker trained", registry=registry)
-        self.retries = Counter("fedlora_worker_retries_total", "Calls retried after a transient failure", registry=registry)
+        self.retries = Counter(
+            "fedlora_worker_retries_total", "Calls retried after a transient failure", registry=registry
+        )

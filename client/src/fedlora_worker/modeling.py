@@ -15,7 +15,6 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 import numpy.typing as npt
 import torch
-from fedlora_common.manifest import Manifest, TensorSpec
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import (
     AutoModelForCausalLM,
@@ -24,6 +23,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from fedlora_common.manifest import Manifest, TensorSpec
 
 __all__ = [
     "Aggregation",

@@ -94,7 +94,9 @@ class WorkerSession:
             identity = self._peers.get(ad.worker_id)
             if identity is None or ad.worker_id not in self.params.participants:
                 raise StageError(f"unknown key: {ad.worker_id} is not on this site's allow-list for the round")
-            message = round_keys_message(ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public)
+            message = round_keys_message(
+                ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public
+            )
             if not verify(identity, message, ad.signature):
                 raise StageError(f"bad signature on the keys of {ad.worker_id}: keys were swapped or forged")
         mine = by_id.get(self.worker_id)
@@ -150,7 +152,9 @@ class WorkerSession:
                     associated_data=share_associated_data(item.sender, self.worker_id, self.params.tag, self._session),
                 )
             except ValueError:
-                raise StageError(f"the share from {item.sender} does not open: replayed, altered or misaddressed") from None
+                raise StageError(
+                    f"the share from {item.sender} does not open: replayed, altered or misaddressed"
+                ) from None
             self._held[item.sender] = (Share.from_bytes(plain[:SHARE_BYTES]), Share.from_bytes(plain[SHARE_BYTES:]))
         missing = sorted(alive - self._held.keys() - {self.worker_id})
         if missing:
@@ -176,11 +180,12 @@ class WorkerSession:
         if self.worker_id not in alive or not (alive | gone) <= self._survivors:
             raise StageError("survivors and dropped workers must come from this worker's masking set")
         if len(alive) < self.params.threshold:
-            raise StageError(f"{len(alive)} survivors; revealing below the threshold {self.params.threshold} is refused")
+            raise StageError(
+                f"{len(alive)} survivors; revealing below the threshold {self.params.threshold} is refused"
+            )
         assert self._own_shares is not None
         held = {**self._held, self.worker_id: self._own_shares}
         out = [RevealedShare(peer, "self_seed", held[peer][0].to_bytes()) for peer in sorted(alive)]
         out += [RevealedShare(peer, "mask_key", held[peer][1].to_bytes()) for peer in sorted(gone)]
         self.stage = "revealed"
         return out
-

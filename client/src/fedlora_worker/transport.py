@@ -23,9 +23,9 @@ from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
 from fedlora_common.serde import (
     advertisement_to_proto,
     encrypted_share_to_proto,
-    revealed_share_to_proto,
     metrics_to_proto,
     model_version_from_proto,
+    revealed_share_to_proto,
     run_spec_from_proto,
     task_from_proto,
     upload_header_to_proto,
@@ -134,7 +134,9 @@ class CoordinatorClient:
     def _download_once(
         self, request: pb.DownloadRequest, expected: ModelVersion, on_bytes: Callable[[int], None]
     ) -> DownloadedModel:
-        stream = self._stub.DownloadGlobal(request, metadata=self._metadata, timeout=_stream_timeout(expected.size_bytes))
+        stream = self._stub.DownloadGlobal(
+            request, metadata=self._metadata, timeout=_stream_timeout(expected.size_bytes)
+        )
         first = next(stream)
         if first.WhichOneof("part") != "header":
             raise TransferError("download did not start with a header")
@@ -219,7 +221,8 @@ class CoordinatorClient:
             worker_id=self.worker_id, run_id=run_id, tag=tag, keys=advertisement_to_proto(keys)
         )
         self._with_retry(
-            "advertise", lambda: _deduplicated(lambda: self._stub.AdvertiseKeys(request, metadata=self._metadata, timeout=30))
+            "advertise",
+            lambda: _deduplicated(lambda: self._stub.AdvertiseKeys(request, metadata=self._metadata, timeout=30)),
         )
 
     def share_keys(self, run_id: str, tag: int, shares: Sequence[EncryptedShare]) -> None:
@@ -227,7 +230,8 @@ class CoordinatorClient:
             worker_id=self.worker_id, run_id=run_id, tag=tag, shares=[encrypted_share_to_proto(s) for s in shares]
         )
         self._with_retry(
-            "share_keys", lambda: _deduplicated(lambda: self._stub.ShareKeys(request, metadata=self._metadata, timeout=60))
+            "share_keys",
+            lambda: _deduplicated(lambda: self._stub.ShareKeys(request, metadata=self._metadata, timeout=60)),
         )
 
     def reveal(self, run_id: str, tag: int, shares: Sequence[RevealedShare]) -> None:
@@ -235,7 +239,8 @@ class CoordinatorClient:
             worker_id=self.worker_id, run_id=run_id, tag=tag, shares=[revealed_share_to_proto(s) for s in shares]
         )
         self._with_retry(
-            "reveal", lambda: _deduplicated(lambda: self._stub.RevealShares(request, metadata=self._metadata, timeout=60))
+            "reveal",
+            lambda: _deduplicated(lambda: self._stub.RevealShares(request, metadata=self._metadata, timeout=60)),
         )
 
     def report(self, report: MetricsReport) -> None:

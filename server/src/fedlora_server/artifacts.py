@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from safetensors.numpy import load_file, save_file
+
 from fedlora_common.chunking import as_bytes, sha256
 from fedlora_common.manifest import Manifest, TensorSpec, flatten, unflatten
-from safetensors.numpy import load_file, save_file
 
 __all__ = ["CommittedArtifact", "load_artifact", "point_latest", "write_artifact"]
 

@@ -11,9 +11,9 @@ from datetime import timedelta
 from types import FrameType
 
 import structlog
+
 from fedlora_common.logs import configure_logging
 from fedlora_common.settings import ConfigError, load_settings
-
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
 

@@ -7,9 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Final, Literal
 
-from fedlora_common.settings import StrictModel
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedlora_common.settings import StrictModel
 
 __all__ = [
     "CONFIG_VERSION",

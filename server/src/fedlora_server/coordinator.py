@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import structlog
+
 from fedlora_common.aggregation import StreamingAccumulator, apply_update
 from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, update_manifest
 from fedlora_common.messages import (
@@ -33,7 +34,6 @@ from fedlora_common.messages import (
     UploadHeader,
     UploadKind,
 )
-
 from fedlora_common.secagg import (
     Advertisement,
     EncryptedShare,
@@ -676,8 +676,15 @@ class Coordinator:
         secure.check_masked_upload(header.worker_id, received.size_bytes // 4)
         try:
             self._store.record_upload(
-                UploadRecord(phase.round, phase.attempt, header.worker_id, 1, received.size_bytes,
-                             received.sha256.hex(), header.train_loss)
+                UploadRecord(
+                    phase.round,
+                    phase.attempt,
+                    header.worker_id,
+                    1,
+                    received.size_bytes,
+                    received.sha256.hex(),
+                    header.train_loss,
+                )
             )
         except DuplicateUploadError as exc:
             raise AlreadyExists(str(exc)) from None

@@ -43,7 +43,10 @@ class ServerMetrics:
             "fedlora_rejected_uploads_total", "Uploads refused, by reason", ["reason"], registry=registry
         )
         self.secagg_dropouts = Counter(
-            "fedlora_secagg_dropouts_total", "Workers lost in each secure-aggregation stage", ["stage"], registry=registry
+            "fedlora_secagg_dropouts_total",
+            "Workers lost in each secure-aggregation stage",
+            ["stage"],
+            registry=registry,
         )
         self.secagg_stage_seconds = Histogram(
             "fedlora_secagg_stage_seconds",
@@ -53,7 +56,10 @@ class ServerMetrics:
             registry=registry,
         )
         self.secagg_bytes = Counter(
-            "fedlora_secagg_bytes_total", "Bytes received in each secure-aggregation stage", ["stage"], registry=registry
+            "fedlora_secagg_bytes_total",
+            "Bytes received in each secure-aggregation stage",
+            ["stage"],
+            registry=registry,
         )
         self.train_loss = Gauge("fedlora_train_loss", "Example-weighted training loss", registry=registry)
         self.eval_loss = Gauge("fedlora_eval_loss", "Token-weighted held-out loss", registry=registry)

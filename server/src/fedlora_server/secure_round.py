@@ -124,7 +124,9 @@ class SecureRound:
             raise AlreadyExists(f"{worker} already revealed its shares")
         wanted = {(w, "self_seed") for w in self.u3} | {(w, "mask_key") for w in self.dropped}
         if {(r.owner, r.kind) for r in reveals} != wanted or len(reveals) != len(wanted):
-            raise InvalidArgument("reveal exactly the self-seed share of each survivor and the key share of each dropped worker")
+            raise InvalidArgument(
+                "reveal exactly the self-seed share of each survivor and the key share of each dropped worker"
+            )
         self._reveals[worker] = list(reveals)
 
     def has_advertised(self, worker: str) -> bool:

@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 import structlog
-from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_server.auth import Authenticator
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator

@@ -7,20 +7,20 @@ from typing import NoReturn, cast
 
 import grpc
 import structlog
+
 from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.serde import (
     advertisement_from_proto,
     encrypted_share_from_proto,
-    revealed_share_from_proto,
     metrics_from_proto,
     model_version_to_proto,
+    revealed_share_from_proto,
     run_spec_to_proto,
     task_to_proto,
     upload_header_from_proto,
 )
-
 from fedlora_server.auth import Authenticator
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import (

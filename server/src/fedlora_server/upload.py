@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from fedlora_common.aggregation import StreamingAccumulator
 from fedlora_common.chunking import chunk_count
 from fedlora_common.manifest import WIRE_DTYPE
-
 from fedlora_server.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["ReceivedUpload", "receive_to_spool"]

@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    made = cached_model(args.cache_dir or _default_cache(), _model_config(args.model_size), progress=_progress("pre-training base model"))
+    made = cached_model(
+        args.cache_dir or _default_cache(),
+        _model_config(args.model_size),
+        progress=_progress("pre-training base model"),
+    )
     learning_rate = 1e-3 if args.mode == "full" else 3e-3
     plan = FederationPlan(
         out_dir=args.out,

@@ -178,8 +178,9 @@ class LocalFederation:
         log_file = (self._plan.out_dir / "logs" / f"{name}.log").open("wb")
         self._logs.append(log_file)
         env = {**os.environ, "OMP_NUM_THREADS": str(self._plan.threads_per_worker), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE if name == "coordinator" else log_file,
-                                   stderr=log_file, env=env)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE if name == "coordinator" else log_file, stderr=log_file, env=env
+        )
         self._processes[name] = process
         return process
 
@@ -219,4 +220,3 @@ def _read_ready(server: subprocess.Popen[bytes], deadline: float) -> dict[str, A
         raise RuntimeError(f"the coordinator exited with code {code} before listening")
     ready: dict[str, Any] = json.loads(line)
     return ready
-
