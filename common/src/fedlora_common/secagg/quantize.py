@@ -45,15 +45,17 @@ def quantize(
     """Clamp to [-clip, clip], scale to +-(2**(bits-1) - 1) with unbiased stochastic rounding, as uint32."""
     _check_clip(clip)
     levels = _levels(bits)
-    as_float = np.asarray(values, dtype=np.float64)
-    if np.isnan(as_float).any():
+    scaled = np.array(values, dtype=np.float64)  # the one full-size float64 buffer; the rest work in place
+    if np.isnan(scaled).any():
         raise ValueError("cannot quantize NaN")
-    scaled = np.clip(as_float, -clip, clip) * (levels / clip)
+    np.clip(scaled, -clip, clip, out=scaled)
+    scaled *= levels / clip
     np.clip(scaled, -levels, levels, out=scaled)  # clip * (levels / clip) may land an ulp past levels
     floor = np.floor(scaled)
+    scaled -= floor  # now the fractional part
     # Round up with probability equal to the fractional part: E[rounded] == scaled exactly.
-    rounded = floor + (rng.random(scaled.shape) < (scaled - floor))
-    return rounded.astype(np.int32).view(np.uint32)
+    floor += rng.random(scaled.shape) < scaled
+    return floor.astype(np.int32).view(np.uint32)
 
 
 def dequantize_sum(total: npt.NDArray[np.uint32], *, clip: float, bits: int) -> npt.NDArray[np.float64]:
