@@ -57,6 +57,23 @@ class Federation:
             for w in self.ids
         }
 
+    def advertise_all(self) -> None:
+        for w in self.ids:
+            self.server.advertise(self.sessions[w].advertise())
+        self.server.close_advertise()
+
+    def share_all(self) -> None:
+        for w in self.ids:
+            self.server.submit_shares(w, self.sessions[w].share_keys(self.server.roster()))
+        self.server.close_share()
+
+    def mask_all(self) -> None:
+        for w in self.ids:
+            masked = self.sessions[w].mask(self.server.inbox(w), self.server.u2, self.plain[w])
+            self.server.add_masked(w, masked, 0)
+            self.server.close_masked_upload(w)
+        self.server.close_masked()
+
     def run(self, drop: dict[str, int]) -> np.ndarray:
         """Drop `drop[stage]` workers (highest ids first) before they act in that stage; return the sum."""
         alive = list(self.ids)
@@ -166,12 +183,8 @@ def test_an_unknown_key_is_refused_by_the_workers() -> None:
 
 def test_a_share_addressed_to_another_worker_is_refused() -> None:
     fed = Federation(3)
-    for w in fed.ids:
-        fed.server.advertise(fed.sessions[w].advertise())
-    fed.server.close_advertise()
-    for w in fed.ids:
-        fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
-    fed.server.close_share()
+    fed.advertise_all()
+    fed.share_all()
     misrouted = fed.server.inbox("w01")
 
     with pytest.raises(StageError, match="addressed to w01"):
@@ -181,12 +194,8 @@ def test_a_share_addressed_to_another_worker_is_refused() -> None:
 def test_a_share_replayed_from_another_session_does_not_open() -> None:
     fed, old = Federation(3), Federation(3)
     for f in (fed, old):
-        for w in f.ids:
-            f.server.advertise(f.sessions[w].advertise())
-        f.server.close_advertise()
-        for w in f.ids:
-            f.server.submit_shares(w, f.sessions[w].share_keys(f.server.roster()))
-        f.server.close_share()
+        f.advertise_all()
+        f.share_all()
     replayed = [EncryptedShare(s.sender, s.recipient, s.ciphertext) for s in old.server.inbox("w00")]
 
     with pytest.raises(StageError, match="does not open"):
@@ -196,12 +205,8 @@ def test_a_share_replayed_from_another_session_does_not_open() -> None:
 def test_the_masked_upload_is_indistinguishable_from_uniform() -> None:
     fed = Federation(5, seed=7)
     big = np.zeros(1 << 16, dtype=np.uint32)
-    for w in fed.ids:
-        fed.server.advertise(fed.sessions[w].advertise())
-    fed.server.close_advertise()
-    for w in fed.ids:
-        fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
-    fed.server.close_share()
+    fed.advertise_all()
+    fed.share_all()
 
     masked = fed.sessions["w00"].mask(fed.server.inbox("w00"), fed.server.u2, big)
 
@@ -228,13 +233,9 @@ def _session_in(stage: str) -> tuple[Federation, WorkerSession]:
     session = fed.sessions["w00"]
     order = ["new", "advertised", "shared", "masked", "revealed"]
     if order.index(stage) >= 1:
-        for w in fed.ids:
-            fed.server.advertise(fed.sessions[w].advertise())
-        fed.server.close_advertise()
+        fed.advertise_all()
     if order.index(stage) >= 2:
-        for w in fed.ids:
-            fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
-        fed.server.close_share()
+        fed.share_all()
     if order.index(stage) >= 3:
         session.mask(fed.server.inbox("w00"), fed.server.u2, fed.plain["w00"])
     if order.index(stage) >= 4:
@@ -289,19 +290,11 @@ def _server_in(stage: str) -> Federation:
         return fed
     order = ["advertise", "share", "masked", "unmask"]
     if order.index(stage) >= 1:
-        for w in fed.ids:
-            fed.server.advertise(fed.sessions[w].advertise())
-        fed.server.close_advertise()
+        fed.advertise_all()
     if order.index(stage) >= 2:
-        for w in fed.ids:
-            fed.server.submit_shares(w, fed.sessions[w].share_keys(fed.server.roster()))
-        fed.server.close_share()
+        fed.share_all()
     if order.index(stage) >= 3:
-        for w in fed.ids:
-            masked = fed.sessions[w].mask(fed.server.inbox(w), fed.server.u2, fed.plain[w])
-            fed.server.add_masked(w, masked, 0)
-            fed.server.close_masked_upload(w)
-        fed.server.close_masked()
+        fed.mask_all()
     return fed
 
 

@@ -646,22 +646,25 @@ class Coordinator:
         log.info("initialized", worker_id=header.worker_id, numel=header.manifest.numel)
         self._start_evaluate(0)
 
-    def _accept_delta(self, header: UploadHeader, received: ReceivedUpload) -> None:
+    def _record_upload(self, header: UploadHeader, received: ReceivedUpload, *, weight: int) -> None:
         phase = self._phase
+        record = UploadRecord(
+            phase.round,
+            phase.attempt,
+            header.worker_id,
+            weight,
+            received.size_bytes,
+            received.sha256.hex(),
+            header.train_loss,
+        )
         try:
-            self._store.record_upload(
-                UploadRecord(
-                    phase.round,
-                    phase.attempt,
-                    header.worker_id,
-                    header.num_examples,
-                    received.size_bytes,
-                    received.sha256.hex(),
-                    header.train_loss,
-                )
-            )
+            self._store.record_upload(record)
         except DuplicateUploadError as exc:
             raise AlreadyExists(str(exc)) from None
+
+    def _accept_delta(self, header: UploadHeader, received: ReceivedUpload) -> None:
+        phase = self._phase
+        self._record_upload(header, received, weight=header.num_examples)
         assert self._accumulator is not None
         started = time.perf_counter()
         received.fold_into(self._accumulator, float(header.num_examples))
@@ -674,20 +677,8 @@ class Coordinator:
         phase, secure = self._phase, self._secure
         assert secure is not None
         secure.check_masked_upload(header.worker_id, received.size_bytes // 4)
-        try:
-            self._store.record_upload(
-                UploadRecord(
-                    phase.round,
-                    phase.attempt,
-                    header.worker_id,
-                    1,
-                    received.size_bytes,
-                    received.sha256.hex(),
-                    header.train_loss,
-                )
-            )
-        except DuplicateUploadError as exc:
-            raise AlreadyExists(str(exc)) from None
+        # The coordinator never learns a worker's weight here; train losses average unweighted.
+        self._record_upload(header, received, weight=1)
         started = time.perf_counter()
         for offset, values in received.slices(np.uint32):
             secure.add_masked(header.worker_id, values, offset)
