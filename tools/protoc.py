@@ -22,8 +22,12 @@ def generate(out_dir: Path) -> list[Path]:
     """Write the stubs for every .proto under proto/ into out_dir; return the files written."""
     protos = sorted(p.relative_to(PROTO_DIR) for p in PROTO_DIR.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
+    # The mypy-protobuf plugins sit beside this interpreter; PATH need not include them.
+    bin_dir = Path(sys.executable).parent
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"-I{VIRTUAL_PREFIX}={PROTO_DIR}",
         f"-I{include}",
         f"--python_out={out_dir}",

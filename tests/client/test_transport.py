@@ -66,7 +66,8 @@ def test_a_refusal_is_not_retried() -> None:
 def test_the_client_joins_initializes_and_downloads_a_verified_version(tmp_path: Path) -> None:
     with CoordinatorServer(settings=run_settings(tmp_path)) as server:
         clients = {w: _client(server.port, w) for w in WORKERS}
-        spec = next(c.join(100) for c in clients.values())
+        specs = [c.join(100) for c in clients.values()]
+        spec = specs[0]
         task = clients["clinical"].poll(spec.run_id)
         assert task.kind is TaskKind.INITIALIZE
 
