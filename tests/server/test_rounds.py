@@ -78,3 +78,17 @@ def test_too_few_updates_fail_the_round_and_it_is_retried(tmp_path: Path) -> Non
         attempts = [(r.attempt, r.status) for r in server._store.rounds() if r.round == 1]
         assert attempts == [(1, "failed"), (2, "training")]
         assert server._store.latest_artifact().version == 0
+
+
+def test_downloads_are_counted_in_the_round_they_happen(server: CoordinatorServer, wire: Wire) -> None:
+    start_round_one(wire)
+    for w in WORKERS:
+        wire.upload(w, np.zeros(MANIFEST.numel, dtype=np.float32), round_=1)
+
+    for w in WORKERS:
+        wire.download(w, 1)
+        wire.report(w, 1, 1)
+
+    record = [r for r in server._store.rounds() if r.round == 1][-1]
+    assert record.status == "completed"
+    assert record.download_bytes == 3 * MANIFEST.nbytes

@@ -469,7 +469,6 @@ class Coordinator:
             self._stage_started = now
         else:
             self._accumulator = StreamingAccumulator(self._update_manifest().numel)
-        self._download_bytes = 0
         self._phase = _Phase("train", round_, attempt, record.participants, now, record.deadline_at)
         self._metrics.rounds_started.inc()
         self._metrics.current_round.set(round_)
@@ -520,7 +519,6 @@ class Coordinator:
                 secagg=json.dumps(self._secure_stats) if self._secure is not None else "",
                 train_loss=train_loss,
                 upload_bytes=sum(u.size_bytes for u in uploads),
-                download_bytes=self._download_bytes,
             )
         )
         self._metrics.train_loss.set(train_loss)
@@ -555,7 +553,16 @@ class Coordinator:
         if phase.round > 0:
             record = self._last_attempt(phase.round)
             assert record is not None
-            self._store.save_round(replace(record, status="completed", finished_at=self._clock(), eval_loss=eval_loss))
+            # Downloads count towards the round whose evaluation they fall in: mostly this round's new version.
+            completed = replace(
+                record,
+                status="completed",
+                finished_at=self._clock(),
+                eval_loss=eval_loss,
+                download_bytes=self._download_bytes,
+            )
+            self._store.save_round(completed)
+            self._download_bytes = 0
             self._metrics.rounds_completed.inc()
         else:
             self._store.save_round(

@@ -66,7 +66,7 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
             "targets": list(settings.lora.target_modules),
         },
         "workers": [{"id": w.worker_id, "num_examples": w.num_examples} for w in store.workers()],
-        "adapter_path": str((settings.state_dir / "adapter").resolve()) if latest else None,
+        "adapter_path": str((settings.state_dir / "adapter").absolute()) if latest else None,
         "base_eval_loss": base.eval_loss if base else None,
         "failed_attempts": failed,
         "rounds": [
