@@ -21,6 +21,9 @@ def max_bits(n_workers: int) -> int:
     return 32 - (n_workers - 1).bit_length() - 1  # (n - 1).bit_length() == ceil(log2 n) for n >= 1
 
 
+_SLICE = 1 << 16
+
+
 def _levels(bits: int) -> int:
     """The largest magnitude a quantized coordinate takes: 2**(bits-1) - 1 (symmetric, no -2**(bits-1))."""
     if not 2 <= bits <= 31:
@@ -45,17 +48,22 @@ def quantize(
     """Clamp to [-clip, clip], scale to +-(2**(bits-1) - 1) with unbiased stochastic rounding, as uint32."""
     _check_clip(clip)
     levels = _levels(bits)
-    scaled = np.array(values, dtype=np.float64)  # the one full-size float64 buffer; the rest work in place
-    if np.isnan(scaled).any():
+    flat = np.asarray(values).reshape(-1)
+    if np.isnan(flat).any():
         raise ValueError("cannot quantize NaN")
-    np.clip(scaled, -clip, clip, out=scaled)
-    scaled *= levels / clip
-    np.clip(scaled, -levels, levels, out=scaled)  # clip * (levels / clip) may land an ulp past levels
-    floor = np.floor(scaled)
-    scaled -= floor  # now the fractional part
-    # Round up with probability equal to the fractional part: E[rounded] == scaled exactly.
-    floor += rng.random(scaled.shape) < scaled
-    return floor.astype(np.int32).view(np.uint32)
+    out = np.empty(flat.size, dtype=np.int32)
+    # Slices that stay in cache; the generator draws the same stream as one full-size call would.
+    for start in range(0, flat.size, _SLICE):
+        scaled = flat[start : start + _SLICE].astype(np.float64)
+        np.clip(scaled, -clip, clip, out=scaled)
+        scaled *= levels / clip
+        np.clip(scaled, -levels, levels, out=scaled)  # clip * (levels / clip) may land an ulp past levels
+        floor = np.floor(scaled)
+        scaled -= floor  # now the fractional part
+        # Round up with probability equal to the fractional part: E[rounded] == scaled exactly.
+        floor += rng.random(scaled.size) < scaled
+        out[start : start + scaled.size] = floor
+    return out.view(np.uint32).reshape(np.shape(values))
 
 
 def dequantize_sum(total: npt.NDArray[np.uint32], *, clip: float, bits: int) -> npt.NDArray[np.float64]:
