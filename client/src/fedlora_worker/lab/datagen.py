@@ -14,7 +14,7 @@ Two guarantees hold by construction rather than by luck:
 * No secret leaks into pre-training. Every person value (full names, record numbers, phones,
   dates of birth) is drawn from one of two disjoint halves of its space, split by a keyed hash:
   site data only uses the private half, the pre-training corpus only the public half. Within a
-  site all person values are distinct, so a canary's secret never appears in another record.
+  site all person values are distinct: no two records share a name, record number, phone or birth date.
 
 All randomness comes from per-call seeded streams (``Faker.seed_instance`` and ``random.Random``),
 never from global state.
