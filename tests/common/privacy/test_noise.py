@@ -22,7 +22,7 @@ def test_any_t_workers_together_carry_the_target_variance() -> None:
     draws = 200_000
 
     # Execute: the sum of t workers' noise, many times over.
-    total = sum(skellam_noise(draws, variance=plan.worker_variance, rng=rng) for _ in range(3))
+    total = np.sum([skellam_noise(draws, variance=plan.worker_variance, rng=rng) for _ in range(3)], axis=0)
 
     # Assert: variance (z * sensitivity)^2. The sample variance's relative std is sqrt(2 / N) = 0.32%,
     # so 2% is over six standard deviations: it cannot pass by accident with a wrong variance.
@@ -40,7 +40,7 @@ def test_the_plan_uses_the_most_bits_that_cannot_wrap() -> None:
         levels = (1 << (bits - 1)) - 1
         sensitivity = levels + np.sqrt(d)
         no_wrap = n * levels + 8 * z * np.sqrt(n / t) * sensitivity <= 2**31 - 1
-        return no_wrap and (z * sensitivity) ** 2 / t / 2 <= MAX_POISSON_MEAN
+        return bool(no_wrap and (z * sensitivity) ** 2 / t / 2 <= MAX_POISSON_MEAN)
 
     assert fits(plan.bits)
     assert not fits(plan.bits + 1)
