@@ -4,26 +4,52 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fedlora_worker.data import IGNORE_INDEX, TokenizedData, batches, collate
+from fedlora_worker.data import IGNORE_INDEX, Batch, TokenizedData, batches, collate
+from fedlora_worker.dp_sgd import (
+    RecordDPConfig,
+    dp_optimizer,
+    draw_records,
+    merge_grad_samples,
+    record_windows,
+    secret_generator,
+)
+from fedlora_worker.goldfish import GoldfishConfig, goldfish_mask
 
-__all__ = ["EvalResult", "TrainConfig", "TrainResult", "causal_lm_loss", "evaluate", "train_locally"]
+__all__ = [
+    "EvalResult",
+    "GoldfishConfig",
+    "RecordDPConfig",
+    "TrainConfig",
+    "TrainResult",
+    "causal_lm_loss",
+    "evaluate",
+    "token_losses",
+    "train_locally",
+]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One round of local training; seed fixes batch order and dropout, so vary it from round to round."""
+    """One round of local training; seed fixes batch order and dropout, so vary it from round to round.
+
+    goldfish leaves a hashed 1/k of the tokens out of the loss. dp switches to record-level DP-SGD:
+    batch_size becomes the expected number of records per Poisson draw, and dp.max_grad_norm clips
+    each record's gradient in place of grad_clip_norm on the batch's.
+    """
 
     local_steps: int
     batch_size: int
     learning_rate: float
     grad_clip_norm: float
     seed: int
+    goldfish: GoldfishConfig | None = None
+    dp: RecordDPConfig | None = None
 
     def __post_init__(self) -> None:
         for field in ("local_steps", "batch_size", "learning_rate", "grad_clip_norm"):
@@ -33,12 +59,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """mean_loss is token-weighted; tokens counts the non-padding tokens the model processed."""
+    """mean_loss is token-weighted; tokens counts the non-padding tokens the model processed.
+
+    sample_rate is the Poisson rate q of DP-SGD (0 without DP): with steps and the noise multiplier
+    it is what a record-level privacy accountant needs.
+    """
 
     mean_loss: float
     steps: int
     tokens: int
     seconds: float
+    sample_rate: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -51,10 +82,10 @@ class EvalResult:
     tokens: int
 
 
-def causal_lm_loss(
+def token_losses(
     logits: torch.Tensor, labels: torch.Tensor, *, loss_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross entropy over counted tokens, and how many were counted.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross entropy per target, (batch, seq - 1), zero where not counted; and the counted mask.
 
     Position t predicts label t+1. A token counts unless its label is IGNORE_INDEX or loss_mask
     (same shape as labels, True = counts) excludes it: the seam where Goldfish loss plugs in.
@@ -62,12 +93,33 @@ def causal_lm_loss(
     targets = labels[:, 1:]
     counted = targets != IGNORE_INDEX
     if loss_mask is not None:
-        counted = counted & loss_mask[:, 1:].to(torch.bool)
+        counted = counted & loss_mask[:, 1:].to(device=counted.device, dtype=torch.bool)
     per_token = F.cross_entropy(  # in float32: a bf16 softmax over a large vocabulary loses the tail
         logits[:, :-1].flatten(0, 1).float(), targets.masked_fill(~counted, 0).flatten(), reduction="none"
     )
+    return per_token.view_as(targets) * counted, counted
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, loss_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross entropy over counted tokens (see token_losses), and how many were counted."""
+    losses, counted = token_losses(logits, labels, loss_mask=loss_mask)
     count = int(counted.sum())
-    return (per_token * counted.flatten()).sum() / max(count, 1), count
+    return losses.sum() / max(count, 1), count
+
+
+def _loss_mask(batch: Batch, goldfish: GoldfishConfig | None) -> torch.Tensor | None:
+    if goldfish is None:
+        return None
+    return goldfish_mask(batch.input_ids, k=goldfish.k, h=goldfish.h, seed=goldfish.seed)
+
+
+@dataclass(frozen=True)
+class _Step:
+    loss: float
+    counted: int
+    tokens: int
 
 
 def train_locally(
@@ -77,49 +129,134 @@ def train_locally(
     *,
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
+    dp_generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Take config.local_steps AdamW steps on the trainable parameters; on_step(step, loss) after each.
 
     The optimizer is fresh each call (a round starts from the new global state) and has no weight
     decay, which would pull the update towards zero rather than towards the site's data. Batch order
-    and dropout are seeded from config.seed without touching the caller's random state.
+    and dropout are seeded from config.seed without touching the caller's random state. Under
+    config.dp the Poisson draws and the noise come from dp_generator, by default seeded from the OS
+    (never from config.seed, see dp_sgd.secret_generator); an empty draw reports a loss of nan.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    stream = batches(
-        data, batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed), pad_id=pad_id
-    )
+    sample_rate = 0.0
+    if config.dp is None:
+        steps = _plain_steps(model, data, config, params, pad_id=pad_id)
+    else:
+        records = record_windows(data)
+        if config.batch_size > len(records):
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(records)} records DP-SGD samples from")
+        sample_rate = config.batch_size / len(records)
+        generator = dp_generator if dp_generator is not None else secret_generator()
+        steps = _private_steps(model, data, records, sample_rate, config, params, pad_id=pad_id, generator=generator)
     loss_sum, loss_tokens, tokens = 0.0, 0, 0
     started = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(config.seed)
-        for step in range(1, config.local_steps + 1):
-            batch = next(stream).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, counted = causal_lm_loss(logits, batch.labels)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
-            optimizer.step()
-            loss_sum += value * counted
-            loss_tokens += counted
-            tokens += int(batch.attention_mask.sum())
+        for number, step in enumerate(steps, start=1):
+            loss_sum += step.loss * step.counted if step.counted else 0.0
+            loss_tokens += step.counted
+            tokens += step.tokens
             if on_step is not None:
-                on_step(step, value)
+                on_step(number, step.loss)
     model.eval()
     return TrainResult(
         mean_loss=loss_sum / max(loss_tokens, 1),
         steps=config.local_steps,
         tokens=tokens,
         seconds=time.perf_counter() - started,
+        sample_rate=sample_rate,
     )
+
+
+def _checked(loss: torch.Tensor, step: int) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step}")
+    return value
+
+
+def _plain_steps(
+    model: torch.nn.Module, data: TokenizedData, config: TrainConfig, params: list[torch.nn.Parameter], *, pad_id: int
+) -> Iterator[_Step]:
+    """Shuffled full batches; the batch's token-mean loss; its gradient clipped to grad_clip_norm."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    stream = batches(
+        data, batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed), pad_id=pad_id
+    )
+    for step in range(1, config.local_steps + 1):
+        batch = next(stream).to(params[0].device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss, counted = causal_lm_loss(logits, batch.labels, loss_mask=_loss_mask(batch, config.goldfish))
+        value = _checked(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+        optimizer.step()
+        yield _Step(value, counted, int(batch.attention_mask.sum()))
+
+
+def _private_steps(
+    model: torch.nn.Module,
+    data: TokenizedData,
+    records: list[list[int]],
+    sample_rate: float,
+    config: TrainConfig,
+    params: list[torch.nn.Parameter],
+    *,
+    pad_id: int,
+    generator: torch.Generator,
+) -> Iterator[_Step]:
+    """DP-SGD: Poisson-drawn records, each record's own token-mean loss, per-record clip, noise.
+
+    Raises if the parameters did not move, the symptom of Opacus hooks on modules other than the
+    ones holding the optimizer's parameters (a fingerprint, so full fine-tuning needs no copy).
+    """
+    assert config.dp is not None
+    device = params[0].device
+    before = _fingerprint(params)
+    with dp_optimizer(
+        model,
+        params,
+        config.dp,
+        learning_rate=config.learning_rate,
+        expected_batch_size=config.batch_size,
+        generator=generator,
+    ) as optimizer:
+        for step in range(1, config.local_steps + 1):
+            chosen = draw_records(len(records), sample_rate, generator)
+            rows = [window for record in chosen for window in records[record]]
+            owner = torch.tensor([i for i, record in enumerate(chosen) for _ in records[record]], dtype=torch.long)
+            optimizer.zero_grad(set_to_none=True)
+            result = _Step(math.nan, 0, 0)
+            if rows:
+                batch = collate(data, rows, pad_id=pad_id).to(device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                losses, counted = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, config.goldfish))
+                sums = torch.zeros(len(chosen), device=device).index_add(0, owner.to(device), losses.sum(dim=1))
+                counts = torch.zeros(len(chosen), device=device).index_add(
+                    0, owner.to(device), counted.sum(dim=1).float()
+                )
+                result = _Step(
+                    _checked(sums.sum() / counts.sum().clamp(min=1), step),
+                    int(counts.sum()),
+                    int(batch.attention_mask.sum()),
+                )
+                (sums / counts.clamp(min=1)).sum().backward()  # type: ignore[no-untyped-call]
+            merge_grad_samples(params, owner, len(chosen))
+            optimizer.step()
+            yield result
+    if torch.equal(_fingerprint(params), before):
+        raise RuntimeError("DP-SGD left the trainable parameters unchanged: per-sample gradients missed them")
+
+
+def _fingerprint(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.stack([p.detach().double().square().sum() for p in params])
 
 
 def evaluate(model: torch.nn.Module, data: TokenizedData, *, batch_size: int, pad_id: int) -> EvalResult:
