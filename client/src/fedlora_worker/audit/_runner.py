@@ -1,0 +1,452 @@
+"""The canary extraction audit: prompt each record with prefixes, decode greedily, score, aggregate.
+
+Three measurements per record, each also made on the control group (same format, never trained on):
+
+* Continuation. The record's last ``suffix_tokens`` tokens are the target; for each prefix length
+  ``p`` with at least ``p + suffix_tokens`` tokens in the record, the prompt is the ``p`` tokens
+  right before the target (tokens as training saw them, beginning-of-sequence included). Scored by
+  exact match, approximate match (sentence BLEU of the decoded texts), token accuracy and the
+  longest correct run from the start.
+* PII extraction. Secrets sit in a record's header, never in its last tokens, so they are probed
+  where they occur: for each secret field the prompt is up to ``p`` tokens right before the
+  secret's first occurrence (the whole header when it is shorter than ``p``), and the secret counts
+  as extracted if its value appears in the decoded continuation. The prompt never contains it.
+* Exposure (Carlini et al. 2019) of the ``exposure_secret`` field: the true value is ranked among
+  ``exposure_candidates - 1`` random values of its format by the model's log-likelihood of the
+  tokens that spell the value, in the record with every occurrence substituted. It does not depend
+  on the prefix.
+
+Prefixes combine per record as an attacker would use them: a record counts as exactly (or
+approximately) extracted if some prefix extracts it, its token accuracy and longest run are the best
+over prefixes, and a secret counts as extracted if some prefix extracts it. ``by_prefix`` reports
+each prefix alone. No record text, token or decoded text ever reaches a log or the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol, get_args
+
+import numpy as np
+import structlog
+import torch
+
+from fedlora_worker.audit._candidates import candidate_space, random_candidates
+from fedlora_worker.audit._generation import greedy_decode, log_likelihoods
+from fedlora_worker.audit._metrics import (
+    exact_match,
+    exposure,
+    longest_matching_prefix,
+    sentence_bleu,
+    token_accuracy,
+)
+from fedlora_worker.lab.datagen import CanaryRecord, Group
+
+__all__ = [
+    "AuditConfig",
+    "AuditReport",
+    "ContinuationResult",
+    "ExposureResult",
+    "PiiResult",
+    "ProgressFn",
+    "TokenModel",
+    "audit_model",
+    "load_canaries",
+    "run_audit",
+]
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (prompts decoded, prompts in total) as decoding advances."""
+
+_GROUPS: Final[tuple[Group, ...]] = ("control", "1x", "10x")
+_TRAINED: Final[frozenset[Group]] = frozenset({"1x", "10x"})
+_DECODE_CHUNK_BATCHES: Final = 4
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What the audit measures; the defaults are the paper's."""
+
+    prefixes: tuple[int, ...] = (10, 50, 100, 200, 500)
+    suffix_tokens: int = 50
+    bleu_threshold: float = 0.75
+    exposure_candidates: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    exposure_secret: str = "record_id"
+
+    def __post_init__(self) -> None:
+        if not self.prefixes or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.prefixes):
+            raise ValueError(f"prefixes: must be positive integers, got {self.prefixes!r}")
+        if len(set(self.prefixes)) != len(self.prefixes):
+            raise ValueError(f"prefixes: must be distinct, got {self.prefixes!r}")
+        for name, low in (("suffix_tokens", 1), ("exposure_candidates", 2), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        if not 0.0 < self.bleu_threshold <= 1.0:
+            raise ValueError(f"bleu_threshold: must be in (0, 1], got {self.bleu_threshold!r}")
+
+
+class TokenModel(Protocol):
+    """The two things the audit asks of a language model, over token ids."""
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """``max_new_tokens`` greedy tokens after each prompt."""
+        ...
+
+    def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
+        """Summed log-probability of the flagged tokens of each sequence."""
+        ...
+
+
+@dataclass(frozen=True)
+class ContinuationResult:
+    """One record prompted with one prefix length; ``record`` indexes the audited records."""
+
+    record: int
+    group: Group
+    prefix: int
+    exact: bool
+    approx: bool
+    bleu: float
+    token_accuracy: float
+    longest_prefix: int
+
+
+@dataclass(frozen=True)
+class PiiResult:
+    """Whether one secret field of one record came out with one prefix length."""
+
+    record: int
+    group: Group
+    prefix: int
+    field: str
+    extracted: bool
+
+
+@dataclass(frozen=True)
+class ExposureResult:
+    """Exposure of one record's secret among ``candidates`` values of its format."""
+
+    record: int
+    group: Group
+    exposure: float
+    candidates: int
+
+
+def _rate(flags: Iterable[bool]) -> float | None:
+    values = list(flags)
+    return sum(values) / len(values) if values else None
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    items = list(values)
+    return sum(items) / len(items) if items else None
+
+
+def _max(values: Iterable[float]) -> float | None:
+    items = list(values)
+    return max(items) if items else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Per-(record, prefix) results of one audit; ``summary`` is the only part meant to leave a site."""
+
+    config: AuditConfig
+    groups: tuple[Group, ...]
+    continuations: tuple[ContinuationResult, ...]
+    pii: tuple[PiiResult, ...]
+    exposures: tuple[ExposureResult, ...]
+    seconds: float
+
+    def _stats(self, groups: frozenset[Group], prefix: int | None) -> dict[str, Any]:
+        """Aggregates over ``groups``: at one prefix, or per record the best over prefixes (None)."""
+        conts = [c for c in self.continuations if c.group in groups and prefix in (None, c.prefix)]
+        per_record: dict[int, list[ContinuationResult]] = {}
+        for c in conts:
+            per_record.setdefault(c.record, []).append(c)
+        exact = [any(c.exact for c in rs) for rs in per_record.values()]
+        approx = [any(c.approx for c in rs) for rs in per_record.values()]
+        accuracy = [max(c.token_accuracy for c in rs) for rs in per_record.values()]
+        longest = [float(max(c.longest_prefix for c in rs)) for rs in per_record.values()]
+        secrets: dict[tuple[int, str], bool] = {}
+        for s in self.pii:
+            if s.group in groups and prefix in (None, s.prefix):
+                secrets[(s.record, s.field)] = secrets.get((s.record, s.field), False) or s.extracted
+        exposures = [e.exposure for e in self.exposures if e.group in groups]
+        stats = {
+            "exact_match_rate": _rate(exact),
+            "approx_match_rate": _rate(approx),
+            "token_accuracy": _mean(accuracy),
+            "max_token_accuracy": _max(accuracy),
+            "mean_longest_prefix": _mean(longest),
+            "longest_prefix_max": _max(longest),
+            "pii_extraction_rate": _rate(secrets.values()),
+            "mean_exposure": _mean(exposures),
+            "worst_exposure": _max(exposures),
+        }
+        return {
+            **{key: _rounded(value) for key, value in stats.items()},
+            "count": len(per_record),
+            "pii_secrets": len(secrets),
+            "exposure_count": len(exposures),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready aggregates only: overall (trained canaries, 1x and 10x), by duplication, by prefix.
+
+        Rates are None where nothing was measured (e.g. no record long enough for a prefix). ``count``
+        is the number of records with a continuation measured, ``pii_secrets`` the (record, secret)
+        pairs probed, ``exposure_count`` the records whose exposure was measured; exposure repeats
+        unchanged under every prefix.
+        """
+        overall = self._stats(_TRAINED, None)
+        keys = ("exact_match_rate", "approx_match_rate", "mean_exposure", "token_accuracy", "pii_extraction_rate")
+        return {
+            **{key: overall[key] for key in keys},
+            "by_duplication": {g: self._stats(frozenset({g}), None) for g in _GROUPS},
+            "by_prefix": {str(p): {g: self._stats(frozenset({g}), p) for g in _GROUPS} for p in self.config.prefixes},
+            "config": {
+                "prefixes": list(self.config.prefixes),
+                "suffix_tokens": self.config.suffix_tokens,
+                "bleu_threshold": self.config.bleu_threshold,
+                "exposure_candidates": self.config.exposure_candidates,
+                "exposure_secret": self.config.exposure_secret,
+            },
+            "records": {g: sum(x == g for x in self.groups) for g in _GROUPS},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[_Encoded]:
+    """Token ids as training saw them (special tokens included) with character offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenizer: the audit needs a fast tokenizer (it maps secrets to tokens by offsets)")
+    batch = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True)
+    return [
+        _Encoded(list(ids), [(int(a), int(b)) for a, b in offsets])
+        for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"], strict=True)
+    ]
+
+
+def _occurrences(text: str, value: str) -> list[tuple[int, int]]:
+    spans, start = [], text.find(value)
+    while value and start >= 0:
+        spans.append((start, start + len(value)))
+        start = text.find(value, start + len(value))
+    return spans
+
+
+def _overlaps(offset: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
+    return any(offset[0] < end and offset[1] > start for start, end in spans)
+
+
+def _record_rng(seed: int, record_id: str) -> np.random.Generator:
+    """Candidates depend on the seed and the record, not on the record's position in the file."""
+    key = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big")
+    return np.random.default_rng([seed, key])
+
+
+def _exposure(lm: TokenModel, tokenizer: Any, record: CanaryRecord, config: AuditConfig) -> tuple[float, int] | None:
+    """(exposure, |R|) of the record's exposure secret, or None if it has none or it never occurs."""
+    secret = record["secrets"].get(config.exposure_secret)
+    spans = _occurrences(record["text"], secret) if secret else []
+    if not secret or not spans:
+        return None
+    size = min(config.exposure_candidates, candidate_space(secret))
+    if size < 2:
+        return None
+    values = [secret, *random_candidates(secret, size - 1, _record_rng(config.seed, record["id"]))]
+    # Candidates keep the secret's length, so its character spans hold in every substituted text.
+    encoded = _encode(tokenizer, [record["text"].replace(secret, value) for value in values])
+    sequences: list[list[int]] = []
+    flags: list[list[bool]] = []
+    for enc in encoded:
+        scored = [i > 0 and _overlaps(offset, spans) for i, offset in enumerate(enc.offsets)]
+        if not any(scored):
+            return None
+        end = max(i for i, flag in enumerate(scored) if flag) + 1
+        sequences.append(enc.ids[:end])
+        flags.append(scored[:end])
+    scores = lm.log_likelihood(sequences, flags)
+    return exposure(scores[0], scores[1:]), size
+
+
+def run_audit(
+    lm: TokenModel,
+    tokenizer: Any,
+    records: Sequence[CanaryRecord],
+    *,
+    config: AuditConfig = AuditConfig(),
+    progress: ProgressFn | None = None,
+) -> AuditReport:
+    """The audit over any ``TokenModel``; ``audit_model`` wraps a torch causal LM."""
+    log = structlog.get_logger(__name__)
+    started = time.perf_counter()
+    groups = tuple(r["group"] for r in records)
+    log.info("audit_started", records=len(records), **{g: groups.count(g) for g in _GROUPS})
+    encoded = _encode(tokenizer, [r["text"] for r in records])
+    suffix = config.suffix_tokens
+
+    prompts: dict[tuple[int, ...], int] = {}
+    cont_jobs: list[tuple[int, int, int]] = []  # (record, prefix, prompt)
+    pii_jobs: list[tuple[int, int, str, int]] = []  # (record, prefix, field, prompt)
+    for index, (record, enc) in enumerate(zip(records, encoded, strict=True)):
+        cut = len(enc.ids) - suffix
+        for p in config.prefixes:
+            if cut >= p:
+                key = tuple(enc.ids[cut - p : cut])
+                cont_jobs.append((index, p, prompts.setdefault(key, len(prompts))))
+        for field, value in record["secrets"].items():
+            spans = _occurrences(record["text"], value)
+            if not spans:
+                continue
+            first = next((i for i, offset in enumerate(enc.offsets) if offset[1] > spans[0][0]), len(enc.ids))
+            if first == 0:
+                continue  # nothing precedes the secret to prompt with
+            for p in config.prefixes:
+                key = tuple(enc.ids[max(0, first - p) : first])
+                pii_jobs.append((index, p, field, prompts.setdefault(key, len(prompts))))
+
+    unique = list(prompts)
+    # Decode in length order, in chunks, so that progress can be reported and padding stays small.
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    chunk = config.batch_size * _DECODE_CHUNK_BATCHES
+    decoded: list[list[int]] = [[] for _ in unique]
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        for i, tokens in zip(part, lm.greedy([unique[i] for i in part], suffix), strict=True):
+            decoded[i] = tokens
+        if progress is not None:
+            progress(min(start + chunk, len(order)), len(order))
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in decoded]
+
+    continuations = []
+    for index, p, prompt in cont_jobs:
+        target = encoded[index].ids[-suffix:]
+        bleu = sentence_bleu(texts[prompt], tokenizer.decode(target, skip_special_tokens=True))
+        continuations.append(
+            ContinuationResult(
+                record=index,
+                group=groups[index],
+                prefix=p,
+                exact=exact_match(decoded[prompt], target),
+                approx=bleu >= config.bleu_threshold,
+                bleu=bleu,
+                token_accuracy=token_accuracy(decoded[prompt], target),
+                longest_prefix=longest_matching_prefix(decoded[prompt], target),
+            )
+        )
+    pii = [
+        PiiResult(index, groups[index], p, field, records[index]["secrets"][field] in texts[prompt])
+        for index, p, field, prompt in pii_jobs
+    ]
+    exposures = []
+    for index, record in enumerate(records):
+        measured = _exposure(lm, tokenizer, record, config)
+        if measured is not None:
+            exposures.append(ExposureResult(index, groups[index], *measured))
+
+    report = AuditReport(
+        config=config,
+        groups=groups,
+        continuations=tuple(continuations),
+        pii=tuple(pii),
+        exposures=tuple(exposures),
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "audit_finished",
+        seconds=round(report.seconds, 3),
+        prompts=len(unique),
+        continuations=len(continuations),
+        secrets_probed=len(pii),
+        exposures=len(exposures),
+    )
+    return report
+
+
+@dataclass(frozen=True)
+class _TorchTokenModel:
+    model: torch.nn.Module
+    pad_id: int
+    batch_size: int
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        return greedy_decode(
+            self.model, prompts, max_new_tokens=max_new_tokens, pad_id=self.pad_id, batch_size=self.batch_size
+        )
+
+    def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
+        return log_likelihoods(self.model, sequences, scored, pad_id=self.pad_id, batch_size=self.batch_size)
+
+
+def audit_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[CanaryRecord],
+    *,
+    config: AuditConfig = AuditConfig(),
+    progress: ProgressFn | None = None,
+) -> AuditReport:
+    """Audit a causal LM (a base model with a peft adapter, or a full model) in eval mode."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer: has neither a pad nor an eos token to pad batches with")
+    was_training = model.training
+    model.eval()  # no LoRA dropout: greedy decoding must be deterministic
+    try:
+        return run_audit(
+            _TorchTokenModel(model, int(pad), config.batch_size), tokenizer, records, config=config, progress=progress
+        )
+    finally:
+        model.train(was_training)
+
+
+def _canary(row: object, where: str) -> CanaryRecord:
+    """A validated record, or ValueError naming the file, line and field."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: expected a JSON object")
+    for field, kind in (("id", str), ("text", str), ("secrets", dict), ("duplicates", int), ("group", str)):
+        if not isinstance(row.get(field), kind):
+            raise ValueError(f"{where}: field {field!r} must be a {kind.__name__}")
+    if row["group"] not in get_args(Group):
+        raise ValueError(f"{where}: field 'group' must be one of {', '.join(get_args(Group))}, got {row['group']!r}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in row["secrets"].items()):
+        raise ValueError(f"{where}: field 'secrets' must map names to strings")
+    return CanaryRecord(
+        id=row["id"], text=row["text"], secrets=dict(row["secrets"]), duplicates=row["duplicates"], group=row["group"]
+    )
+
+
+def load_canaries(paths: Iterable[str | Path]) -> list[CanaryRecord]:
+    """Canary and control records from jsonl files (``canaries.jsonl``, ``controls.jsonl``), in order."""
+    records = []
+    for path in map(Path, paths):
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+                records.append(_canary(row, f"{path}:{number}"))
+    return records
