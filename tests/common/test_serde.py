@@ -4,9 +4,14 @@ import pytest
 
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.messages import (
+    AuditPlan,
+    GoldfishPlan,
     LoraSpec,
+    Memorization,
+    MemorizationRates,
     MetricsReport,
     ModelVersion,
+    RecordDPPlan,
     RunSpec,
     Task,
     TaskKind,
@@ -55,6 +60,26 @@ def test_task_round_trips() -> None:
         assert task_from_proto(task_to_proto(task)) == task
 
 
+def test_privacy_plans_and_audit_round_trip() -> None:
+    rng = random.Random(13)
+    for _ in range(5):
+        plan = TrainingPlan(
+            rng.randint(1, 50),
+            8,
+            _floats(rng),
+            256,
+            1.0,
+            _floats(rng),
+            rng.randint(0, 2**40),
+            goldfish=GoldfishPlan(rng.randint(2, 8), rng.randint(1, 32), rng.randint(0, 2**40)),
+            record_dp=RecordDPPlan(_floats(rng), _floats(rng), 1e-5),
+        )
+        audit = AuditPlan(tuple(rng.sample(range(1, 600), 3)), 50, rng.randint(2, 1000))
+        task = Task(TaskKind.EVALUATE, round=rng.randint(1, 9), training=plan, audit=audit)
+
+        assert task_from_proto(task_to_proto(task)) == task
+
+
 def test_waiting_task_without_version_round_trips() -> None:
     task = Task(TaskKind.WAIT, round=3, retry_after_ms=250)
 
@@ -89,6 +114,19 @@ def test_run_spec_and_metrics_round_trip() -> None:
 
     assert run_spec_from_proto(run_spec_to_proto(spec)) == spec
     assert metrics_from_proto(metrics_to_proto(report)) == report
+
+
+def test_metrics_with_record_epsilon_and_memorization_round_trip() -> None:
+    rng = random.Random(17)
+
+    def rates() -> MemorizationRates:
+        return MemorizationRates(rng.randint(1, 40), *(_floats(rng) for _ in range(5)))
+
+    memo = Memorization(rates(), {"10x": rates(), "1x": rates(), "control": rates()})
+    for epsilon in (None, 0.0, 3.25):
+        report = MetricsReport("legal", "run-1", 2, 2, 2.5, 99, record_epsilon=epsilon, memorization=memo)
+
+        assert metrics_from_proto(metrics_to_proto(report)) == report
 
 
 def test_an_unspecified_kind_is_refused() -> None:

@@ -84,9 +84,10 @@ def test_rounds_are_kept_per_attempt_in_order(store: CoordinatorStore) -> None:
 def test_metrics_are_replaced_per_worker_and_round(store: CoordinatorStore) -> None:
     store.record_metrics(MetricsRecord(1, "legal", 1, 3.0, 100, 0.0, 0.0))
     store.record_metrics(MetricsRecord(1, "legal", 1, 2.5, 120, 0.0, 0.0))
-    store.record_metrics(MetricsRecord(2, "legal", 2, 2.0, 120, 0.0, 0.0))
+    store.record_metrics(MetricsRecord(2, "legal", 2, 2.0, 120, 0.0, 0.0, 1.5, '{"overall": {}}'))
 
     assert store.metrics(1) == [MetricsRecord(1, "legal", 1, 2.5, 120, 0.0, 0.0)]
+    assert store.metrics(2) == [MetricsRecord(2, "legal", 2, 2.0, 120, 0.0, 0.0, 1.5, '{"overall": {}}')]
 
 
 def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:

@@ -9,9 +9,14 @@ from fedlora_common.manifest import Manifest
 from fedlora_common.secagg.protocol import Advertisement, EncryptedShare, SecAggParams
 
 __all__ = [
+    "AuditPlan",
+    "GoldfishPlan",
     "LoraSpec",
+    "Memorization",
+    "MemorizationRates",
     "MetricsReport",
     "ModelVersion",
+    "RecordDPPlan",
     "RunSpec",
     "SecAggTask",
     "Task",
@@ -59,6 +64,20 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class GoldfishPlan:
+    k: int
+    h: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class RecordDPPlan:
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     local_steps: int
     batch_size: int
@@ -67,6 +86,15 @@ class TrainingPlan:
     grad_clip_norm: float
     update_clip_norm: float
     seed: int
+    goldfish: GoldfishPlan | None = None
+    record_dp: RecordDPPlan | None = None
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    prefixes: tuple[int, ...]
+    suffix_tokens: int
+    exposure_candidates: int
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,7 @@ class Task:
     retry_after_ms: int = 0
     deadline_s: float = 0.0
     secagg: SecAggTask | None = None
+    audit: AuditPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -128,3 +157,23 @@ class MetricsReport:
     eval_tokens: int
     train_loss: float = 0.0
     tokens_per_second: float = 0.0
+    record_epsilon: float | None = None
+    memorization: Memorization | None = None
+
+
+@dataclass(frozen=True)
+class MemorizationRates:
+    """Aggregate audit rates over `count` canaries of one group; no record leaves a site."""
+
+    count: int
+    exact_match_rate: float
+    approx_match_rate: float
+    token_accuracy: float
+    pii_extraction_rate: float
+    mean_exposure: float
+
+
+@dataclass(frozen=True)
+class Memorization:
+    overall: MemorizationRates
+    by_duplication: dict[str, MemorizationRates]

@@ -8,9 +8,14 @@ from typing import Any, TypeVar
 
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.messages import (
+    AuditPlan,
+    GoldfishPlan,
     LoraSpec,
+    Memorization,
+    MemorizationRates,
     MetricsReport,
     ModelVersion,
+    RecordDPPlan,
     RunSpec,
     SecAggTask,
     Task,
@@ -111,7 +116,7 @@ def model_version_from_proto(msg: pb.ModelVersion) -> ModelVersion:
 
 
 def _plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
-    return pb.TrainingPlan(
+    msg = pb.TrainingPlan(
         local_steps=plan.local_steps,
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
@@ -120,9 +125,19 @@ def _plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
         update_clip_norm=plan.update_clip_norm,
         seed=plan.seed,
     )
+    if plan.goldfish is not None:
+        g = plan.goldfish
+        msg.goldfish.CopyFrom(pb.GoldfishPlan(k=g.k, h=g.h, seed=g.seed))
+    if plan.record_dp is not None:
+        d = plan.record_dp
+        msg.record_dp.CopyFrom(
+            pb.RecordDpPlan(noise_multiplier=d.noise_multiplier, max_grad_norm=d.max_grad_norm, delta=d.delta)
+        )
+    return msg
 
 
 def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
+    g, d = msg.goldfish, msg.record_dp
     return TrainingPlan(
         local_steps=msg.local_steps,
         batch_size=msg.batch_size,
@@ -131,6 +146,44 @@ def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
         grad_clip_norm=msg.grad_clip_norm,
         update_clip_norm=msg.update_clip_norm,
         seed=msg.seed,
+        goldfish=GoldfishPlan(g.k, g.h, g.seed) if msg.HasField("goldfish") else None,
+        record_dp=RecordDPPlan(d.noise_multiplier, d.max_grad_norm, d.delta) if msg.HasField("record_dp") else None,
+    )
+
+
+def _rates_to_proto(rates: MemorizationRates) -> pb.MemorizationRates:
+    return pb.MemorizationRates(
+        count=rates.count,
+        exact_match_rate=rates.exact_match_rate,
+        approx_match_rate=rates.approx_match_rate,
+        token_accuracy=rates.token_accuracy,
+        pii_extraction_rate=rates.pii_extraction_rate,
+        mean_exposure=rates.mean_exposure,
+    )
+
+
+def _rates_from_proto(msg: pb.MemorizationRates) -> MemorizationRates:
+    return MemorizationRates(
+        msg.count,
+        msg.exact_match_rate,
+        msg.approx_match_rate,
+        msg.token_accuracy,
+        msg.pii_extraction_rate,
+        msg.mean_exposure,
+    )
+
+
+def _memorization_to_proto(memo: Memorization) -> pb.Memorization:
+    msg = pb.Memorization(overall=_rates_to_proto(memo.overall))
+    for group, rates in memo.by_duplication.items():
+        msg.by_duplication[group].CopyFrom(_rates_to_proto(rates))
+    return msg
+
+
+def _memorization_from_proto(msg: pb.Memorization) -> Memorization:
+    return Memorization(
+        _rates_from_proto(msg.overall),
+        {group: _rates_from_proto(rates) for group, rates in sorted(msg.by_duplication.items())},
     )
 
 
@@ -171,6 +224,7 @@ def _secagg_to_proto(task: SecAggTask) -> pb.SecAggPlan:
         bits=p.bits,
         clip_range=p.clip_range,
         max_examples=p.max_examples,
+        noise_variance=p.noise_variance,
         roster=[advertisement_to_proto(a) for a in task.roster],
         inbox=[encrypted_share_to_proto(s) for s in task.inbox],
         survivors=list(task.survivors),
@@ -187,6 +241,7 @@ def _secagg_from_proto(msg: pb.SecAggPlan, run_id: str) -> SecAggTask:
         bits=msg.bits,
         clip_range=msg.clip_range,
         max_examples=msg.max_examples,
+        noise_variance=msg.noise_variance,
     )
     return SecAggTask(
         params=params,
@@ -211,6 +266,13 @@ def task_to_proto(task: Task) -> pb.Task:
         msg.training.CopyFrom(_plan_to_proto(task.training))
     if task.secagg is not None:
         msg.secagg.CopyFrom(_secagg_to_proto(task.secagg))
+    if task.audit is not None:
+        a = task.audit
+        msg.audit.CopyFrom(
+            pb.AuditPlan(
+                prefixes=list(a.prefixes), suffix_tokens=a.suffix_tokens, exposure_candidates=a.exposure_candidates
+            )
+        )
     return msg
 
 
@@ -225,6 +287,11 @@ def task_from_proto(msg: pb.Task, *, run_id: str = "") -> Task:
         retry_after_ms=msg.retry_after_ms,
         deadline_s=msg.deadline_s,
         secagg=_secagg_from_proto(msg.secagg, run_id) if msg.HasField("secagg") else None,
+        audit=(
+            AuditPlan(tuple(msg.audit.prefixes), msg.audit.suffix_tokens, msg.audit.exposure_candidates)
+            if msg.HasField("audit")
+            else None
+        ),
     )
 
 
@@ -269,7 +336,7 @@ def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
 
 
 def metrics_to_proto(report: MetricsReport) -> pb.MetricsReport:
-    return pb.MetricsReport(
+    msg = pb.MetricsReport(
         worker_id=report.worker_id,
         run_id=report.run_id,
         round=report.round,
@@ -278,7 +345,11 @@ def metrics_to_proto(report: MetricsReport) -> pb.MetricsReport:
         eval_tokens=report.eval_tokens,
         train_loss=report.train_loss,
         tokens_per_second=report.tokens_per_second,
+        record_epsilon=report.record_epsilon,
     )
+    if report.memorization is not None:
+        msg.memorization.CopyFrom(_memorization_to_proto(report.memorization))
+    return msg
 
 
 def metrics_from_proto(msg: pb.MetricsReport) -> MetricsReport:
@@ -291,4 +362,6 @@ def metrics_from_proto(msg: pb.MetricsReport) -> MetricsReport:
         eval_tokens=msg.eval_tokens,
         train_loss=msg.train_loss,
         tokens_per_second=msg.tokens_per_second,
+        record_epsilon=msg.record_epsilon if msg.HasField("record_epsilon") else None,
+        memorization=_memorization_from_proto(msg.memorization) if msg.HasField("memorization") else None,
     )

@@ -10,13 +10,19 @@ from typing import Final, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedlora_common.privacy import gaussian_epsilon
 from fedlora_common.settings import StrictModel
 
 __all__ = [
     "CONFIG_VERSION",
+    "AuditSection",
+    "ClientDPSection",
+    "GoldfishSection",
     "LimitSettings",
     "ListenSettings",
     "LoraSection",
+    "PrivacySection",
+    "RecordDPSection",
     "RunSettings",
     "SecureAggregationSection",
     "TimeoutSettings",
@@ -72,6 +78,76 @@ class SecureAggregationSection(StrictModel):
     max_examples: int = Field(65536, ge=1, le=2**20, description="Example counts above this weigh as this")
 
 
+class ClientDPSection(StrictModel):
+    """Client-level DP-FedAvg (McMahan et al. 2018): updates clipped to clip_norm, Gaussian-like noise.
+
+    Set noise_multiplier, or target_epsilon for the coordinator to solve for it over all rounds.
+    placement: distributed (each worker adds Skellam noise before masking; needs secure
+    aggregation, and is its default) or central (the coordinator adds Gaussian noise to the sum it
+    sees in the clear: this trusts the coordinator, and is refused with secure aggregation on).
+    """
+
+    clip_norm: float | None = Field(None, gt=0, description="L2 bound on each update; noise needs it")
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    placement: Literal["distributed", "central"] | None = None
+    epsilon_budget: float | None = Field(None, gt=0, description="Stop before a round would spend more")
+
+    @model_validator(mode="after")
+    def _noise(self) -> ClientDPSection:
+        if self.clip_norm is None:
+            raise ValueError("noise without clipping bounds nothing: set clip_norm > 0")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+class RecordDPSection(StrictModel):
+    """Record-level DP-SGD at every site (Opacus): per-sample clipping and Gaussian noise on the trainable weights."""
+
+    noise_multiplier: float = Field(gt=0)
+    max_grad_norm: float | None = Field(None, gt=0, description="Per-sample gradient clip; noise needs it")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _clipped(self) -> RecordDPSection:
+        if self.max_grad_norm is None:
+            raise ValueError("noise without clipping bounds nothing: set max_grad_norm > 0")
+        return self
+
+
+class GoldfishSection(StrictModel):
+    """Goldfish loss (Hans et al. 2024): drop about 1/k of tokens, chosen by a hash of the h before them."""
+
+    k: int = Field(4, ge=2)
+    h: int = Field(13, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class PrivacySection(StrictModel):
+    """Each part is off unless present."""
+
+    client_dp: ClientDPSection | None = None
+    record_dp: RecordDPSection | None = None
+    goldfish: GoldfishSection | None = None
+
+
+class AuditSection(StrictModel):
+    """The canary audit each worker runs on a new global model; only aggregate rates leave a site."""
+
+    every: int = Field(1, ge=1, description="Audit after every N-th round (and always after the last)")
+    prefixes: tuple[int, ...] = Field((10, 50, 100, 200, 500), min_length=1)
+    suffix_tokens: int = Field(50, ge=1)
+    exposure_candidates: int = Field(128, ge=2)
+
+    @model_validator(mode="after")
+    def _positive_prefixes(self) -> AuditSection:
+        if any(p < 1 for p in self.prefixes):
+            raise ValueError("prefixes: every prefix length must be >= 1")
+        return self
+
+
 class TlsServerSettings(StrictModel):
     cert: Path
     key: Path
@@ -121,6 +197,8 @@ class RunSettings(BaseSettings):
     workers: tuple[WorkerEntry, ...] = Field(min_length=1)
     seed: int = Field(0, ge=0)
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+    privacy: PrivacySection = PrivacySection()
+    audit: AuditSection | None = None
     state_dir: Path = Path("state")
     listen: ListenSettings = ListenSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
@@ -144,4 +222,33 @@ class RunSettings(BaseSettings):
                 )
             if self.min_workers < 2:
                 raise ValueError("min_workers: secure aggregation needs at least 2 workers")
+        self._check_client_dp()
         return self
+
+    def _check_client_dp(self) -> None:
+        dp = self.privacy.client_dp
+        if dp is None:
+            return
+        secure = self.secure_aggregation.enabled
+        if dp.placement == "central" and secure:
+            raise ValueError(
+                "privacy.client_dp.placement: central noise is added by a coordinator that sees the sum; "
+                "with secure aggregation on use distributed"
+            )
+        if dp.placement == "distributed" and not secure:
+            raise ValueError("privacy.client_dp.placement: distributed noise needs secure_aggregation.enabled: true")
+        if dp.epsilon_budget is not None and dp.noise_multiplier is not None:
+            first = gaussian_epsilon(dp.noise_multiplier, steps=1, delta=dp.delta)
+            if first > dp.epsilon_budget:
+                raise ValueError(
+                    f"privacy.client_dp.epsilon_budget: {dp.epsilon_budget} is already spent by the first round "
+                    f"(epsilon {first:.3g} at noise_multiplier {dp.noise_multiplier})"
+                )
+
+    @property
+    def client_dp_placement(self) -> Literal["distributed", "central"] | None:
+        """Where client-level noise is added, defaulting to distributed whenever aggregation is secure."""
+        dp = self.privacy.client_dp
+        if dp is None:
+            return None
+        return dp.placement or ("distributed" if self.secure_aggregation.enabled else "central")

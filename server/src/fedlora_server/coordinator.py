@@ -9,6 +9,7 @@ Every decision is written to the store before any worker can observe it.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,9 +24,12 @@ import structlog
 from fedlora_common.aggregation import StreamingAccumulator, apply_update
 from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, update_manifest
 from fedlora_common.messages import (
+    AuditPlan,
+    GoldfishPlan,
     LoraSpec,
     MetricsReport,
     ModelVersion,
+    RecordDPPlan,
     RunSpec,
     SecAggTask,
     Task,
@@ -34,6 +38,7 @@ from fedlora_common.messages import (
     UploadHeader,
     UploadKind,
 )
+from fedlora_common.privacy import central_noise, plan_distributed_noise
 from fedlora_common.secagg import (
     Advertisement,
     EncryptedShare,
@@ -53,7 +58,9 @@ from fedlora_server.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from fedlora_server.memorization import RATE_FIELDS, combine, memorization_from_json, memorization_to_json
 from fedlora_server.metrics import ServerMetrics
+from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.secure_round import RoundFailed, SecureRound
 from fedlora_server.store import (
     ArtifactRecord,
@@ -122,6 +129,7 @@ class Coordinator:
         self._phase = _Phase("admission", deadline_at=clock() + settings.timeouts.admission_s)
         self._uploads_in_flight: set[str] = set()
         self._download_bytes = 0
+        self._privacy = ClientPrivacy.from_settings(settings)
         self._resume()
 
     # ---- what workers ask -------------------------------------------------------------
@@ -182,6 +190,7 @@ class Coordinator:
                 participants=phase.participants,
                 deadline_s=deadline_s,
                 secagg=secagg,
+                audit=self._audit_plan(phase.round) if kind is TaskKind.EVALUATE else None,
             )
 
     def global_model(self, worker_id: str, version: int) -> GlobalModel:
@@ -276,14 +285,27 @@ class Coordinator:
     def _new_secure_round(self, round_: int, attempt: int, participants: tuple[str, ...]) -> SecureRound:
         s = self._settings.secure_aggregation
         n = len(participants)
+        threshold = SecAggParams.threshold_for(n, s.threshold_fraction)
+        bits, clip_range, max_examples, noise_variance = s.bits or max_bits(n), s.clip_range, s.max_examples, 0.0
+        if self._privacy is not None:
+            # Distributed DP: unweighted mean of updates clipped to C, each carrying Skellam noise.
+            noise = plan_distributed_noise(
+                participants=n,
+                threshold=threshold,
+                noise_multiplier=self._privacy.noise_multiplier,
+                clip_norm=self._privacy.clip_norm,
+                dimension=self._update_manifest().numel,
+            )
+            bits, clip_range, max_examples, noise_variance = noise.bits, noise.clip, 1, noise.worker_variance
         params = SecAggParams(
             run_id=self._settings.run_id,
             tag=round_tag(round_, attempt),
             participants=participants,
-            threshold=SecAggParams.threshold_for(n, s.threshold_fraction),
-            bits=s.bits or max_bits(n),
-            clip_range=s.clip_range,
-            max_examples=s.max_examples,
+            threshold=threshold,
+            bits=bits,
+            clip_range=clip_range,
+            max_examples=max_examples,
+            noise_variance=noise_variance,
         )
         identities = {w.id: bytes.fromhex(w.identity_public) for w in self._settings.workers if w.identity_public}
         return SecureRound(params=params, identities=identities, numel=self._update_manifest().numel + 1)
@@ -381,6 +403,8 @@ class Coordinator:
                     report.eval_tokens,
                     report.train_loss,
                     report.tokens_per_second,
+                    report.record_epsilon,
+                    json.dumps(memorization_to_json(report.memorization)) if report.memorization else "",
                 )
             )
             phase.done.add(report.worker_id)
@@ -486,16 +510,25 @@ class Coordinator:
         )
 
     def _start_next_round_or_finish(self, completed_round: int) -> None:
-        if completed_round >= self._settings.rounds:
+        budget_spent = self._privacy is not None and not self._privacy.allows(completed_round + 1)
+        if completed_round >= self._settings.rounds or budget_spent:
             self._phase = _Phase("finished", completed_round)
             self._finished.set()
+            if budget_spent and completed_round < self._settings.rounds:
+                log.warning("privacy_budget_reached", rounds=completed_round, planned=self._settings.rounds)
             log.info("run_finished", rounds=completed_round)
         else:
             self._start_train(completed_round + 1)
 
     def _commit_round(self) -> None:
         assert self._accumulator is not None
-        self._commit_mean(self._accumulator.mean())
+        mean = self._accumulator.mean()
+        if self._privacy is not None:
+            # Central DP: (sum + N(0, (zC)^2)) / n, with noise nobody can predict (not the run's seed).
+            std = self._privacy.noise_multiplier * self._privacy.clip_norm / len(self._phase.done)
+            noise = central_noise(mean.size, std=std, rng=np.random.default_rng(secrets.randbits(128)))
+            mean = (mean + noise).astype(np.float32)
+        self._commit_mean(mean)
 
     def _commit_mean(self, mean_delta: npt.NDArray[np.float32]) -> None:
         phase = self._phase
@@ -522,6 +555,8 @@ class Coordinator:
             )
         )
         self._metrics.train_loss.set(train_loss)
+        if self._privacy is not None:
+            self._metrics.dp_epsilon.labels(level="client").set(self._privacy.epsilon_after(phase.round))
         self._metrics.phase_seconds.labels(phase="train").observe(self._clock() - phase.started_at)
         self._accumulator = None
         self._secure = None
@@ -550,6 +585,7 @@ class Coordinator:
             eval_loss = float(np.average([m.eval_loss for m in reports], weights=tokens))
             self._metrics.eval_loss.set(eval_loss)
         self._metrics.phase_seconds.labels(phase="evaluate").observe(self._clock() - phase.started_at)
+        self._export_privacy_and_audit(self._store.metrics(phase.round))
         if phase.round > 0:
             record = self._last_attempt(phase.round)
             assert record is not None
@@ -579,6 +615,21 @@ class Coordinator:
             )
         log.info("round_evaluated", round=phase.round, eval_loss=eval_loss, reports=len(reports))
         self._start_next_round_or_finish(phase.round)
+
+    def _export_privacy_and_audit(self, reports: Sequence[MetricsRecord]) -> None:
+        spent = [m.record_epsilon for m in reports if m.record_epsilon is not None]
+        if spent:
+            self._metrics.dp_epsilon.labels(level="record").set(max(spent))
+        combined = combine(
+            [memorization_from_json(json.loads(m.memorization_json)) for m in reports if m.memorization_json]
+        )
+        if combined is None:
+            return
+        for group, rates in {"trained": combined, **combined["by_duplication"]}.items():
+            if rates is None:
+                continue
+            for name in RATE_FIELDS:
+                self._metrics.memorization_rate.labels(group=group, metric=name).set(rates[name])
 
     # ---- uploads ----------------------------------------------------------------------
 
@@ -674,7 +725,9 @@ class Coordinator:
         self._record_upload(header, received, weight=header.num_examples)
         assert self._accumulator is not None
         started = time.perf_counter()
-        received.fold_into(self._accumulator, float(header.num_examples))
+        # DP-FedAvg averages unweighted: an example count would scale a site's influence past the clip.
+        weight = 1.0 if self._privacy is not None else float(header.num_examples)
+        received.fold_into(self._accumulator, weight)
         self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
         phase.done.add(header.worker_id)
         log.info("update_accepted", worker_id=header.worker_id, round=phase.round, bytes=received.size_bytes)
@@ -740,16 +793,32 @@ class Coordinator:
     # ---- helpers ----------------------------------------------------------------------
 
     def _training_plan(self, round_: int) -> TrainingPlan:
-        t = self._settings.training
+        t, p = self._settings.training, self._settings.privacy
+        goldfish = None if p.goldfish is None else GoldfishPlan(p.goldfish.k, p.goldfish.h, p.goldfish.seed)
+        record_dp = None
+        if p.record_dp is not None:
+            assert p.record_dp.max_grad_norm is not None  # the settings refuse noise without clipping
+            record_dp = RecordDPPlan(p.record_dp.noise_multiplier, p.record_dp.max_grad_norm, p.record_dp.delta)
         return TrainingPlan(
             t.local_steps,
             t.batch_size,
             t.learning_rate,
             t.max_seq_len,
             t.grad_clip_norm,
-            t.update_clip_norm,
+            self._privacy.clip_norm if self._privacy is not None else t.update_clip_norm,
             seed=self._settings.seed * 1_000_003 + round_,
+            goldfish=goldfish,
+            record_dp=record_dp,
         )
+
+    def _audit_plan(self, round_: int) -> AuditPlan | None:
+        """Audit every `every`-th round and the last; round 0 (the base model) is not audited."""
+        audit = self._settings.audit
+        if audit is None or round_ == 0:
+            return None
+        if round_ % audit.every and round_ != self._settings.rounds:
+            return None
+        return AuditPlan(audit.prefixes, audit.suffix_tokens, audit.exposure_candidates)
 
     def _deadline(self, *, training: bool) -> float:
         payload = self._global.version.size_bytes if self._global else 0

@@ -63,3 +63,15 @@ class ServerMetrics:
         )
         self.train_loss = Gauge("fedlora_train_loss", "Example-weighted training loss", registry=registry)
         self.eval_loss = Gauge("fedlora_eval_loss", "Token-weighted held-out loss", registry=registry)
+        self.dp_epsilon = Gauge(
+            "fedlora_dp_epsilon",
+            "Privacy spent so far at the run's delta: client level (DP-FedAvg) or record level (largest site)",
+            ["level"],
+            registry=registry,
+        )
+        self.memorization_rate = Gauge(
+            "fedlora_memorization_rate",
+            "Canary audit of the latest global model over all sites, by duplication group",
+            ["group", "metric"],
+            registry=registry,
+        )

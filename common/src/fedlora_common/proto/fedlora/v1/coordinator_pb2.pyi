@@ -255,6 +255,7 @@ class Task(_message.Message):
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    AUDIT_FIELD_NUMBER: _builtins.int
     kind: Global___TaskKind.ValueType
     round: _builtins.int
     retry_after_ms: _builtins.int
@@ -272,6 +273,10 @@ class Task(_message.Message):
     def secagg(self) -> Global___SecAggPlan:
         """Set when the round aggregates securely."""
 
+    @_builtins.property
+    def audit(self) -> Global___AuditPlan:
+        """EVALUATE: set when this version is audited for memorization."""
+
     def __init__(
         self,
         *,
@@ -283,10 +288,11 @@ class Task(_message.Message):
         retry_after_ms: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
         secagg: Global___SecAggPlan | None = ...,
+        audit: Global___AuditPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "model", b"model", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,12 +312,15 @@ class SecAggPlan(_message.Message):
     INBOX_FIELD_NUMBER: _builtins.int
     SURVIVORS_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    NOISE_VARIANCE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     """Names the round attempt; every signature and share is bound to it."""
     threshold: _builtins.int
     bits: _builtins.int
     clip_range: _builtins.float
     max_examples: _builtins.int
+    noise_variance: _builtins.float
+    """Variance (in quantization levels) of the Skellam noise each worker adds before masking; 0 = none."""
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -343,10 +352,11 @@ class SecAggPlan(_message.Message):
         inbox: _abc.Iterable[Global___EncryptedShare] | None = ...,
         survivors: _abc.Iterable[_builtins.str] | None = ...,
         dropped: _abc.Iterable[_builtins.str] | None = ...,
+        noise_variance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip_range", b"clip_range", "dropped", b"dropped", "inbox", b"inbox", "max_examples", b"max_examples", "participants", b"participants", "roster", b"roster", "survivors", b"survivors", "tag", b"tag", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip_range", b"clip_range", "dropped", b"dropped", "inbox", b"inbox", "max_examples", b"max_examples", "noise_variance", b"noise_variance", "participants", b"participants", "roster", b"roster", "survivors", b"survivors", "tag", b"tag", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,6 +637,8 @@ class TrainingPlan(_message.Message):
     GRAD_CLIP_NORM_FIELD_NUMBER: _builtins.int
     UPDATE_CLIP_NORM_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    GOLDFISH_FIELD_NUMBER: _builtins.int
+    RECORD_DP_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -635,6 +647,14 @@ class TrainingPlan(_message.Message):
     update_clip_norm: _builtins.float
     """L2 bound each update is clipped to before it leaves the site; 0 = no bound."""
     seed: _builtins.int
+    @_builtins.property
+    def goldfish(self) -> Global___GoldfishPlan:
+        """Set when the run trains with Goldfish loss."""
+
+    @_builtins.property
+    def record_dp(self) -> Global___RecordDpPlan:
+        """Set when every site trains with record-level DP-SGD."""
+
     def __init__(
         self,
         *,
@@ -645,14 +665,96 @@ class TrainingPlan(_message.Message):
         grad_clip_norm: _builtins.float = ...,
         update_clip_norm: _builtins.float = ...,
         seed: _builtins.int = ...,
+        goldfish: Global___GoldfishPlan | None = ...,
+        record_dp: Global___RecordDpPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goldfish", b"goldfish", "record_dp", b"record_dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "grad_clip_norm", b"grad_clip_norm", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "max_seq_len", b"max_seq_len", "seed", b"seed", "update_clip_norm", b"update_clip_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "goldfish", b"goldfish", "grad_clip_norm", b"grad_clip_norm", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "max_seq_len", b"max_seq_len", "record_dp", b"record_dp", "seed", b"seed", "update_clip_norm", b"update_clip_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingPlan: _TypeAlias = TrainingPlan  # noqa: Y015
+
+@_typing.final
+class GoldfishPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    K_FIELD_NUMBER: _builtins.int
+    H_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    k: _builtins.int
+    """drop about 1/k of tokens"""
+    h: _builtins.int
+    """hashed context length"""
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        k: _builtins.int = ...,
+        h: _builtins.int = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["h", b"h", "k", b"k", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoldfishPlan: _TypeAlias = GoldfishPlan  # noqa: Y015
+
+@_typing.final
+class RecordDpPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    noise_multiplier: _builtins.float
+    max_grad_norm: _builtins.float
+    delta: _builtins.float
+    def __init__(
+        self,
+        *,
+        noise_multiplier: _builtins.float = ...,
+        max_grad_norm: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "max_grad_norm", b"max_grad_norm", "noise_multiplier", b"noise_multiplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordDpPlan: _TypeAlias = RecordDpPlan  # noqa: Y015
+
+@_typing.final
+class AuditPlan(_message.Message):
+    """What the worker audits a new global model with, on its own canaries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIXES_FIELD_NUMBER: _builtins.int
+    SUFFIX_TOKENS_FIELD_NUMBER: _builtins.int
+    EXPOSURE_CANDIDATES_FIELD_NUMBER: _builtins.int
+    suffix_tokens: _builtins.int
+    exposure_candidates: _builtins.int
+    @_builtins.property
+    def prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        prefixes: _abc.Iterable[_builtins.int] | None = ...,
+        suffix_tokens: _builtins.int = ...,
+        exposure_candidates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposure_candidates", b"exposure_candidates", "prefixes", b"prefixes", "suffix_tokens", b"suffix_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditPlan: _TypeAlias = AuditPlan  # noqa: Y015
 
 @_typing.final
 class DownloadRequest(_message.Message):
@@ -877,6 +979,8 @@ class MetricsReport(_message.Message):
     EVAL_TOKENS_FIELD_NUMBER: _builtins.int
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    RECORD_EPSILON_FIELD_NUMBER: _builtins.int
+    MEMORIZATION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     run_id: _builtins.str
     round: _builtins.int
@@ -885,6 +989,12 @@ class MetricsReport(_message.Message):
     eval_tokens: _builtins.int
     train_loss: _builtins.float
     tokens_per_second: _builtins.float
+    record_epsilon: _builtins.float
+    """Record-level epsilon this site has spent so far (DP-SGD); unset without it."""
+    @_builtins.property
+    def memorization(self) -> Global___Memorization:
+        """Aggregate audit rates on this site's canaries; unset when not audited."""
+
     def __init__(
         self,
         *,
@@ -896,14 +1006,102 @@ class MetricsReport(_message.Message):
         eval_tokens: _builtins.int = ...,
         train_loss: _builtins.float = ...,
         tokens_per_second: _builtins.float = ...,
+        record_epsilon: _builtins.float | None = ...,
+        memorization: Global___Memorization | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_record_epsilon", b"_record_epsilon", "memorization", b"memorization", "record_epsilon", b"record_epsilon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_record_epsilon", b"_record_epsilon", "eval_loss", b"eval_loss", "eval_tokens", b"eval_tokens", "memorization", b"memorization", "record_epsilon", b"record_epsilon", "round", b"round", "run_id", b"run_id", "tokens_per_second", b"tokens_per_second", "train_loss", b"train_loss", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__record_epsilon: _TypeAlias = _typing.Literal["record_epsilon"]  # noqa: Y015
+    _WhichOneofArgType__record_epsilon: _TypeAlias = _typing.Literal["_record_epsilon", b"_record_epsilon"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__record_epsilon) -> _WhichOneofReturnType__record_epsilon | None: ...
+
+Global___MetricsReport: _TypeAlias = MetricsReport  # noqa: Y015
+
+@_typing.final
+class MemorizationRates(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    EXACT_MATCH_RATE_FIELD_NUMBER: _builtins.int
+    APPROX_MATCH_RATE_FIELD_NUMBER: _builtins.int
+    TOKEN_ACCURACY_FIELD_NUMBER: _builtins.int
+    PII_EXTRACTION_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_EXPOSURE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """canaries measured"""
+    exact_match_rate: _builtins.float
+    approx_match_rate: _builtins.float
+    token_accuracy: _builtins.float
+    pii_extraction_rate: _builtins.float
+    mean_exposure: _builtins.float
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        exact_match_rate: _builtins.float = ...,
+        approx_match_rate: _builtins.float = ...,
+        token_accuracy: _builtins.float = ...,
+        pii_extraction_rate: _builtins.float = ...,
+        mean_exposure: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_tokens", b"eval_tokens", "round", b"round", "run_id", b"run_id", "tokens_per_second", b"tokens_per_second", "train_loss", b"train_loss", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approx_match_rate", b"approx_match_rate", "count", b"count", "exact_match_rate", b"exact_match_rate", "mean_exposure", b"mean_exposure", "pii_extraction_rate", b"pii_extraction_rate", "token_accuracy", b"token_accuracy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___MetricsReport: _TypeAlias = MetricsReport  # noqa: Y015
+Global___MemorizationRates: _TypeAlias = MemorizationRates  # noqa: Y015
+
+@_typing.final
+class Memorization(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByDuplicationEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___MemorizationRates: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___MemorizationRates | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OVERALL_FIELD_NUMBER: _builtins.int
+    BY_DUPLICATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def overall(self) -> Global___MemorizationRates:
+        """trained canaries (1x and 10x)"""
+
+    @_builtins.property
+    def by_duplication(self) -> _containers.MessageMap[_builtins.str, Global___MemorizationRates]:
+        """"control", "1x", "10x" """
+
+    def __init__(
+        self,
+        *,
+        overall: Global___MemorizationRates | None = ...,
+        by_duplication: _abc.Mapping[_builtins.str, Global___MemorizationRates] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["overall", b"overall"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_duplication", b"by_duplication", "overall", b"overall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Memorization: _TypeAlias = Memorization  # noqa: Y015
 
 @_typing.final
 class MetricsReceipt(_message.Message):
