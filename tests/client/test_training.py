@@ -82,6 +82,7 @@ def test_training_lowers_the_loss_and_moves_only_the_adapter(tiny_base_model: Pa
     assert result.steps == CONFIG.local_steps
     assert result.tokens > 0
     assert result.tokens_per_second > 0
+    assert result.sample_rate == 0.0  # no DP-SGD, nothing for a record-level accountant
     moved = changed(before, loaded.model)
     assert moved == {name for name in before if ".lora_B." in name or ".lora_A." in name}
     assert not loaded.model.training
