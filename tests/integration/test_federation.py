@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
+from fedlora_common.privacy import gaussian_epsilon
 from fedlora_common.secagg import identity_keypair
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
@@ -31,7 +32,7 @@ ROUNDS = 2
 
 
 def _run_federation(
-    tmp_path: Path, base: Path, mode: str, *, secure: bool, rounds: int = ROUNDS
+    tmp_path: Path, base: Path, mode: str, *, secure: bool, rounds: int = ROUNDS, extra: dict | None = None
 ) -> tuple[dict, list[WorkerOutcome]]:
     sites = site_names(3)
     tokens = {worker: f"secret-{worker}" for worker, _ in sites}
@@ -54,6 +55,7 @@ def _run_federation(
             "training": {"local_steps": 4, "batch_size": 4, "max_seq_len": 64, "learning_rate": 3e-3},
             "listen": {"port": 0, "metrics_port": None},
             "timeouts": {"poll_wait_ms": 50},
+            **(extra or {}),
         }
     )
     outcomes: list[WorkerOutcome] = []
@@ -80,7 +82,7 @@ def _run_federation(
                     "token": tokens[worker_id],
                     "coordinator": f"127.0.0.1:{server.port}",
                     "base_model": str(base),
-                    "data": {"train": [paths.train], "eval": [paths.eval]},
+                    "data": {"train": [paths.train], "eval": [paths.eval], "canaries": [paths.canaries, paths.controls]},
                     "progress": False,
                     "identity_key": key_file,
                     "peers": peers,
@@ -159,3 +161,38 @@ def test_secure_aggregation_matches_plain_aggregation_within_the_quantization_bo
     stages = secure_report["rounds"][0]["secagg"]
     assert set(stages) == {"advertise", "share", "masked", "unmask"}
     assert stages["masked"]["bytes"] > 0
+
+
+def test_a_run_with_dp_goldfish_secure_aggregation_and_audit_reports_epsilon_and_memorization(
+    tmp_path: Path, lab_model: MadeModel
+) -> None:
+    # Prepare: every privacy setting on at once, audited every round on two short prefixes.
+    extra = {
+        "privacy": {
+            "client_dp": {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5},
+            "record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+            "goldfish": {"k": 4, "h": 13},
+        },
+        "audit": {"every": 1, "prefixes": [10, 50], "exposure_candidates": 8},
+    }
+
+    # Execute
+    report, outcomes = _run_federation(tmp_path, lab_model.path, "lora", secure=True, extra=extra)
+
+    # Assert: it finished, every round reports the client-level epsilon the PLD accountant gives for
+    # that many rounds, each site's record-level spend, and the audit's aggregates by group.
+    assert all(o.finished for o in outcomes)
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    expected = [gaussian_epsilon(1.0, steps=r, delta=1e-5) for r in range(1, ROUNDS + 1)]
+    assert [r["epsilon"] for r in rounds] == pytest.approx(expected)
+    assert all(r["delta"] == 1e-5 for r in rounds)
+    assert 0 < rounds[0]["record_epsilon"] < rounds[1]["record_epsilon"]
+    assert report["privacy"]["client_level"]["placement"] == "distributed"
+    assert report["privacy"]["goldfish"] == {"k": 4, "h": 13, "seed": 0}
+    for r in rounds:
+        memo = r["memorization"]
+        assert memo["sites"] == 3
+        assert set(memo["by_duplication"]) == {"1x", "10x", "control"}
+        assert 0 <= memo["exact_match_rate"] <= 1
+        assert memo["by_duplication"]["control"]["count"] == 3  # one control per site

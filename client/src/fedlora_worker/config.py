@@ -16,6 +16,9 @@ __all__ = ["DataSection", "RetrySettings", "TlsClientSettings", "WorkerSettings"
 class DataSection(StrictModel):
     train: tuple[Path, ...] = Field(min_length=1)
     eval: tuple[Path, ...] = ()
+    canaries: tuple[Path, ...] = Field(
+        (), description="Canary and control records (jsonl) this site audits each new global model with"
+    )
 
 
 class TlsClientSettings(StrictModel):

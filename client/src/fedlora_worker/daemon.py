@@ -7,6 +7,7 @@ throughput, and protected updates (delta = local - global, bounded, in manifest 
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 import zlib
 from collections.abc import Callable
@@ -21,10 +22,24 @@ import torch
 from tqdm import tqdm
 
 from fedlora_common.manifest import flatten, unflatten, update_manifest
-from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadKind
+from fedlora_common.messages import (
+    AuditPlan,
+    Memorization,
+    MemorizationRates,
+    MetricsReport,
+    RunSpec,
+    Task,
+    TaskKind,
+    TrainingPlan,
+    UploadKind,
+)
+from fedlora_common.privacy import add_integer_noise, gaussian_epsilon, skellam_noise
 from fedlora_common.secagg import SecAggParams, StageError, quantize
+from fedlora_worker.audit import AuditConfig, audit_model, load_canaries
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.data import TokenizedData, load_records, tokenize
+from fedlora_worker.dp_sgd import RecordDPConfig
+from fedlora_worker.goldfish import GoldfishConfig
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import (
     LoadedModel,
@@ -81,6 +96,9 @@ class Worker:
         self._load = load or (lambda spec, device: load_model(spec, device=device))
         self._records = load_records(list(settings.data.train))
         self._eval_records = load_records(list(settings.data.eval)) if settings.data.eval else None
+        self._canaries = load_canaries(settings.data.canaries)
+        self._private_steps = 0
+        self._sample_rate = 0.0
         self._loaded: LoadedModel | None = None
         self._held: DownloadedModel | None = None
         self._train_data: TokenizedData | None = None
@@ -186,7 +204,7 @@ class Worker:
         assert task.global_version is not None
         loaded = self._sync(spec, task)
         data, _ = self._tokenized(loaded, plan.max_seq_len)
-        config = TrainConfig(plan.local_steps, plan.batch_size, plan.learning_rate, plan.grad_clip_norm, plan.seed)
+        config = _train_config(plan)
         with self._progress(plan.local_steps, "train", unit="step") as bar:
 
             def on_step(step: int, loss: float) -> None:
@@ -195,6 +213,9 @@ class Worker:
                 self._metrics.training_steps.inc()
 
             result = train_locally(loaded.model, data, config, pad_id=loaded.pad_id, on_step=on_step)
+        if plan.record_dp is not None:  # every step trained counts, even if this round attempt later fails
+            self._private_steps += result.steps
+            self._sample_rate = result.sample_rate
         self._metrics.train_loss.set(result.mean_loss)
         self._metrics.tokens_per_second.set(result.tokens_per_second)
         sent = update_manifest(loaded.manifest, spec.aggregation)
@@ -230,6 +251,11 @@ class Worker:
         scaled = update * np.float32(weight / params.max_examples)
         rng = np.random.default_rng([seed, params.tag, zlib.crc32(self._client.worker_id.encode())])
         quantized = quantize(scaled, clip=params.clip_range, bits=params.bits, rng=rng)
+        if params.noise_variance > 0:  # distributed DP: noise nobody else can predict, added before masking
+            noise_rng = np.random.default_rng(secrets.randbits(128))
+            quantized = add_integer_noise(
+                quantized, skellam_noise(quantized.size, variance=params.noise_variance, rng=noise_rng)
+            )
         vector = np.concatenate([quantized, np.array([weight], dtype=np.uint32)])
         peers = {worker: bytes.fromhex(key) for worker, key in self._settings.peers.items()}
         session = WorkerSession(
@@ -286,8 +312,38 @@ class Worker:
                 version=task.global_version.version,
                 eval_loss=loss,
                 eval_tokens=tokens,
+                record_epsilon=self._record_epsilon(task.training),
+                memorization=self._audit(loaded, task.audit),
             )
         )
+
+    def _record_epsilon(self, plan: TrainingPlan) -> float | None:
+        """This site's record-level spend so far: every DP-SGD step it took, at its sampling rate."""
+        dp = plan.record_dp
+        if dp is None or self._private_steps == 0:
+            return None
+        epsilon = gaussian_epsilon(
+            dp.noise_multiplier, steps=self._private_steps, sample_rate=self._sample_rate, delta=dp.delta
+        )
+        self._metrics.dp_epsilon.set(epsilon)
+        return epsilon
+
+    def _audit(self, loaded: LoadedModel, plan: AuditPlan | None) -> Memorization | None:
+        """Audit the global model on this site's canaries; only aggregate rates leave the site."""
+        if plan is None or not self._canaries:
+            return None
+        config = AuditConfig(
+            prefixes=plan.prefixes, suffix_tokens=plan.suffix_tokens, exposure_candidates=plan.exposure_candidates
+        )
+        summary = audit_model(loaded.model, loaded.tokenizer, self._canaries, config=config).summary()
+        memorization = Memorization(
+            _rates(summary, summary["by_duplication"]["1x"]["count"] + summary["by_duplication"]["10x"]["count"]),
+            {group: _rates(rates, rates["count"]) for group, rates in summary["by_duplication"].items()},
+        )
+        for group, rates in memorization.by_duplication.items():
+            self._metrics.memorization_exact.labels(group=group).set(rates.exact_match_rate)
+        log.info("audited", exact_10x=memorization.by_duplication.get("10x"), seconds=summary["seconds"])
+        return memorization
 
     def _upload(
         self,
@@ -333,3 +389,33 @@ class Worker:
             disable=not self._settings.progress,
             mininterval=0.5,
         )
+
+
+def _train_config(plan: TrainingPlan) -> TrainConfig:
+    g, dp = plan.goldfish, plan.record_dp
+    return TrainConfig(
+        plan.local_steps,
+        plan.batch_size,
+        plan.learning_rate,
+        plan.grad_clip_norm,
+        plan.seed,
+        goldfish=None if g is None else GoldfishConfig(k=g.k, h=g.h, seed=g.seed),
+        dp=None if dp is None else RecordDPConfig(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm),
+    )
+
+
+def _rates(stats: dict[str, float | None], count: int) -> MemorizationRates:
+    """Audit aggregates as the wire carries them; a rate nothing was measured for counts as 0 over 0 canaries."""
+
+    def rate(name: str) -> float:
+        value = stats[name]
+        return 0.0 if value is None else float(value)
+
+    return MemorizationRates(
+        count=count if stats["exact_match_rate"] is not None else 0,
+        exact_match_rate=rate("exact_match_rate"),
+        approx_match_rate=rate("approx_match_rate"),
+        token_accuracy=rate("token_accuracy"),
+        pii_extraction_rate=rate("pii_extraction_rate"),
+        mean_exposure=rate("mean_exposure"),
+    )

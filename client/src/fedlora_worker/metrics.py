@@ -27,3 +27,14 @@ class WorkerMetrics:
         self.retries = Counter(
             "fedlora_worker_retries_total", "Calls retried after a transient failure", registry=registry
         )
+        self.dp_epsilon = Gauge(
+            "fedlora_dp_epsilon",
+            "Record-level epsilon this site has spent (DP-SGD), at the run's delta",
+            registry=registry,
+        )
+        self.memorization_exact = Gauge(
+            "fedlora_worker_memorization_exact_match_rate",
+            "Exact-match rate of this site's canaries in the latest audited global model, by duplication group",
+            ["group"],
+            registry=registry,
+        )

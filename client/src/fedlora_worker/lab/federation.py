@@ -120,7 +120,11 @@ class LocalFederation:
                 "token_file": str(token_file),
                 "coordinator": "127.0.0.1:{port}",
                 "base_model": str(base),
-                "data": {"train": [str(paths.train)], "eval": [str(paths.eval)]},
+                "data": {
+                    "train": [str(paths.train)],
+                    "eval": [str(paths.eval)],
+                    "canaries": [str(paths.canaries), str(paths.controls)],
+                },
                 "threads": p.threads_per_worker,
                 "metrics_port": 0,
                 "progress": False,
