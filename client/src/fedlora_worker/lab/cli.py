@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -32,6 +33,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _prefix_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts like 10,50, got {text!r}") from None
+    if any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"prefixes must be distinct and at least 1, got {text!r}")
+    return values
 
 
 def _default_cache() -> Path:
@@ -84,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model-size", choices=("default", "tiny"), default="default")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where built base models are kept")
+    audit = sub.add_parser("audit", help="measure how much of its canaries a model gives back, beside controls")
+    audit.add_argument("--base", type=Path, required=True, help="base model dir (for full fine-tuning: the model)")
+    audit.add_argument("--adapter", type=Path, default=None, help="peft adapter dir loaded on top of --base")
+    audit.add_argument(
+        "--records", type=Path, action="append", required=True, help="canaries.jsonl or controls.jsonl (repeatable)"
+    )
+    audit.add_argument("--prefixes", type=_prefix_list, default=None, help="prompt lengths in tokens, e.g. 10,50")
+    audit.add_argument("--candidates", type=_positive, default=None, help="|R| for exposure (default 128)")
+    audit.add_argument("--batch-size", type=_positive, default=16)
+    audit.add_argument("--seed", type=int, default=0, help="seeds the exposure candidates")
+    audit.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     return parser
 
 
@@ -118,6 +140,82 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_inputs(args: argparse.Namespace) -> str | None:
+    """What is wrong with the audit's paths, in one line, or None."""
+    if not (args.base / "config.json").is_file():
+        return f"--base {args.base}: not a model directory (no config.json)"
+    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
+        return f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)"
+    for path in args.records:
+        if not path.is_file():
+            return f"--records {path}: no such file"
+    return None
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _audit_table(summary: dict[str, Any]) -> str:
+    """Group x prefix ("any" = best prefix per record), the rates of the summary, one line each."""
+    lines = [
+        f"{'group':<8} {'prefix':>6} {'n':>4} {'exact':>6} {'approx':>6} {'tokacc':>6} {'PII':>6} {'exposure':>12}"
+    ]
+    rows = [("any", summary["by_duplication"]), *summary["by_prefix"].items()]
+    for group in ("control", "1x", "10x"):
+        for prefix, by_group in rows:
+            stats = by_group[group]
+            exposure = f"{_cell(stats['mean_exposure'])}/{_cell(stats['worst_exposure'])}"
+            lines.append(
+                f"{group:<8} {prefix:>6} {stats['count']:>4} {_cell(stats['exact_match_rate']):>6} "
+                f"{_cell(stats['approx_match_rate']):>6} {_cell(stats['token_accuracy']):>6} "
+                f"{_cell(stats['pii_extraction_rate']):>6} {exposure:>12}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora_worker.audit import AuditConfig, audit_model, load_canaries
+
+    problem = _audit_inputs(args)
+    records = []
+    if problem is None:
+        try:
+            records = load_canaries(args.records)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+    if problem is None and not records:
+        problem = "--records: the files hold no records"
+    if problem is not None:
+        sys.stderr.write(f"fedlora-lab audit: error: {problem}\n")
+        return 2
+    defaults = AuditConfig()
+    config = AuditConfig(
+        prefixes=args.prefixes or defaults.prefixes,
+        exposure_candidates=args.candidates or defaults.exposure_candidates,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(args.base)
+    if args.adapter is not None:
+        model = PeftModel.from_pretrained(model, args.adapter)
+
+    def progress(done: int, total: int) -> None:
+        sys.stderr.write(f"\rdecoding: {done}/{total} prompts" + ("\n" if done == total else ""))
+        sys.stderr.flush()
+
+    summary = audit_model(model, tokenizer, records, config=config, progress=progress).summary()
+    sys.stdout.write(_audit_table(summary))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(json=False, level="warning")
@@ -132,4 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_site(args.dir, generate_site(args.domain, DataSpec(n_train=args.records, seed=args.seed)))
         sys.stdout.write(f"{paths.root}: train, eval, canaries and controls written\n")
         return 0
+    if args.command == "audit":
+        return _audit(args)
     return _demo(args)
