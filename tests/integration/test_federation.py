@@ -82,7 +82,11 @@ def _run_federation(
                     "token": tokens[worker_id],
                     "coordinator": f"127.0.0.1:{server.port}",
                     "base_model": str(base),
-                    "data": {"train": [paths.train], "eval": [paths.eval], "canaries": [paths.canaries, paths.controls]},
+                    "data": {
+                        "train": [paths.train],
+                        "eval": [paths.eval],
+                        "canaries": [paths.canaries, paths.controls],
+                    },
                     "progress": False,
                     "identity_key": key_file,
                     "peers": peers,
