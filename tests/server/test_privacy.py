@@ -73,7 +73,9 @@ def test_a_target_epsilon_is_met_over_the_planned_rounds(tmp_path: Path) -> None
         tmp_path, rounds=4, privacy={"client_dp": {"clip_norm": 1.0, "target_epsilon": 6.0, "placement": "central"}}
     )
     with CoordinatorServer(settings=settings) as server:
-        z = server.coordinator._privacy.noise_multiplier
+        privacy = server.coordinator._privacy
+        assert privacy is not None
+        z = privacy.noise_multiplier
 
     assert gaussian_epsilon(z, steps=4, delta=1e-5) <= 6.0
     assert gaussian_epsilon(z * 0.99, steps=4, delta=1e-5) > 6.0
@@ -97,7 +99,7 @@ def test_a_target_epsilon_is_met_over_the_planned_rounds(tmp_path: Path) -> None
     ],
 )
 def test_impossible_privacy_settings_are_refused_naming_the_field(
-    tmp_path: Path, privacy: dict, secure: bool, field: str
+    tmp_path: Path, privacy: dict[str, object], secure: bool, field: str
 ) -> None:
     # Prepare: a run.yaml with workers that have identities, so secure aggregation itself is valid.
     workers = [

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -152,11 +153,14 @@ def train_locally(
             raise ValueError(f"batch_size {config.batch_size} exceeds the {len(records)} records DP-SGD samples from")
         sample_rate = config.batch_size / len(records)
         generator = dp_generator if dp_generator is not None else secret_generator()
-        steps = _private_steps(model, data, records, sample_rate, config, params, pad_id=pad_id, generator=generator)
+        steps = _private_steps(
+            model, data, records, sample_rate, config, config.dp, params, pad_id=pad_id, generator=generator
+        )
     loss_sum, loss_tokens, tokens = 0.0, 0, 0
     started = time.perf_counter()
     model.train()
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+    rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
+    with rng, contextlib.closing(steps):  # closing: Opacus lets go of the model even if on_step raises
         torch.manual_seed(config.seed)
         for number, step in enumerate(steps, start=1):
             loss_sum += step.loss * step.counted if step.counted else 0.0
@@ -183,7 +187,7 @@ def _checked(loss: torch.Tensor, step: int) -> float:
 
 def _plain_steps(
     model: torch.nn.Module, data: TokenizedData, config: TrainConfig, params: list[torch.nn.Parameter], *, pad_id: int
-) -> Iterator[_Step]:
+) -> Generator[_Step]:
     """Shuffled full batches; the batch's token-mean loss; its gradient clipped to grad_clip_norm."""
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     stream = batches(
@@ -207,23 +211,23 @@ def _private_steps(
     records: list[list[int]],
     sample_rate: float,
     config: TrainConfig,
+    dp: RecordDPConfig,
     params: list[torch.nn.Parameter],
     *,
     pad_id: int,
     generator: torch.Generator,
-) -> Iterator[_Step]:
+) -> Generator[_Step]:
     """DP-SGD: Poisson-drawn records, each record's own token-mean loss, per-record clip, noise.
 
     Raises if the parameters did not move, the symptom of Opacus hooks on modules other than the
     ones holding the optimizer's parameters (a fingerprint, so full fine-tuning needs no copy).
     """
-    assert config.dp is not None
     device = params[0].device
     before = _fingerprint(params)
     with dp_optimizer(
         model,
         params,
-        config.dp,
+        dp,
         learning_rate=config.learning_rate,
         expected_batch_size=config.batch_size,
         generator=generator,
@@ -231,17 +235,18 @@ def _private_steps(
         for step in range(1, config.local_steps + 1):
             chosen = draw_records(len(records), sample_rate, generator)
             rows = [window for record in chosen for window in records[record]]
-            owner = torch.tensor([i for i, record in enumerate(chosen) for _ in records[record]], dtype=torch.long)
+            owner = torch.tensor(
+                [i for i, record in enumerate(chosen) for _ in records[record]], dtype=torch.long, device=device
+            )
             optimizer.zero_grad(set_to_none=True)
             result = _Step(math.nan, 0, 0)
             if rows:
                 batch = collate(data, rows, pad_id=pad_id).to(device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 losses, counted = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, config.goldfish))
-                sums = torch.zeros(len(chosen), device=device).index_add(0, owner.to(device), losses.sum(dim=1))
-                counts = torch.zeros(len(chosen), device=device).index_add(
-                    0, owner.to(device), counted.sum(dim=1).float()
-                )
+                per_record = torch.zeros(len(chosen), device=device)
+                sums = per_record.index_add(0, owner, losses.sum(dim=1))
+                counts = per_record.index_add(0, owner, counted.sum(dim=1).float())
                 result = _Step(
                     _checked(sums.sum() / counts.sum().clamp(min=1), step),
                     int(counts.sum()),

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import torch
 
 from fedlora_common.logs import configure_logging
+from fedlora_common.settings import ConfigError
 from fedlora_worker.lab.datagen import DOMAINS, DataSpec, generate_site, write_site
 from fedlora_worker.lab.federation import FederationPlan, LocalFederation
 from fedlora_worker.lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
@@ -43,6 +44,46 @@ def _prefix_list(text: str) -> tuple[int, ...]:
     if any(v < 1 for v in values) or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"prefixes must be distinct and at least 1, got {text!r}")
     return values
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _privacy_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """run.yaml's privacy and audit sections from the demo's flags."""
+    privacy: dict[str, Any] = {}
+    if args.dp_noise is not None or args.dp_epsilon is not None:
+        privacy["client_dp"] = {"clip_norm": args.dp_clip, "delta": args.dp_delta}
+        if args.dp_noise is not None:
+            privacy["client_dp"]["noise_multiplier"] = args.dp_noise
+        else:
+            privacy["client_dp"]["target_epsilon"] = args.dp_epsilon
+    if args.dp_sgd_noise is not None:
+        privacy["record_dp"] = {"noise_multiplier": args.dp_sgd_noise, "max_grad_norm": args.dp_sgd_clip}
+        privacy["record_dp"]["delta"] = args.dp_delta
+    if args.goldfish:
+        privacy["goldfish"] = {"k": 4, "h": 13}
+    out: dict[str, Any] = {"privacy": privacy}
+    if args.audit_every > 0:
+        out["audit"] = {"every": args.audit_every}
+    return out
 
 
 def _default_cache() -> Path:
@@ -95,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model-size", choices=("default", "tiny"), default="default")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where built base models are kept")
+    privacy = demo.add_argument_group("privacy (each off unless given)")
+    noise = privacy.add_mutually_exclusive_group()
+    noise.add_argument("--dp-noise", type=_positive_float, help="client-level DP-FedAvg noise multiplier z")
+    noise.add_argument("--dp-epsilon", type=_positive_float, help="client-level target epsilon (z solved for it)")
+    privacy.add_argument("--dp-clip", type=_positive_float, default=0.5, help="update L2 clip for client-level DP")
+    privacy.add_argument("--dp-delta", type=_positive_float, default=1e-5)
+    privacy.add_argument("--dp-sgd-noise", type=_positive_float, help="record-level DP-SGD noise multiplier")
+    privacy.add_argument("--dp-sgd-clip", type=_positive_float, default=1.0, help="per-record gradient clip")
+    privacy.add_argument("--goldfish", action="store_true", help="Goldfish loss (k=4, h=13)")
+    demo.add_argument(
+        "--audit-every", type=_non_negative, default=1, help="audit the global model every N rounds (0: never; the last always)"
+    )
+
+    experiment = sub.add_parser("experiment", help="run an experiment config (methods x seeds), audit, report")
+    experiment.add_argument("--config", type=Path, required=True, help="an experiments/*.yaml file")
+    experiment.add_argument("--out", type=Path, required=True)
+    experiment.add_argument("--cache-dir", type=Path, default=None, help="where built base models are kept")
     audit = sub.add_parser("audit", help="measure how much of its canaries a model gives back, beside controls")
     audit.add_argument("--base", type=Path, required=True, help="base model dir (for full fine-tuning: the model)")
     audit.add_argument("--adapter", type=Path, default=None, help="peft adapter dir loaded on top of --base")
@@ -127,7 +185,10 @@ def _demo(args: argparse.Namespace) -> int:
         secure_aggregation=args.secagg,
         seed=args.seed,
         data=DataSpec(n_train=args.records, seed=args.seed),
-        run={"training": {"local_steps": args.local_steps, "learning_rate": learning_rate, "batch_size": 8}},
+        run={
+            "training": {"local_steps": args.local_steps, "learning_rate": learning_rate, "batch_size": 8},
+            **_privacy_settings(args),
+        },
         timeout=timedelta(minutes=60),
     )
     sys.stderr.write(f"running {args.workers} workers x {args.rounds} rounds ({args.mode}); logs in {args.out}/logs\n")
@@ -138,6 +199,28 @@ def _demo(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fedlora-lab: processes failed: {failed}\n")
         return 1
     return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from fedlora_worker.lab.experiment import load_experiment_config, run_experiment
+
+    try:
+        config = load_experiment_config(args.config)
+    except ConfigError as exc:
+        sys.stderr.write(f"fedlora-lab experiment: {args.config}: {exc}\n")
+        return 2
+    outcome = run_experiment(
+        config,
+        args.out,
+        cache_dir=args.cache_dir or _default_cache(),
+        model_progress=_progress("pre-training base model"),
+    )
+    runs = outcome.results["runs"]
+    sys.stderr.write(
+        f"{len(runs) - len(outcome.failed)}/{len(runs)} runs succeeded; results in {outcome.out_dir / 'results.json'}, "
+        f"report in {outcome.out_dir / 'report.md'}\n"
+    )
+    return 1 if outcome.failed else 0
 
 
 def _audit_inputs(args: argparse.Namespace) -> str | None:
@@ -230,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_site(args.dir, generate_site(args.domain, DataSpec(n_train=args.records, seed=args.seed)))
         sys.stdout.write(f"{paths.root}: train, eval, canaries and controls written\n")
         return 0
+    if args.command == "experiment":
+        return _experiment(args)
     if args.command == "audit":
         return _audit(args)
     return _demo(args)
