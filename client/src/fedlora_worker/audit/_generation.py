@@ -52,7 +52,7 @@ def greedy_decode(
         for row, i in enumerate(batch):
             ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
             mask[row, width - len(prompts[i]) :] = 1
-        positions = torch.arange(width).expand(len(batch), width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         steps = [result.logits[:, -1].argmax(-1)]
         for _ in range(max_new_tokens - 1):
