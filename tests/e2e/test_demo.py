@@ -65,7 +65,9 @@ def _scrape(port: int) -> str:
 
 
 @pytest.mark.slow
-def test_demo_runs_a_federation_of_processes_and_leaves_a_loadable_adapter(tmp_path: Path, lab_cache: Path) -> None:
+def test_private_demo_runs_a_federation_of_processes_reports_epsilon_and_memorization(
+    tmp_path: Path, lab_cache: Path
+) -> None:
     out = tmp_path / "demo"
     command = [
         sys.executable,
@@ -82,10 +84,18 @@ def test_demo_runs_a_federation_of_processes_and_leaves_a_loadable_adapter(tmp_p
         "4",
         "--records",
         "24",
+        "--canaries",
+        "4",
+        "--controls",
+        "2",
         "--model-size",
         "tiny",
         "--cache-dir",
         str(lab_cache),
+        # The README's private flag set: client-level DP with a target epsilon, and Goldfish loss.
+        "--dp-epsilon",
+        "8",
+        "--goldfish",
     ]
     demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     scraped: dict[str, str] = {}
@@ -108,6 +118,13 @@ def test_demo_runs_a_federation_of_processes_and_leaves_a_loadable_adapter(tmp_p
     assert set(report) >= REQUIRED
     assert len(report["rounds"]) == 2
     assert all(set(r) >= ROUND_FIELDS for r in report["rounds"])
+    epsilons = [r["epsilon"] for r in report["rounds"]]
+    assert 0 < epsilons[0] < epsilons[1] <= 8.0
+    assert all(r["delta"] == 1e-5 for r in report["rounds"])
+    assert report["privacy"]["client_level"]["placement"] == "distributed"
+    assert report["privacy"]["goldfish"]["k"] == 4
+    assert all(r["memorization"]["by_duplication"]["control"]["count"] > 0 for r in report["rounds"])
+    assert "## Memorization" in stdout
     assert (out / "report.md").exists()
     assert (out / "report.html").read_text().count("data:image/png") == 2
     for log in ("coordinator", "clinical", "legal", "finance"):

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--local-steps", type=_positive, default=30)
     demo.add_argument("--records", type=_positive, default=DataSpec().n_train)
+    demo.add_argument("--canaries", type=_non_negative, default=DataSpec().n_canaries, help="canaries per site")
+    demo.add_argument("--controls", type=_non_negative, default=DataSpec().n_controls, help="never-trained controls")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model-size", choices=("default", "tiny"), default="default")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where built base models are kept")
@@ -146,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--dp-sgd-clip", type=_positive_float, default=1.0, help="per-record gradient clip")
     privacy.add_argument("--goldfish", action="store_true", help="Goldfish loss (k=4, h=13)")
     demo.add_argument(
-        "--audit-every", type=_non_negative, default=1, help="audit the global model every N rounds (0: never; the last always)"
+        "--audit-every",
+        type=_non_negative,
+        default=1,
+        help="audit the global model every N rounds (0: never; the last always)",
     )
 
     experiment = sub.add_parser("experiment", help="run an experiment config (methods x seeds), audit, report")
@@ -184,7 +189,7 @@ def _demo(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         secure_aggregation=args.secagg,
         seed=args.seed,
-        data=DataSpec(n_train=args.records, seed=args.seed),
+        data=DataSpec(n_train=args.records, n_canaries=args.canaries, n_controls=args.controls, seed=args.seed),
         run={
             "training": {"local_steps": args.local_steps, "learning_rate": learning_rate, "batch_size": 8},
             **_privacy_settings(args),
