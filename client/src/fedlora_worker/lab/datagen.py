@@ -32,9 +32,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Final, Literal, TypedDict, TypeVar, get_args
+from typing import Final, Literal, TypeVar, get_args
 
 from faker import Faker
+
+from fedlora_worker.records import CanaryRecord, Group, TextRecord
 
 __all__ = [
     "DOMAINS",
@@ -51,7 +53,6 @@ __all__ = [
 ]
 
 Domain = Literal["clinical", "legal", "finance"]
-Group = Literal["1x", "10x", "control"]
 DOMAINS: Final[tuple[Domain, ...]] = get_args(Domain)
 
 _T = TypeVar("_T")
@@ -59,22 +60,6 @@ _FORMAT_VERSION: Final = 1
 _DUPLICATES_HIGH: Final = 10
 _ALTERNATIVES: Final = re.compile(r"\[([^\[\]|]*(?:\|[^\[\]|]*)+)\]")
 _ID_PREFIX: Final[Mapping[Domain, str]] = {"clinical": "MRN", "legal": "CASE", "finance": "ACCT"}
-
-
-class TextRecord(TypedDict):
-    """One training or evaluation line: only the text, no metadata."""
-
-    text: str
-
-
-class CanaryRecord(TypedDict):
-    """A canary or control with the secrets the audit looks for in a model's continuation."""
-
-    id: str
-    text: str
-    secrets: dict[str, str]
-    duplicates: int
-    group: Group
 
 
 @dataclass(frozen=True)
