@@ -10,6 +10,7 @@ import html
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from fedlora_server.memorization import combine, memorization_from_json
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore, RoundRecord
 
-__all__ = ["build_report", "render_markdown", "write_reports"]
+__all__ = ["build_report", "markdown_to_html", "render_markdown", "write_reports"]
 
 ROUND_FIELDS = (
     "round",
@@ -217,6 +218,44 @@ def _memorization_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _inline(text: str) -> str:
+    """Escape, then render `code` and **bold**, the only inline markup the report uses."""
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
+def markdown_to_html(markdown: str) -> str:
+    """The report's own markdown (headings, bullets, pipe tables) as HTML, so tables are real tables."""
+    parts: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, *body = table
+            parts.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+            parts.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+            parts.append("</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set(":-") for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        level = len(line) - len(line.lstrip("#"))
+        if 0 < level <= 6 and line[level : level + 1] == " ":
+            parts.append(f"<h{level}>{_inline(line[level + 1 :])}</h{level}>")
+        elif line.startswith("- "):
+            parts.append(f"<p>&bull; {_inline(line[2:])}</p>")
+        elif line.strip():
+            parts.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return "\n".join(parts)
+
+
 def _plot_png(report: dict[str, Any]) -> tuple[bytes, bytes]:
     rounds = [r["round"] for r in report["rounds"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -270,8 +309,9 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     page = (
         "<!doctype html><meta charset='utf-8'><title>FedLoRA report</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}</style>"
-        f"<pre>{html.escape(markdown)}</pre>{images}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "td{text-align:right}</style>"
+        f"{markdown_to_html(markdown)}{images}"
     )
     files["report.html"] = page.encode()
     written = []
