@@ -370,6 +370,8 @@ def _merge_level(items: list[Mapping[str, Any]], parent_weights: list[float | No
         elif all(_number(v) for v in values):
             if counts or _is_count(key):
                 out[key] = sum(values)
+            elif all(v == values[0] for v in values):
+                out[key] = values[0]
             elif _is_worst(key):
                 out[key] = max(values)
             else:
@@ -378,6 +380,16 @@ def _merge_level(items: list[Mapping[str, Any]], parent_weights: list[float | No
                 out[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else None
         else:
             out[key] = values[0] if all(v == values[0] for v in values) else values
+    return out
+
+
+def _with_tokenizer(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """A directory of links: a full fine-tuned model (saved without a tokenizer) plus the base's tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    for source in [*model_dir.iterdir(), *tokenizer_dir.glob("*token*"), *tokenizer_dir.glob("*.model")]:
+        link = out / source.name
+        if source.is_file() and not link.exists():
+            link.symlink_to(source.resolve())
     return out
 
 
@@ -507,7 +519,11 @@ def _execute(config: ExperimentConfig, spec: RunSpec, base_model: Path) -> dict[
         result["error"] = "the report names no final model (adapter_path)"
         return result
     final_model = Path(adapter_path)
-    base, adapter = (final_model, None) if method.mode == "full" else (spec.out_dir / "base-model", final_model)
+    base_dir = spec.out_dir / "base-model"
+    if method.mode == "full":
+        base, adapter = _with_tokenizer(final_model, base_dir, spec.out_dir / "audit" / "final-model"), None
+    else:
+        base, adapter = base_dir, final_model
     audit_started = time.monotonic()
     try:
         by_site = {
@@ -581,6 +597,7 @@ def run_experiment(
             for future in as_completed(futures):
                 spec = futures[future]
                 result = future.result()
+                spec.out_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(spec.out_dir / "result.json", result)
                 results[spec.key] = result
                 if result["status"] != "ok":

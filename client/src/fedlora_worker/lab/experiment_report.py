@@ -33,6 +33,7 @@ __all__ = [
     "render_html",
     "render_markdown",
     "summarize",
+    "tables",
     "write_experiment_report",
 ]
 
@@ -154,6 +155,13 @@ def _cell(summary: MethodSummary, key: str, digits: int = 3) -> str:
     return format_interval(summary.metrics.get(key, Interval(None, None, 0)), digits)
 
 
+def _base_loss(results: Mapping[str, Any], *, exp: bool = False) -> str:
+    """The base model's held-out loss (or perplexity); it differs across seeds only by the data."""
+    losses = [run.get("base_eval_loss") for run in results.get("runs", []) if run.get("status") == "ok"]
+    values = [math.exp(v) if exp else v for v in losses if isinstance(v, int | float) and v < 700]
+    return format_interval(mean_ci(values), 2 if exp else 3)
+
+
 def tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report's tables as (title, header, rows); markdown and HTML render the same tables."""
     summaries = summarize(results)
@@ -174,7 +182,8 @@ def tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
                     _cell(s, "minutes", 1),
                 ]
                 for s in summaries
-            ],
+            ]
+            + [["base model (not fine-tuned)", "", _base_loss(results), _base_loss(results, exp=True), "", "", ""]],
         )
     )
     for metric, title, digits in MEMORIZATION_METRICS:

@@ -1,0 +1,302 @@
+"""`fedlora-lab experiment`: config validation, the confidence interval, the report, and one small run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedlora_worker.lab.cli import main
+from fedlora_worker.lab.experiment import (
+    ExperimentConfig,
+    MethodConfig,
+    RunSpec,
+    load_experiment_config,
+    merge_memorization,
+    run_experiment,
+)
+from fedlora_worker.lab.experiment_report import format_interval, mean_ci, summarize, write_experiment_report
+
+REPO = Path(__file__).resolve().parents[3]
+T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
+
+SMALL: dict[str, Any] = {
+    "name": "small",
+    "model": {"lab": "tiny"},
+    "data": {"n_train": 6, "n_eval": 3, "n_canaries": 4, "frac_10x": 0.5, "n_controls": 2},
+    "federation": {"sites": 2, "rounds": 1, "local_steps": 2, "batch_size": 2, "max_seq_len": 64},
+    "seeds": [0],
+    "parallel": 2,
+    "audit": {"prefixes": [10], "candidates": 8},
+    "methods": [
+        {"name": "full", "mode": "full", "learning_rate": 1e-3},
+        {"name": "lora", "mode": "lora", "learning_rate": 3e-3, "lora": {"rank": 4, "alpha": 8}},
+    ],
+}
+
+
+def _write(tmp_path: Path, config: dict[str, Any]) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _run_cli(tmp_path: Path, config: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["experiment", "--config", str(_write(tmp_path, config)), "--out", str(tmp_path / "out")])
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_unknown_key_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = {**SMALL, "federation": {**SMALL["federation"], "epochs": 3}}
+
+    code, err = _run_cli(tmp_path, config, capsys)
+
+    assert code == 2
+    assert "federation.epochs: unknown setting" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_method_mode_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = {**SMALL, "methods": [{"name": "sgd", "mode": "sgd"}]}
+
+    code, err = _run_cli(tmp_path, config, capsys)
+
+    assert code == 2
+    assert "methods.0.mode" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_method_privacy_is_checked_by_the_run_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    method = {"name": "dp", "privacy": {"record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "epsilon": 3}}}
+    config = {**SMALL, "methods": [method]}
+
+    code, err = _run_cli(tmp_path, config, capsys)
+
+    assert code == 2
+    assert "methods.0 (dp)" in err
+    assert "privacy.record_dp.epsilon: unknown setting" in err
+
+
+def test_repeated_method_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="repeated: lora"):
+        ExperimentConfig.model_validate({**SMALL, "methods": [{"name": "lora"}, {"name": "lora"}]})
+
+
+def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:
+    paper = load_experiment_config(REPO / "experiments" / "paper.yaml")
+    rank = load_experiment_config(REPO / "experiments" / "rank.yaml")
+    gpu = load_experiment_config(REPO / "experiments" / "paper-gpu.yaml")
+
+    assert len(paper.seeds) >= 3
+    assert len(rank.seeds) >= 3
+    assert len(gpu.seeds) >= 3
+    assert [m.name for m in paper.methods if m.secure_aggregation] == ["lora-secagg"]
+    assert {m.mode for m in paper.methods} == {"full", "lora"}
+    assert {m.mode for m in gpu.methods} == {"full", "qlora"}
+    assert [m.lora_rank for m in rank.methods] == [4, 8, 16, 64]
+    assert rank.varies_rank()
+    assert not paper.varies_rank()
+    assert paper.federation.sites == 3
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_mean_ci_matches_a_hand_computation() -> None:
+    values = [1.0, 2.0, 4.0]
+    mean = 7 / 3
+    sd = math.sqrt(((1 - mean) ** 2 + (2 - mean) ** 2 + (4 - mean) ** 2) / 2)
+
+    interval = mean_ci(values)
+
+    assert interval.n == 3
+    assert interval.mean == pytest.approx(mean)
+    assert interval.half_width == pytest.approx(T_975_2DF * sd / math.sqrt(3))
+    assert format_interval(interval) == f"2.333 ± {T_975_2DF * sd / math.sqrt(3):.3f}"
+
+
+def test_single_seed_has_no_interval() -> None:
+    interval = mean_ci([0.5, None])
+
+    assert interval.mean == 0.5
+    assert interval.half_width is None
+    assert format_interval(interval) == "0.500 (n=1)"
+    assert format_interval(mean_ci([])) == "—"
+
+
+def test_memorization_is_merged_over_sites_by_count() -> None:
+    clinical = {
+        "exact_match_rate": 0.5,
+        "records": {"control": 2, "1x": 20, "10x": 10},
+        "by_duplication": {
+            "10x": {"exact_match_rate": 1.0, "worst_exposure": 5.0, "count": 9, "pii_secrets": 36},
+            "control": {"exact_match_rate": 0.0, "count": 2, "pii_secrets": 8},
+        },
+    }
+    legal = {
+        "exact_match_rate": 0.0,
+        "records": {"control": 2, "1x": 5, "10x": 5},
+        "by_duplication": {
+            "10x": {"exact_match_rate": 0.0, "worst_exposure": 7.0, "count": 3, "pii_secrets": 12},
+            "control": {"exact_match_rate": 0.5, "count": 2, "pii_secrets": 8},
+        },
+    }
+
+    merged = merge_memorization([clinical, legal])
+
+    assert merged["exact_match_rate"] == pytest.approx(0.5 * 30 / 40)
+    assert merged["by_duplication"]["10x"] == {
+        "exact_match_rate": pytest.approx(0.75),
+        "worst_exposure": 7.0,
+        "count": 12,
+        "pii_secrets": 48,
+    }
+    assert merged["by_duplication"]["control"]["exact_match_rate"] == pytest.approx(0.25)
+    assert merged["records"] == {"control": 4, "1x": 25, "10x": 15}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _synthetic_run(method: str, seed: int, rank: int | None, exact_10x: float, ok: bool = True) -> dict[str, Any]:
+    groups = {
+        group: {
+            "exact_match_rate": rate,
+            "approx_match_rate": rate,
+            "token_accuracy": 0.1 + rate,
+            "pii_extraction_rate": rate / 2,
+            "mean_exposure": 1.0 + 4 * rate,
+            "count": 10,
+        }
+        for group, rate in (("control", 0.0), ("1x", 0.0), ("10x", exact_10x))
+    }
+    return {
+        "method": method,
+        "seed": seed,
+        "status": "ok" if ok else "failed",
+        "error": None if ok else "processes failed: {'legal': 1}",
+        "lora_rank": rank,
+        "eval_loss": 2.0 + 0.1 * seed,
+        "perplexity": math.exp(2.0 + 0.1 * seed),
+        "base_eval_loss": 2.5,
+        "epsilon": None,
+        "upload_bytes": 2**20,
+        "download_bytes": 2**21,
+        "duration_s": 60.0,
+        "memorization": {"by_duplication": groups, "by_prefix": {"10": groups, "50": groups}} if ok else None,
+    }
+
+
+def _synthetic_results() -> dict[str, Any]:
+    runs = [_synthetic_run("full", s, None, 0.5 + 0.1 * s) for s in range(3)]
+    runs += [_synthetic_run("lora-r4", s, 4, 0.0) for s in range(3)]
+    runs += [_synthetic_run("lora-r16", 0, 16, 0.1), _synthetic_run("lora-r16", 1, 16, 0.0, ok=False)]
+    return {
+        "experiment": "synthetic",
+        "base_model": "lab",
+        "seeds": [0, 1, 2],
+        "varies_rank": True,
+        "methods": [
+            {"name": "full", "label": "Full fine-tuning", "lora_rank": None},
+            {"name": "lora-r4", "label": "LoRA r=4", "lora_rank": 4},
+            {"name": "lora-r16", "label": "LoRA r=16", "lora_rank": 16},
+        ],
+        "runs": runs,
+    }
+
+
+def test_summary_averages_successful_runs_only() -> None:
+    summaries = {s.name: s for s in summarize(_synthetic_results())}
+
+    assert summaries["full"].metrics["exact_match_rate.10x"].mean == pytest.approx(0.6)
+    assert summaries["full"].metrics["mib_moved"].mean == pytest.approx(3.0)
+    assert (summaries["lora-r16"].ok, summaries["lora-r16"].runs) == (1, 2)
+    assert summaries["lora-r16"].metrics["eval_loss"].half_width is None
+
+
+def test_report_from_synthetic_results_has_the_tables_and_the_plots(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    expected_full_10x = format_interval(mean_ci([0.5, 0.6, 0.7]))
+
+    written = write_experiment_report(results, tmp_path)
+
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert {p.name for p in written} == {
+        "memorization_vs_duplication.png",
+        "memorization_vs_rank.png",
+        "utility_vs_memorization.png",
+        "report.md",
+        "report.html",
+    }
+    for png in ("memorization_vs_duplication.png", "memorization_vs_rank.png", "utility_vs_memorization.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+        assert f"]({png})" in markdown
+    assert "| method | control | 1x | 10x |" in markdown
+    assert f"| Full fine-tuning | 0.000 ± 0.000 | 0.000 ± 0.000 | {expected_full_10x} |" in markdown
+    assert "| LoRA r=16 | 1/2 |" in markdown
+    assert "lora-r16 seed 1: processes failed" in markdown
+    assert "<table>" in page
+    assert "<th>10x</th>" in page
+    assert page.count("<img") == 3
+    assert f"<td>{expected_full_10x}</td>" in page
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_a_failed_run_is_recorded_and_the_others_still_run(
+    tmp_path: Path, lab_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = ExperimentConfig.model_validate({**SMALL, "seeds": [0, 1]})
+    calls: list[str] = []
+
+    def execute(cfg: ExperimentConfig, spec: RunSpec, base: Path) -> dict[str, Any]:
+        calls.append(spec.key)
+        ok = spec.key != "full/seed-0"
+        run = _synthetic_run(spec.method.name, spec.seed, spec.method.lora_rank, 0.2, ok=ok)
+        return {**run, "fingerprint": cfg.fingerprint(spec.method, spec.seed), "exit_codes": {"legal": 0 if ok else 1}}
+
+    outcome = run_experiment(config, tmp_path / "out", cache_dir=lab_cache, show_progress=False, execute=execute)
+    again = run_experiment(config, tmp_path / "out", cache_dir=lab_cache, show_progress=False, execute=execute)
+
+    assert sorted(calls[:4]) == ["full/seed-0", "full/seed-1", "lora/seed-0", "lora/seed-1"]
+    assert calls[4:] == ["full/seed-0"]  # resumed: only the failed run is tried again
+    assert [r["status"] for r in outcome.results["runs"]] == ["failed", "ok", "ok", "ok"]
+    assert outcome.failed[0]["exit_codes"] == {"legal": 1}
+    assert len(again.failed) == 1
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_small_experiment_runs_end_to_end(tmp_path: Path, lab_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _write(tmp_path, SMALL)
+    out = tmp_path / "out"
+
+    code = main(["experiment", "--config", str(config), "--out", str(out), "--cache-dir", str(lab_cache)])
+
+    err = capsys.readouterr().err
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [(r["method"], r["seed"], r["status"]) for r in results["runs"]] == [("full", 0, "ok"), ("lora", 0, "ok")]
+    for run in results["runs"]:
+        assert math.isfinite(run["eval_loss"])
+        assert run["perplexity"] == pytest.approx(math.exp(run["eval_loss"]))
+        assert run["upload_bytes"] > 0
+        assert set(run["memorization_by_site"]) == {"clinical", "legal"}
+        assert set(run["memorization"]["by_duplication"]) == {"control", "1x", "10x"}
+        assert run["memorization"]["by_duplication"]["10x"]["count"] == 2 * 2
+    assert (out / "runs" / "lora" / "seed-0" / "result.json").exists()
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Utility and cost" in markdown
+    assert "| lora | 1/1 |" in markdown
+    assert "<table>" in (out / "report.html").read_text(encoding="utf-8")
+    assert MethodConfig.model_validate(SMALL["methods"][1]).lora_rank == 4
