@@ -9,7 +9,6 @@ import base64
 import html
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedlora_common.files import atomic_write
 from fedlora_server.config import RunSettings
 from fedlora_server.memorization import combine, memorization_from_json
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore, RoundRecord
 
-__all__ = ["build_report", "markdown_to_html", "render_markdown", "write_reports"]
+__all__ = ["build_report", "figure_png", "markdown_to_html", "render_markdown", "write_reports"]
 
 ROUND_FIELDS = (
     "round",
@@ -265,30 +265,22 @@ def _plot_png(report: dict[str, Any]) -> tuple[bytes, bytes]:
         ax.axhline(report["base_eval_loss"], linestyle="--", color="grey", label="base model")
     ax.set(xlabel="round", ylabel="loss (nats/token)", title="Loss per round")
     ax.legend()
-    loss_png = _to_png(fig)
+    loss_png = figure_png(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([x - 0.2 for x in rounds], [r["upload_bytes"] / 2**20 for r in report["rounds"]], 0.4, label="up")
     ax.bar([x + 0.2 for x in rounds], [r["download_bytes"] / 2**20 for r in report["rounds"]], 0.4, label="down")
     ax.set(xlabel="round", ylabel="MiB (all workers)", title="Bytes on the wire per round")
     ax.legend()
-    return loss_png, _to_png(fig)
+    return loss_png, figure_png(fig)
 
 
-def _to_png(fig: Any) -> bytes:
+def figure_png(fig: Any) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it (figures are never left open)."""
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -316,6 +308,6 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     files["report.html"] = page.encode()
     written = []
     for name, data in files.items():
-        _atomic_write(out_dir / name, data)
+        atomic_write(out_dir / name, data)
         written.append(out_dir / name)
     return written

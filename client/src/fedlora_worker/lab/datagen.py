@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Final, Literal, TypeVar, get_args
 
 from faker import Faker
 
+from fedlora_common.files import atomic_write
 from fedlora_worker.records import CanaryRecord, Group, TextRecord
 
 __all__ = [
@@ -1140,15 +1140,6 @@ def generate_site(domain: Domain, spec: DataSpec) -> SiteData:
     return SiteData(domain, spec, train, held, canaries, controls)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def _jsonl(rows: Iterable[Mapping[str, object]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -1166,10 +1157,10 @@ def write_site(out_dir: Path, data: SiteData) -> SitePaths:
     )
     lines = [*data.train, *(TextRecord(text=c["text"]) for c in data.canaries for _ in range(c["duplicates"]))]
     random.Random(_derive_seed("shuffle", data.domain, data.spec.seed)).shuffle(lines)
-    _write_atomic(paths.train, _jsonl(lines))
-    _write_atomic(paths.eval, _jsonl(data.eval))
-    _write_atomic(paths.canaries, _jsonl(data.canaries))
-    _write_atomic(paths.controls, _jsonl(data.controls))
+    atomic_write(paths.train, _jsonl(lines))
+    atomic_write(paths.eval, _jsonl(data.eval))
+    atomic_write(paths.canaries, _jsonl(data.canaries))
+    atomic_write(paths.controls, _jsonl(data.controls))
     manifest = {
         "format_version": _FORMAT_VERSION,
         "domain": data.domain,
@@ -1184,7 +1175,7 @@ def write_site(out_dir: Path, data: SiteData) -> SitePaths:
             "controls": len(data.controls),
         },
     }
-    _write_atomic(paths.manifest, json.dumps(manifest, indent=2) + "\n")
+    atomic_write(paths.manifest, json.dumps(manifest, indent=2) + "\n")
     return paths
 
 
