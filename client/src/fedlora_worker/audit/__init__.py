@@ -1,7 +1,7 @@
 """Memorization audit: how much of its canary records a fine-tuned model gives back, beside controls."""
 
 from fedlora_worker.audit._candidates import candidate_space, random_candidates
-from fedlora_worker.audit._generation import greedy_decode, log_likelihoods
+from fedlora_worker.audit._generation import greedy_decode, log_likelihoods, shared_prefix_log_likelihoods
 from fedlora_worker.audit._metrics import (
     approx_match,
     exact_match,
@@ -45,5 +45,6 @@ __all__ = [
     "run_audit",
     "secret_rank",
     "sentence_bleu",
+    "shared_prefix_log_likelihoods",
     "token_accuracy",
 ]

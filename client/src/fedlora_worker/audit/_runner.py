@@ -12,9 +12,10 @@ Three measurements per record, each also made on the control group (same format,
   secret's first occurrence (the whole header when it is shorter than ``p``), and the secret counts
   as extracted if its value appears in the decoded continuation. The prompt never contains it.
 * Exposure (Carlini et al. 2019) of the ``exposure_secret`` field: the true value is ranked among
-  ``exposure_candidates - 1`` random values of its format by the model's log-likelihood of the
-  tokens that spell the value, in the record with every occurrence substituted. It does not depend
-  on the prefix.
+  ``exposure_candidates - 1`` random values of its format by the log-likelihood of the tokens that
+  spell the value at its first occurrence given only the record text before it (their log-perplexity,
+  negated), with the candidate substituted. Later occurrences, and all text after the first, play no
+  part. It does not depend on the prefix.
 
 Prefixes combine per record as an attacker would use them: a record counts as exactly (or
 approximately) extracted if some prefix extracts it, its token accuracy and longest run are the best
@@ -37,7 +38,7 @@ import structlog
 import torch
 
 from fedlora_worker.audit._candidates import candidate_space, random_candidates
-from fedlora_worker.audit._generation import greedy_decode, log_likelihoods
+from fedlora_worker.audit._generation import greedy_decode, shared_prefix_log_likelihoods
 from fedlora_worker.audit._metrics import (
     exact_match,
     exposure,
@@ -45,7 +46,7 @@ from fedlora_worker.audit._metrics import (
     sentence_bleu,
     token_accuracy,
 )
-from fedlora_worker.lab.datagen import CanaryRecord, Group
+from fedlora_worker.records import CanaryRecord, Group
 
 __all__ = [
     "AuditConfig",
@@ -66,6 +67,9 @@ ProgressFn = Callable[[int, int], None]
 _GROUPS: Final[tuple[Group, ...]] = ("control", "1x", "10x")
 _TRAINED: Final[frozenset[Group]] = frozenset({"1x", "10x"})
 _DECODE_CHUNK_BATCHES: Final = 4
+# Exposure tokenizes a substituted record only this far past the secret's first occurrence: enough
+# for the tokens that spell it to come out as in the whole record (checked on the true value).
+_CONTEXT_CHARS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ class TokenModel(Protocol):
         ...
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
-        """Summed log-probability of the flagged tokens of each sequence."""
+        """Summed log-probability of the flagged tokens of each sequence (each a record's tokens
+        through its secret's first occurrence, all candidates of one record in one call)."""
         ...
 
 
@@ -264,27 +269,54 @@ def _record_rng(seed: int, record_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, key])
 
 
-def _exposure(lm: TokenModel, tokenizer: Any, record: CanaryRecord, config: AuditConfig) -> tuple[float, int] | None:
-    """(exposure, |R|) of the record's exposure secret, or None if it has none or it never occurs."""
-    secret = record["secrets"].get(config.exposure_secret)
-    spans = _occurrences(record["text"], secret) if secret else []
-    if not secret or not spans:
-        return None
-    size = min(config.exposure_candidates, candidate_space(secret))
-    if size < 2:
-        return None
-    values = [secret, *random_candidates(secret, size - 1, _record_rng(config.seed, record["id"]))]
-    # Candidates keep the secret's length, so its character spans hold in every substituted text.
-    encoded = _encode(tokenizer, [record["text"].replace(secret, value) for value in values])
+def _first_occurrence(
+    tokenizer: Any, texts: Sequence[str], span: tuple[int, int]
+) -> tuple[list[list[int]], list[list[bool]]] | None:
+    """Each text's tokens through those overlapping ``span``, flagged; None if no token overlaps it."""
     sequences: list[list[int]] = []
     flags: list[list[bool]] = []
-    for enc in encoded:
-        scored = [i > 0 and _overlaps(offset, spans) for i, offset in enumerate(enc.offsets)]
+    for enc in _encode(tokenizer, texts):
+        scored = []
+        for i, offset in enumerate(enc.offsets):
+            if offset[0] >= span[1] and offset[1] > offset[0]:
+                break
+            scored.append(i > 0 and _overlaps(offset, [span]))
         if not any(scored):
             return None
         end = max(i for i, flag in enumerate(scored) if flag) + 1
         sequences.append(enc.ids[:end])
         flags.append(scored[:end])
+    return sequences, flags
+
+
+def _exposure(
+    lm: TokenModel, tokenizer: Any, record: CanaryRecord, whole: _Encoded, config: AuditConfig
+) -> tuple[float, int] | None:
+    """(exposure, |R|) of the record's exposure secret, or None if it has none or it never occurs.
+
+    Each candidate's score is log p(secret tokens | tokens before them) at the first occurrence,
+    the tokens as training saw them in the whole record; ``whole`` is the record's own encoding.
+    """
+    secret = record["secrets"].get(config.exposure_secret)
+    start = record["text"].find(secret) if secret else -1
+    if not secret or start < 0:
+        return None
+    size = min(config.exposure_candidates, candidate_space(secret))
+    if size < 2:
+        return None
+    values = [secret, *random_candidates(secret, size - 1, _record_rng(config.seed, record["id"]))]
+    # Candidates keep the secret's length, so its character span holds in every substituted text.
+    span = (start, start + len(secret))
+    head = record["text"][: span[1] + _CONTEXT_CHARS]
+    found = _first_occurrence(tokenizer, [head.replace(secret, value) for value in values], span)
+    if found is None:
+        return None
+    sequences, flags = found
+    if sequences[0] != whole.ids[: len(sequences[0])]:  # the cut changed the tokens: use whole texts
+        found = _first_occurrence(tokenizer, [record["text"].replace(secret, value) for value in values], span)
+        if found is None:
+            return None
+        sequences, flags = found
     scores = lm.log_likelihood(sequences, flags)
     return exposure(scores[0], scores[1:]), size
 
@@ -360,7 +392,7 @@ def run_audit(
     ]
     exposures = []
     for index, record in enumerate(records):
-        measured = _exposure(lm, tokenizer, record, config)
+        measured = _exposure(lm, tokenizer, record, encoded[index], config)
         if measured is not None:
             exposures.append(ExposureResult(index, groups[index], *measured))
 
@@ -395,7 +427,10 @@ class _TorchTokenModel:
         )
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
-        return log_likelihoods(self.model, sequences, scored, pad_id=self.pad_id, batch_size=self.batch_size)
+        # The audit scores one record's candidates per call: they share the text before the secret.
+        return shared_prefix_log_likelihoods(
+            self.model, sequences, scored, pad_id=self.pad_id, batch_size=self.batch_size
+        )
 
 
 def audit_model(
