@@ -321,14 +321,9 @@ def plot_duplication(summaries: Sequence[MethodSummary]) -> bytes:
         for i, s in enumerate(summaries):
             intervals = [s.metrics.get(f"{metric}.{g}", Interval(None, None, 0)) for g in GROUPS]
             xs = [g + (i - (len(summaries) - 1) / 2) * width for g in range(len(GROUPS))]
-            ax.bar(
-                xs,
-                [_mean(iv) for iv in intervals],
-                width,
-                yerr=[_err(iv) for iv in intervals],
-                capsize=3,
-                label=s.label,
-            )
+            errors = [_err(iv) for iv in intervals] if any(iv.half_width is not None for iv in intervals) else None
+            ax.bar(xs, [_mean(iv) for iv in intervals], width, yerr=errors, capsize=3, label=s.label)
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0 if metric == "mean_exposure" else 0.05))
         ax.set_xticks(range(len(GROUPS)), ["control (never trained)", "1x", "10x"])
         ax.set(title=title, xlabel="duplication in training data")
     axes.flat[0].legend(fontsize=8)
