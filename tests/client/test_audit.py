@@ -29,6 +29,7 @@ from fedlora_worker.audit import (
     random_candidates,
     run_audit,
     sentence_bleu,
+    shared_prefix_log_likelihoods,
     token_accuracy,
 )
 from fedlora_worker.lab.cli import main as lab_main
@@ -80,6 +81,20 @@ class MemorisingModel:
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
         known = [any(seq[: len(s)] == list(s) for seq in self.memorised) for s in sequences]
         return [0.0 if k else -100.0 for k in known]
+
+
+class RecordingModel:
+    """A stub that keeps every sequence it was asked to score, with its flags, and scores them all 0."""
+
+    def __init__(self) -> None:
+        self.scored: list[tuple[list[int], list[bool]]] = []
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        return [[0] * max_new_tokens for _ in prompts]
+
+    def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
+        self.scored += [(list(s), list(f)) for s, f in zip(sequences, scored, strict=True)]
+        return [0.0 for _ in sequences]
 
 
 class ScriptedModel:
@@ -275,6 +290,34 @@ def test_the_audit_never_logs_or_summarises_record_text_or_secrets(
         assert all(line[:20] not in emitted for line in record["text"].splitlines() if len(line) >= 20)
 
 
+def test_exposure_scores_the_secret_at_its_first_occurrence_given_only_the_text_before_it(
+    tokenizer: PreTrainedTokenizerBase, make_sentences: Callable[[int, int], list[str]]
+) -> None:
+    record = _record(0, "1x", make_sentences)
+    secret = record["secrets"]["record_id"]
+    record["text"] += f" See {secret} again."  # a second occurrence, at the end
+    start = record["text"].index(secret)
+    model = RecordingModel()
+
+    report = run_audit(model, tokenizer, [record], config=AuditConfig(prefixes=(10,), exposure_candidates=8))
+
+    assert [e.candidates for e in report.exposures] == [8]
+    assert len(model.scored) == 8
+    texts = [_text(tokenizer, ids) for ids, _ in model.scored]
+    values = [text[start:] for text in texts]
+    assert values[0] == secret
+    assert len(set(values)) == 8
+    assert all(re.fullmatch(r"MRN-\d{4}-\d{4}", v) for v in values)
+    for (ids, flags), value in zip(model.scored, values, strict=True):
+        assert _text(tokenizer, ids) == record["text"][:start] + value  # nothing after the first occurrence
+        spelled = [i for i, flag in enumerate(flags) if flag]
+        assert spelled == list(range(spelled[0], len(ids)))  # the secret's tokens, the last ones
+        assert value in _text(tokenizer, ids[spelled[0] :])
+        assert value not in _text(tokenizer, ids[: spelled[0] + 1])
+    whole = tokenizer(record["text"])["input_ids"]
+    assert model.scored[0][0] == whole[: len(model.scored[0][0])]  # tokens as training saw them
+
+
 def test_load_canaries_names_the_file_and_line_of_a_bad_record(tmp_path: Path) -> None:
     good = _record(0, "1x", lambda count, seed: ["a b c."])
     path = tmp_path / "canaries.jsonl"
@@ -329,6 +372,35 @@ def test_log_likelihoods_sum_the_flagged_tokens_whatever_the_padding(
             for s, f in zip(sequences, flags, strict=True)
         ],
         rel=1e-4,
+    )
+
+
+@pytest.mark.usefixtures("single_threaded_torch")
+def test_shared_prefix_scoring_with_the_kv_cache_equals_scoring_each_whole_sequence_without_it(
+    tiny_base_model: Path, tokenizer: PreTrainedTokenizerBase, make_sentences: Callable[[int, int], list[str]]
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model)  # in eval mode
+    prefix = tokenizer(make_sentences(1, 11)[0])["input_ids"]
+    tails = [
+        tokenizer(text, add_special_tokens=False)["input_ids"][: 1 + i % 6]
+        for i, text in enumerate(make_sentences(9, 12))
+    ]
+    sequences = [prefix + tail for tail in tails]
+    flags = [[i >= len(prefix) - 2 and i % 3 != 1 for i in range(len(s))] for s in sequences]  # prefix tokens too
+    pad = tokenizer.pad_token_id
+
+    fast = shared_prefix_log_likelihoods(model, sequences, flags, pad_id=pad, batch_size=2)  # widths 1 to 6
+
+    with torch.inference_mode():
+        expected = []
+        for sequence, flag in zip(sequences, flags, strict=True):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0].float(), -1)
+            expected.append(sum(float(logp[i - 1, sequence[i]]) for i in range(1, len(sequence)) if flag[i]))
+    assert fast == pytest.approx(expected, abs=1e-4)
+    assert all(x < 0 for x in fast)
+    unrelated = [sequences[0], sequences[1][1:]]  # no common prefix: plain batched scoring
+    assert shared_prefix_log_likelihoods(model, unrelated, [flags[0], flags[1][1:]], pad_id=pad) == pytest.approx(
+        log_likelihoods(model, unrelated, [flags[0], flags[1][1:]], pad_id=pad), abs=1e-4
     )
 
 

@@ -34,7 +34,7 @@ def greedy_decode(
     *,
     max_new_tokens: int,
     pad_id: int,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> list[list[int]]:
     """Exactly ``max_new_tokens`` argmax tokens after each prompt, reusing the KV cache.
 

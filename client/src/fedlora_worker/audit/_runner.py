@@ -80,7 +80,7 @@ class AuditConfig:
     suffix_tokens: int = 50
     bleu_threshold: float = 0.75
     exposure_candidates: int = 128
-    batch_size: int = 16
+    batch_size: int = 64  # fastest of 16, 32, 64, 128 on one CPU thread (bench/audit.py)
     seed: int = 0
     exposure_secret: str = "record_id"
 
