@@ -74,9 +74,9 @@ class ModelSection(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
         if self.path is not None and self.lab is not None and "lab" in self.model_fields_set:
-            raise ValueError("model: give either lab or path, not both")
+            raise ValueError("give either lab or path, not both")
         if self.path is None and self.lab is None:
-            raise ValueError("model: give lab (default|tiny) or path")
+            raise ValueError("give lab (default|tiny) or path")
         return self
 
 
@@ -158,9 +158,9 @@ class ExperimentConfig(StrictModel):
     @classmethod
     def _distinct_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(s < 0 for s in value):
-            raise ValueError("seeds must be >= 0")
+            raise ValueError("every seed must be >= 0")
         if len(set(value)) != len(value):
-            raise ValueError("seeds must be distinct")
+            raise ValueError("must be distinct")
         return value
 
     @field_validator("methods")
