@@ -121,7 +121,7 @@ def shared_prefix_log_likelihoods(
     scored: Sequence[Sequence[bool]],
     *,
     pad_id: int,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> list[float]:
     """``log_likelihoods``, computed once for the tokens all sequences start with.
 
