@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, EnvSettingsSource, SettingsError
 
-__all__ = ["ConfigError", "StrictModel", "load_settings", "merge"]
+__all__ = ["ConfigError", "StrictModel", "load_settings", "merge", "read_yaml_mapping"]
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -41,7 +41,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: {}); ConfigError names the file and line."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -79,7 +80,7 @@ def load_settings(
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     known, rest = pre.parse_known_args(list(argv))
-    data: dict[str, Any] = _read_yaml(known.config) if known.config else {}
+    data: dict[str, Any] = read_yaml_mapping(known.config) if known.config else {}
     env = EnvSettingsSource(cls)
     if environ is not None:
         env.env_vars = {k.lower(): v for k, v in environ.items()}

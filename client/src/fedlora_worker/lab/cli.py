@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--prefixes", type=_prefix_list, default=None, help="prompt lengths in tokens, e.g. 10,50")
     audit.add_argument("--candidates", type=_positive, default=None, help="|R| for exposure (default 128)")
-    audit.add_argument("--batch-size", type=_positive, default=16)
+    audit.add_argument("--batch-size", type=_positive, default=64)
     audit.add_argument("--seed", type=int, default=0, help="seeds the exposure candidates")
     audit.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     return parser

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,7 +30,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
-from fedlora_common.settings import ConfigError, StrictModel, describe, merge
+from fedlora_common.files import atomic_write
+from fedlora_common.settings import ConfigError, StrictModel, describe, merge, read_yaml_mapping
 from fedlora_server.config import RunSettings
 from fedlora_worker.lab.datagen import DataSpec
 from fedlora_worker.lab.experiment_report import write_experiment_report
@@ -243,16 +243,7 @@ def _run_yaml(config: ExperimentConfig, method: MethodConfig, *, seed: int, prob
 
 def load_experiment_config(path: Path) -> ExperimentConfig:
     """Read and validate an experiment file; raise ConfigError with one line naming the field."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path}:{where} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of settings")
+    data = read_yaml_mapping(path)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
@@ -294,13 +285,7 @@ def plan_runs(config: ExperimentConfig, out_dir: Path) -> list[RunSpec]:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _stored_result(spec: RunSpec, fingerprint: str) -> dict[str, Any] | None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from scipy import stats
+
+from fedlora_common.files import atomic_write
+from fedlora_server.report import figure_png
 
 __all__ = [
     "GROUPS",
@@ -297,14 +298,6 @@ def _err(interval: Interval) -> float:
     return interval.half_width if interval.half_width is not None else 0.0
 
 
-def _to_png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 _PANELS: Final = (
     ("exact_match_rate", "exact match rate"),
     ("token_accuracy", "token accuracy"),
@@ -328,7 +321,7 @@ def plot_duplication(summaries: Sequence[MethodSummary]) -> bytes:
         ax.set(title=title, xlabel="duplication in training data")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Memorization vs duplication, by method (mean ± 95% CI over seeds)")
-    return _to_png(fig)
+    return figure_png(fig)
 
 
 def plot_rank(summaries: Sequence[MethodSummary]) -> bytes:
@@ -352,7 +345,7 @@ def plot_rank(summaries: Sequence[MethodSummary]) -> bytes:
         ax.set(title=title, xlabel="LoRA rank")
         ax.legend(fontsize=8)
     fig.suptitle("Memorization vs LoRA rank (mean ± 95% CI)")
-    return _to_png(fig)
+    return figure_png(fig)
 
 
 def plot_utility(summaries: Sequence[MethodSummary]) -> bytes:
@@ -372,16 +365,7 @@ def plot_utility(summaries: Sequence[MethodSummary]) -> bytes:
         title="Utility vs memorization",
     )
     ax.legend(fontsize=8)
-    return _to_png(fig)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return figure_png(fig)
 
 
 def write_experiment_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
@@ -396,11 +380,11 @@ def write_experiment_report(results: Mapping[str, Any], out_dir: Path) -> list[P
     plots.append(("Utility vs memorization", "utility_vs_memorization.png", plot_utility(summaries)))
     written = []
     for _, file, png in plots:
-        _atomic_write(out_dir / file, png)
+        atomic_write(out_dir / file, png)
         written.append(out_dir / file)
     markdown = render_markdown(results, [(alt, file) for alt, file, _ in plots])
     page = render_html(results, [(alt, png) for alt, _, png in plots])
     for name, text in (("report.md", markdown), ("report.html", page)):
-        _atomic_write(out_dir / name, text.encode("utf-8"))
+        atomic_write(out_dir / name, text.encode("utf-8"))
         written.append(out_dir / name)
     return written
