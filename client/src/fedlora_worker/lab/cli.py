@@ -6,10 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -29,11 +29,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_N = TypeVar("_N", int, float)
+
+
+def _bounded(kind: Callable[[str], _N], low: _N, *, strict: bool = False) -> Callable[[str], _N]:
+    """An argparse type: `kind` read from the text, at least `low` (above it when strict)."""
+
+    def parse(text: str) -> _N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+
+    return parse
+
+
+_positive = _bounded(int, 1)
+_non_negative = _bounded(int, 0)
+_positive_float = _bounded(float, 0.0, strict=True)
 
 
 def _prefix_list(text: str) -> tuple[int, ...]:
@@ -44,26 +60,6 @@ def _prefix_list(text: str) -> tuple[int, ...]:
     if any(v < 1 for v in values) or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"prefixes must be distinct and at least 1, got {text!r}")
     return values
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _privacy_settings(args: argparse.Namespace) -> dict[str, Any]:
