@@ -58,7 +58,7 @@ from fedlora_server.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from fedlora_server.memorization import RATE_FIELDS, combine, memorization_from_json, memorization_to_json
+from fedlora_server.memorization import RATE_FIELDS, combine_reports, memorization_to_json
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.secure_round import RoundFailed, SecureRound
@@ -620,9 +620,7 @@ class Coordinator:
         spent = [m.record_epsilon for m in reports if m.record_epsilon is not None]
         if spent:
             self._metrics.dp_epsilon.labels(level="record").set(max(spent))
-        combined = combine(
-            [memorization_from_json(json.loads(m.memorization_json)) for m in reports if m.memorization_json]
-        )
+        combined = combine_reports(reports)
         if combined is None:
             return
         for group, rates in {"trained": combined, **combined["by_duplication"]}.items():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from fedlora_common.messages import Memorization, MemorizationRates
+from fedlora_server.store import MetricsRecord
 
-__all__ = ["RATE_FIELDS", "combine", "memorization_from_json", "memorization_to_json"]
+__all__ = ["RATE_FIELDS", "combine", "combine_reports", "memorization_from_json", "memorization_to_json"]
 
 RATE_FIELDS = ("exact_match_rate", "approx_match_rate", "token_accuracy", "pii_extraction_rate", "mean_exposure")
 
@@ -44,3 +46,8 @@ def memorization_from_json(data: dict[str, Any]) -> Memorization:
         MemorizationRates(**data["overall"]),
         {group: MemorizationRates(**rates) for group, rates in data["by_duplication"].items()},
     )
+
+
+def combine_reports(reports: Sequence[MetricsRecord]) -> dict[str, Any] | None:
+    """`combine` over the sites' stored reports that carry an audit."""
+    return combine([memorization_from_json(json.loads(m.memorization_json)) for m in reports if m.memorization_json])

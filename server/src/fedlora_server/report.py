@@ -10,6 +10,7 @@ import html
 import io
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ import matplotlib.pyplot as plt
 
 from fedlora_common.files import atomic_write
 from fedlora_server.config import RunSettings
-from fedlora_server.memorization import combine, memorization_from_json
+from fedlora_server.memorization import combine_reports
 from fedlora_server.privacy import ClientPrivacy
-from fedlora_server.store import CoordinatorStore, RoundRecord
+from fedlora_server.store import CoordinatorStore, MetricsRecord, RoundRecord
 
 __all__ = ["build_report", "figure_png", "markdown_to_html", "render_markdown", "write_reports"]
 
@@ -50,10 +51,10 @@ def _final_attempts(records: list[RoundRecord]) -> dict[int, RoundRecord]:
 
 
 def _round_privacy(
-    settings: RunSettings, client: ClientPrivacy | None, store: CoordinatorStore, round_: int
+    settings: RunSettings, client: ClientPrivacy | None, reports: Sequence[MetricsRecord], round_: int
 ) -> dict[str, Any]:
     """epsilon/delta: client level when DP-FedAvg is on, else the largest site's record-level spend."""
-    spent = [m.record_epsilon for m in store.metrics(round_) if m.record_epsilon is not None]
+    spent = [m.record_epsilon for m in reports if m.record_epsilon is not None]
     record = max(spent) if spent else None
     record_dp = settings.privacy.record_dp
     if client is not None:
@@ -63,12 +64,6 @@ def _round_privacy(
     else:
         epsilon, delta = None, None
     return {"epsilon": epsilon, "delta": delta, "record_epsilon": record}
-
-
-def _round_memorization(store: CoordinatorStore, round_: int) -> dict[str, Any] | None:
-    return combine(
-        [memorization_from_json(json.loads(m.memorization_json)) for m in store.metrics(round_) if m.memorization_json]
-    )
 
 
 def _privacy_section(settings: RunSettings, client: ClientPrivacy | None) -> dict[str, Any]:
@@ -89,6 +84,7 @@ def _privacy_section(settings: RunSettings, client: ClientPrivacy | None) -> dic
 def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, Any]:
     rounds = _final_attempts(store.rounds())
     client = ClientPrivacy.from_settings(settings)
+    reports = {number: store.metrics(number) for number in rounds}
     base = rounds.get(0)
     latest = store.latest_artifact()
     failed = sum(1 for r in store.rounds() if r.status == "failed")
@@ -121,8 +117,8 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
                 "upload_bytes": r.upload_bytes,
                 "download_bytes": r.download_bytes,
                 "duration_s": None if r.finished_at is None else round(r.finished_at - r.started_at, 3),
-                **_round_privacy(settings, client, store, number),
-                "memorization": _round_memorization(store, number),
+                **_round_privacy(settings, client, reports[number], number),
+                "memorization": combine_reports(reports[number]),
                 "secagg": json.loads(r.secagg) if r.secagg else None,
             }
             for number, r in sorted(rounds.items())
