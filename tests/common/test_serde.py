@@ -51,7 +51,15 @@ def test_task_round_trips() -> None:
             kind=kind,
             round=rng.randint(0, 100),
             global_version=ModelVersion(rng.randint(0, 9), rng.randint(1, 10**9), rng.randbytes(32), _manifest(rng)),
-            training=TrainingPlan(rng.randint(1, 50), 8, _floats(rng), 256, 1.0, 0.5, rng.randint(0, 2**40)),
+            training=TrainingPlan(
+                local_steps=rng.randint(1, 50),
+                batch_size=8,
+                learning_rate=_floats(rng),
+                max_seq_len=256,
+                grad_clip_norm=1.0,
+                update_clip_norm=0.5,
+                seed=rng.randint(0, 2**40),
+            ),
             participants=("clinical", "legal"),
             retry_after_ms=500,
             deadline_s=12.5,
@@ -64,17 +72,19 @@ def test_privacy_plans_and_audit_round_trip() -> None:
     rng = random.Random(13)
     for _ in range(5):
         plan = TrainingPlan(
-            rng.randint(1, 50),
-            8,
-            _floats(rng),
-            256,
-            1.0,
-            _floats(rng),
-            rng.randint(0, 2**40),
-            goldfish=GoldfishPlan(rng.randint(2, 8), rng.randint(1, 32), rng.randint(0, 2**40)),
-            record_dp=RecordDPPlan(_floats(rng), _floats(rng), 1e-5),
+            local_steps=rng.randint(1, 50),
+            batch_size=8,
+            learning_rate=_floats(rng),
+            max_seq_len=256,
+            grad_clip_norm=1.0,
+            update_clip_norm=_floats(rng),
+            seed=rng.randint(0, 2**40),
+            goldfish=GoldfishPlan(k=rng.randint(2, 8), h=rng.randint(1, 32), seed=rng.randint(0, 2**40)),
+            record_dp=RecordDPPlan(noise_multiplier=_floats(rng), max_grad_norm=_floats(rng), delta=1e-5),
         )
-        audit = AuditPlan(tuple(rng.sample(range(1, 600), 3)), 50, rng.randint(2, 1000))
+        audit = AuditPlan(
+            prefixes=tuple(rng.sample(range(1, 600), 3)), suffix_tokens=50, exposure_candidates=rng.randint(2, 1000)
+        )
         task = Task(TaskKind.EVALUATE, round=rng.randint(1, 9), training=plan, audit=audit)
 
         assert task_from_proto(task_to_proto(task)) == task
@@ -109,7 +119,15 @@ def test_upload_header_round_trips_with_and_without_manifest() -> None:
 
 
 def test_run_spec_and_metrics_round_trip() -> None:
-    spec = RunSpec("run-1", "qlora", "ffa", "/models/base", LoraSpec(16, 32.0, 0.0, ("q_proj", "v_proj")), 5, 9)
+    spec = RunSpec(
+        run_id="run-1",
+        mode="qlora",
+        aggregation="ffa",
+        base_model="/models/base",
+        lora=LoraSpec(rank=16, alpha=32, dropout=0.0, target_modules=("q_proj", "v_proj")),
+        total_rounds=5,
+        seed=9,
+    )
     report = MetricsReport("finance", "run-1", 3, 3, 2.5, 1234, 2.75, 1500.0)
 
     assert run_spec_from_proto(run_spec_to_proto(spec)) == spec
@@ -136,3 +154,18 @@ def test_an_unspecified_kind_is_refused() -> None:
         task_from_proto(pb.Task(kind=pb.TASK_KIND_UNSPECIFIED))
     with pytest.raises(ValueError, match="UploadKind"):
         upload_header_from_proto(pb.UploadHeader(kind=pb.UPLOAD_KIND_UNSPECIFIED))
+
+
+def test_a_run_spec_no_coordinator_sends_is_refused_naming_the_field() -> None:
+    from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+
+    lora = pb.LoraSpec(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj"])
+    good = pb.RunSpec(run_id="r", mode="lora", aggregation="fedavg", base_model="m", lora=lora, total_rounds=1)
+
+    assert run_spec_from_proto(good).lora.rank == 8
+    with pytest.raises(ValueError, match="mode"):
+        run_spec_from_proto(pb.RunSpec(run_id="r", mode="sparse", aggregation="fedavg", lora=lora, total_rounds=1))
+    with pytest.raises(ValueError, match="rank"):
+        run_spec_from_proto(
+            pb.RunSpec(run_id="r", mode="lora", aggregation="fedavg", lora=pb.LoraSpec(rank=0), total_rounds=1)
+        )

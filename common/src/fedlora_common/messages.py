@@ -1,4 +1,8 @@
-"""Transport-free messages of the round protocol; fedlora_common.serde converts them to the wire."""
+"""Transport-free messages of the round protocol; fedlora_common.serde converts them to the wire.
+
+The settings a run is decided by (LoRA, training, privacy and audit plans) are the validated
+models of fedlora_common.plans, re-exported here so the protocol reads as one vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from fedlora_common.manifest import Manifest
+from fedlora_common.plans import AuditPlan, GoldfishPlan, LoraSpec, RecordDPPlan, RunSpec, TrainingPlan
 from fedlora_common.secagg.protocol import Advertisement, EncryptedShare, SecAggParams
 
 __all__ = [
@@ -42,59 +47,6 @@ class UploadKind(enum.Enum):
     INITIAL = 1
     DELTA = 2
     MASKED = 3
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    run_id: str
-    mode: str
-    aggregation: str
-    base_model: str
-    lora: LoraSpec
-    total_rounds: int
-    seed: int
-
-
-@dataclass(frozen=True)
-class GoldfishPlan:
-    k: int
-    h: int
-    seed: int
-
-
-@dataclass(frozen=True)
-class RecordDPPlan:
-    noise_multiplier: float
-    max_grad_norm: float
-    delta: float
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    local_steps: int
-    batch_size: int
-    learning_rate: float
-    max_seq_len: int
-    grad_clip_norm: float
-    update_clip_norm: float
-    seed: int
-    goldfish: GoldfishPlan | None = None
-    record_dp: RecordDPPlan | None = None
-
-
-@dataclass(frozen=True)
-class AuditPlan:
-    prefixes: tuple[int, ...]
-    suffix_tokens: int
-    exposure_candidates: int
 
 
 @dataclass(frozen=True)

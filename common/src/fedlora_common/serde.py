@@ -6,6 +6,8 @@ import enum
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.messages import (
     AuditPlan,
@@ -50,6 +52,17 @@ __all__ = [
 
 
 E = TypeVar("E", bound=enum.Enum)
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(model: type[M], **fields: Any) -> M:
+    """A settings model from wire fields, validated as if it came from a config file; ValueError names the field."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or model.__name__
+        raise ValueError(f"{model.__name__}.{where}: {first['msg']}") from None
 
 
 def _enum_from_proto(cls: type[E], value: int, name_of: Callable[[Any], str], prefix: str) -> E:
@@ -74,10 +87,6 @@ def _lora_to_proto(lora: LoraSpec) -> pb.LoraSpec:
     return pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules))
 
 
-def _lora_from_proto(msg: pb.LoraSpec) -> LoraSpec:
-    return LoraSpec(msg.rank, msg.alpha, msg.dropout, tuple(msg.target_modules))
-
-
 def run_spec_to_proto(spec: RunSpec) -> pb.RunSpec:
     return pb.RunSpec(
         run_id=spec.run_id,
@@ -91,12 +100,20 @@ def run_spec_to_proto(spec: RunSpec) -> pb.RunSpec:
 
 
 def run_spec_from_proto(msg: pb.RunSpec) -> RunSpec:
-    return RunSpec(
+    """The run's fixed settings; ValueError (naming the field) for values no coordinator sends."""
+    return _validated(
+        RunSpec,
         run_id=msg.run_id,
         mode=msg.mode,
         aggregation=msg.aggregation,
         base_model=msg.base_model,
-        lora=_lora_from_proto(msg.lora),
+        lora=_validated(
+            LoraSpec,
+            rank=msg.lora.rank,
+            alpha=msg.lora.alpha,
+            dropout=msg.lora.dropout,
+            target_modules=tuple(msg.lora.target_modules),
+        ),
         total_rounds=msg.total_rounds,
         seed=msg.seed,
     )
@@ -138,7 +155,8 @@ def _plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
 
 def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
     g, d = msg.goldfish, msg.record_dp
-    return TrainingPlan(
+    return _validated(
+        TrainingPlan,
         local_steps=msg.local_steps,
         batch_size=msg.batch_size,
         learning_rate=msg.learning_rate,
@@ -146,8 +164,12 @@ def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
         grad_clip_norm=msg.grad_clip_norm,
         update_clip_norm=msg.update_clip_norm,
         seed=msg.seed,
-        goldfish=GoldfishPlan(g.k, g.h, g.seed) if msg.HasField("goldfish") else None,
-        record_dp=RecordDPPlan(d.noise_multiplier, d.max_grad_norm, d.delta) if msg.HasField("record_dp") else None,
+        goldfish=_validated(GoldfishPlan, k=g.k, h=g.h, seed=g.seed) if msg.HasField("goldfish") else None,
+        record_dp=(
+            _validated(RecordDPPlan, noise_multiplier=d.noise_multiplier, max_grad_norm=d.max_grad_norm, delta=d.delta)
+            if msg.HasField("record_dp")
+            else None
+        ),
     )
 
 
@@ -288,7 +310,12 @@ def task_from_proto(msg: pb.Task, *, run_id: str = "") -> Task:
         deadline_s=msg.deadline_s,
         secagg=_secagg_from_proto(msg.secagg, run_id) if msg.HasField("secagg") else None,
         audit=(
-            AuditPlan(tuple(msg.audit.prefixes), msg.audit.suffix_tokens, msg.audit.exposure_candidates)
+            _validated(
+                AuditPlan,
+                prefixes=tuple(msg.audit.prefixes),
+                suffix_tokens=msg.audit.suffix_tokens,
+                exposure_candidates=msg.audit.exposure_candidates,
+            )
             if msg.HasField("audit")
             else None
         ),

@@ -5,11 +5,21 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedlora_common.plans import (
+    Aggregation,
+    AuditPlan,
+    GoldfishPlan,
+    LoraSpec,
+    Mode,
+    RecordDPPlan,
+    RunSpec,
+    TrainingSettings,
+)
 from fedlora_common.privacy import gaussian_epsilon
 from fedlora_common.settings import StrictModel
 
@@ -17,44 +27,23 @@ __all__ = [
     "CONFIG_VERSION",
     "AuditSection",
     "ClientDPSection",
-    "GoldfishSection",
     "LimitSettings",
     "ListenSettings",
-    "LoraSection",
     "PrivacySection",
-    "RecordDPSection",
     "RunSettings",
     "SecureAggregationSection",
     "TimeoutSettings",
     "TlsServerSettings",
-    "TrainingSection",
     "WorkerEntry",
     "token_digest",
 ]
 
 CONFIG_VERSION: Final = 1
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def token_digest(token: str) -> str:
     """What the allow-list stores instead of a worker's bearer token."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-class LoraSection(StrictModel):
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = Field(ALL_PROJECTIONS, min_length=1)
-
-
-class TrainingSection(StrictModel):
-    local_steps: int = Field(20, ge=1)
-    batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
-    max_seq_len: int = Field(256, ge=8)
-    grad_clip_norm: float = Field(1.0, gt=0)
-    update_clip_norm: float = Field(0.0, ge=0, description="L2 bound on each update; 0 leaves it unbounded")
 
 
 class WorkerEntry(StrictModel):
@@ -87,65 +76,43 @@ class ClientDPSection(StrictModel):
     sees in the clear: this trusts the coordinator, and is refused with secure aggregation on).
     """
 
-    clip_norm: float | None = Field(None, gt=0, description="L2 bound on each update; noise needs it")
+    clip_norm: float = Field(gt=0, description="L2 bound on each update; noise needs it")
     noise_multiplier: float | None = Field(None, gt=0)
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     placement: Literal["distributed", "central"] | None = None
     epsilon_budget: float | None = Field(None, gt=0, description="Stop before a round would spend more")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _clipped(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("clip_norm") is None:
+            raise ValueError("noise without clipping bounds nothing: set clip_norm > 0")
+        return data
+
     @model_validator(mode="after")
     def _noise(self) -> ClientDPSection:
-        if self.clip_norm is None:
-            raise ValueError("noise without clipping bounds nothing: set clip_norm > 0")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("set exactly one of noise_multiplier and target_epsilon")
         return self
-
-
-class RecordDPSection(StrictModel):
-    """Record-level DP-SGD at every site (Opacus): per-sample clipping and Gaussian noise on the trainable weights."""
-
-    noise_multiplier: float = Field(gt=0)
-    max_grad_norm: float | None = Field(None, gt=0, description="Per-sample gradient clip; noise needs it")
-    delta: float = Field(1e-5, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _clipped(self) -> RecordDPSection:
-        if self.max_grad_norm is None:
-            raise ValueError("noise without clipping bounds nothing: set max_grad_norm > 0")
-        return self
-
-
-class GoldfishSection(StrictModel):
-    """Goldfish loss (Hans et al. 2024): drop about 1/k of tokens, chosen by a hash of the h before them."""
-
-    k: int = Field(4, ge=2)
-    h: int = Field(13, ge=1)
-    seed: int = Field(0, ge=0)
 
 
 class PrivacySection(StrictModel):
     """Each part is off unless present."""
 
     client_dp: ClientDPSection | None = None
-    record_dp: RecordDPSection | None = None
-    goldfish: GoldfishSection | None = None
+    record_dp: RecordDPPlan | None = None
+    goldfish: GoldfishPlan | None = None
 
 
-class AuditSection(StrictModel):
+class AuditSection(AuditPlan):
     """The canary audit each worker runs on a new global model; only aggregate rates leave a site."""
 
     every: int = Field(1, ge=1, description="Audit after every N-th round (and always after the last)")
-    prefixes: tuple[int, ...] = Field((10, 50, 100, 200, 500), min_length=1)
-    suffix_tokens: int = Field(50, ge=1)
-    exposure_candidates: int = Field(128, ge=2)
 
-    @model_validator(mode="after")
-    def _positive_prefixes(self) -> AuditSection:
-        if any(p < 1 for p in self.prefixes):
-            raise ValueError("prefixes: every prefix length must be >= 1")
-        return self
+    def plan(self) -> AuditPlan:
+        """What the workers are sent: the audit without the coordinator's schedule."""
+        return AuditPlan.model_validate(self.model_dump(exclude={"every"}))
 
 
 class TlsServerSettings(StrictModel):
@@ -188,10 +155,10 @@ class RunSettings(BaseSettings):
     config_version: Literal[1] = CONFIG_VERSION
     run_id: str = Field("fedlora-run", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     base_model: str = Field(min_length=1, description="Hub id or path the workers load (informational here)")
-    mode: Literal["lora", "qlora", "full"] = "lora"
-    aggregation: Literal["fedavg", "ffa"] = "fedavg"
-    lora: LoraSection = LoraSection()
-    training: TrainingSection = TrainingSection()
+    mode: Mode = "lora"
+    aggregation: Aggregation = "fedavg"
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSettings = TrainingSettings()
     rounds: int = Field(3, ge=1)
     min_workers: int = Field(2, ge=1)
     workers: tuple[WorkerEntry, ...] = Field(min_length=1)
@@ -206,8 +173,7 @@ class RunSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSettings:
-        if self.mode == "full" and self.aggregation == "ffa":
-            raise ValueError("aggregation: ffa applies to LoRA adapters, not to mode full")
+        self.run_spec()  # the rules every site checks too (mode and aggregation agree)
         if self.min_workers > len(self.workers):
             raise ValueError(f"min_workers: {self.min_workers} exceeds the {len(self.workers)} allowed workers")
         ids = [w.id for w in self.workers]
@@ -244,6 +210,18 @@ class RunSettings(BaseSettings):
                     f"privacy.client_dp.epsilon_budget: {dp.epsilon_budget} is already spent by the first round "
                     f"(epsilon {first:.3g} at noise_multiplier {dp.noise_multiplier})"
                 )
+
+    def run_spec(self) -> RunSpec:
+        """What every worker is told at admission: the run's fixed settings, validated by RunSpec's own rules."""
+        return RunSpec(
+            run_id=self.run_id,
+            mode=self.mode,
+            aggregation=self.aggregation,
+            base_model=self.base_model,
+            lora=self.lora,
+            total_rounds=self.rounds,
+            seed=self.seed,
+        )
 
     @property
     def client_dp_placement(self) -> Literal["distributed", "central"] | None:

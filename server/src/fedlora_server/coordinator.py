@@ -23,13 +23,11 @@ import structlog
 
 from fedlora_common.aggregation import StreamingAccumulator, apply_update
 from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, update_manifest
+from fedlora_common.memorization import RATE_FIELDS, memorization_to_json
 from fedlora_common.messages import (
     AuditPlan,
-    GoldfishPlan,
-    LoraSpec,
     MetricsReport,
     ModelVersion,
-    RecordDPPlan,
     RunSpec,
     SecAggTask,
     Task,
@@ -58,7 +56,7 @@ from fedlora_server.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from fedlora_server.memorization import RATE_FIELDS, combine_reports, memorization_to_json
+from fedlora_server.memorization import combine_reports
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.secure_round import RoundFailed, SecureRound
@@ -136,9 +134,7 @@ class Coordinator:
 
     @property
     def run_spec(self) -> RunSpec:
-        s = self._settings
-        lora = LoraSpec(s.lora.rank, s.lora.alpha, s.lora.dropout, s.lora.target_modules)
-        return RunSpec(s.run_id, s.mode, s.aggregation, s.base_model, lora, s.rounds, s.seed)
+        return self._settings.run_spec()
 
     @property
     def phase(self) -> PhaseName:
@@ -623,11 +619,11 @@ class Coordinator:
         combined = combine_reports(reports)
         if combined is None:
             return
-        for group, rates in {"trained": combined, **combined["by_duplication"]}.items():
+        for group, rates in {"trained": combined.overall, **combined.by_duplication}.items():
             if rates is None:
                 continue
             for name in RATE_FIELDS:
-                self._metrics.memorization_rate.labels(group=group, metric=name).set(rates[name])
+                self._metrics.memorization_rate.labels(group=group, metric=name).set(getattr(rates, name))
 
     # ---- uploads ----------------------------------------------------------------------
 
@@ -791,22 +787,15 @@ class Coordinator:
     # ---- helpers ----------------------------------------------------------------------
 
     def _training_plan(self, round_: int) -> TrainingPlan:
-        t, p = self._settings.training, self._settings.privacy
-        goldfish = None if p.goldfish is None else GoldfishPlan(p.goldfish.k, p.goldfish.h, p.goldfish.seed)
-        record_dp = None
-        if p.record_dp is not None:
-            assert p.record_dp.max_grad_norm is not None  # the settings refuse noise without clipping
-            record_dp = RecordDPPlan(p.record_dp.noise_multiplier, p.record_dp.max_grad_norm, p.record_dp.delta)
+        p = self._settings.privacy
         return TrainingPlan(
-            t.local_steps,
-            t.batch_size,
-            t.learning_rate,
-            t.max_seq_len,
-            t.grad_clip_norm,
-            self._privacy.clip_norm if self._privacy is not None else t.update_clip_norm,
+            **self._settings.training.model_dump(exclude={"update_clip_norm"}),
+            update_clip_norm=self._privacy.clip_norm
+            if self._privacy is not None
+            else self._settings.training.update_clip_norm,
             seed=self._settings.seed * 1_000_003 + round_,
-            goldfish=goldfish,
-            record_dp=record_dp,
+            goldfish=p.goldfish,
+            record_dp=p.record_dp,
         )
 
     def _audit_plan(self, round_: int) -> AuditPlan | None:
@@ -816,7 +805,7 @@ class Coordinator:
             return None
         if round_ % audit.every and round_ != self._settings.rounds:
             return None
-        return AuditPlan(audit.prefixes, audit.suffix_tokens, audit.exposure_candidates)
+        return audit.plan()
 
     def _deadline(self, *, training: bool) -> float:
         payload = self._global.version.size_bytes if self._global else 0

@@ -29,7 +29,6 @@ class ClientPrivacy:
         dp, placement = settings.privacy.client_dp, settings.client_dp_placement
         if dp is None or placement is None:
             return None
-        assert dp.clip_norm is not None  # the settings refuse noise without clipping
         z = dp.noise_multiplier
         if z is None:
             assert dp.target_epsilon is not None

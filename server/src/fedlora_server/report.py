@@ -118,13 +118,18 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
                 "download_bytes": r.download_bytes,
                 "duration_s": None if r.finished_at is None else round(r.finished_at - r.started_at, 3),
                 **_round_privacy(settings, client, reports[number], number),
-                "memorization": combine_reports(reports[number]),
+                "memorization": _memorization(reports[number]),
                 "secagg": json.loads(r.secagg) if r.secagg else None,
             }
             for number, r in sorted(rounds.items())
             if number > 0
         ],
     }
+
+
+def _memorization(reports: list[MetricsRecord]) -> dict[str, Any] | None:
+    combined = combine_reports(reports)
+    return None if combined is None else combined.to_json()
 
 
 def _fmt(value: object, digits: int = 4) -> str:

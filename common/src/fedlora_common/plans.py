@@ -1,0 +1,133 @@
+"""The run's settings vocabulary: validated once where it enters, carried on the wire, used as is.
+
+The coordinator's `run.yaml` sections are these models (or extend them with what only the
+coordinator needs); `fedlora_common.serde` carries them over the wire; the worker hands them
+straight to peft (`LoraSpec` -> `LoraConfig`) and to its training loop. Defaults and validation
+live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fedlora_common.settings import StrictModel
+
+__all__ = [
+    "Aggregation",
+    "AuditPlan",
+    "GoldfishPlan",
+    "LoraSpec",
+    "Mode",
+    "RecordDPPlan",
+    "RunSpec",
+    "TrainingPlan",
+    "TrainingSettings",
+]
+
+Mode = Literal["lora", "qlora", "full"]
+"""lora: LoRA on a float base; qlora: LoRA on a 4-bit NF4 base; full: every weight (the baseline)."""
+
+Aggregation = Literal["fedavg", "ffa"]
+"""fedavg: A and B averaged separately; ffa: A frozen at the shared seeded init, only B travels."""
+
+
+def _require(data: Any, field: str, why: str) -> Any:
+    """A friendlier 'Field required' for a field whose absence would silently weaken privacy."""
+    if isinstance(data, dict) and data.get(field) is None:
+        raise ValueError(f"{why}: set {field} > 0")
+    return data
+
+
+class LoraSpec(StrictModel):
+    """peft's LoRA knobs, as every site must build them."""
+
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path during training")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        min_length=1,
+        description="Module names (suffixes) to adapt; every attention and MLP projection, as in the paper",
+    )
+
+
+class TrainingSettings(StrictModel):
+    """Local training each round (run.yaml `training:`)."""
+
+    local_steps: int = Field(20, ge=1, description="Optimizer steps per round at each site")
+    batch_size: int = Field(8, ge=1, description="Windows per optimizer step (records per draw under DP-SGD)")
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    max_seq_len: int = Field(256, ge=8, description="Tokens per training window")
+    grad_clip_norm: float = Field(1.0, gt=0, description="L2 clip of each step's gradient")
+    update_clip_norm: float = Field(0.0, ge=0, description="L2 bound on each update; 0 leaves it unbounded")
+
+
+class GoldfishPlan(StrictModel):
+    """Goldfish loss (Hans et al. 2024): drop about 1/k of tokens, chosen by a hash of the h before them."""
+
+    k: int = Field(4, ge=2, description="About 1/k of the tokens leave the loss (k=1 would drop all)")
+    h: int = Field(13, ge=1, description="Tokens of context hashed to decide each drop")
+    seed: int = Field(0, ge=0, description="Key of the hash")
+
+
+class RecordDPPlan(StrictModel):
+    """Record-level DP-SGD at every site (Opacus): per-record clipping, Gaussian noise of std z * clip."""
+
+    noise_multiplier: float = Field(gt=0, description="Noise std as a multiple of max_grad_norm")
+    max_grad_norm: float = Field(gt=0, description="Per-record gradient clip; noise needs it")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Delta the record-level epsilon is stated at")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clipped(cls, data: Any) -> Any:
+        return _require(data, "max_grad_norm", "noise without clipping bounds nothing")
+
+
+class TrainingPlan(TrainingSettings):
+    """One round's training, as the coordinator hands it out: the settings plus what it derives.
+
+    seed fixes batch order and dropout (it changes every round); update_clip_norm is the client-DP
+    clip when client-level DP is on.
+    """
+
+    seed: int = Field(0, ge=0)
+    goldfish: GoldfishPlan | None = None
+    record_dp: RecordDPPlan | None = None
+
+
+class AuditPlan(StrictModel):
+    """The canary audit a worker runs on a new global model; only aggregate rates leave a site."""
+
+    prefixes: tuple[int, ...] = Field(
+        (10, 50, 100, 200, 500), min_length=1, description="Prompt lengths (tokens), as each record allows"
+    )
+    suffix_tokens: int = Field(50, ge=1, description="Tokens decoded and compared after each prefix")
+    exposure_candidates: int = Field(128, ge=2, description="Random candidates the secret is ranked among")
+
+    @model_validator(mode="after")
+    def _positive_prefixes(self) -> AuditPlan:
+        if any(p < 1 for p in self.prefixes):
+            raise ValueError("prefixes: every prefix length must be >= 1")
+        if len(set(self.prefixes)) != len(self.prefixes):
+            raise ValueError("prefixes: must be distinct")
+        return self
+
+
+class RunSpec(StrictModel):
+    """What is fixed for the whole run; every site builds the same model and initial adapter from it."""
+
+    run_id: str = Field(min_length=1)
+    mode: Mode
+    aggregation: Aggregation
+    base_model: str
+    lora: LoraSpec
+    total_rounds: int = Field(ge=1)
+    seed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSpec:
+        if self.mode == "full" and self.aggregation == "ffa":
+            raise ValueError("aggregation: ffa applies to LoRA adapters, not to mode full")
+        return self
