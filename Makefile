@@ -12,9 +12,10 @@ PROTO_OUT := common/src
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python constraints.txt requirements-dev.txt common/pyproject.toml server/pyproject.toml client/pyproject.toml
+$(STAMP): $(BIN)/python constraints.txt requirements-dev.txt common/pyproject.toml server/pyproject.toml client/pyproject.toml \
+		lab/pyproject.toml
 	$(PIP) torch==2.13.0
-	$(PIP) -e common -e server -e "client[lab]" -r requirements-dev.txt
+	$(PIP) -e common -e server -e client -e lab -r requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +29,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common/src server/src client/src
+	$(BIN)/mypy common/src server/src client/src lab/src
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

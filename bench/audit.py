@@ -36,6 +36,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from fedlora_lab.datagen import CanaryRecord, DataSpec, generate_site
+from fedlora_lab.model_factory import LabModelConfig, cached_model
 from fedlora_worker.audit import (
     AuditConfig,
     audit_model,
@@ -47,8 +49,6 @@ from fedlora_worker.audit import (
     run_audit,
     shared_prefix_log_likelihoods,
 )
-from fedlora_worker.lab.datagen import CanaryRecord, DataSpec, generate_site
-from fedlora_worker.lab.model_factory import LabModelConfig, cached_model
 
 BEFORE_BATCH = 16  # the previous default batch size
 DECODE_BATCHES = (16, 32, 64)

@@ -24,11 +24,11 @@ import datasets
 import torch
 from transformers.utils import logging as hf_logging
 
+from fedlora_lab.datagen import DataSpec, generate_site
+from fedlora_lab.model_factory import LabModelConfig, cached_model
 from fedlora_worker.data import tokenize
 from fedlora_worker.dp_sgd import RecordDPConfig
 from fedlora_worker.goldfish import GoldfishConfig
-from fedlora_worker.lab.datagen import DataSpec, generate_site
-from fedlora_worker.lab.model_factory import LabModelConfig, cached_model
 from fedlora_worker.modeling import LoraSettings, ModelSpec, global_state, load_model, set_global_state
 from fedlora_worker.training import TrainConfig, train_locally
 

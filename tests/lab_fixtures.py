@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora_worker.lab.model_factory import LabModelConfig, MadeModel, cached_model
+from fedlora_lab.model_factory import LabModelConfig, MadeModel, cached_model
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from fedlora_lab.cli import main as lab_main
+from fedlora_lab.datagen import CanaryRecord, DataSpec, Group, generate_site, write_site
 from fedlora_worker.audit import (
     AuditConfig,
     approx_match,
@@ -32,8 +34,6 @@ from fedlora_worker.audit import (
     shared_prefix_log_likelihoods,
     token_accuracy,
 )
-from fedlora_worker.lab.cli import main as lab_main
-from fedlora_worker.lab.datagen import CanaryRecord, DataSpec, Group, generate_site, write_site
 
 SUFFIX = 50
 THREE_GROUPS: tuple[Group, ...] = ("10x", "1x", "control")

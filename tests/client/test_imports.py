@@ -11,7 +11,7 @@ def test_the_daemon_and_the_audit_import_without_the_lab_extras() -> None:
     code = (
         "import sys; sys.modules['faker'] = None\n"
         "import fedlora_worker.daemon, fedlora_worker.audit, fedlora_worker.cli\n"
-        "assert 'fedlora_worker.lab.datagen' not in sys.modules\n"
+        "assert 'fedlora_lab' not in sys.modules\n"
     )
 
     # Execute

@@ -72,7 +72,7 @@ def test_private_demo_runs_a_federation_of_processes_reports_epsilon_and_memoriz
     command = [
         sys.executable,
         "-m",
-        "fedlora_worker.lab",
+        "fedlora_lab",
         "demo",
         "--out",
         str(out),

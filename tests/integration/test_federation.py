@@ -17,13 +17,13 @@ from transformers import AutoModelForCausalLM
 
 from fedlora_common.privacy import gaussian_epsilon
 from fedlora_common.secagg import identity_keypair
+from fedlora_lab.datagen import DataSpec, generate_site, write_site
+from fedlora_lab.federation import site_names
+from fedlora_lab.model_factory import MadeModel
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.daemon import Worker, WorkerOutcome
-from fedlora_worker.lab.datagen import DataSpec, generate_site, write_site
-from fedlora_worker.lab.federation import site_names
-from fedlora_worker.lab.model_factory import MadeModel
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import LoadedModel, ModelSpec, load_model
 from fedlora_worker.transport import CoordinatorClient

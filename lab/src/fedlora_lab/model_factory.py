@@ -25,8 +25,8 @@ import structlog
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fedlora_worker.lab.datagen import DOMAINS, DataSpec, Domain, generate_site, pretraining_corpus
-from fedlora_worker.lab.tokenizer import train_tokenizer
+from fedlora_lab.datagen import DOMAINS, DataSpec, Domain, generate_site, pretraining_corpus
+from fedlora_lab.tokenizer import train_tokenizer
 
 __all__ = ["LAB_MODEL_FILE", "LabModelConfig", "MadeModel", "ProgressFn", "cached_model", "make_model"]
 

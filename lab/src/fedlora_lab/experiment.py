@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from fedlora_common.files import atomic_write
 from fedlora_common.settings import ConfigError, StrictModel, describe, merge, read_yaml_mapping
+from fedlora_lab.datagen import DataSpec
+from fedlora_lab.experiment_report import write_experiment_report
+from fedlora_lab.federation import FederationPlan, LocalFederation, site_names
+from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model
 from fedlora_server.config import RunSettings
-from fedlora_worker.lab.datagen import DataSpec
-from fedlora_worker.lab.experiment_report import write_experiment_report
-from fedlora_worker.lab.federation import FederationPlan, LocalFederation, site_names
-from fedlora_worker.lab.model_factory import LabModelConfig, ProgressFn, cached_model
 
 __all__ = [
     "AuditSection",
@@ -385,7 +385,7 @@ def _audit_site(
     site_dir = run_dir / "sites" / site
     out = run_dir / "audit" / f"{site}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "fedlora_worker.lab", "audit", "--base", str(base)]
+    argv = [sys.executable, "-m", "fedlora_lab", "audit", "--base", str(base)]
     if adapter is not None:
         argv += ["--adapter", str(adapter)]
     for name in ("canaries.jsonl", "controls.jsonl"):

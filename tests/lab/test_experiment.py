@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedlora_worker.lab.cli import main
-from fedlora_worker.lab.experiment import (
+from fedlora_lab.cli import main
+from fedlora_lab.experiment import (
     ExperimentConfig,
     MethodConfig,
     RunSpec,
@@ -19,9 +19,9 @@ from fedlora_worker.lab.experiment import (
     merge_memorization,
     run_experiment,
 )
-from fedlora_worker.lab.experiment_report import format_interval, mean_ci, summarize, write_experiment_report
+from fedlora_lab.experiment_report import format_interval, mean_ci, summarize, write_experiment_report
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
 
 SMALL: dict[str, Any] = {

@@ -15,9 +15,9 @@ import torch
 
 from fedlora_common.logs import configure_logging
 from fedlora_common.settings import ConfigError
-from fedlora_worker.lab.datagen import DOMAINS, DataSpec, generate_site, write_site
-from fedlora_worker.lab.federation import FederationPlan, LocalFederation
-from fedlora_worker.lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
+from fedlora_lab.datagen import DOMAINS, DataSpec, generate_site, write_site
+from fedlora_lab.federation import FederationPlan, LocalFederation
+from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
 
 __all__ = ["main"]
 
@@ -203,7 +203,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from fedlora_worker.lab.experiment import load_experiment_config, run_experiment
+    from fedlora_lab.experiment import load_experiment_config, run_experiment
 
     try:
         config = load_experiment_config(args.config)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora_worker.lab.datagen import (
+from fedlora_lab.datagen import (
     DOMAINS,
     DataSpec,
     Domain,

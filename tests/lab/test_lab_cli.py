@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora_worker.lab.cli import _privacy_settings, build_parser, main
+from fedlora_lab.cli import _privacy_settings, build_parser, main
 
 
 def test_the_private_flag_set_becomes_the_run_privacy_and_audit_sections() -> None:

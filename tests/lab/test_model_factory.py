@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedlora_worker.lab.datagen import DOMAINS, pretraining_corpus
-from fedlora_worker.lab.model_factory import LAB_MODEL_FILE, LabModelConfig, MadeModel, cached_model, make_model
-from fedlora_worker.lab.tokenizer import train_tokenizer
+from fedlora_lab.datagen import DOMAINS, pretraining_corpus
+from fedlora_lab.model_factory import LAB_MODEL_FILE, LabModelConfig, MadeModel, cached_model, make_model
+from fedlora_lab.tokenizer import train_tokenizer
 
 TINY = LabModelConfig.tiny()
 

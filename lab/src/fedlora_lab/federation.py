@@ -25,7 +25,7 @@ import yaml
 
 from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import merge
-from fedlora_worker.lab.datagen import DOMAINS, DataSpec, Domain, generate_site, write_site
+from fedlora_lab.datagen import DOMAINS, DataSpec, Domain, generate_site, write_site
 
 __all__ = ["FederationPlan", "FederationResult", "LocalFederation", "site_names"]
 

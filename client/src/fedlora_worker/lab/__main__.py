@@ -1,5 +1,0 @@
-import sys
-
-from fedlora_worker.lab.cli import main
-
-sys.exit(main())
