@@ -57,7 +57,7 @@ from fedlora_common.secagg import (
 from fedlora_common.serde import advertisement_to_proto, encrypted_share_to_proto, revealed_share_to_proto
 from fedlora_server.config import SecureAggregationSection
 from fedlora_server.secure_round import SecureRound
-from fedlora_server.upload import FOLD_SLICE_BYTES
+from fedlora_server.intake import READ_SLICE_BYTES as FOLD_SLICE_BYTES
 from fedlora_worker.secagg_session import WorkerSession
 
 LLAMA_8B_LORA_NUMEL = 41_943_040  # Llama-3.1-8B, rank 16, all 7 projections (bench/comm.py)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_server.aggregation import PlainRoundAggregation
+from fedlora_server.phases import Training
 from fedlora_server.server import CoordinatorServer
 from tests.server.conftest import MANIFEST, Wire, start_round_one
 
@@ -21,8 +23,11 @@ def _code(call: Callable[[], Any]) -> grpc.StatusCode:
 
 
 def _accumulated(server: CoordinatorServer) -> tuple[float, int]:
-    acc = server.coordinator._accumulator
-    assert acc is not None
+    phase = server.coordinator.current_phase
+    assert isinstance(phase, Training)
+    aggregation = phase.aggregation
+    assert isinstance(aggregation, PlainRoundAggregation)
+    acc = aggregation.accumulator
     return float(np.abs(acc._sum).sum()), acc.contributors
 
 

@@ -73,7 +73,7 @@ def test_a_target_epsilon_is_met_over_the_planned_rounds(tmp_path: Path) -> None
         tmp_path, rounds=4, privacy={"client_dp": {"clip_norm": 1.0, "target_epsilon": 6.0, "placement": "central"}}
     )
     with CoordinatorServer(settings=settings) as server:
-        privacy = server.coordinator._privacy
+        privacy = server.coordinator.privacy
         assert privacy is not None
         z = privacy.noise_multiplier
 

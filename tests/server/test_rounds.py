@@ -49,8 +49,7 @@ def test_a_run_averages_updates_by_examples_and_commits_each_round(server: Coord
 def test_a_worker_missing_the_deadline_is_dropped_when_enough_remain(tmp_path: Path) -> None:
     clock = [1000.0]
     settings = run_settings(tmp_path, min_workers=2, rounds=1)
-    with CoordinatorServer(settings=settings) as server, connect(server) as wire:
-        server.coordinator._clock = lambda: clock[0]
+    with CoordinatorServer(settings=settings, clock=lambda: clock[0]) as server, connect(server) as wire:
         start_round_one(wire)
         for w in ("clinical", "finance"):
             wire.upload(w, np.ones(MANIFEST.numel, dtype=np.float32), round_=1)
@@ -66,8 +65,7 @@ def test_a_worker_missing_the_deadline_is_dropped_when_enough_remain(tmp_path: P
 def test_too_few_updates_fail_the_round_and_it_is_retried(tmp_path: Path) -> None:
     clock = [1000.0]
     settings = run_settings(tmp_path, min_workers=2, rounds=1)
-    with CoordinatorServer(settings=settings) as server, connect(server) as wire:
-        server.coordinator._clock = lambda: clock[0]
+    with CoordinatorServer(settings=settings, clock=lambda: clock[0]) as server, connect(server) as wire:
         start_round_one(wire)
         wire.upload("clinical", np.ones(MANIFEST.numel, dtype=np.float32), round_=1)
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from fedlora_server.config import WorkerEntry
 from fedlora_server.errors import PermissionDenied, Unauthenticated
 
-__all__ = ["Authenticator"]
+__all__ = ["Authenticator", "check_claim"]
 
 
 class Authenticator:
@@ -17,16 +17,21 @@ class Authenticator:
         self._by_digest = {entry.token_sha256: entry.id for entry in allow_list}
         self._require_client_cert = require_client_cert
 
-    def authenticate(self, claimed_id: str, token: str | None, peer_names: Sequence[str] = ()) -> str:
-        """Return the caller's worker id, or raise Unauthenticated / PermissionDenied."""
+    def identify(self, token: str | None, peer_names: Sequence[str] = ()) -> str:
+        """The worker whose bearer token this is (and, with mTLS, whose certificate the peer holds)."""
         if not token:
             raise Unauthenticated("missing bearer token")
         digest = hashlib.sha256(token.encode()).hexdigest()
         owner = next((wid for d, wid in self._by_digest.items() if hmac.compare_digest(d, digest)), None)
         if owner is None:
             raise Unauthenticated("unknown credentials")
-        if claimed_id != owner:
-            raise PermissionDenied(f"credentials of {owner} cannot act as {claimed_id!r}")
         if self._require_client_cert and owner not in peer_names:
             raise PermissionDenied(f"client certificate does not name {owner}")
         return owner
+
+
+def check_claim(owner: str, claimed_id: str) -> str:
+    """A request names the worker it acts for; only that worker's own credentials may."""
+    if claimed_id != owner:
+        raise PermissionDenied(f"credentials of {owner} cannot act as {claimed_id!r}")
+    return owner

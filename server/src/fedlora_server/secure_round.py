@@ -9,6 +9,7 @@ fails and nothing of it is kept.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -21,6 +22,7 @@ from fedlora_common.secagg import (
     RevealedShare,
     SecAggParams,
     Share,
+    ShareKind,
     agree,
     combine_shares,
     pairwise_sign,
@@ -51,8 +53,10 @@ class SecureRound:
         self._advertised: dict[str, Advertisement] = {}
         self._shares: dict[str, list[EncryptedShare]] = {}
         self._masked: set[str] = set()
-        self._reveals: dict[str, list[RevealedShare]] = {}
+        self._reveals: dict[str, list[tuple[str, ShareKind, Share]]] = {}
+        self._index: dict[str, int] = {}
         self._sum = np.zeros(numel, dtype=np.uint32)
+        self._sum_lock = threading.Lock()
         self._session = b""
         self.u1: tuple[str, ...] = ()
         self.u2: tuple[str, ...] = ()
@@ -101,9 +105,17 @@ class SecureRound:
         return [s for sender in self.u2 for s in self._shares[sender] if s.recipient == worker]
 
     def add_masked(self, worker: str, masked: npt.NDArray[np.uint32], offset: int) -> None:
-        """Add one slice of a verified masked upload (wrapping in Z_2^32)."""
-        self._expect("masked", worker, self.u2)
-        self._sum[offset : offset + masked.size] += masked
+        """Add one slice of a masked upload as it arrives (wrapping in Z_2^32); thread-safe."""
+        with self._sum_lock:
+            self._expect("masked", worker, self.u2)
+            if worker in self._masked:
+                raise AlreadyExists(f"{worker} already uploaded its masked update")
+            self._sum[offset : offset + masked.size] += masked
+
+    def subtract_masked(self, masked: npt.NDArray[np.uint32], offset: int) -> None:
+        """Take back a slice added by a stream that turned out bad: exact, since the sum is modular."""
+        with self._sum_lock:
+            self._sum[offset : offset + masked.size] -= masked
 
     def close_masked_upload(self, worker: str) -> None:
         self._expect("masked", worker, self.u2)
@@ -127,7 +139,13 @@ class SecureRound:
             raise InvalidArgument(
                 "reveal exactly the self-seed share of each survivor and the key share of each dropped worker"
             )
-        self._reveals[worker] = list(reveals)
+        try:
+            parsed = [(r.owner, r.kind, Share.from_bytes(r.share)) for r in reveals]
+        except ValueError as exc:
+            raise InvalidArgument(f"a revealed share does not parse: {exc}") from None
+        if any(share.x != self._index[worker] for _, _, share in parsed):
+            raise InvalidArgument(f"{worker} revealed shares that are not the ones sealed to it")
+        self._reveals[worker] = parsed
 
     def has_advertised(self, worker: str) -> bool:
         return worker in self._advertised
@@ -155,6 +173,7 @@ class SecureRound:
 
     def close_advertise(self) -> None:
         self.u1 = self._enough(list(self._advertised), "advertising")
+        self._index = {w: i + 1 for i, w in enumerate(self.u1)}
         self._session = session_id(
             self.params.run_id,
             self.params.tag,
@@ -188,9 +207,9 @@ class SecureRound:
         t = self.params.threshold
         collected: dict[tuple[str, str], list[Share]] = {}
         for worker in revealers:
-            for r in self._reveals[worker]:
-                collected.setdefault((r.owner, r.kind), []).append(Share.from_bytes(r.share))
-        index = {w: i + 1 for i, w in enumerate(self.u1)}
+            for owner, kind, share in self._reveals[worker]:
+                collected.setdefault((owner, kind), []).append(share)
+        index = self._index
         self_seeds = [combine_shares(collected[(w, "self_seed")][:t], threshold=t) for w in self.u3]
         dropped_pairwise: list[tuple[bytes, int]] = []
         for gone in self.dropped:

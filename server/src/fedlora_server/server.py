@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +20,7 @@ from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_server.auth import Authenticator
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
+from fedlora_server.interceptor import AuthInterceptor
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.report import build_report, write_reports
 from fedlora_server.servicer import CoordinatorServicer
@@ -51,11 +54,14 @@ class CoordinatorServer:
         registry: CollectorRegistry | None = None,
         store: CoordinatorStore | None = None,
         tick: timedelta = timedelta(milliseconds=250),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self.registry = registry or CollectorRegistry()
         self._store = store or SqliteStore(settings.state_dir / "coordinator.db")
-        self.coordinator = Coordinator(settings=settings, store=self._store, metrics=ServerMetrics(self.registry))
+        self.coordinator = Coordinator(
+            settings=settings, store=self._store, metrics=ServerMetrics(self.registry), clock=clock
+        )
         self._tick = tick
         self._stopping = threading.Event()
         self._health = health.HealthServicer()
@@ -68,18 +74,16 @@ class CoordinatorServer:
 
     def start(self) -> int:
         s = self._settings
+        authenticator = Authenticator(s.workers, require_client_cert=bool(s.listen.tls and s.listen.tls.client_ca))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(authenticator, service_prefix=f"/{SERVICE_NAME}/")],
             options=[
                 ("grpc.max_receive_message_length", s.limits.chunk_bytes + 2**16),
                 ("grpc.max_send_message_length", s.limits.chunk_bytes + 2**20),
             ],
         )
-        servicer = CoordinatorServicer(
-            coordinator=self.coordinator,
-            authenticator=Authenticator(s.workers, require_client_cert=bool(s.listen.tls and s.listen.tls.client_ca)),
-            chunk_bytes=s.limits.chunk_bytes,
-        )
+        servicer = CoordinatorServicer(coordinator=self.coordinator, chunk_bytes=s.limits.chunk_bytes)
         pb_grpc.add_CoordinatorServicer_to_server(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{s.listen.host}:{s.listen.port}"

@@ -1,9 +1,11 @@
-"""The gRPC face of the coordinator: decode, authenticate, call the logic, map its refusals."""
+"""The gRPC face of the coordinator: decode, check the request acts for its caller, call the logic, map refusals.
+
+Credentials were already checked from the call's metadata by the AuthInterceptor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NoReturn, cast
+from collections.abc import Callable, Iterator
 
 import grpc
 import structlog
@@ -21,57 +23,32 @@ from fedlora_common.serde import (
     task_to_proto,
     upload_header_from_proto,
 )
-from fedlora_server.auth import Authenticator
+from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
+from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.errors import (
-    AlreadyExists,
-    CoordinatorError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-)
+from fedlora_server.errors import CoordinatorError, FailedPrecondition, InvalidArgument
+from fedlora_server.interceptor import caller
+from fedlora_server.status import abort_with
 
 __all__ = ["CoordinatorServicer"]
 
 log = structlog.get_logger()
 
-STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-}
-
-
-def abort_with(context: grpc.ServicerContext, error: CoordinatorError) -> NoReturn:
-    """End the call with the status that names the refusal; nothing was changed."""
-    context.abort(STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL), str(error))
-
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, *, coordinator: Coordinator, authenticator: Authenticator, chunk_bytes: int) -> None:
+    def __init__(self, *, coordinator: Coordinator, chunk_bytes: int) -> None:
         self._coordinator = coordinator
-        self._auth = authenticator
         self._chunk_bytes = chunk_bytes
 
-    def _caller(self, context: grpc.ServicerContext, claimed_id: str) -> str:
-        metadata = dict(context.invocation_metadata())
-        header = str(metadata.get("authorization", ""))
-        token = header.removeprefix("Bearer ").strip() or None
-        # grpc-stubs types these values as bytes; grpc hands over a list of bytes per property.
-        peer = cast(list[bytes], context.auth_context().get("x509_common_name", []))
-        names = [n.decode() for n in peer]
-        return self._auth.authenticate(claimed_id, token, names)
+    def _acting_for(self, claimed_id: str, run_id: str | None = None) -> str:
+        worker_id = check_claim(caller(), claimed_id)
+        if run_id is not None and run_id != self._coordinator.run_spec.run_id:
+            raise FailedPrecondition(f"run {run_id!r} is not this coordinator's run")
+        return worker_id
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         try:
-            worker_id = self._caller(context, request.worker_id)
+            worker_id = self._acting_for(request.worker_id)
             spec = self._coordinator.join(worker_id, request.num_examples)
         except CoordinatorError as exc:
             abort_with(context, exc)
@@ -79,16 +56,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         try:
-            worker_id = self._caller(context, request.worker_id)
-            self._check_run(request.run_id)
+            worker_id = self._acting_for(request.worker_id, request.run_id)
             return task_to_proto(self._coordinator.poll(worker_id))
         except CoordinatorError as exc:
             abort_with(context, exc)
 
     def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
         try:
-            worker_id = self._caller(context, request.worker_id)
-            self._check_run(request.run_id)
+            worker_id = self._acting_for(request.worker_id, request.run_id)
             model = self._coordinator.global_model(worker_id, request.version)
         except CoordinatorError as exc:
             abort_with(context, exc)
@@ -118,7 +93,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 header = upload_header_from_proto(first.header)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
-            worker_id = self._caller(context, header.worker_id)
+            worker_id = self._acting_for(header.worker_id)
             round_ = self._coordinator.receive_upload(header, _chunks(request_iterator))
         except CoordinatorError as exc:
             abort_with(context, exc)
@@ -127,48 +102,41 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsReceipt:
         try:
-            self._caller(context, request.worker_id)
-            self._check_run(request.run_id)
+            self._acting_for(request.worker_id, request.run_id)
             self._coordinator.report_metrics(metrics_from_proto(request))
         except CoordinatorError as exc:
             abort_with(context, exc)
         return pb.MetricsReceipt()
 
     def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
-        try:
-            worker_id = self._caller(context, request.worker_id)
-            self._check_run(request.run_id)
-            self._coordinator.advertise_keys(worker_id, request.tag, advertisement_from_proto(request.keys))
-        except CoordinatorError as exc:
-            abort_with(context, exc)
-        return pb.SecAggReceipt(tag=request.tag)
+        return self._secure(request, context, lambda: advertisement_from_proto(request.keys))
 
     def ShareKeys(self, request: pb.ShareKeysRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
-        try:
-            worker_id = self._caller(context, request.worker_id)
-            self._check_run(request.run_id)
-            shares = [encrypted_share_from_proto(s) for s in request.shares]
-            self._coordinator.share_keys(worker_id, request.tag, shares)
-        except CoordinatorError as exc:
-            abort_with(context, exc)
-        return pb.SecAggReceipt(tag=request.tag)
+        return self._secure(
+            request, context, lambda: KeyShares(tuple(encrypted_share_from_proto(s) for s in request.shares))
+        )
 
     def RevealShares(self, request: pb.RevealSharesRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
+        return self._secure(
+            request, context, lambda: Reveal(tuple(revealed_share_from_proto(s) for s in request.shares))
+        )
+
+    def _secure(
+        self,
+        request: pb.AdvertiseKeysRequest | pb.ShareKeysRequest | pb.RevealSharesRequest,
+        context: grpc.ServicerContext,
+        decode: Callable[[], SecureMessage],
+    ) -> pb.SecAggReceipt:
         try:
-            worker_id = self._caller(context, request.worker_id)
-            self._check_run(request.run_id)
+            worker_id = self._acting_for(request.worker_id, request.run_id)
             try:
-                reveals = [revealed_share_from_proto(s) for s in request.shares]
+                message = decode()
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
-            self._coordinator.reveal_shares(worker_id, request.tag, reveals)
+            self._coordinator.secure_message(worker_id, request.tag, message)
         except CoordinatorError as exc:
             abort_with(context, exc)
         return pb.SecAggReceipt(tag=request.tag)
-
-    def _check_run(self, run_id: str) -> None:
-        if run_id != self._coordinator.run_spec.run_id:
-            raise FailedPrecondition(f"run {run_id!r} is not this coordinator's run")
 
 
 def _chunks(messages: Iterator[pb.UploadMessage]) -> Iterator[tuple[int, bytes]]:

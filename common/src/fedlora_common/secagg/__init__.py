@@ -25,6 +25,7 @@ from fedlora_common.secagg.protocol import (
     EncryptedShare,
     RevealedShare,
     SecAggParams,
+    ShareKind,
     StageError,
     round_tag,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "RevealedShare",
     "SecAggParams",
     "Share",
+    "ShareKind",
     "StageError",
     "agree",
     "combine_shares",

@@ -16,6 +16,7 @@ __all__ = [
     "EncryptedShare",
     "RevealedShare",
     "SecAggParams",
+    "ShareKind",
     "StageError",
     "round_tag",
 ]

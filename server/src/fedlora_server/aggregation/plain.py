@@ -1,0 +1,110 @@
+"""Aggregation in the clear: a weighted mean of float updates, folded into one accumulator.
+
+Each stream is spooled and folded only once its digest checks out (folding floats cannot be
+undone exactly), so a bad stream leaves the sum as it was. Memory stays O(model): one float64
+accumulator, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fedlora_common.aggregation import StreamingAccumulator
+from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
+from fedlora_server.aggregation.base import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
+from fedlora_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from fedlora_server.intake import Received, Spool, UploadSink
+from fedlora_server.metrics import ServerMetrics
+
+__all__ = ["PlainAggregator", "PlainRoundAggregation", "Weighting"]
+
+Weighting = Literal["examples", "uniform"]
+"""examples: FedAvg by example count; uniform: every update counts once (DP-FedAvg, whose clip bounds each)."""
+
+
+class PlainAggregator(Aggregator):
+    def __init__(self, *, weighting: Weighting, spool_dir: Path, metrics: ServerMetrics) -> None:
+        self._weighting = weighting
+        self._spool_dir = spool_dir
+        self._metrics = metrics
+
+    def open(self, plan: AttemptPlan) -> PlainRoundAggregation:
+        return PlainRoundAggregation(plan, weighting=self._weighting, spool_dir=self._spool_dir, metrics=self._metrics)
+
+
+class PlainRoundAggregation(RoundAggregation):
+    def __init__(self, plan: AttemptPlan, *, weighting: Weighting, spool_dir: Path, metrics: ServerMetrics) -> None:
+        super().__init__(plan)
+        self.accumulator = StreamingAccumulator(plan.numel)
+        self._weighting = weighting
+        self._spool_dir = spool_dir
+        self._metrics = metrics
+        self._done: set[str] = set()
+        self._spools: dict[str, Spool] = {}
+
+    @property
+    def deadline_at(self) -> float:
+        return self.plan.started_at + self.plan.train_deadline_s
+
+    def progress(self) -> Hashable:
+        return len(self._done)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.plan.participants) - self._done))
+
+    def ask(self, worker: str) -> Ask | None:
+        return None if worker in self._done else Ask(TaskKind.TRAIN)
+
+    def open_upload(self, header: UploadHeader) -> UploadSink:
+        plan = self.plan
+        if header.kind is UploadKind.MASKED:
+            raise FailedPrecondition("no secure aggregation is open: this run aggregates in the clear")
+        if header.kind is not UploadKind.DELTA or header.round != plan.round:
+            raise FailedPrecondition(f"round {header.round} is not accepting updates (phase train)")
+        if header.worker_id not in plan.participants:
+            raise PermissionDenied(f"{header.worker_id} is not a participant of round {plan.round}")
+        if header.worker_id in self._done:
+            raise AlreadyExists(f"{header.worker_id} already uploaded round {plan.round}")
+        if header.base_version != plan.base_version:
+            raise FailedPrecondition(
+                f"update computed on version {header.base_version}; the round trains version {plan.base_version}"
+            )
+        if header.total_size != plan.numel * 4:
+            raise InvalidArgument(f"total_size {header.total_size} != {plan.numel * 4} bytes the manifest needs")
+        spool = Spool(self._spool_dir / f"r{plan.round:04d}-{header.worker_id}-{secrets.token_hex(4)}.part")
+        self._spools[header.worker_id] = spool
+        return spool
+
+    def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
+        spool = self._spools.pop(header.worker_id)
+        started = time.perf_counter()
+        weight = 1.0 if self._weighting == "uniform" else float(header.num_examples)
+        try:
+            for offset, values in spool.slices(np.float32):
+                self.accumulator.add_slice(offset, values, weight)
+            self.accumulator.close_update(weight)
+        finally:
+            spool.discard()
+        self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
+        self._done.add(header.worker_id)
+        return header.num_examples
+
+    def step(self, now: float) -> Aggregate | None:
+        participants, done = set(self.plan.participants), self._done
+        if participants <= done or (now >= self.deadline_at and len(done) >= self.plan.min_updates):
+            return Aggregate(self.accumulator.mean(), tuple(sorted(done)))
+        if now >= self.deadline_at:
+            raise AggregationFailed(f"{len(done)} of {len(participants)} updates by the deadline")
+        return None
+
+    def discard(self) -> None:
+        for spool in self._spools.values():
+            spool.discard()
+        self._spools.clear()
