@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora_server.report import markdown_to_html
+from fedlora_server.document import markdown_to_html
 
 
 def test_pipe_tables_become_html_tables_with_a_row_per_line() -> None:
@@ -12,8 +12,16 @@ def test_pipe_tables_become_html_tables_with_a_row_per_line() -> None:
 
     assert page.count("<table>") == 1
     assert page.count("<tr>") == 3  # header + two rounds; the |---:| line is not a row
-    assert "<th>epsilon</th>" in page
-    assert "<td>3.1</td>" in page
+    assert ">epsilon</th>" in page  # the markdown library writes the column's alignment on each cell
+    assert ">3.1</td>" in page
     assert "<h1>Run <code>r&lt;1&gt;</code></h1>" in page
-    assert "<b>lora</b>" in page
+    assert "<strong>lora</strong>" in page
     assert "|" not in page
+
+
+def test_raw_html_in_the_text_is_escaped_not_passed_through() -> None:
+    page = markdown_to_html("- failed: <script>alert(1)</script> & more\n")
+
+    assert "<script>" not in page
+    assert "&lt;script&gt;" in page
+    assert "&amp; more" in page

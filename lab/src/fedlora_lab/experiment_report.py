@@ -15,14 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from scipy import stats
 
 from fedlora_common.files import atomic_write
-from fedlora_server.report import figure_png
+from fedlora_server.document import figure_png, new_figure
 
 __all__ = [
     "GROUPS",
@@ -308,7 +304,8 @@ _PANELS: Final = (
 
 def plot_duplication(summaries: Sequence[MethodSummary]) -> bytes:
     """Grouped bars: memorization by duplication (control, 1x, 10x), one bar per method, 95% CI."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig = new_figure(figsize=(11, 7))
+    axes = fig.subplots(2, 2)
     width = 0.8 / max(1, len(summaries))
     for ax, (metric, title) in zip(axes.flat, _PANELS, strict=True):
         for i, s in enumerate(summaries):
@@ -327,7 +324,8 @@ def plot_duplication(summaries: Sequence[MethodSummary]) -> bytes:
 def plot_rank(summaries: Sequence[MethodSummary]) -> bytes:
     """Memorization of 10x canaries and controls against LoRA rank."""
     ranked = sorted((s for s in summaries if s.lora_rank is not None), key=lambda s: s.lora_rank or 0)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = new_figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     ranks = [s.lora_rank for s in ranked]
     for ax, (metric, title) in zip(axes, _PANELS[:2], strict=True):
         for group, style in (("10x", "o-"), ("1x", "s--"), ("control", "^:")):
@@ -350,7 +348,8 @@ def plot_rank(summaries: Sequence[MethodSummary]) -> bytes:
 
 def plot_utility(summaries: Sequence[MethodSummary]) -> bytes:
     """One point per method: held-out loss against the 10x canaries' token accuracy, both with 95% CI."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = new_figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     for s in summaries:
         x = s.metrics.get("token_accuracy.10x", Interval(None, None, 0))
         y = s.metrics.get("eval_loss", Interval(None, None, 0))

@@ -1,31 +1,24 @@
 """The run report: report.json (the contract DESIGN.md names), report.md and report.html with plots.
 
-Built only from what the store holds, so a restarted coordinator reports the same run.
+Built only from what the store holds, so a restarted coordinator reports the same run. The
+markdown and HTML are one ``fedlora_server.document.Document``.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from typing import Any, Final
 
 from fedlora_common.files import atomic_write
 from fedlora_server.config import RunSettings
+from fedlora_server.document import Align, Document, Figure, Table, figure_png, new_figure, write_document
 from fedlora_server.memorization import combine_reports
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore, MetricsRecord, RoundRecord
 
-__all__ = ["build_report", "figure_png", "markdown_to_html", "render_markdown", "write_reports"]
+__all__ = ["build_report", "report_document", "write_reports"]
 
 ROUND_FIELDS = (
     "round",
@@ -144,171 +137,142 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _run_table(report: dict[str, Any]) -> Table:
+    """The run's settings as notes, then one row per round."""
     lora = report["lora"]
-    lines = [
-        f"# FedLoRA run `{report['run_id']}`",
-        "",
-        f"- mode: **{report['mode']}**, aggregation: **{report['aggregation']}**, "
+    notes = (
+        f"mode: **{report['mode']}**, aggregation: **{report['aggregation']}**, "
         f"secure aggregation: **{'on' if report['secure_aggregation'] else 'off'}**",
-        f"- base model: `{report['base_model']}`"
+        f"base model: `{report['base_model']}`"
         + (f"; LoRA rank {lora['rank']}, alpha {lora['alpha']}, targets {', '.join(lora['targets'])}" if lora else ""),
-        f"- workers: {', '.join(w['id'] for w in report['workers'])}",
-        f"- base model held-out loss: **{_fmt(report['base_eval_loss'])}**",
-        f"- final adapter: `{report['adapter_path']}`",
-        "",
-        "| round | participants | dropped | train loss | eval loss | up MiB | down MiB | seconds | epsilon |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["rounds"]:
-        lines.append(
-            f"| {r['round']} | {len(r['participants'])} | {len(r['dropped'])} | {_fmt(r['train_loss'])} "
-            f"| {_fmt(r['eval_loss'])} | {_mib(r['upload_bytes'])} | {_mib(r['download_bytes'])} "
-            f"| {_fmt(r['duration_s'], 1)} | {_fmt(r['epsilon'], 2)} |"
+        f"workers: {', '.join(w['id'] for w in report['workers'])}",
+        f"base model held-out loss: **{_fmt(report['base_eval_loss'])}**",
+        f"final adapter: `{report['adapter_path']}`",
+    )
+    columns = (
+        "round",
+        "participants",
+        "dropped",
+        "train loss",
+        "eval loss",
+        "up MiB",
+        "down MiB",
+        "seconds",
+        "epsilon",
+    )
+    rows = tuple(
+        (
+            str(r["round"]),
+            str(len(r["participants"])),
+            str(len(r["dropped"])),
+            _fmt(r["train_loss"]),
+            _fmt(r["eval_loss"]),
+            _mib(r["upload_bytes"]),
+            _mib(r["download_bytes"]),
+            _fmt(r["duration_s"], 1),
+            _fmt(r["epsilon"], 2),
         )
-    lines += _privacy_lines(report)
-    lines += _memorization_lines(report)
-    return "\n".join(lines) + "\n"
+        for r in report["rounds"]
+    )
+    right: Align = "right"
+    return Table(columns=columns, rows=rows, notes=notes, align=(right,) * len(columns))
 
 
-def _privacy_lines(report: dict[str, Any]) -> list[str]:
+def _privacy_table(report: dict[str, Any]) -> Table | None:
     p = report["privacy"]
-    lines = []
+    notes = []
     if p["client_level"]:
         c = p["client_level"]
-        lines.append(
-            f"- client-level DP: {c['mechanism']}; noise multiplier {c['noise_multiplier']:.3f}, clip {c['clip_norm']}, "
+        notes.append(
+            f"client-level DP: {c['mechanism']}; noise multiplier {c['noise_multiplier']:.3f}, clip {c['clip_norm']}, "
             f"delta {c['delta']:g}; {c['trust']}"
         )
     if p["record_level"]:
         r = p["record_level"]
-        lines.append(
-            f"- record-level DP: {r['mechanism']}; noise multiplier {r['noise_multiplier']}, "
+        notes.append(
+            f"record-level DP: {r['mechanism']}; noise multiplier {r['noise_multiplier']}, "
             f"clip {r['max_grad_norm']}, delta {r['delta']:g}"
         )
     if p["goldfish"]:
         g = p["goldfish"]
-        lines.append(f"- Goldfish loss: k = {g['k']}, h = {g['h']}")
-    return ["", "## Privacy", "", *lines] if lines else []
+        notes.append(f"Goldfish loss: k = {g['k']}, h = {g['h']}")
+    return Table(title="Privacy", notes=tuple(notes)) if notes else None
 
 
-_GROUPS = ("10x", "1x", "control")
+_GROUPS: Final = ("10x", "1x", "control")
+_MEMORIZATION_COLUMNS: Final = (
+    "round",
+    "group",
+    "canaries",
+    "exact match",
+    "approx match",
+    "token accuracy",
+    "PII extracted",
+    "exposure (bits)",
+)
 
 
-def _memorization_lines(report: dict[str, Any]) -> list[str]:
+def _memorization_table(report: dict[str, Any]) -> Table | None:
     audited = [r for r in report["rounds"] if r["memorization"]]
     if not audited:
-        return []
-    lines = [
-        "",
-        "## Memorization (canary audit; control = same format, never trained on)",
-        "",
-        "| round | group | canaries | exact match | approx match | token accuracy | PII extracted | exposure (bits) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+        return None
+    rows = []
     for r in audited:
         for group in _GROUPS:
             g = r["memorization"]["by_duplication"].get(group)
             if g is None:
                 continue
-            lines.append(
-                f"| {r['round']} | {group} | {g['count']} | {_fmt(g['exact_match_rate'], 3)} "
-                f"| {_fmt(g['approx_match_rate'], 3)} | {_fmt(g['token_accuracy'], 3)} "
-                f"| {_fmt(g['pii_extraction_rate'], 3)} | {_fmt(g['mean_exposure'], 2)} |"
+            rows.append(
+                (
+                    str(r["round"]),
+                    group,
+                    str(g["count"]),
+                    _fmt(g["exact_match_rate"], 3),
+                    _fmt(g["approx_match_rate"], 3),
+                    _fmt(g["token_accuracy"], 3),
+                    _fmt(g["pii_extraction_rate"], 3),
+                    _fmt(g["mean_exposure"], 2),
+                )
             )
-    return lines
+    return Table(
+        title="Memorization (canary audit; control = same format, never trained on)",
+        columns=_MEMORIZATION_COLUMNS,
+        rows=tuple(rows),
+        align=("right", None, *("right",) * 6),
+    )
 
 
-def _inline(text: str) -> str:
-    """Escape, then render `code` and **bold**, the only inline markup the report uses."""
-    out = html.escape(text)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
-
-
-def markdown_to_html(markdown: str) -> str:
-    """The report's own markdown (headings, bullets, pipe tables) as HTML, so tables are real tables."""
-    parts: list[str] = []
-    table: list[list[str]] = []
-
-    def flush() -> None:
-        if table:
-            head, *body = table
-            parts.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
-            parts.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
-            parts.append("</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set(":-") for c in cells):
-                table.append(cells)
-            continue
-        flush()
-        level = len(line) - len(line.lstrip("#"))
-        if 0 < level <= 6 and line[level : level + 1] == " ":
-            parts.append(f"<h{level}>{_inline(line[level + 1 :])}</h{level}>")
-        elif line.startswith("- "):
-            parts.append(f"<p>&bull; {_inline(line[2:])}</p>")
-        elif line.strip():
-            parts.append(f"<p>{_inline(line)}</p>")
-    flush()
-    return "\n".join(parts)
-
-
-def _plot_png(report: dict[str, Any]) -> tuple[bytes, bytes]:
+def _plots(report: dict[str, Any]) -> tuple[Figure, Figure]:
     rounds = [r["round"] for r in report["rounds"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = new_figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(rounds, [r["train_loss"] for r in report["rounds"]], marker="o", label="train loss")
     ax.plot(rounds, [r["eval_loss"] for r in report["rounds"]], marker="s", label="held-out loss")
     if report["base_eval_loss"] is not None:
         ax.axhline(report["base_eval_loss"], linestyle="--", color="grey", label="base model")
     ax.set(xlabel="round", ylabel="loss (nats/token)", title="Loss per round")
     ax.legend()
-    loss_png = figure_png(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    loss = Figure("loss per round", "loss.png", figure_png(fig))
+    fig = new_figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.bar([x - 0.2 for x in rounds], [r["upload_bytes"] / 2**20 for r in report["rounds"]], 0.4, label="up")
     ax.bar([x + 0.2 for x in rounds], [r["download_bytes"] / 2**20 for r in report["rounds"]], 0.4, label="down")
     ax.set(xlabel="round", ylabel="MiB (all workers)", title="Bytes on the wire per round")
     ax.legend()
-    return loss_png, figure_png(fig)
+    return loss, Figure("bytes per round", "bytes.png", figure_png(fig))
 
 
-def figure_png(fig: Any) -> bytes:
-    """Render a matplotlib figure to PNG bytes and close it (figures are never left open)."""
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+def report_document(report: dict[str, Any]) -> Document:
+    """report.json as a document: settings and rounds, privacy, memorization, then the two plots."""
+    sections = [_run_table(report), _privacy_table(report), _memorization_table(report)]
+    return Document(
+        title=f"FedLoRA run `{report['run_id']}`",
+        blocks=(*(s for s in sections if s is not None), *_plots(report)),
+    )
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write report.json, report.md, report.html and the PNG plots; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(report)
-    loss_png, bytes_png = _plot_png(report)
-    files = {
-        "report.json": json.dumps(report, indent=2).encode(),
-        "report.md": markdown.encode(),
-        "loss.png": loss_png,
-        "bytes.png": bytes_png,
-    }
-    images = "".join(
-        f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        for name, png in (("loss per round", loss_png), ("bytes per round", bytes_png))
-    )
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>FedLoRA report</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
-        "td{text-align:right}</style>"
-        f"{markdown_to_html(markdown)}{images}"
-    )
-    files["report.html"] = page.encode()
-    written = []
-    for name, data in files.items():
-        atomic_write(out_dir / name, data)
-        written.append(out_dir / name)
-    return written
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2).encode())
+    return [out_dir / "report.json", *write_document(report_document(report), out_dir)]
