@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from fedlora_server.aggregation import Aggregator, CentralNoise, PlainAggregator, SecureAggregator
 from fedlora_server.config import RunSettings
+from fedlora_server.machine import PhaseMachine
 from fedlora_server.metrics import ServerMetrics
-from fedlora_server.phases import PhaseMachine, PhaseName
+from fedlora_server.phases import PhaseName
 from fedlora_server.planning import RoundPlans
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore

@@ -1,0 +1,409 @@
+"""The coordinator's phase machine: admission -> initialize -> (train -> commit -> evaluate)* -> finished.
+
+Initialize: one worker uploads the initial global model, which holds no data; evaluating it gives
+the base model's held-out loss (round 0). Each training attempt is an aggregation that the
+run's aggregator opens; the machine knows the phases and their deadlines and nothing of how
+updates combine. Every decision is written to the store (through the ledger) before any worker
+can observe it. Thread-safe; transport-free.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from fedlora_common.manifest import Manifest
+from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadHeader, UploadKind
+from fedlora_server.aggregation import (
+    Aggregate,
+    AggregationFailed,
+    Aggregator,
+    AttemptPlan,
+    SecureMessage,
+)
+from fedlora_server.config import RunSettings
+from fedlora_server.errors import (
+    AlreadyExists,
+    CoordinatorError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from fedlora_server.intake import Received, Spool, UploadSink, check_header, receive
+from fedlora_server.ledger import RoundLedger
+from fedlora_server.metrics import ServerMetrics
+from fedlora_server.phases import Admission, Evaluation, Finished, Initialize, Phase, PhaseName, Training, round_of
+from fedlora_server.planning import RoundPlans
+from fedlora_server.privacy import ClientPrivacy
+from fedlora_server.store import (
+    CoordinatorStore,
+    RoundRecord,
+    RunRecord,
+)
+from fedlora_server.versions import GlobalModel, Versions
+
+__all__ = ["PhaseMachine"]
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class _OpenUpload:
+    """A stream admitted by its header: where its chunks go, and what to do once it is verified."""
+
+    sink: UploadSink
+    accept: Callable[[Received], None]
+
+
+class PhaseMachine:
+    def __init__(
+        self,
+        *,
+        settings: RunSettings,
+        store: CoordinatorStore,
+        metrics: ServerMetrics,
+        versions: Versions,
+        aggregator: Aggregator,
+        plans: RoundPlans,
+        privacy: ClientPrivacy | None,
+        clock: Callable[[], float],
+        spool_dir: Path,
+    ) -> None:
+        self._settings = settings
+        self._ledger = RoundLedger(store=store, metrics=metrics, privacy=privacy, clock=clock)
+        self._metrics = metrics
+        self._versions = versions
+        self._aggregator = aggregator
+        self._plans = plans
+        self.privacy = privacy
+        self._clock = clock
+        self._spool_dir = spool_dir
+        self._run_spec = settings.run_spec()
+        self._lock = threading.RLock()
+        self._finished = threading.Event()
+        self._joined: dict[str, int] = {}
+        self._uploading: set[str] = set()
+        self._phase: Phase = Admission(clock() + settings.timeouts.admission_s)
+        self._resume()
+
+    # ---- what workers ask -------------------------------------------------------------
+
+    @property
+    def run_spec(self) -> RunSpec:
+        return self._run_spec
+
+    @property
+    def phase(self) -> PhaseName:
+        return self._phase.name
+
+    @property
+    def current_phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def finished(self) -> threading.Event:
+        return self._finished
+
+    def join(self, worker_id: str, num_examples: int) -> RunSpec:
+        if num_examples <= 0:
+            raise InvalidArgument("num_examples must be positive")
+        with self._lock:
+            self._joined[worker_id] = num_examples
+            self._ledger.worker_joined(worker_id, num_examples, len(self._joined))
+            log.info("worker_joined", worker_id=worker_id, workers=len(self._joined))
+            self._advance()
+            return self._run_spec
+
+    def poll(self, worker_id: str) -> Task:
+        with self._lock:
+            self._require_joined(worker_id)
+            self._advance()
+            phase, now = self._phase, self._clock()
+            wait = Task(TaskKind.WAIT, round=round_of(phase), retry_after_ms=self._settings.timeouts.poll_wait_ms)
+            if isinstance(phase, Finished):
+                return Task(TaskKind.FINISHED, round=phase.round)
+            if worker_id in self._uploading:
+                return wait
+            if isinstance(phase, Initialize) and worker_id == phase.initializer:
+                deadline_s = max(0.0, phase.deadline_at - now)
+                return Task(TaskKind.INITIALIZE, round=0, participants=(worker_id,), deadline_s=deadline_s)
+            if isinstance(phase, Training) and worker_id in phase.record.participants:
+                ask = phase.aggregation.ask(worker_id)
+                if ask is None:
+                    return wait
+                return Task(
+                    ask.kind,
+                    round=phase.record.round,
+                    global_version=phase.base.version,
+                    training=self._plans.training(phase.record.round),
+                    participants=phase.record.participants,
+                    deadline_s=max(0.0, phase.aggregation.deadline_at - now),
+                    secagg=ask.secagg,
+                )
+            if isinstance(phase, Evaluation) and worker_id in phase.participants and worker_id not in phase.done:
+                return Task(
+                    TaskKind.EVALUATE,
+                    round=phase.round,
+                    global_version=phase.model.version,
+                    training=self._plans.training(phase.round),
+                    participants=phase.participants,
+                    deadline_s=max(0.0, phase.deadline_at - now),
+                    audit=self._plans.audit(phase.round),
+                )
+            return wait
+
+    def global_model(self, worker_id: str, version: int) -> GlobalModel:
+        with self._lock:
+            self._require_joined(worker_id)
+            current = self._versions.current
+            if current is None or current.number != version:
+                have = "none" if current is None else str(current.number)
+                raise NotFound(f"version {version} is not the current global model (current: {have})")
+            return current
+
+    def count_download(self, nbytes: int, chunks: int) -> None:
+        with self._lock:
+            self._ledger.downloaded(nbytes, chunks)
+
+    def receive_upload(self, header: UploadHeader, chunks: Iterable[tuple[int, bytes]]) -> int:
+        """Check the header, stream the chunks through the intake into the phase's sink, then accept."""
+        limits = self._settings.limits
+        with self._lock:
+            self._advance()
+            if header.run_id != self._settings.run_id:
+                raise FailedPrecondition(f"run {header.run_id!r} is not this coordinator's run")
+            self._require_joined(header.worker_id)
+            check_header(header, chunk_bytes=limits.chunk_bytes, max_update_bytes=limits.max_update_bytes)
+            if header.worker_id in self._uploading:
+                raise AlreadyExists(f"{header.worker_id} is already uploading")
+            upload = self._open_upload(header)
+            opened_in = self._state_key()
+            self._uploading.add(header.worker_id)
+        try:
+            received = receive(header, chunks, upload.sink, chunk_bytes=limits.chunk_bytes, metrics=self._metrics)
+        except CoordinatorError as exc:
+            log.warning("upload_rejected", worker_id=header.worker_id, round=header.round, reason=str(exc))
+            raise
+        finally:
+            with self._lock:
+                self._uploading.discard(header.worker_id)
+        with self._lock:
+            try:
+                if self._state_key()[:3] != opened_in[:3]:
+                    raise FailedPrecondition("the round closed while the upload was streaming")
+                upload.accept(received)
+            except BaseException:
+                upload.sink.abort()
+                raise
+            return header.round
+
+    def secure_message(self, worker_id: str, tag: int, message: SecureMessage) -> None:
+        with self._lock:
+            self._advance()
+            phase = self._phase
+            if not isinstance(phase, Training):
+                raise FailedPrecondition(f"no secure aggregation is open (phase {phase.name})")
+            phase.aggregation.receive(worker_id, tag, message)
+            self._advance()
+
+    def report_metrics(self, report: MetricsReport) -> None:
+        if not math.isfinite(report.eval_loss):
+            raise InvalidArgument("eval_loss must be finite")
+        with self._lock:
+            self._advance()
+            phase = self._phase
+            if not isinstance(phase, Evaluation) or report.round != phase.round:
+                raise FailedPrecondition(f"no evaluation of round {report.round} is open")
+            if report.version != phase.model.number:
+                raise FailedPrecondition(f"version {report.version} is not the version under evaluation")
+            if report.worker_id not in phase.participants:
+                raise PermissionDenied(f"{report.worker_id} is not evaluating round {phase.round}")
+            self._ledger.metrics_reported(phase.round, report)
+            phase.done.add(report.worker_id)
+            self._advance()
+
+    def tick(self) -> None:
+        """Close phases whose deadline passed; called periodically by the server."""
+        with self._lock:
+            self._advance()
+
+    # ---- uploads ----------------------------------------------------------------------
+
+    def _open_upload(self, header: UploadHeader) -> _OpenUpload:
+        phase = self._phase
+        if header.kind is UploadKind.INITIAL:
+            if not isinstance(phase, Initialize):
+                raise FailedPrecondition("the initial model is already set")
+            if header.worker_id != phase.initializer:
+                raise PermissionDenied(f"{header.worker_id} was not asked to initialize the run")
+            if header.manifest is None or not header.manifest.tensors or not header.artifact_config_json:
+                raise InvalidArgument("an initial upload needs a manifest and an artifact config")
+            if header.total_size != header.manifest.nbytes:
+                raise InvalidArgument(
+                    f"total_size {header.total_size} != {header.manifest.nbytes} bytes the manifest needs"
+                )
+            spool = Spool(self._spool_dir / f"initial-{header.worker_id}.part")
+            manifest = header.manifest
+            return _OpenUpload(spool, lambda received: self._accept_initial(header, spool, manifest))
+        if not isinstance(phase, Training):
+            raise FailedPrecondition(f"round {header.round} is not accepting updates (phase {phase.name})")
+        sink = phase.aggregation.open_upload(header)
+        return _OpenUpload(sink, lambda received: self._accept_update(phase, header, sink, received))
+
+    def _accept_initial(self, header: UploadHeader, spool: Spool, manifest: Manifest) -> None:
+        vector = spool.read(np.float32)
+        spool.discard()
+        model = self._versions.commit_initial(vector, header.artifact_config_json, manifest)
+        log.info("initialized", worker_id=header.worker_id, numel=manifest.numel)
+        self._start_evaluate(model, record=None)
+
+    def _accept_update(self, phase: Training, header: UploadHeader, sink: UploadSink, received: Received) -> None:
+        weight = phase.aggregation.accept(header, sink, received)
+        self._ledger.upload_accepted(phase.record, header, weight, received)
+        log.info("update_accepted", worker_id=header.worker_id, round=header.round, bytes=received.size_bytes)
+        self._advance()
+
+    # ---- transitions ------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Move through every transition that is due now (caller holds the lock)."""
+        while True:
+            before = self._state_key()
+            self._step()
+            if self._state_key() == before:
+                return
+
+    def _state_key(self) -> tuple[str, int, int, Hashable]:
+        phase = self._phase
+        if isinstance(phase, Training):
+            return (phase.name, phase.record.round, phase.record.attempt, phase.aggregation.progress())
+        return (phase.name, round_of(phase), 0, None)
+
+    def _step(self) -> None:
+        phase, now = self._phase, self._clock()
+        if isinstance(phase, Admission):
+            if len(self._joined) >= self._settings.min_workers:
+                self._leave_admission()
+            elif now >= phase.deadline_at:
+                log.warning("admission_waiting", joined=len(self._joined), needed=self._settings.min_workers)
+                phase.deadline_at = now + self._settings.timeouts.admission_s
+        elif isinstance(phase, Initialize) and now >= phase.deadline_at:
+            self._start_initialize(exclude={phase.initializer})
+        elif isinstance(phase, Training):
+            try:
+                result = phase.aggregation.step(now)
+            except AggregationFailed as exc:
+                self._fail_attempt(phase, str(exc))
+                return
+            if result is not None:
+                self._commit(phase, result)
+        elif isinstance(phase, Evaluation) and (set(phase.participants) <= phase.done or now >= phase.deadline_at):
+            self._close_evaluation(phase)
+
+    def _leave_admission(self) -> None:
+        current = self._versions.current
+        if current is None:
+            self._start_initialize(exclude=set())
+            return
+        last = self._ledger.last_attempt(current.round)
+        if last is not None and last.status == "completed":
+            self._start_next_round_or_finish(current)
+        else:
+            self._start_evaluate(current, record=last if current.round > 0 else None)
+
+    def _start_initialize(self, *, exclude: set[str]) -> None:
+        candidates = sorted(set(self._joined) - exclude) or sorted(self._joined)
+        now = self._clock()
+        self._phase = Initialize(candidates[0], now, now + self._deadline(training=True))
+        log.info("initialize", initializer=candidates[0])
+
+    def _start_train(self, round_: int, base: GlobalModel) -> None:
+        train_s, stage_s = self._deadline(training=True), self._deadline(training=False)
+        record = self._ledger.attempt_started(round_, tuple(sorted(self._joined)), train_s)
+        plan = AttemptPlan(
+            round=round_,
+            attempt=record.attempt,
+            participants=record.participants,
+            base_version=base.number,
+            numel=self._versions.update_manifest(base).numel,
+            started_at=record.started_at,
+            train_deadline_s=train_s,
+            stage_deadline_s=stage_s,
+            min_updates=self._settings.min_workers,
+        )
+        self._phase = Training(record, self._aggregator.open(plan), base)
+        log.info("round_started", round=round_, attempt=record.attempt, participants=len(record.participants))
+
+    def _commit(self, phase: Training, result: Aggregate) -> None:
+        record, started = phase.record, time.perf_counter()
+        model = self._versions.commit_update(phase.base, result.mean, record.round)
+        self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
+        committed = self._ledger.committed(record, dropped=phase.aggregation.missing, secagg=result.secagg)
+        phase.aggregation.discard()
+        log.info(
+            "round_committed", round=record.round, updates=len(result.contributors), train_loss=committed.train_loss
+        )
+        self._start_evaluate(model, record=committed)
+
+    def _fail_attempt(self, phase: Training, reason: str) -> None:
+        record = phase.record
+        self._ledger.failed(record, dropped=phase.aggregation.missing)
+        phase.aggregation.discard()
+        log.warning("round_failed", round=record.round, attempt=record.attempt, reason=reason)
+        self._start_train(record.round, phase.base)
+
+    def _start_evaluate(self, model: GlobalModel, *, record: RoundRecord | None) -> None:
+        now = self._clock()
+        participants = tuple(sorted(self._joined))
+        self._phase = Evaluation(model.round, record, participants, now, now + self._deadline(training=True), model)
+
+    def _close_evaluation(self, phase: Evaluation) -> None:
+        eval_loss = self._ledger.evaluated(
+            phase.round,
+            phase.record,
+            participants=phase.participants,
+            started_at=phase.started_at,
+            deadline_at=phase.deadline_at,
+        )
+        log.info("round_evaluated", round=phase.round, eval_loss=eval_loss, reports=len(phase.done))
+        self._start_next_round_or_finish(phase.model)
+
+    def _start_next_round_or_finish(self, model: GlobalModel) -> None:
+        completed_round = model.round
+        budget_spent = self.privacy is not None and not self.privacy.allows(completed_round + 1)
+        if completed_round < self._settings.rounds and not budget_spent:
+            self._start_train(completed_round + 1, model)
+            return
+        self._phase = Finished(completed_round)
+        self._finished.set()
+        if budget_spent and completed_round < self._settings.rounds:
+            log.warning("privacy_budget_reached", rounds=completed_round, planned=self._settings.rounds)
+        log.info("run_finished", rounds=completed_round)
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _deadline(self, *, training: bool) -> float:
+        current = self._versions.current
+        payload = current.version.size_bytes if current else 0
+        return self._settings.timeouts.phase_deadline(2 * payload, training=training).total_seconds()
+
+    def _require_joined(self, worker_id: str) -> None:
+        if worker_id not in self._joined:
+            raise FailedPrecondition(f"{worker_id} has not joined the run; call Join first")
+
+    def _resume(self) -> None:
+        """Pick up a run this store already holds, at its last committed version."""
+        existing = self._ledger.open_run(
+            RunRecord(self._settings.run_id, self._settings.model_dump_json(), self._clock())
+        )
+        if existing is not None:
+            latest = self._versions.restore()
+            log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
