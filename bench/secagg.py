@@ -51,13 +51,13 @@ from fedlora_common.secagg import (
     keystream_u32,
     max_bits,
     quantization_step,
-    quantize,
     round_tag,
 )
 from fedlora_common.serde import advertisement_to_proto, encrypted_share_to_proto, revealed_share_to_proto
 from fedlora_server.config import SecureAggregationSection
 from fedlora_server.secure_round import SecureRound
 from fedlora_server.intake import READ_SLICE_BYTES as FOLD_SLICE_BYTES
+from fedlora_worker import protect
 from fedlora_worker.secagg_session import WorkerSession
 
 LLAMA_8B_LORA_NUMEL = 41_943_040  # Llama-3.1-8B, rank 16, all 7 projections (bench/comm.py)
@@ -218,15 +218,6 @@ def _check_mean(
     assert error <= bound, f"unmasked mean off by {error:.3g} (bound {bound:.3g})"
 
 
-def _weighted_quantized(
-    delta: npt.NDArray[np.float32], params: SecAggParams, rng: np.random.Generator
-) -> npt.NDArray[np.uint32]:
-    """As the daemon's _begin_secure: delta * (w / M), quantized, with the weight w appended."""
-    scaled = delta * np.float32(EXAMPLES / params.max_examples)
-    quantized = quantize(scaled, clip=params.clip_range, bits=params.bits, rng=rng)
-    return np.concatenate([quantized, np.array([EXAMPLES], dtype=np.uint32)])
-
-
 def _dequantized_mean(total: npt.NDArray[np.uint32], params: SecAggParams) -> npt.NDArray[np.float32]:
     """As the coordinator's _dequantized_mean: sum_u (w_u/M) delta_u / sum_u (w_u/M)."""
     weight = float(total[-1])
@@ -303,7 +294,9 @@ def secure_round(delta: npt.NDArray[np.float32], n: int, settings: SecureAggrega
     for i, w in enumerate(ids):
         inboxes[w] = coordinator(partial(full.inbox, w))
         rng = np.random.default_rng([0, params.tag, i])
-        vector, quantize_s = timed(partial(_weighted_quantized, delta, params, rng))
+        vector, quantize_s = timed(
+            partial(protect.encode, delta, clip_norm=0.0, examples=EXAMPLES, params=params, rounding=rng, noise_rng=rng)
+        )
         masked, mask_s = timed(partial(sessions[w].mask, inboxes[w], full.u2, vector))
         worker_s[w] += quantize_s + mask_s
         result.quantize_s.append(quantize_s)
@@ -465,8 +458,8 @@ def report(
 LEGEND = """\
 legend:
   bits, t      quantization bits (the most n signed values can sum in without wrapping) and Shamir threshold
-  quantize     per worker: delta * (w / max_examples), quantize (float32 -> uint32, stochastic rounding
-               from np.random.default_rng), append the weight coordinate
+  quantize     per worker: protect.encode without clipping or noise: delta * (w / max_examples), quantize
+               (float32 -> uint32, stochastic rounding from np.random.default_rng), append the weight coordinate
   mask         per worker: WorkerSession.mask: open n-1 sealed shares, n-1 key agreements, and n AES-CTR
                masks (self + n-1 pairwise) over the whole vector
   finish       SecureRound.finish() alone: reconstruct seeds/keys, strip masks. 0%: n self masks. {drop}%

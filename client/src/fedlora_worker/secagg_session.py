@@ -1,9 +1,10 @@
-"""The worker's side of secure aggregation for one round attempt: a stage machine.
+"""The worker's side of secure aggregation for one round attempt: a stage machine over keys and shares.
 
 new -> advertised -> shared -> masked -> revealed. Each step checks what the coordinator
 relayed: peers' keys are signed by identities this site knows (not by what the coordinator
 says), shares are addressed to this worker and bound to the session, and no peer's self-mask
-seed and mask key are ever both revealed.
+seed and mask key are ever both revealed. The session decides which masks an update gets
+(`mask_seeds`); adding them is the protection pipeline's last step (`fedlora_worker.protect.mask`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from fedlora_common.secagg import (
     Share,
     StageError,
     agree,
-    mask_vector,
     new_x25519,
     open_sealed,
     pairwise_sign,
@@ -35,6 +35,7 @@ from fedlora_common.secagg import (
     split_secret,
     verify,
 )
+from fedlora_worker.protect import MaskSeeds, mask
 
 __all__ = ["WorkerSession"]
 
@@ -128,10 +129,8 @@ class WorkerSession:
         self.stage = "shared"
         return out
 
-    def mask(
-        self, inbox: Sequence[EncryptedShare], survivors: Sequence[str], quantized: npt.NDArray[np.uint32]
-    ) -> npt.NDArray[np.uint32]:
-        """Open the shares peers sealed to this worker, then mask the quantized update for the survivors."""
+    def mask_seeds(self, inbox: Sequence[EncryptedShare], survivors: Sequence[str]) -> MaskSeeds:
+        """Open the shares peers sealed to this worker, then derive the masks the survivors' sum cancels."""
         self._expect("shared", "mask the update")
         alive = frozenset(survivors)
         if self.worker_id not in alive or not alive <= self._roster.keys():
@@ -169,7 +168,13 @@ class WorkerSession:
         ]
         self._survivors = alive
         self.stage = "masked"
-        return mask_vector(quantized, self_seed=self._self_seed, pairwise=pairwise)
+        return MaskSeeds(self._self_seed, tuple(pairwise))
+
+    def mask(
+        self, inbox: Sequence[EncryptedShare], survivors: Sequence[str], encoded: npt.NDArray[np.uint32]
+    ) -> npt.NDArray[np.uint32]:
+        """`mask_seeds` and the pipeline's mask step in one call, as the coordinator's protocol tests drive it."""
+        return mask(encoded, self.mask_seeds(inbox, survivors))
 
     def reveal(self, survivors: Sequence[str], dropped: Sequence[str]) -> list[RevealedShare]:
         """Self-seed shares of survivors, mask-key shares of dropped workers; never both for one peer."""
