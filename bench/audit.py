@@ -1,7 +1,7 @@
 """Seconds for the canary audit of one lab site: exposure before and after, decoding by batch size.
 
 The audit is fedlora_worker.audit on the 50 records of a clinical lab site (30 canaries + 20
-controls) and the demo lab model, default AuditConfig, one torch thread. Its two model-bound parts
+controls) and the demo lab model, default AuditPlan and AuditOptions, one torch thread. Its two model-bound parts
 are timed apart, each in this one process:
 
 * Exposure, before: the previous scoring, kept here as a reference. Every occurrence of the secret
@@ -36,10 +36,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from fedlora_common.plans import AuditPlan
 from fedlora_lab.datagen import CanaryRecord, DataSpec, generate_site
 from fedlora_lab.model_factory import LabModelConfig, cached_model
 from fedlora_worker.audit import (
-    AuditConfig,
+    AuditOptions,
     audit_model,
     candidate_space,
     exposure,
@@ -72,16 +73,16 @@ class ScoringOnly:
 
 
 def exposure_before(
-    model: torch.nn.Module, tokenizer: Any, record: CanaryRecord, config: AuditConfig, pad_id: int
+    model: torch.nn.Module, tokenizer: Any, record: CanaryRecord, plan: AuditPlan, options: AuditOptions, pad_id: int
 ) -> float | None:
     """The previous exposure: whole substituted records, every occurrence scored, no cache."""
-    secret = record["secrets"].get(config.exposure_secret)
+    secret = record["secrets"].get(options.exposure_secret)
     text = record["text"]
     if not secret or secret not in text:
         return None
-    size = min(config.exposure_candidates, candidate_space(secret))
+    size = min(plan.exposure_candidates, candidate_space(secret))
     key = int.from_bytes(hashlib.sha256(record["id"].encode()).digest()[:8], "big")  # the audit's draw
-    values = [secret, *random_candidates(secret, size - 1, np.random.default_rng([config.seed, key]))]
+    values = [secret, *random_candidates(secret, size - 1, np.random.default_rng([options.seed, key]))]
     spans, start = [], text.find(secret)
     while start >= 0:
         spans.append((start, start + len(secret)))
@@ -119,26 +120,26 @@ def main() -> None:
     site = generate_site("clinical", DataSpec())
     records = site.canaries + site.controls
     records = records[::5] if args.quick else records
-    config = AuditConfig()
+    plan, options = AuditPlan(), AuditOptions()
 
     started = time.perf_counter()
-    before = [exposure_before(model, tokenizer, r, config, pad) for r in records]
+    before = [exposure_before(model, tokenizer, r, plan, options, pad) for r in records]
     t_before = time.perf_counter() - started
 
-    scoring = ScoringOnly(model, pad, config.batch_size)
+    scoring = ScoringOnly(model, pad, options.batch_size)
     started = time.perf_counter()
-    after = run_audit(scoring, tokenizer, records, config=config).exposures
+    after = run_audit(scoring, tokenizer, records, plan=plan, options=options).exposures
     t_after = time.perf_counter() - started
     same = sum(b is not None and abs(b - e.exposure) < 1e-9 for b, e in zip(before, after, strict=False))
 
     decoding: dict[int, float] = {}
     for batch in DECODE_BATCHES:
         started = time.perf_counter()
-        greedy_decode(model, scoring.prompts, max_new_tokens=config.suffix_tokens, pad_id=pad, batch_size=batch)
+        greedy_decode(model, scoring.prompts, max_new_tokens=plan.suffix_tokens, pad_id=pad, batch_size=batch)
         decoding[batch] = time.perf_counter() - started
 
-    total = audit_model(model, tokenizer, records, config=config).seconds
-    rest = max(total - t_after - decoding[config.batch_size], 0.0)
+    total = audit_model(model, tokenizer, records, plan=plan, options=options).seconds
+    rest = max(total - t_after - decoding[options.batch_size], 0.0)
     estimate = t_before + decoding[BEFORE_BATCH] + rest
 
     rows = [
@@ -146,7 +147,7 @@ def main() -> None:
         ("exposure after (first occurrence, shared-prefix KV cache)", t_after, t_before),
         *[(f"decoding, batch {b}", decoding[b], decoding[BEFORE_BATCH]) for b in DECODE_BATCHES],
         (f"audit before (est.: exposure before + decoding {BEFORE_BATCH} + rest)", estimate, estimate),
-        (f"audit after (audit_model, batch {config.batch_size})", total, estimate),
+        (f"audit after (audit_model, batch {options.batch_size})", total, estimate),
     ]
     header = f"{'part':<62} {'seconds':>8} {'vs before':>10}"
     print(header)
@@ -163,11 +164,11 @@ def main() -> None:
     print(
         f"records: {len(records)} ({groups.count('10x')} 10x, {groups.count('1x')} 1x, {groups.count('control')} "
         f"control); {len(lengths)} distinct prompts of {min(lengths)}-{max(lengths)} tokens, "
-        f"{config.suffix_tokens} new tokens each"
+        f"{plan.suffix_tokens} new tokens each"
     )
-    once = sum(r["text"].count(r["secrets"][config.exposure_secret]) == 1 for r in records)
+    once = sum(r["text"].count(r["secrets"][options.exposure_secret]) == 1 for r in records)
     print(
-        f"exposure: {config.exposure_candidates} candidates per record; after = before on {same}/{len(records)} "
+        f"exposure: {plan.exposure_candidates} candidates per record; after = before on {same}/{len(records)} "
         f"records; the secret occurs once in {once}/{len(records)}"
     )
     print(f"rest (tokenizing, continuation metrics) in the audit after: {rest:.1f} s")

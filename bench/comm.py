@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from google.protobuf.message import Message
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
@@ -34,21 +34,21 @@ from transformers.utils import logging as hf_logging
 from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count, iter_chunks, sha256
 from fedlora_common.manifest import WIRE_DTYPE, Manifest, TensorSpec, flatten
 from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
+from fedlora_common.plans import LoraSpec, Mode, RunSpec
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.serde import model_version_to_proto, upload_header_to_proto
 from fedlora_worker.modeling import (
     LoadedModel,
-    LoraSettings,
-    Mode,
-    ModelSpec,
+    SiteModel,
     artifact_config_json,
     global_state,
     load_model,
+    lora_config,
 )
 
 GRPC_PREFIX_BYTES = 5  # compressed flag + 4-byte message length, before every message of a stream
 FLOAT_BYTES = np.dtype(WIRE_DTYPE).itemsize
-LORA = LoraSettings(rank=16, alpha=32.0)
+LORA = LoraSpec(rank=16, alpha=32)
 MB = 1e6
 PAPER_RATIO_3B = 130
 
@@ -194,9 +194,15 @@ def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
+def _run(base_model: str, mode: Mode) -> RunSpec:
+    return RunSpec(
+        run_id="bench", mode=mode, aggregation="fedavg", base_model=base_model, lora=LORA, total_rounds=1, seed=0
+    )
+
+
 def measured_row(base_dir: Path, mode: Mode, chunk_bytes: int) -> Row:
     """Load the small Llama for `mode` and size the real messages of its real state."""
-    loaded = load_model(ModelSpec(base_model=str(base_dir), mode=mode, lora=LORA))
+    loaded = load_model(_run(str(base_dir), mode), SiteModel(path=str(base_dir)))
     vector = flatten(loaded.manifest, global_state(loaded))
     payload = vector.data.cast("B")
     digest = sha256(payload)
@@ -217,17 +223,10 @@ def computed_rows(name: str, config: LlamaConfig, tokenizer: PreTrainedTokenizer
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     full_manifest = Manifest(tuple(TensorSpec(n, tuple(p.shape)) for n, p in model.named_parameters()))
-    lora = LoraConfig(
-        r=LORA.rank,
-        lora_alpha=LORA.alpha,  # type: ignore[arg-type]  # as load_model passes it
-        lora_dropout=LORA.dropout,
-        target_modules=list(LORA.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora_config(LORA))
     adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     lora_manifest = Manifest(tuple(TensorSpec(n, tuple(t.shape)) for n, t in adapter.items()))
-    lora_loaded = LoadedModel(peft_model, tokenizer, ModelSpec(name, "lora", LORA), lora_manifest)
+    lora_loaded = LoadedModel(peft_model, tokenizer, _run(name, "lora"), SiteModel(path=name), lora_manifest)
     configs: dict[Mode, tuple[Manifest, str]] = {
         "lora": (lora_manifest, artifact_config_json(lora_loaded)),
         "full": (full_manifest, config.to_json_string()),

@@ -17,25 +17,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import torch
 from transformers.utils import logging as hf_logging
 
+from fedlora_common.plans import GoldfishPlan, LoraSpec, RecordDPPlan, RunSpec, TrainingPlan
 from fedlora_lab.datagen import DataSpec, generate_site
 from fedlora_lab.model_factory import LabModelConfig, cached_model
 from fedlora_worker.data import tokenize
-from fedlora_worker.dp_sgd import RecordDPConfig
-from fedlora_worker.goldfish import GoldfishConfig
-from fedlora_worker.modeling import LoraSettings, ModelSpec, global_state, load_model, set_global_state
-from fedlora_worker.training import TrainConfig, train_locally
+from fedlora_worker.modeling import SiteModel, global_state, load_model, set_global_state
+from fedlora_worker.training import train_locally
 
-GOLDFISH = GoldfishConfig(k=4, h=13)
-DP = RecordDPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+GOLDFISH = GoldfishPlan(k=4, h=13)
+DP = RecordDPPlan(noise_multiplier=1.0, max_grad_norm=1.0)
 GOLDFISH_TARGET = 0.95  # Goldfish / plain tokens per second
-LORA = LoraSettings(rank=16, alpha=32.0)
+LORA = LoraSpec(rank=16, alpha=32)
 
 
 def main() -> None:
@@ -56,18 +54,21 @@ def main() -> None:
 
     lab = LabModelConfig() if args.model_size == "demo" else LabModelConfig.tiny()
     made = cached_model(args.cache_dir, lab)
-    loaded = load_model(ModelSpec(base_model=str(made.path), mode="lora", lora=LORA))
+    run = RunSpec(
+        run_id="bench", mode="lora", aggregation="fedavg", base_model=str(made.path), lora=LORA, total_rounds=1, seed=0
+    )
+    loaded = load_model(run, SiteModel(path=str(made.path)))
     records = datasets.Dataset.from_list(list(generate_site("clinical", DataSpec()).train))
     data = tokenize(records, loaded.tokenizer, max_seq_len=args.max_seq_len)
     initial = global_state(loaded)
-    plain = TrainConfig(steps, args.batch_size, learning_rate=1e-3, grad_clip_norm=1.0, seed=0)
+    plain = TrainingPlan(local_steps=steps, batch_size=args.batch_size, learning_rate=1e-3, grad_clip_norm=1.0, seed=0)
     configs = {
         "LoRA": plain,
-        "LoRA + Goldfish": replace(plain, goldfish=GOLDFISH),
-        "LoRA + DP-SGD": replace(plain, dp=DP),
+        "LoRA + Goldfish": plain.model_copy(update={"goldfish": GOLDFISH}),
+        "LoRA + DP-SGD": plain.model_copy(update={"record_dp": DP}),
     }
     rates: dict[str, list[float]] = {name: [] for name in configs}
-    train_locally(loaded.model, data, replace(plain, local_steps=2), pad_id=loaded.pad_id)  # warm-up
+    train_locally(loaded.model, data, plain.model_copy(update={"local_steps": 2}), pad_id=loaded.pad_id)  # warm-up
     for _ in range(repeats):
         for name, config in configs.items():
             set_global_state(loaded, initial)

@@ -5,14 +5,31 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
+from fedlora_worker.modeling import LoadedModel, SiteModel, load_model
+
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def tiny_run(mode: Mode, *, lora: LoraSpec, aggregation: Aggregation = "fedavg", seed: int = 0) -> RunSpec:
+    """A run's fixed settings, as a coordinator would send them, for the tiny model."""
+    return RunSpec(
+        run_id="test-run",
+        mode=mode,
+        aggregation=aggregation,
+        base_model="tiny-llama",
+        lora=lora,
+        total_rounds=1,
+        seed=seed,
+    )
 
 
 def sentences(count: int, seed: int) -> list[str]:
@@ -72,6 +89,22 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def make_run() -> Callable[..., RunSpec]:
+    """tiny_run(mode, *, lora, aggregation="fedavg", seed=0): a RunSpec for the tiny model."""
+    return tiny_run
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_base_model: Path) -> Callable[..., LoadedModel]:
+    """load(mode, *, lora, dtype="float32", **tiny_run's keywords): the tiny model as a site loads it."""
+
+    def load(mode: Mode, *, dtype: Any = "float32", **run: Any) -> LoadedModel:
+        return load_model(tiny_run(mode, **run), SiteModel(path=str(tiny_base_model), dtype=dtype))
+
+    return load
 
 
 @pytest.fixture

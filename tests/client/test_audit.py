@@ -15,10 +15,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from fedlora_common.plans import AuditPlan
 from fedlora_lab.cli import main as lab_main
 from fedlora_lab.datagen import CanaryRecord, DataSpec, Group, generate_site, write_site
 from fedlora_worker.audit import (
-    AuditConfig,
+    AuditOptions,
     approx_match,
     audit_model,
     candidate_space,
@@ -198,10 +199,10 @@ def test_a_model_that_emits_the_suffix_scores_exact_match_and_one_that_does_not_
 ) -> None:
     record = _record(0, "1x", make_sentences)
     ids = tokenizer(record["text"])["input_ids"]
-    config = AuditConfig(prefixes=(10, 50), exposure_candidates=8)
+    plan = AuditPlan(prefixes=(10, 50), exposure_candidates=8)
 
-    verbatim = run_audit(ScriptedModel(ids[-SUFFIX:]), tokenizer, [record], config=config).summary()
-    other = run_audit(ScriptedModel([_junk(tokenizer)] * SUFFIX), tokenizer, [record], config=config).summary()
+    verbatim = run_audit(ScriptedModel(ids[-SUFFIX:]), tokenizer, [record], plan=plan).summary()
+    other = run_audit(ScriptedModel([_junk(tokenizer)] * SUFFIX), tokenizer, [record], plan=plan).summary()
 
     assert verbatim["exact_match_rate"] == 1.0
     assert verbatim["approx_match_rate"] == 1.0
@@ -221,16 +222,19 @@ def test_the_audit_applies_the_bleu_threshold_to_decoded_continuations(
     corrupted = [suffix[: SUFFIX - k] + [_junk(tokenizer)] * k for k in range(SUFFIX)]
     scores = [sentence_bleu(_text(tokenizer, c), reference) for c in corrupted]
     k = next(k for k in range(SUFFIX) if scores[k] < 0.75)
-    config = AuditConfig(prefixes=(10,), exposure_candidates=8)
+    plan = AuditPlan(prefixes=(10,), exposure_candidates=8)
 
-    above = run_audit(ScriptedModel(corrupted[k - 1]), tokenizer, [record], config=config).continuations[0]
-    below = run_audit(ScriptedModel(corrupted[k]), tokenizer, [record], config=config).continuations[0]
+    above = run_audit(ScriptedModel(corrupted[k - 1]), tokenizer, [record], plan=plan).continuations[0]
+    below = run_audit(ScriptedModel(corrupted[k]), tokenizer, [record], plan=plan).continuations[0]
+    lenient = AuditOptions(bleu_threshold=scores[k])
+    at_site = run_audit(ScriptedModel(corrupted[k]), tokenizer, [record], plan=plan, options=lenient).continuations[0]
 
     assert above.bleu >= 0.75
     assert above.approx
     assert not above.exact
     assert below.bleu < 0.75
     assert not below.approx
+    assert at_site.approx  # the threshold is the site's option, not the run's plan
 
 
 def test_the_summary_reports_each_group_beside_the_controls(
@@ -241,7 +245,7 @@ def test_the_summary_reports_each_group_beside_the_controls(
     memorised = [tokenizer(r["text"])["input_ids"] for r in records[:3]]  # both 10x, one 1x
     model = MemorisingModel(memorised, _junk(tokenizer))
 
-    summary = run_audit(model, tokenizer, records, config=AuditConfig(prefixes=(10, 50))).summary()
+    summary = run_audit(model, tokenizer, records, plan=AuditPlan(prefixes=(10, 50))).summary()
 
     by = summary["by_duplication"]
     assert [by[g]["exact_match_rate"] for g in ("10x", "1x", "control")] == [1.0, 0.5, 0.0]
@@ -264,9 +268,7 @@ def test_prefixes_too_long_for_a_record_are_skipped(
     length = len(tokenizer(record["text"])["input_ids"])
     fits, too_long = length - SUFFIX, length - SUFFIX + 1
 
-    report = run_audit(
-        ScriptedModel([0] * SUFFIX), tokenizer, [record], config=AuditConfig(prefixes=(10, fits, too_long))
-    )
+    report = run_audit(ScriptedModel([0] * SUFFIX), tokenizer, [record], plan=AuditPlan(prefixes=(10, fits, too_long)))
 
     assert sorted(c.prefix for c in report.continuations) == [10, fits]
     skipped = report.summary()["by_prefix"][str(too_long)]["1x"]
@@ -285,7 +287,7 @@ def test_the_audit_never_logs_or_summarises_record_text_or_secrets(
     structlog.reset_defaults()
     try:
         with structlog.testing.capture_logs() as logs:
-            summary = json.dumps(run_audit(model, tokenizer, records, config=AuditConfig(prefixes=(10,))).summary())
+            summary = json.dumps(run_audit(model, tokenizer, records, plan=AuditPlan(prefixes=(10,))).summary())
     finally:
         structlog.configure(**saved)
 
@@ -305,7 +307,7 @@ def test_exposure_scores_the_secret_at_its_first_occurrence_given_only_the_text_
     start = record["text"].index(secret)
     model = RecordingModel()
 
-    report = run_audit(model, tokenizer, [record], config=AuditConfig(prefixes=(10,), exposure_candidates=8))
+    report = run_audit(model, tokenizer, [record], plan=AuditPlan(prefixes=(10,), exposure_candidates=8))
 
     assert [e.candidates for e in report.exposures] == [8]
     assert len(model.scored) == 8
@@ -417,7 +419,7 @@ def test_audit_model_runs_a_real_model_and_restores_its_mode(
     model = AutoModelForCausalLM.from_pretrained(tiny_base_model).train()
     records = [_record(i, g, make_sentences) for i, g in enumerate(THREE_GROUPS)]
 
-    report = audit_model(model, tokenizer, records, config=AuditConfig(prefixes=(10, 50), exposure_candidates=16))
+    report = audit_model(model, tokenizer, records, plan=AuditPlan(prefixes=(10, 50), exposure_candidates=16))
 
     assert model.training
     assert len(report.continuations) == 6

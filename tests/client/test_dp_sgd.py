@@ -2,32 +2,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import datasets
 import pytest
 import torch
+from pydantic import ValidationError
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from fedlora_common.plans import GoldfishPlan, LoraSpec, Mode, RecordDPPlan, TrainingPlan
 from fedlora_worker.data import TokenizedData, tokenize
-from fedlora_worker.dp_sgd import RecordDPConfig, record_windows
-from fedlora_worker.goldfish import GoldfishConfig
-from fedlora_worker.modeling import LoadedModel, LoraSettings, Mode, ModelSpec, load_model
-from fedlora_worker.training import TrainConfig, evaluate, token_losses, train_locally
+from fedlora_worker.dp_sgd import record_windows
+from fedlora_worker.modeling import LoadedModel
+from fedlora_worker.training import evaluate, token_losses, train_locally
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-NO_DROPOUT = LoraSettings(rank=4, alpha=8.0, dropout=0.0)  # so a hand-computed gradient is exact
+NO_DROPOUT = LoraSpec(rank=4, alpha=8, dropout=0.0)  # so a hand-computed gradient is exact
 
 
-def load(base: Path, mode: Mode = "lora") -> LoadedModel:
-    return load_model(ModelSpec(base_model=str(base), mode=mode, lora=NO_DROPOUT))
+@pytest.fixture
+def load(load_tiny: Callable[..., LoadedModel]) -> Callable[..., LoadedModel]:
+    def load(mode: Mode = "lora") -> LoadedModel:
+        return load_tiny(mode, lora=NO_DROPOUT)
+
+    return load
 
 
-def dp_config(steps: int, batch_size: int, noise: float, clip: float, **kwargs: Any) -> TrainConfig:
-    dp = RecordDPConfig(noise_multiplier=noise, max_grad_norm=clip)
-    return TrainConfig(steps, batch_size, learning_rate=1e-2, grad_clip_norm=1.0, seed=0, dp=dp, **kwargs)
+def dp_plan(steps: int, batch_size: int, noise: float, clip: float, **kwargs: Any) -> TrainingPlan:
+    dp = RecordDPPlan(noise_multiplier=noise, max_grad_norm=clip)
+    return TrainingPlan(
+        local_steps=steps, batch_size=batch_size, learning_rate=1e-2, grad_clip_norm=1.0, seed=0, record_dp=dp, **kwargs
+    )
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -35,9 +41,9 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 
 @pytest.fixture
-def sentences(tiny_base_model: Path, make_sentences: Callable[[int, int], list[str]]) -> TokenizedData:
+def sentences(load: Callable[..., LoadedModel], make_sentences: Callable[[int, int], list[str]]) -> TokenizedData:
     """Eight one-window records."""
-    tokenizer = load(tiny_base_model).tokenizer
+    tokenizer = load().tokenizer
     return tokenize(datasets.Dataset.from_dict({"text": make_sentences(8, 3)}), tokenizer, max_seq_len=64)
 
 
@@ -70,13 +76,13 @@ def adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_dp_sgd_moves_every_adapter_tensor_and_reports_the_sample_rate(
-    tiny_base_model: Path, sentences: TokenizedData, mode: Mode
+    load: Callable[..., LoadedModel], sentences: TokenizedData, mode: Mode
 ) -> None:
-    loaded = load(tiny_base_model, mode)
+    loaded = load(mode)
     before = adapter(loaded.model)
     base = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if not p.requires_grad}
 
-    result = train_locally(loaded.model, sentences, dp_config(3, 2, 1.0, 1.0), pad_id=loaded.pad_id)
+    result = train_locally(loaded.model, sentences, dp_plan(3, 2, 1.0, 1.0), pad_id=loaded.pad_id)
 
     after = dict(loaded.model.named_parameters())
     assert before
@@ -88,12 +94,12 @@ def test_dp_sgd_moves_every_adapter_tensor_and_reports_the_sample_rate(
 
 
 def test_each_records_gradient_is_clipped_to_the_norm(
-    tiny_base_model: Path, sentences: TokenizedData, adam_steps: list[dict[str, Any]]
+    load: Callable[..., LoadedModel], sentences: TokenizedData, adam_steps: list[dict[str, Any]]
 ) -> None:
-    loaded = load(tiny_base_model)
+    loaded = load()
     clip = 1e-3
 
-    train_locally(loaded.model, sentences, dp_config(12, 1, 1e-9, clip), pad_id=loaded.pad_id, dp_generator=seeded())
+    train_locally(loaded.model, sentences, dp_plan(12, 1, 1e-9, clip), pad_id=loaded.pad_id, dp_generator=seeded())
 
     single = [s for s in adam_steps if s["records"] == 1]
     assert len(adam_steps) == 12
@@ -106,15 +112,15 @@ def test_each_records_gradient_is_clipped_to_the_norm(
 
 
 def test_an_empty_draw_is_a_step_of_pure_noise(
-    tiny_base_model: Path, sentences: TokenizedData, adam_steps: list[dict[str, Any]]
+    load: Callable[..., LoadedModel], sentences: TokenizedData, adam_steps: list[dict[str, Any]]
 ) -> None:
-    loaded = load(tiny_base_model)
+    loaded = load()
     losses: list[float] = []
 
     train_locally(
         loaded.model,
         sentences,
-        dp_config(12, 1, 1.0, 1.0),
+        dp_plan(12, 1, 1.0, 1.0),
         pad_id=loaded.pad_id,
         on_step=lambda _, v: losses.append(v),
         dp_generator=seeded(),
@@ -129,9 +135,9 @@ def test_an_empty_draw_is_a_step_of_pure_noise(
 
 
 def test_the_update_is_the_mean_of_clipped_per_record_gradients(
-    tiny_base_model: Path, make_sentences: Callable[[int, int], list[str]], adam_steps: list[dict[str, Any]]
+    load: Callable[..., LoadedModel], make_sentences: Callable[[int, int], list[str]], adam_steps: list[dict[str, Any]]
 ) -> None:
-    loaded = load(tiny_base_model)
+    loaded = load()
     long, short = " ".join(make_sentences(4, 5)), make_sentences(1, 6)[0]
     data = tokenize(datasets.Dataset.from_dict({"text": [long, short]}), loaded.tokenizer, max_seq_len=24)
     records = record_windows(data)
@@ -151,7 +157,7 @@ def test_the_update_is_the_mean_of_clipped_per_record_gradients(
     clip = math.sqrt(norms[0] * norms[1])  # between the two: one record is clipped, one is not
     factors = [min(1.0, clip / (n + 1e-6)) for n in norms]
 
-    train_locally(loaded.model, data, dp_config(1, 2, 1e-9, clip), pad_id=loaded.pad_id, dp_generator=seeded())
+    train_locally(loaded.model, data, dp_plan(1, 2, 1e-9, clip), pad_id=loaded.pad_id, dp_generator=seeded())
 
     (step,) = adam_steps
     assert step["records"] == 2  # q = 2/2: both records every step
@@ -161,13 +167,13 @@ def test_the_update_is_the_mean_of_clipped_per_record_gradients(
 
 
 def test_dp_training_leaves_no_opacus_trace_and_the_model_works_after(
-    tiny_base_model: Path, sentences: TokenizedData
+    load: Callable[..., LoadedModel], sentences: TokenizedData
 ) -> None:
-    loaded = load(tiny_base_model)
+    loaded = load()
     modules = {name: dict(vars(m)).keys() for name, m in loaded.model.named_modules()}
     params = {name: dict(vars(p)).keys() for name, p in loaded.model.named_parameters()}
 
-    train_locally(loaded.model, sentences, dp_config(2, 2, 1.0, 1.0), pad_id=loaded.pad_id)
+    train_locally(loaded.model, sentences, dp_plan(2, 2, 1.0, 1.0), pad_id=loaded.pad_id)
 
     for name, m in loaded.model.named_modules():
         assert vars(m).keys() == modules[name], name
@@ -179,16 +185,21 @@ def test_dp_training_leaves_no_opacus_trace_and_the_model_works_after(
         assert vars(p).keys() == params[name], name
         assert p.grad is None
     assert math.isfinite(evaluate(loaded.model, sentences, batch_size=4, pad_id=loaded.pad_id).loss)
-    again = train_locally(loaded.model, sentences, dp_config(2, 2, 1.0, 1.0), pad_id=loaded.pad_id)
-    plain = train_locally(loaded.model, sentences, TrainConfig(2, 2, 1e-2, 1.0, 0), pad_id=loaded.pad_id)
+    again = train_locally(loaded.model, sentences, dp_plan(2, 2, 1.0, 1.0), pad_id=loaded.pad_id)
+    plain = train_locally(
+        loaded.model,
+        sentences,
+        TrainingPlan(local_steps=2, batch_size=2, learning_rate=1e-2, grad_clip_norm=1.0, seed=0),
+        pad_id=loaded.pad_id,
+    )
     assert math.isfinite(again.mean_loss)
     assert math.isfinite(plain.mean_loss)
 
 
-def test_goldfish_and_dp_together_train(tiny_base_model: Path, sentences: TokenizedData) -> None:
-    loaded = load(tiny_base_model)
+def test_goldfish_and_dp_together_train(load: Callable[..., LoadedModel], sentences: TokenizedData) -> None:
+    loaded = load()
     before = adapter(loaded.model)
-    config = dp_config(3, 2, 1.0, 1.0, goldfish=GoldfishConfig(k=2, h=2))
+    config = dp_plan(3, 2, 1.0, 1.0, goldfish=GoldfishPlan(k=2, h=2))
 
     result = train_locally(loaded.model, sentences, config, pad_id=loaded.pad_id)
 
@@ -197,12 +208,12 @@ def test_goldfish_and_dp_together_train(tiny_base_model: Path, sentences: Tokeni
 
 
 def test_draws_and_noise_are_secret_unless_a_generator_is_given(
-    tiny_base_model: Path, sentences: TokenizedData
+    load: Callable[..., LoadedModel], sentences: TokenizedData
 ) -> None:
     runs = []
     for generator in (None, None, seeded(), seeded()):
-        loaded = load(tiny_base_model)
-        train_locally(loaded.model, sentences, dp_config(2, 2, 1.0, 1.0), pad_id=loaded.pad_id, dp_generator=generator)
+        loaded = load()
+        train_locally(loaded.model, sentences, dp_plan(2, 2, 1.0, 1.0), pad_id=loaded.pad_id, dp_generator=generator)
         runs.append(adapter(loaded.model))
 
     def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -213,9 +224,9 @@ def test_draws_and_noise_are_secret_unless_a_generator_is_given(
 
 
 def test_record_windows_recovers_the_records_tokenize_cut(
-    tiny_base_model: Path, make_sentences: Callable[[int, int], list[str]]
+    load: Callable[..., LoadedModel], make_sentences: Callable[[int, int], list[str]]
 ) -> None:
-    tokenizer = load(tiny_base_model).tokenizer
+    tokenizer = load().tokenizer
     texts = [" ".join(make_sentences(n, n)) for n in (1, 5, 2, 9, 1, 3)]
     rows = [
         {"prompt": " ".join(make_sentences(3, 1)), "completion": make_sentences(1, 2)[0]},
@@ -232,12 +243,14 @@ def test_record_windows_recovers_the_records_tokenize_cut(
 
 @pytest.mark.parametrize("field", ["noise_multiplier", "max_grad_norm"])
 def test_non_positive_dp_settings_are_rejected_naming_the_field(field: str) -> None:
-    with pytest.raises(ValueError, match=f"^{field} must be positive"):
-        RecordDPConfig(**{"noise_multiplier": 1.0, "max_grad_norm": 1.0, field: 0.0})
+    with pytest.raises(ValidationError, match=rf"(?m)^{field}\n  Input should be greater than 0"):
+        RecordDPPlan.model_validate({"noise_multiplier": 1.0, "max_grad_norm": 1.0, field: 0.0})
 
 
-def test_a_batch_larger_than_the_records_is_rejected(tiny_base_model: Path, sentences: TokenizedData) -> None:
-    loaded = load(tiny_base_model)
+def test_a_batch_larger_than_the_records_is_rejected(
+    load: Callable[..., LoadedModel], sentences: TokenizedData
+) -> None:
+    loaded = load()
 
     with pytest.raises(ValueError, match="batch_size 9 exceeds the 8 records"):
-        train_locally(loaded.model, sentences, dp_config(1, 9, 1.0, 1.0), pad_id=loaded.pad_id)
+        train_locally(loaded.model, sentences, dp_plan(1, 9, 1.0, 1.0), pad_id=loaded.pad_id)

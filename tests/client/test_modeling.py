@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -9,32 +11,34 @@ import numpy as np
 import pytest
 import torch
 from bitsandbytes.nn.modules import Linear4bit
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from pydantic import ValidationError
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 
+from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
 from fedlora_worker.modeling import (
     LoadedModel,
-    LoraSettings,
-    Mode,
-    ModelSpec,
+    SiteModel,
     artifact_config_json,
     global_state,
-    load_model,
+    lora_config,
     set_global_state,
 )
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+Load = Callable[..., LoadedModel]
 
-LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.0)
+LORA = LoraSpec(rank=4, alpha=8, dropout=0.0)
 TARGETS = "|".join(LORA.target_modules)
 ADAPTER_NAME = re.compile(rf"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.({TARGETS})\.lora_[AB]\.weight$")
 LAYERS = 2
 SAMPLE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 200, 300, 400, 500, 2, 7]])
 
 
-def load(base: Path, mode: Mode, **kwargs: object) -> LoadedModel:
-    return load_model(ModelSpec(base_model=str(base), mode=mode, lora=LORA, **kwargs))  # type: ignore[arg-type]
+@pytest.fixture
+def load(load_tiny: Load) -> Load:
+    return partial(load_tiny, lora=LORA)
 
 
 def random_state(loaded: LoadedModel, seed: int) -> dict[str, np.ndarray]:
@@ -48,8 +52,8 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_qlora_base_projections_are_bitsandbytes_4bit_layers(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "qlora")
+def test_qlora_base_projections_are_bitsandbytes_4bit_layers(load: Load) -> None:
+    loaded = load("qlora")
 
     projections = {
         name: module.base_layer
@@ -62,8 +66,19 @@ def test_qlora_base_projections_are_bitsandbytes_4bit_layers(tiny_base_model: Pa
     assert {layer.weight.quant_type for layer in projections.values()} == {"nf4"}
 
 
-def test_bfloat16_qlora_computes_in_bfloat16_with_a_float32_adapter(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "qlora", dtype="bfloat16")
+def test_lora_config_carries_every_lora_setting_to_peft() -> None:
+    spec = LoraSpec(rank=8, alpha=3, dropout=0.25, target_modules=("q_proj", "down_proj"))
+
+    config = lora_config(spec)
+
+    assert isinstance(config, LoraConfig)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 3, 0.25)
+    assert config.target_modules == {"q_proj", "down_proj"}
+    assert config.task_type == "CAUSAL_LM"
+
+
+def test_bfloat16_qlora_computes_in_bfloat16_with_a_float32_adapter(load: Load) -> None:
+    loaded = load("qlora", dtype="bfloat16")
 
     q_proj = loaded.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
 
@@ -72,8 +87,8 @@ def test_bfloat16_qlora_computes_in_bfloat16_with_a_float32_adapter(tiny_base_mo
 
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
-def test_adapter_manifest_holds_only_lora_a_and_b_of_every_target_module(tiny_base_model: Path, mode: Mode) -> None:
-    loaded = load(tiny_base_model, mode)
+def test_adapter_manifest_holds_only_lora_a_and_b_of_every_target_module(load: Load, mode: Mode) -> None:
+    loaded = load(mode)
 
     tensors = loaded.manifest.tensors
 
@@ -83,8 +98,8 @@ def test_adapter_manifest_holds_only_lora_a_and_b_of_every_target_module(tiny_ba
     assert all(t.shape[1] == LORA.rank for t in tensors if ".lora_B." in t.name)
 
 
-def test_full_manifest_covers_every_parameter_once(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "full")
+def test_full_manifest_covers_every_parameter_once(load: Load) -> None:
+    loaded = load("full")
 
     unique = {id(p): p for p in loaded.model.parameters()}
 
@@ -94,8 +109,8 @@ def test_full_manifest_covers_every_parameter_once(tiny_base_model: Path) -> Non
     assert all(p.requires_grad for p in unique.values())
 
 
-def test_ffa_freezes_every_lora_a_and_trains_every_lora_b(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "lora", aggregation="ffa")
+def test_ffa_freezes_every_lora_a_and_trains_every_lora_b(load: Load) -> None:
+    loaded = load("lora", aggregation="ffa")
 
     trainable = {name for name, p in loaded.model.named_parameters() if p.requires_grad}
 
@@ -104,21 +119,30 @@ def test_ffa_freezes_every_lora_a_and_trains_every_lora_b(tiny_base_model: Path)
     assert len(trainable) == LAYERS * len(LORA.target_modules)
 
 
-def test_full_with_ffa_is_rejected(tiny_base_model: Path) -> None:
+def test_full_with_ffa_is_rejected(make_run: Callable[..., RunSpec]) -> None:
     with pytest.raises(ValueError, match="ffa"):
-        load(tiny_base_model, "full", aggregation="ffa")
+        make_run("full", lora=LORA, aggregation="ffa")
 
 
-@pytest.mark.parametrize(("field", "value"), [("mode", "dora"), ("aggregation", "fedprox"), ("dtype", "float16")])
-def test_unknown_choices_are_rejected_naming_the_field(tiny_base_model: Path, field: str, value: str) -> None:
-    with pytest.raises(ValueError, match=f"^{field} must be one of"):
-        ModelSpec(**{"base_model": str(tiny_base_model), "mode": "lora", "lora": LORA, field: value})  # type: ignore[arg-type]
+@pytest.mark.parametrize(("field", "value"), [("mode", "dora"), ("aggregation", "fedprox")])
+def test_unknown_run_choices_are_rejected_naming_the_field(
+    make_run: Callable[..., RunSpec], field: str, value: str
+) -> None:
+    fields = make_run("lora", lora=LORA).model_dump()
+
+    with pytest.raises(ValidationError, match=rf"(?m)^{field}\n"):
+        RunSpec.model_validate({**fields, field: value})
 
 
-def test_same_seed_builds_the_same_initial_adapter_and_another_seed_another_a(tiny_base_model: Path) -> None:
-    first = global_state(load(tiny_base_model, "lora", seed=7))
-    again = global_state(load(tiny_base_model, "lora", seed=7))
-    other = global_state(load(tiny_base_model, "lora", seed=8))
+def test_an_unknown_site_dtype_is_rejected_naming_the_field(tiny_base_model: Path) -> None:
+    with pytest.raises(ValidationError, match=r"(?m)^dtype\n"):
+        SiteModel.model_validate({"path": str(tiny_base_model), "dtype": "float16"})
+
+
+def test_same_seed_builds_the_same_initial_adapter_and_another_seed_another_a(load: Load) -> None:
+    first = global_state(load("lora", seed=7))
+    again = global_state(load("lora", seed=7))
+    other = global_state(load("lora", seed=8))
 
     assert all(np.array_equal(first[name], again[name]) for name in first)
     a_names = [name for name in first if ".lora_A." in name]
@@ -126,17 +150,17 @@ def test_same_seed_builds_the_same_initial_adapter_and_another_seed_another_a(ti
     assert all(not first[name].any() for name in first if ".lora_B." in name)  # B starts at zero
 
 
-def test_loading_leaves_the_callers_random_state_alone(tiny_base_model: Path) -> None:
+def test_loading_leaves_the_callers_random_state_alone(load: Load) -> None:
     before = torch.random.get_rng_state()
 
-    load(tiny_base_model, "lora", seed=3)
+    load("lora", seed=3)
 
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
-def test_global_state_round_trips_through_set_global_state(tiny_base_model: Path, mode: Mode) -> None:
-    loaded = load(tiny_base_model, mode)
+def test_global_state_round_trips_through_set_global_state(load: Load, mode: Mode) -> None:
+    loaded = load(mode)
     state = random_state(loaded, seed=1)
 
     set_global_state(loaded, state)
@@ -146,8 +170,8 @@ def test_global_state_round_trips_through_set_global_state(tiny_base_model: Path
     assert all(np.array_equal(read[name], state[name]) for name in state)
 
 
-def test_global_state_is_a_copy_the_model_does_not_share(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "full")
+def test_global_state_is_a_copy_the_model_does_not_share(load: Load) -> None:
+    loaded = load("full")
     state = global_state(loaded)
     name = loaded.manifest.names[0]
 
@@ -156,8 +180,8 @@ def test_global_state_is_a_copy_the_model_does_not_share(tiny_base_model: Path) 
     assert not (global_state(loaded)[name] == 123.0).any()
 
 
-def test_set_global_state_names_a_tensor_of_the_wrong_shape(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "lora")
+def test_set_global_state_names_a_tensor_of_the_wrong_shape(load: Load) -> None:
+    loaded = load("lora")
     state = global_state(loaded)
     name = loaded.manifest.names[3]
     state[name] = np.zeros((1, 1), dtype=np.float32)
@@ -166,8 +190,8 @@ def test_set_global_state_names_a_tensor_of_the_wrong_shape(tiny_base_model: Pat
         set_global_state(loaded, state)
 
 
-def test_set_global_state_names_a_missing_or_unknown_tensor(tiny_base_model: Path) -> None:
-    loaded = load(tiny_base_model, "lora")
+def test_set_global_state_names_a_missing_or_unknown_tensor(load: Load) -> None:
+    loaded = load("lora")
     missing = global_state(loaded)
     gone = loaded.manifest.names[-1]
     del missing[gone]
@@ -181,9 +205,9 @@ def test_set_global_state_names_a_missing_or_unknown_tensor(tiny_base_model: Pat
 
 @pytest.mark.parametrize("aggregation", ["fedavg", "ffa"])
 def test_coordinator_written_adapter_loads_with_stock_peft(
-    tiny_base_model: Path, tmp_path: Path, aggregation: str
+    tiny_base_model: Path, load: Load, tmp_path: Path, aggregation: Aggregation
 ) -> None:
-    loaded = load(tiny_base_model, "lora", aggregation=aggregation)
+    loaded = load("lora", aggregation=aggregation)
     state = random_state(loaded, seed=2)
     set_global_state(loaded, state)
     (tmp_path / "adapter_config.json").write_text(artifact_config_json(loaded))
@@ -197,8 +221,8 @@ def test_coordinator_written_adapter_loads_with_stock_peft(
     assert not torch.allclose(logits(stock, SAMPLE), logits(plain, SAMPLE))
 
 
-def test_adapter_config_json_matches_what_peft_itself_writes(tiny_base_model: Path, tmp_path: Path) -> None:
-    loaded = load(tiny_base_model, "lora")
+def test_adapter_config_json_matches_what_peft_itself_writes(load: Load, tmp_path: Path) -> None:
+    loaded = load("lora")
 
     cast(PeftModel, loaded.model).save_pretrained(str(tmp_path))
     written = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -208,8 +232,8 @@ def test_adapter_config_json_matches_what_peft_itself_writes(tiny_base_model: Pa
     assert ours == written
 
 
-def test_coordinator_written_full_model_loads_with_from_pretrained(tiny_base_model: Path, tmp_path: Path) -> None:
-    loaded = load(tiny_base_model, "full")
+def test_coordinator_written_full_model_loads_with_from_pretrained(load: Load, tmp_path: Path) -> None:
+    loaded = load("full")
     state = random_state(loaded, seed=3)
     set_global_state(loaded, state)
     (tmp_path / "config.json").write_text(artifact_config_json(loaded))

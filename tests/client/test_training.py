@@ -2,32 +2,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from bitsandbytes.nn.modules import Linear4bit
+from pydantic import ValidationError
 
+from fedlora_common.plans import LoraSpec, TrainingPlan
 from fedlora_worker.data import IGNORE_INDEX, TokenizedData
-from fedlora_worker.modeling import LoadedModel, LoraSettings, Mode, ModelSpec, load_model
-from fedlora_worker.training import TrainConfig, causal_lm_loss, evaluate, train_locally
+from fedlora_worker.modeling import LoadedModel
+from fedlora_worker.training import causal_lm_loss, evaluate, train_locally
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+Load = Callable[..., LoadedModel]
 
-LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.05)
-CONFIG = TrainConfig(local_steps=30, batch_size=4, learning_rate=1e-2, grad_clip_norm=1.0, seed=0)
-SHORT = TrainConfig(local_steps=4, batch_size=4, learning_rate=1e-2, grad_clip_norm=1.0, seed=0)
-
-
-def load(base: Path, mode: Mode, **kwargs: object) -> LoadedModel:
-    return load_model(ModelSpec(base_model=str(base), mode=mode, lora=LORA, **kwargs))  # type: ignore[arg-type]
+LORA = LoraSpec(rank=4, alpha=8, dropout=0.05)
+PLAN = TrainingPlan(local_steps=30, batch_size=4, learning_rate=1e-2, grad_clip_norm=1.0, seed=0)
+SHORT = TrainingPlan(local_steps=4, batch_size=4, learning_rate=1e-2, grad_clip_norm=1.0, seed=0)
 
 
 @pytest.fixture
-def repeated(tiny_base_model: Path, make_sentences: Callable[[int, int], list[str]]) -> TokenizedData:
+def load(load_tiny: Load) -> Load:
+    return partial(load_tiny, lora=LORA)
+
+
+@pytest.fixture
+def repeated(load: Load, make_sentences: Callable[[int, int], list[str]]) -> TokenizedData:
     """A handful of sentences, each several times: easy to fit in a few steps."""
-    loaded = load(tiny_base_model, "full")
+    loaded = load("full")
     rows = [[1, *loaded.tokenizer.encode(s, add_special_tokens=False), 2] for s in make_sentences(4, 9)] * 3
     return TokenizedData(input_ids=rows, labels=[list(r) for r in rows])
 
@@ -65,21 +69,21 @@ def test_causal_lm_loss_mask_drops_tokens_from_the_loss() -> None:
     torch.testing.assert_close(loss, expected)
 
 
-def test_training_lowers_the_loss_and_moves_only_the_adapter(tiny_base_model: Path, repeated: TokenizedData) -> None:
-    loaded = load(tiny_base_model, "lora")
+def test_training_lowers_the_loss_and_moves_only_the_adapter(load: Load, repeated: TokenizedData) -> None:
+    loaded = load("lora")
     before = snapshot(loaded.model)
     initial = evaluate(loaded.model, repeated, batch_size=8, pad_id=loaded.pad_id)
     losses: list[tuple[int, float]] = []
 
     result = train_locally(
-        loaded.model, repeated, CONFIG, pad_id=loaded.pad_id, on_step=lambda s, v: losses.append((s, v))
+        loaded.model, repeated, PLAN, pad_id=loaded.pad_id, on_step=lambda s, v: losses.append((s, v))
     )
     final = evaluate(loaded.model, repeated, batch_size=8, pad_id=loaded.pad_id)
 
     assert final.loss < initial.loss - 1.0
-    assert [step for step, _ in losses] == list(range(1, CONFIG.local_steps + 1))
+    assert [step for step, _ in losses] == list(range(1, PLAN.local_steps + 1))
     assert all(math.isfinite(value) for _, value in losses)
-    assert result.steps == CONFIG.local_steps
+    assert result.steps == PLAN.local_steps
     assert result.tokens > 0
     assert result.tokens_per_second > 0
     assert result.sample_rate == 0.0  # no DP-SGD, nothing for a record-level accountant
@@ -88,8 +92,8 @@ def test_training_lowers_the_loss_and_moves_only_the_adapter(tiny_base_model: Pa
     assert not loaded.model.training
 
 
-def test_ffa_training_moves_b_and_keeps_a(tiny_base_model: Path, repeated: TokenizedData) -> None:
-    loaded = load(tiny_base_model, "lora", aggregation="ffa")
+def test_ffa_training_moves_b_and_keeps_a(load: Load, repeated: TokenizedData) -> None:
+    loaded = load("lora", aggregation="ffa")
     before = snapshot(loaded.model)
 
     train_locally(loaded.model, repeated, SHORT, pad_id=loaded.pad_id)
@@ -98,8 +102,8 @@ def test_ffa_training_moves_b_and_keeps_a(tiny_base_model: Path, repeated: Token
     assert moved == {name for name in before if ".lora_B." in name}
 
 
-def test_qlora_training_keeps_the_4bit_base_weights(tiny_base_model: Path, repeated: TokenizedData) -> None:
-    loaded = load(tiny_base_model, "qlora")
+def test_qlora_training_keeps_the_4bit_base_weights(load: Load, repeated: TokenizedData) -> None:
+    loaded = load("qlora")
     quantized = {n: m.weight.detach().clone() for n, m in loaded.model.named_modules() if isinstance(m, Linear4bit)}
     before = snapshot(loaded.model)
 
@@ -111,21 +115,21 @@ def test_qlora_training_keeps_the_4bit_base_weights(tiny_base_model: Path, repea
     assert all(".lora_" in name for name in changed(before, loaded.model))
 
 
-def test_full_training_lowers_the_loss(tiny_base_model: Path, repeated: TokenizedData) -> None:
-    loaded = load(tiny_base_model, "full")
+def test_full_training_lowers_the_loss(load: Load, repeated: TokenizedData) -> None:
+    loaded = load("full")
     initial = evaluate(loaded.model, repeated, batch_size=8, pad_id=loaded.pad_id)
 
-    train_locally(loaded.model, repeated, CONFIG, pad_id=loaded.pad_id)
+    train_locally(loaded.model, repeated, PLAN, pad_id=loaded.pad_id)
 
     assert evaluate(loaded.model, repeated, batch_size=8, pad_id=loaded.pad_id).loss < initial.loss - 1.0
 
 
-def test_a_tiny_clip_norm_keeps_the_update_tiny(tiny_base_model: Path, repeated: TokenizedData) -> None:
-    free, clipped = load(tiny_base_model, "lora"), load(tiny_base_model, "lora")
+def test_a_tiny_clip_norm_keeps_the_update_tiny(load: Load, repeated: TokenizedData) -> None:
+    free, clipped = load("lora"), load("lora")
     before = snapshot(free.model)
     # Adam divides by sqrt(v) + 1e-8: gradients clipped far below eps leave steps ~1e4 times smaller.
-    tiny = TrainConfig(local_steps=4, batch_size=4, learning_rate=1e-2, grad_clip_norm=1e-12, seed=0)
-    loose = TrainConfig(local_steps=4, batch_size=4, learning_rate=1e-2, grad_clip_norm=1e3, seed=0)
+    tiny = TrainingPlan(local_steps=4, batch_size=4, learning_rate=1e-2, grad_clip_norm=1e-12, seed=0)
+    loose = TrainingPlan(local_steps=4, batch_size=4, learning_rate=1e-2, grad_clip_norm=1e3, seed=0)
 
     train_locally(free.model, repeated, loose, pad_id=free.pad_id)
     train_locally(clipped.model, repeated, tiny, pad_id=clipped.pad_id)
@@ -141,14 +145,12 @@ def test_a_tiny_clip_norm_keeps_the_update_tiny(tiny_base_model: Path, repeated:
 def test_non_positive_training_settings_are_rejected_naming_the_field(field: str) -> None:
     settings = {"local_steps": 1, "batch_size": 1, "learning_rate": 1e-3, "grad_clip_norm": 1.0, "seed": 0}
 
-    with pytest.raises(ValueError, match=f"^{field} must be positive"):
-        TrainConfig(**{**settings, field: 0})  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=rf"(?m)^{field}\n  Input should be greater than"):
+        TrainingPlan.model_validate({**settings, field: 0})
 
 
-def test_training_is_reproducible_and_leaves_the_callers_rng_alone(
-    tiny_base_model: Path, repeated: TokenizedData
-) -> None:
-    first, second = load(tiny_base_model, "lora"), load(tiny_base_model, "lora")
+def test_training_is_reproducible_and_leaves_the_callers_rng_alone(load: Load, repeated: TokenizedData) -> None:
+    first, second = load("lora"), load("lora")
     rng = torch.random.get_rng_state()
 
     one = train_locally(first.model, repeated, SHORT, pad_id=first.pad_id)
@@ -160,8 +162,8 @@ def test_training_is_reproducible_and_leaves_the_callers_rng_alone(
     assert all(torch.equal(tensor, b[name]) for name, tensor in first.model.state_dict().items())
 
 
-def test_evaluation_is_token_weighted_and_blind_to_padding(tiny_base_model: Path, repeated: TokenizedData) -> None:
-    loaded = load(tiny_base_model, "lora")
+def test_evaluation_is_token_weighted_and_blind_to_padding(load: Load, repeated: TokenizedData) -> None:
+    loaded = load("lora")
 
     one_by_one = evaluate(loaded.model, repeated, batch_size=1, pad_id=loaded.pad_id)
     padded = evaluate(loaded.model, repeated, batch_size=5, pad_id=loaded.pad_id)

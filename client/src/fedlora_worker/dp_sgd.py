@@ -11,33 +11,19 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fedlora_common.plans import RecordDPPlan
 from fedlora_worker.data import TokenizedData
 
-__all__ = ["RecordDPConfig", "dp_optimizer", "draw_records", "merge_grad_samples", "record_windows", "secret_generator"]
+__all__ = ["dp_optimizer", "draw_records", "merge_grad_samples", "record_windows", "secret_generator"]
 
 # Attributes Opacus leaves on modules and parameters that its own cleanup does not remove.
 _MODULE_LEFTOVERS = ("activations", "max_batch_len")
 _PARAM_LEFTOVERS = ("summed_grad",)
-
-
-@dataclass(frozen=True)
-class RecordDPConfig:
-    """Gaussian noise of std noise_multiplier * max_grad_norm on the sum of per-record gradients
-    clipped to max_grad_norm. Zero is rejected for both: no noise is no privacy, a zero clip no update."""
-
-    noise_multiplier: float
-    max_grad_norm: float
-
-    def __post_init__(self) -> None:
-        for field in ("noise_multiplier", "max_grad_norm"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
 
 
 def record_windows(data: TokenizedData) -> list[list[int]]:
@@ -92,7 +78,7 @@ def merge_grad_samples(params: Sequence[torch.nn.Parameter], owner: torch.Tensor
 def dp_optimizer(
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter],
-    config: RecordDPConfig,
+    plan: RecordDPPlan,
     *,
     learning_rate: float,
     expected_batch_size: int,
@@ -100,7 +86,8 @@ def dp_optimizer(
 ) -> Iterator[DPOptimizer]:
     """AdamW behind Opacus' clipping and noise, with per-sample gradient hooks on model while open.
 
-    The loss to backpropagate is the sum of per-record losses (loss_reduction "sum" for the hooks,
+    Noise of std plan.noise_multiplier * plan.max_grad_norm goes onto the sum of per-record
+    gradients, each clipped to plan.max_grad_norm. The loss to backpropagate is the sum of per-record losses (loss_reduction "sum" for the hooks,
     so each per-sample gradient is that record's own); the optimizer then divides the noised sum by
     expected_batch_size ("mean"), as DP-SGD with Poisson sampling prescribes. On exit every hook
     and attribute Opacus added is removed and the gradients are cleared: the daemon reuses model
@@ -111,8 +98,8 @@ def dp_optimizer(
     try:
         yield DPOptimizer(
             torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
-            noise_multiplier=config.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
             generator=generator,

@@ -7,36 +7,17 @@ cannot reproduce it verbatim. The first h positions of a row have no full contex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["GoldfishConfig", "goldfish_mask"]
+from fedlora_common.plans import GoldfishPlan
+
+__all__ = ["goldfish_mask"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
-
-
-@dataclass(frozen=True)
-class GoldfishConfig:
-    """Drop about 1/k of the tokens, chosen by a hash of the h tokens before each, keyed by seed."""
-
-    k: int = 4
-    h: int = 13
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _validate(self.k, self.h)
-
-
-def _validate(k: int, h: int) -> None:
-    if k < 2:
-        raise ValueError(f"k must be at least 2 (k=1 would drop every token), got {k}")
-    if h < 1:
-        raise ValueError(f"h must be at least 1, got {h}")
 
 
 def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -46,21 +27,21 @@ def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return x ^ (x >> np.uint64(31))
 
 
-def goldfish_mask(input_ids: torch.Tensor, *, k: int = 4, h: int = 13, seed: int = 0) -> torch.Tensor:
+def goldfish_mask(input_ids: torch.Tensor, plan: GoldfishPlan) -> torch.Tensor:
     """True where token t counts in the loss: dropped when the hash of ids[t-h:t] is below 2**64 / k.
 
     The hash chains splitmix64 over the h ids in order (order-sensitive), starting from a state
-    derived from seed; uint64 arithmetic wraps by definition in numpy, so every process and machine
-    computes the same mask. h vector passes over the batch: cheap next to a forward pass.
+    derived from plan.seed; uint64 arithmetic wraps by definition in numpy, so every process and
+    machine computes the same mask. h vector passes over the batch: cheap next to a forward pass.
     """
-    _validate(k, h)
+    k, h = plan.k, plan.h
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     ids = input_ids.detach().cpu().numpy().astype(np.uint64)
     rows, length = ids.shape
     keep = np.ones((rows, length), dtype=bool)
     if length > h:
-        start = _mix(np.array([seed % 2**64], dtype=np.uint64) + _GOLDEN)
+        start = _mix(np.array([plan.seed % 2**64], dtype=np.uint64) + _GOLDEN)
         state = np.broadcast_to(start, (rows, length - h))
         for offset in range(h):  # state[:, j] absorbs ids[j .. j+h-1], the context of token j+h
             state = _mix(state ^ ids[:, offset : length - h + offset])

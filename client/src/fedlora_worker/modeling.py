@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import Field
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,61 +26,28 @@ from transformers import (
 )
 
 from fedlora_common.manifest import Manifest, TensorSpec
+from fedlora_common.plans import LoraSpec, Mode, RunSpec
+from fedlora_common.settings import StrictModel
 
 __all__ = [
-    "Aggregation",
     "LoadedModel",
-    "LoraSettings",
-    "Mode",
-    "ModelSpec",
+    "SiteModel",
     "artifact_config_json",
     "global_state",
     "load_model",
+    "lora_config",
     "set_global_state",
 ]
-
-Mode = Literal["lora", "qlora", "full"]
-Aggregation = Literal["fedavg", "ffa"]
-_Dtype = Literal["float32", "bfloat16"]
 
 _ADAPTER = "default"
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """peft's LoRA knobs; the default targets every attention and MLP projection, as in the paper."""
+class SiteModel(StrictModel):
+    """What only this site decides about the run's base model; the run decides everything else (RunSpec)."""
 
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora rank must be at least 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora target_modules must name at least one module")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything every site must agree on to build the same model and the same initial adapter."""
-
-    base_model: str
-    mode: Mode
-    lora: LoraSettings
-    aggregation: Aggregation = "fedavg"
-    seed: int = 0
-    dtype: _Dtype = "float32"
-
-    def __post_init__(self) -> None:
-        for field, allowed in (("mode", Mode), ("aggregation", Aggregation), ("dtype", _Dtype)):
-            if getattr(self, field) not in get_args(allowed):
-                raise ValueError(f"{field} must be one of {get_args(allowed)}, got {getattr(self, field)!r}")
-        if self.mode == "full" and self.aggregation == "ffa":
-            raise ValueError("aggregation 'ffa' needs a LoRA adapter to freeze A in; mode 'full' has none")
+    path: str = Field(min_length=1, description="Local path (or hub id) of this site's copy of the base model")
+    device: str = Field("cpu", min_length=1)
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Base weights and compute (qlora: compute)")
 
 
 @dataclass
@@ -88,7 +56,8 @@ class LoadedModel:
 
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
-    spec: ModelSpec
+    run: RunSpec
+    site: SiteModel
     manifest: Manifest
 
     @property
@@ -98,45 +67,49 @@ class LoadedModel:
         if pad is None:
             pad = self.tokenizer.eos_token_id
         if pad is None:
-            raise ValueError(f"tokenizer of {self.spec.base_model} has neither a pad nor an eos token")
+            raise ValueError(f"tokenizer of {self.site.path} has neither a pad nor an eos token")
         return int(pad)
 
 
-def load_model(spec: ModelSpec, *, device: str = "cpu") -> LoadedModel:
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    """The run's LoRA settings as peft's object: the one place the vocabulary meets peft."""
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     """Load base model and tokenizer, and wrap the model in a seeded LoRA adapter unless mode is full.
 
     The adapter is attached only once the model is on its device: peft (and Opacus after it) must see
     the final parameters, or the trained update can silently stay zero.
     """
-    dtype = getattr(torch, spec.dtype)
+    dtype = getattr(torch, site.dtype)
     quantization = None
-    if spec.mode == "qlora":
+    if run.mode == "qlora":
         quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(site.path)
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-        spec.base_model, dtype=dtype, quantization_config=quantization, device_map={"": device}
+        site.path, dtype=dtype, quantization_config=quantization, device_map={"": site.device}
     )
-    if spec.mode != "full":
-        lora = LoraConfig(
-            r=spec.lora.rank,
-            lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # annotated int; a float scales as well
-            lora_dropout=spec.lora.dropout,
-            target_modules=list(spec.lora.target_modules),
-            task_type="CAUSAL_LM",
-        )
+    if run.mode != "full":
         # Same seed, same A at every site (FFA-LoRA keeps it forever); the caller's RNG is left as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model = get_peft_model(model, lora)
-        if spec.aggregation == "ffa":
+            torch.manual_seed(run.seed)
+            model = get_peft_model(model, lora_config(run.lora))
+        if run.aggregation == "ffa":
             for name, param in model.named_parameters():
                 if ".lora_A." in name:
                     param.requires_grad_(False)
-    tensors = _global_tensors(model, spec.mode)
+    tensors = _global_tensors(model, run.mode)
     manifest = Manifest(tuple(TensorSpec(name, tuple(t.shape)) for name, t in tensors.items()))
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, manifest=manifest)
+    return LoadedModel(model=model, tokenizer=tokenizer, run=run, site=site, manifest=manifest)
 
 
 def _global_tensors(model: torch.nn.Module, mode: Mode) -> dict[str, torch.Tensor]:
@@ -153,7 +126,7 @@ def global_state(loaded: LoadedModel) -> dict[str, npt.NDArray[np.float32]]:
     """Float32 copies of the global state in manifest order (copies: training must not move them)."""
     return {
         name: tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
-        for name, tensor in _global_tensors(loaded.model, loaded.spec.mode).items()
+        for name, tensor in _global_tensors(loaded.model, loaded.run.mode).items()
     }
 
 
@@ -169,7 +142,7 @@ def set_global_state(loaded: LoadedModel, state: Mapping[str, npt.NDArray[np.flo
         if tuple(state[name].shape) != shape:
             raise ValueError(f"tensor {name}: shape {tuple(state[name].shape)} != manifest {shape}")
     tensors = {name: torch.tensor(np.asarray(state[name], dtype=np.float32)) for name in expected}
-    if loaded.spec.mode != "full":
+    if loaded.run.mode != "full":
         set_peft_model_state_dict(loaded.model, tensors, adapter_name=_ADAPTER)
         return
     with torch.no_grad():
@@ -183,11 +156,11 @@ def artifact_config_json(loaded: LoadedModel) -> str:
     Mirrors ``PeftConfig.save_pretrained`` (sets as lists, saved in inference mode) but sorts the
     lists, so every process writes byte-identical JSON whatever its hash seed.
     """
-    if loaded.spec.mode == "full":
+    if loaded.run.mode == "full":
         text: str = cast(PreTrainedModel, loaded.model).config.to_json_string()
         return text
     config: dict[str, Any] = cast(PeftModel, loaded.model).peft_config[_ADAPTER].to_dict()
     config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
-    config["base_model_name_or_path"] = loaded.spec.base_model
+    config["base_model_name_or_path"] = loaded.site.path
     config["inference_mode"] = True
     return json.dumps(config, indent=2, sort_keys=True)

@@ -11,51 +11,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedlora_common.plans import GoldfishPlan, RecordDPPlan, TrainingPlan
 from fedlora_worker.data import IGNORE_INDEX, Batch, TokenizedData, batches, collate
-from fedlora_worker.dp_sgd import (
-    RecordDPConfig,
-    dp_optimizer,
-    draw_records,
-    merge_grad_samples,
-    record_windows,
-    secret_generator,
-)
-from fedlora_worker.goldfish import GoldfishConfig, goldfish_mask
+from fedlora_worker.dp_sgd import dp_optimizer, draw_records, merge_grad_samples, record_windows, secret_generator
+from fedlora_worker.goldfish import goldfish_mask
 
 __all__ = [
     "EvalResult",
-    "GoldfishConfig",
-    "RecordDPConfig",
-    "TrainConfig",
     "TrainResult",
     "causal_lm_loss",
     "evaluate",
     "token_losses",
     "train_locally",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One round of local training; seed fixes batch order and dropout, so vary it from round to round.
-
-    goldfish leaves a hashed 1/k of the tokens out of the loss. dp switches to record-level DP-SGD:
-    batch_size becomes the expected number of records per Poisson draw, and dp.max_grad_norm clips
-    each record's gradient in place of grad_clip_norm on the batch's.
-    """
-
-    local_steps: int
-    batch_size: int
-    learning_rate: float
-    grad_clip_norm: float
-    seed: int
-    goldfish: GoldfishConfig | None = None
-    dp: RecordDPConfig | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("local_steps", "batch_size", "learning_rate", "grad_clip_norm"):
-            if not getattr(self, field) > 0:  # a zero clip norm would silently zero every gradient
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
 
 
 @dataclass(frozen=True)
@@ -110,10 +78,10 @@ def causal_lm_loss(
     return losses.sum() / max(count, 1), count
 
 
-def _loss_mask(batch: Batch, goldfish: GoldfishConfig | None) -> torch.Tensor | None:
+def _loss_mask(batch: Batch, goldfish: GoldfishPlan | None) -> torch.Tensor | None:
     if goldfish is None:
         return None
-    return goldfish_mask(batch.input_ids, k=goldfish.k, h=goldfish.h, seed=goldfish.seed)
+    return goldfish_mask(batch.input_ids, goldfish)
 
 
 @dataclass(frozen=True)
@@ -126,42 +94,45 @@ class _Step:
 def train_locally(
     model: torch.nn.Module,
     data: TokenizedData,
-    config: TrainConfig,
+    plan: TrainingPlan,
     *,
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
     dp_generator: torch.Generator | None = None,
 ) -> TrainResult:
-    """Take config.local_steps AdamW steps on the trainable parameters; on_step(step, loss) after each.
+    """Take plan.local_steps AdamW steps on the trainable parameters; on_step(step, loss) after each.
 
     The optimizer is fresh each call (a round starts from the new global state) and has no weight
     decay, which would pull the update towards zero rather than towards the site's data. Batch order
-    and dropout are seeded from config.seed without touching the caller's random state. Under
-    config.dp the Poisson draws and the noise come from dp_generator, by default seeded from the OS
-    (never from config.seed, see dp_sgd.secret_generator); an empty draw reports a loss of nan.
+    and dropout are seeded from plan.seed without touching the caller's random state. plan.goldfish
+    leaves a hashed 1/k of the tokens out of the loss. plan.record_dp switches to record-level
+    DP-SGD: batch_size becomes the expected number of records per Poisson draw, and each record's
+    gradient is clipped to record_dp.max_grad_norm in place of grad_clip_norm on the batch's. The
+    Poisson draws and the noise come from dp_generator, by default seeded from the OS (never from
+    plan.seed, see dp_sgd.secret_generator); an empty draw reports a loss of nan.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = params[0].device
     sample_rate = 0.0
-    if config.dp is None:
-        steps = _plain_steps(model, data, config, params, pad_id=pad_id)
+    if plan.record_dp is None:
+        steps = _plain_steps(model, data, plan, params, pad_id=pad_id)
     else:
         records = record_windows(data)
-        if config.batch_size > len(records):
-            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(records)} records DP-SGD samples from")
-        sample_rate = config.batch_size / len(records)
+        if plan.batch_size > len(records):
+            raise ValueError(f"batch_size {plan.batch_size} exceeds the {len(records)} records DP-SGD samples from")
+        sample_rate = plan.batch_size / len(records)
         generator = dp_generator if dp_generator is not None else secret_generator()
         steps = _private_steps(
-            model, data, records, sample_rate, config, config.dp, params, pad_id=pad_id, generator=generator
+            model, data, records, sample_rate, plan, plan.record_dp, params, pad_id=pad_id, generator=generator
         )
     loss_sum, loss_tokens, tokens = 0.0, 0, 0
     started = time.perf_counter()
     model.train()
     rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
     with rng, contextlib.closing(steps):  # closing: Opacus lets go of the model even if on_step raises
-        torch.manual_seed(config.seed)
+        torch.manual_seed(plan.seed)
         for number, step in enumerate(steps, start=1):
             loss_sum += step.loss * step.counted if step.counted else 0.0
             loss_tokens += step.counted
@@ -171,7 +142,7 @@ def train_locally(
     model.eval()
     return TrainResult(
         mean_loss=loss_sum / max(loss_tokens, 1),
-        steps=config.local_steps,
+        steps=plan.local_steps,
         tokens=tokens,
         seconds=time.perf_counter() - started,
         sample_rate=sample_rate,
@@ -186,21 +157,21 @@ def _checked(loss: torch.Tensor, step: int) -> float:
 
 
 def _plain_steps(
-    model: torch.nn.Module, data: TokenizedData, config: TrainConfig, params: list[torch.nn.Parameter], *, pad_id: int
+    model: torch.nn.Module, data: TokenizedData, plan: TrainingPlan, params: list[torch.nn.Parameter], *, pad_id: int
 ) -> Generator[_Step]:
     """Shuffled full batches; the batch's token-mean loss; its gradient clipped to grad_clip_norm."""
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     stream = batches(
-        data, batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed), pad_id=pad_id
+        data, batch_size=plan.batch_size, generator=torch.Generator().manual_seed(plan.seed), pad_id=pad_id
     )
-    for step in range(1, config.local_steps + 1):
+    for step in range(1, plan.local_steps + 1):
         batch = next(stream).to(params[0].device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, counted = causal_lm_loss(logits, batch.labels, loss_mask=_loss_mask(batch, config.goldfish))
+        loss, counted = causal_lm_loss(logits, batch.labels, loss_mask=_loss_mask(batch, plan.goldfish))
         value = _checked(loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(params, plan.grad_clip_norm)
         optimizer.step()
         yield _Step(value, counted, int(batch.attention_mask.sum()))
 
@@ -210,8 +181,8 @@ def _private_steps(
     data: TokenizedData,
     records: list[list[int]],
     sample_rate: float,
-    config: TrainConfig,
-    dp: RecordDPConfig,
+    plan: TrainingPlan,
+    dp: RecordDPPlan,
     params: list[torch.nn.Parameter],
     *,
     pad_id: int,
@@ -228,11 +199,11 @@ def _private_steps(
         model,
         params,
         dp,
-        learning_rate=config.learning_rate,
-        expected_batch_size=config.batch_size,
+        learning_rate=plan.learning_rate,
+        expected_batch_size=plan.batch_size,
         generator=generator,
     ) as optimizer:
-        for step in range(1, config.local_steps + 1):
+        for step in range(1, plan.local_steps + 1):
             chosen = draw_records(len(records), sample_rate, generator)
             rows = [window for record in chosen for window in records[record]]
             owner = torch.tensor(
@@ -243,7 +214,7 @@ def _private_steps(
             if rows:
                 batch = collate(data, rows, pad_id=pad_id).to(device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                losses, counted = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, config.goldfish))
+                losses, counted = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, plan.goldfish))
                 per_record = torch.zeros(len(chosen), device=device)
                 sums = per_record.index_add(0, owner, losses.sum(dim=1))
                 counts = per_record.index_add(0, owner, counted.sum(dim=1).float())

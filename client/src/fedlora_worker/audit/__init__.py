@@ -12,7 +12,7 @@ from fedlora_worker.audit._metrics import (
     token_accuracy,
 )
 from fedlora_worker.audit._runner import (
-    AuditConfig,
+    AuditOptions,
     AuditReport,
     ContinuationResult,
     ExposureResult,
@@ -25,7 +25,7 @@ from fedlora_worker.audit._runner import (
 )
 
 __all__ = [
-    "AuditConfig",
+    "AuditOptions",
     "AuditReport",
     "ContinuationResult",
     "ExposureResult",

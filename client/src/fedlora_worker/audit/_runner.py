@@ -2,6 +2,9 @@
 
 Three measurements per record, each also made on the control group (same format, never trained on):
 
+The run decides what is measured (``AuditPlan``: prefixes, suffix_tokens, exposure_candidates);
+the site decides how (``AuditOptions``: BLEU threshold, batch size, seed, the secret exposure ranks).
+
 * Continuation. The record's last ``suffix_tokens`` tokens are the target; for each prefix length
   ``p`` with at least ``p + suffix_tokens`` tokens in the record, the prompt is the ``p`` tokens
   right before the target (tokens as training saw them, beginning-of-sequence included). Scored by
@@ -36,7 +39,10 @@ from typing import Any, Final, Protocol, get_args
 import numpy as np
 import structlog
 import torch
+from pydantic import Field
 
+from fedlora_common.plans import AuditPlan
+from fedlora_common.settings import StrictModel
 from fedlora_worker.audit._candidates import candidate_space, random_candidates
 from fedlora_worker.audit._generation import greedy_decode, shared_prefix_log_likelihoods
 from fedlora_worker.audit._metrics import (
@@ -49,7 +55,7 @@ from fedlora_worker.audit._metrics import (
 from fedlora_worker.records import CanaryRecord, Group
 
 __all__ = [
-    "AuditConfig",
+    "AuditOptions",
     "AuditReport",
     "ContinuationResult",
     "ExposureResult",
@@ -72,29 +78,15 @@ _DECODE_CHUNK_BATCHES: Final = 4
 _CONTEXT_CHARS: Final = 64
 
 
-@dataclass(frozen=True)
-class AuditConfig:
-    """What the audit measures; the defaults are the paper's."""
+class AuditOptions(StrictModel):
+    """How this site runs the audit; what it measures is the run's AuditPlan."""
 
-    prefixes: tuple[int, ...] = (10, 50, 100, 200, 500)
-    suffix_tokens: int = 50
-    bleu_threshold: float = 0.75
-    exposure_candidates: int = 128
-    batch_size: int = 64  # fastest of 16, 32, 64, 128 on one CPU thread (bench/audit.py)
-    seed: int = 0
-    exposure_secret: str = "record_id"
-
-    def __post_init__(self) -> None:
-        if not self.prefixes or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.prefixes):
-            raise ValueError(f"prefixes: must be positive integers, got {self.prefixes!r}")
-        if len(set(self.prefixes)) != len(self.prefixes):
-            raise ValueError(f"prefixes: must be distinct, got {self.prefixes!r}")
-        for name, low in (("suffix_tokens", 1), ("exposure_candidates", 2), ("batch_size", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-        if not 0.0 < self.bleu_threshold <= 1.0:
-            raise ValueError(f"bleu_threshold: must be in (0, 1], got {self.bleu_threshold!r}")
+    bleu_threshold: float = Field(0.75, gt=0, le=1, description="Sentence BLEU at which a continuation counts")
+    batch_size: int = Field(
+        64, ge=1, description="Prompts per batch; 64 was fastest on one CPU thread (bench/audit.py)"
+    )
+    seed: int = Field(0, ge=0, description="Key of the exposure candidates drawn for each record")
+    exposure_secret: str = Field("record_id", min_length=1, description="The secret field exposure ranks")
 
 
 class TokenModel(Protocol):
@@ -168,7 +160,8 @@ def _rounded(value: float | None) -> float | None:
 class AuditReport:
     """Per-(record, prefix) results of one audit; ``summary`` is the only part meant to leave a site."""
 
-    config: AuditConfig
+    plan: AuditPlan
+    options: AuditOptions
     groups: tuple[Group, ...]
     continuations: tuple[ContinuationResult, ...]
     pii: tuple[PiiResult, ...]
@@ -221,13 +214,13 @@ class AuditReport:
         return {
             **{key: overall[key] for key in keys},
             "by_duplication": {g: self._stats(frozenset({g}), None) for g in _GROUPS},
-            "by_prefix": {str(p): {g: self._stats(frozenset({g}), p) for g in _GROUPS} for p in self.config.prefixes},
+            "by_prefix": {str(p): {g: self._stats(frozenset({g}), p) for g in _GROUPS} for p in self.plan.prefixes},
             "config": {
-                "prefixes": list(self.config.prefixes),
-                "suffix_tokens": self.config.suffix_tokens,
-                "bleu_threshold": self.config.bleu_threshold,
-                "exposure_candidates": self.config.exposure_candidates,
-                "exposure_secret": self.config.exposure_secret,
+                "prefixes": list(self.plan.prefixes),
+                "suffix_tokens": self.plan.suffix_tokens,
+                "bleu_threshold": self.options.bleu_threshold,
+                "exposure_candidates": self.plan.exposure_candidates,
+                "exposure_secret": self.options.exposure_secret,
             },
             "records": {g: sum(x == g for x in self.groups) for g in _GROUPS},
             "seconds": round(self.seconds, 3),
@@ -290,21 +283,21 @@ def _first_occurrence(
 
 
 def _exposure(
-    lm: TokenModel, tokenizer: Any, record: CanaryRecord, whole: _Encoded, config: AuditConfig
+    lm: TokenModel, tokenizer: Any, record: CanaryRecord, whole: _Encoded, plan: AuditPlan, options: AuditOptions
 ) -> tuple[float, int] | None:
     """(exposure, |R|) of the record's exposure secret, or None if it has none or it never occurs.
 
     Each candidate's score is log p(secret tokens | tokens before them) at the first occurrence,
     the tokens as training saw them in the whole record; ``whole`` is the record's own encoding.
     """
-    secret = record["secrets"].get(config.exposure_secret)
+    secret = record["secrets"].get(options.exposure_secret)
     start = record["text"].find(secret) if secret else -1
     if not secret or start < 0:
         return None
-    size = min(config.exposure_candidates, candidate_space(secret))
+    size = min(plan.exposure_candidates, candidate_space(secret))
     if size < 2:
         return None
-    values = [secret, *random_candidates(secret, size - 1, _record_rng(config.seed, record["id"]))]
+    values = [secret, *random_candidates(secret, size - 1, _record_rng(options.seed, record["id"]))]
     # Candidates keep the secret's length, so its character span holds in every substituted text.
     span = (start, start + len(secret))
     head = record["text"][: span[1] + _CONTEXT_CHARS]
@@ -326,23 +319,25 @@ def run_audit(
     tokenizer: Any,
     records: Sequence[CanaryRecord],
     *,
-    config: AuditConfig = AuditConfig(),
+    plan: AuditPlan,
+    options: AuditOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
-    """The audit over any ``TokenModel``; ``audit_model`` wraps a torch causal LM."""
+    """The audit over any ``TokenModel``; ``audit_model`` wraps a torch causal LM. No options: the defaults."""
+    options = options or AuditOptions()
     log = structlog.get_logger(__name__)
     started = time.perf_counter()
     groups = tuple(r["group"] for r in records)
     log.info("audit_started", records=len(records), **{g: groups.count(g) for g in _GROUPS})
     encoded = _encode(tokenizer, [r["text"] for r in records])
-    suffix = config.suffix_tokens
+    suffix = plan.suffix_tokens
 
     prompts: dict[tuple[int, ...], int] = {}
     cont_jobs: list[tuple[int, int, int]] = []  # (record, prefix, prompt)
     pii_jobs: list[tuple[int, int, str, int]] = []  # (record, prefix, field, prompt)
     for index, (record, enc) in enumerate(zip(records, encoded, strict=True)):
         cut = len(enc.ids) - suffix
-        for p in config.prefixes:
+        for p in plan.prefixes:
             if cut >= p:
                 key = tuple(enc.ids[cut - p : cut])
                 cont_jobs.append((index, p, prompts.setdefault(key, len(prompts))))
@@ -353,14 +348,14 @@ def run_audit(
             first = next((i for i, offset in enumerate(enc.offsets) if offset[1] > spans[0][0]), len(enc.ids))
             if first == 0:
                 continue  # nothing precedes the secret to prompt with
-            for p in config.prefixes:
+            for p in plan.prefixes:
                 key = tuple(enc.ids[max(0, first - p) : first])
                 pii_jobs.append((index, p, field, prompts.setdefault(key, len(prompts))))
 
     unique = list(prompts)
     # Decode in length order, in chunks, so that progress can be reported and padding stays small.
     order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
-    chunk = config.batch_size * _DECODE_CHUNK_BATCHES
+    chunk = options.batch_size * _DECODE_CHUNK_BATCHES
     decoded: list[list[int]] = [[] for _ in unique]
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
@@ -380,7 +375,7 @@ def run_audit(
                 group=groups[index],
                 prefix=p,
                 exact=exact_match(decoded[prompt], target),
-                approx=bleu >= config.bleu_threshold,
+                approx=bleu >= options.bleu_threshold,
                 bleu=bleu,
                 token_accuracy=token_accuracy(decoded[prompt], target),
                 longest_prefix=longest_matching_prefix(decoded[prompt], target),
@@ -392,12 +387,13 @@ def run_audit(
     ]
     exposures = []
     for index, record in enumerate(records):
-        measured = _exposure(lm, tokenizer, record, encoded[index], config)
+        measured = _exposure(lm, tokenizer, record, encoded[index], plan, options)
         if measured is not None:
             exposures.append(ExposureResult(index, groups[index], *measured))
 
     report = AuditReport(
-        config=config,
+        plan=plan,
+        options=options,
         groups=groups,
         continuations=tuple(continuations),
         pii=tuple(pii),
@@ -438,10 +434,12 @@ def audit_model(
     tokenizer: Any,
     records: Sequence[CanaryRecord],
     *,
-    config: AuditConfig = AuditConfig(),
+    plan: AuditPlan,
+    options: AuditOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Audit a causal LM (a base model with a peft adapter, or a full model) in eval mode."""
+    options = options or AuditOptions()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer: has neither a pad nor an eos token to pad batches with")
@@ -449,7 +447,12 @@ def audit_model(
     model.eval()  # no LoRA dropout: greedy decoding must be deterministic
     try:
         return run_audit(
-            _TorchTokenModel(model, int(pad), config.batch_size), tokenizer, records, config=config, progress=progress
+            _TorchTokenModel(model, int(pad), options.batch_size),
+            tokenizer,
+            records,
+            plan=plan,
+            options=options,
+            progress=progress,
         )
     finally:
         model.train(was_training)
