@@ -1,13 +1,15 @@
 """The coordinator's ingest rate and peak memory against the number of concurrent workers.
 
-For each N, N workers stream one round-1 delta each (the Llama-3.1-8B rank-16 LoRA size by
-default: 41,943,040 float32 values, 168 MB) at the same time. Two servers receive the same bytes
-over loopback, each in its own process:
+For each N and each mode, N workers stream one round's update each (the Llama-3.1-8B rank-16
+LoRA size by default: 41,943,040 values, 168 MB) at the same time. Two servers receive the same
+bytes over loopback, each in its own process:
 
-* the coordinator: fedlora_server.server.CoordinatorServer, brought to the TRAIN phase of round 1
-  over the raw wire (join, initial upload, evaluation of version 0); it checks, hashes and spools
-  every chunk, then folds each verified upload into its float64 accumulator, and the last upload
-  of a round also commits the new version;
+* the coordinator: fedlora_server.server.CoordinatorServer, brought to the round's upload over the
+  raw wire as real workers would. plain: float32 deltas, each chunk checked, hashed and spooled,
+  each verified upload then folded into the float64 accumulator. secure: the workers first
+  advertise keys and share them (real WorkerSession stage machines), then stream masked uint32
+  vectors that the coordinator folds into its modular sum as the chunks arrive (no spool, no
+  second pass); after the receipts they reveal their shares and the round commits;
 * the sink: a bare gRPC server with the same options whose UploadUpdate decodes the same
   messages and drops them, the most any gRPC Python server could ingest on this machine.
 
@@ -17,9 +19,10 @@ client is one process (one channel and thread per worker, messages serialized on
 it shares the 2 cores and the GIL of that one process, which caps both servers alike.
 
 The coordinator's peak RSS (VmHWM) is reset once setup is done and read after the last round, so
-it is the peak while ingesting (and committing).
+it is the peak while ingesting (and committing). `--window BYTES` fixes the HTTP/2 stream window
+(run.yaml `limits.stream_window_bytes`) instead of gRPC's bandwidth-delay-product auto-tuning.
 
-Usage: python bench/ingest.py [--quick] [--repeats R]
+Usage: python bench/ingest.py [--quick] [--repeats R] [--mode plain secure] [--window BYTES]
 """
 
 from __future__ import annotations
@@ -43,13 +46,21 @@ import numpy as np
 
 from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count, iter_chunks, sha256
 from fedlora_common.logs import configure_logging
-from fedlora_common.manifest import WIRE_DTYPE, Manifest, TensorSpec
-from fedlora_common.messages import UploadHeader, UploadKind
+from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, TensorSpec
+from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
-from fedlora_common.serde import upload_header_to_proto
+from fedlora_common.secagg import KeyPair, identity_keypair
+from fedlora_common.serde import (
+    advertisement_to_proto,
+    encrypted_share_to_proto,
+    revealed_share_to_proto,
+    task_from_proto,
+    upload_header_to_proto,
+)
 from fedlora_server.config import RunSettings, token_digest
 from fedlora_server.server import SERVICE_NAME, CoordinatorServer
+from fedlora_worker.secagg_session import WorkerSession
 
 LLAMA_8B_LORA_NUMEL = 41_943_040  # Llama-3.1-8B, rank 16, all 7 projections (bench/comm.py)
 QUICK_NUMEL = 4 * 2**20
@@ -74,6 +85,7 @@ CLIENT_OPTIONS = [
 ]
 
 ServerKind = Literal["coordinator", "sink"]
+Mode = Literal["plain", "secure"]
 
 
 def worker_ids(count: int) -> list[str]:
@@ -87,19 +99,26 @@ def metadata(worker_id: str) -> tuple[tuple[str, str], ...]:
 # ---- the servers (each runs in a child process: `ingest.py --serve KIND`) ------------------
 
 
-def coordinator_settings(workers: int, rounds: int, state_dir: Path) -> RunSettings:
+def coordinator_settings(
+    identities: dict[str, KeyPair], rounds: int, state_dir: Path, *, secure: bool, window: int | None
+) -> RunSettings:
     hour = 3600.0
+    workers = [
+        {"id": w, "token_sha256": token_digest(f"token-of-{w}"), "identity_public": k.public.hex()}
+        for w, k in identities.items()
+    ]
     return RunSettings.model_validate(
         {
             "run_id": RUN_ID,
             "base_model": "bench",
             "rounds": rounds,
-            "min_workers": workers,
-            "workers": [{"id": w, "token_sha256": token_digest(f"token-of-{w}")} for w in worker_ids(workers)],
+            "min_workers": len(workers),
+            "workers": workers,
             "state_dir": state_dir,
             "listen": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
             "timeouts": {"admission_s": hour, "phase_base_s": hour, "train_s": hour, "poll_wait_ms": 10},
-            "limits": {"chunk_bytes": CHUNK_BYTES},
+            "limits": {"chunk_bytes": CHUNK_BYTES, "stream_window_bytes": window},
+            "secure_aggregation": {"enabled": secure, "threshold_fraction": 0.5},
         }
     )
 
@@ -121,10 +140,10 @@ def start_sink() -> grpc.Server:
     return server
 
 
-def serve_coordinator(settings: RunSettings) -> None:
-    """Child process: run a coordinator, print its port, and stop when stdin closes."""
+def serve_coordinator(settings_file: Path) -> None:
+    """Child process: run a coordinator from a saved run.yaml (JSON), print its port, and stop when stdin closes."""
     configure_logging(json=True, level="warning")
-    coordinator = CoordinatorServer(settings=settings)
+    coordinator = CoordinatorServer(settings=RunSettings.model_validate_json(settings_file.read_text()))
     print(coordinator.start(), flush=True)
     sys.stdin.read()
     coordinator.shutdown()
@@ -189,12 +208,19 @@ class Payload:
     """One update, its chunk messages serialized once and sent as they are by every worker."""
 
     manifest: Manifest
+    dtype: str
+    nbytes: int
     sha256: bytes
     chunks: tuple[bytes, ...]
 
     @classmethod
-    def random(cls, numel: int) -> Payload:
-        vector = np.random.default_rng(0).standard_normal(numel, dtype=np.float32) * np.float32(1e-3)
+    def random(cls, numel: int, dtype: str) -> Payload:
+        """float32: a small random delta; uint32: what a masked update looks like (uniform words, plus the weight)."""
+        rng = np.random.default_rng(0)
+        if dtype == MASKED_DTYPE:
+            vector = rng.integers(0, 2**32, numel + 1, dtype=np.uint32)
+        else:
+            vector = rng.standard_normal(numel, dtype=np.float32) * np.float32(1e-3)
         data = vector.data.cast("B")
         chunks = tuple(
             pb.UploadMessage(chunk=pb.Chunk(seq=seq, data=piece.tobytes())).SerializeToString()
@@ -202,13 +228,9 @@ class Payload:
         )
         # Names and shapes do not matter for ingest, only the element count.
         tensors = (TensorSpec("lora_A", (numel // 2,)), TensorSpec("lora_B", (numel - numel // 2,)))
-        return cls(Manifest(tensors), sha256(data), chunks)
+        return cls(Manifest(tensors), dtype, len(data), sha256(data), chunks)
 
-    @property
-    def nbytes(self) -> int:
-        return self.manifest.nbytes
-
-    def messages(self, worker_id: str, round_: int, kind: UploadKind) -> Iterator[bytes]:
+    def messages(self, worker_id: str, round_: int, kind: UploadKind, tag: int = 0) -> Iterator[bytes]:
         initial = kind is UploadKind.INITIAL
         header = UploadHeader(
             worker_id=worker_id,
@@ -220,10 +242,11 @@ class Payload:
             total_size=self.nbytes,
             chunk_count=chunk_count(self.nbytes, CHUNK_BYTES),
             sha256=self.sha256,
-            dtype=WIRE_DTYPE,
+            dtype=self.dtype,
             manifest=self.manifest if initial else None,
             artifact_config_json=ADAPTER_CONFIG if initial else "",
             train_loss=1.0,
+            tag=tag,
         )
         yield pb.UploadMessage(header=upload_header_to_proto(header)).SerializeToString()
         yield from self.chunks
@@ -244,8 +267,8 @@ class Receipts:
     last: float
 
 
-def upload_concurrently(port: int, payload: Payload, workers: list[str], round_: int) -> Receipts:
-    """Every worker streams its delta at once, on its own connection."""
+def upload_concurrently(port: int, payload: Payload, workers: list[str], round_: int, tag: int = 0) -> Receipts:
+    """Every worker streams its update at once, on its own connection."""
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) for _ in workers]
     try:
         for channel in channels:
@@ -255,7 +278,8 @@ def upload_concurrently(port: int, payload: Payload, workers: list[str], round_:
 
         def send(i: int) -> None:
             call = _upload_callable(channels[i])
-            messages = payload.messages(workers[i], round_, UploadKind.DELTA)
+            kind = UploadKind.MASKED if payload.dtype == MASKED_DTYPE else UploadKind.DELTA
+            messages = payload.messages(workers[i], round_, kind, tag)
             barrier.wait()
             receipt = call(messages, metadata=metadata(workers[i]), timeout=RPC_TIMEOUT_S)
             finished[i] = time.perf_counter()
@@ -313,11 +337,74 @@ class CoordinatorDriver:
             self._stub.ReportMetrics(report, metadata=metadata(worker))
 
 
+class SecureDriver(CoordinatorDriver):
+    """The secure stages around each masked upload, with real worker sessions (keys, shares, reveals).
+
+    The masked payload every worker streams is the same random words: ingest does not depend on
+    what the words are, and the round still unmasks and commits (a meaningless mean).
+    """
+
+    def __init__(self, port: int, workers: list[str], payload: Payload, identities: dict[str, KeyPair]) -> None:
+        super().__init__(port, workers, payload)
+        self._identities = identities
+        self._public = {w: k.public for w, k in identities.items()}
+        self._sessions: dict[str, WorkerSession] = {}
+
+    def _task(self, worker: str, kind: TaskKind) -> pb.Task:
+        task = self._poll(worker)
+        if task.kind != pb.TaskKind.Value(f"TASK_KIND_{kind.name}"):
+            raise RuntimeError(f"{worker} was asked {pb.TaskKind.Name(task.kind)}, expected {kind.name}")
+        return task
+
+    def keys_exchanged(self) -> int:
+        """Advertise and share keys for the open attempt; every session then masks. Returns the attempt's tag."""
+        tag = 0
+        for worker in self._workers:
+            plan = task_from_proto(self._task(worker, TaskKind.TRAIN), run_id=RUN_ID).secagg
+            assert plan is not None
+            tag = plan.params.tag
+            session = WorkerSession(
+                worker_id=worker,
+                params=plan.params,
+                identity_private=self._identities[worker].private,
+                peer_identities=self._public,
+            )
+            self._sessions[worker] = session
+            request = pb.AdvertiseKeysRequest(
+                worker_id=worker, run_id=RUN_ID, tag=tag, keys=advertisement_to_proto(session.advertise())
+            )
+            self._stub.AdvertiseKeys(request, metadata=metadata(worker))
+        for worker in self._workers:
+            plan = task_from_proto(self._task(worker, TaskKind.SECAGG_SHARE_KEYS), run_id=RUN_ID).secagg
+            assert plan is not None
+            shares = self._sessions[worker].share_keys(plan.roster)
+            request = pb.ShareKeysRequest(
+                worker_id=worker, run_id=RUN_ID, tag=tag, shares=[encrypted_share_to_proto(s) for s in shares]
+            )
+            self._stub.ShareKeys(request, metadata=metadata(worker))
+        for worker in self._workers:
+            plan = task_from_proto(self._task(worker, TaskKind.SECAGG_MASKED_UPLOAD), run_id=RUN_ID).secagg
+            assert plan is not None
+            self._sessions[worker].mask(plan.inbox, plan.survivors, np.zeros(1, dtype=np.uint32))
+        return tag
+
+    def unmasked(self, tag: int) -> None:
+        for worker in self._workers:
+            plan = task_from_proto(self._task(worker, TaskKind.SECAGG_UNMASK), run_id=RUN_ID).secagg
+            assert plan is not None
+            shares = self._sessions[worker].reveal(plan.survivors, plan.dropped)
+            request = pb.RevealSharesRequest(
+                worker_id=worker, run_id=RUN_ID, tag=tag, shares=[revealed_share_to_proto(s) for s in shares]
+            )
+            self._stub.RevealShares(request, metadata=metadata(worker))
+
+
 # ---- the benchmark ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Result:
+    mode: Mode
     workers: int
     sink: list[Receipts]
     coordinator: list[Receipts]
@@ -331,53 +418,61 @@ def median_rate(workers: int, payload_bytes: int, runs: list[Receipts]) -> float
     return workers * payload_bytes / statistics.median(r.last for r in runs) / MB
 
 
-def measure(workers: int, payload: Payload, repeats: int) -> Result:
+def measure(mode: Mode, workers: int, numel: int, repeats: int, window: int | None) -> Result:
     """Alternate sink and coordinator uploads `repeats` times each; rounds 1..repeats of one run."""
     ids = worker_ids(workers)
+    identities = {w: identity_keypair() for w in ids}
+    initial = Payload.random(numel, WIRE_DTYPE)
+    payload = initial if mode == "plain" else Payload.random(numel, MASKED_DTYPE)
     sink_runs: list[Receipts] = []
     coordinator_runs: list[Receipts] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-ingest-") as state_dir,
-        spawn("sink") as sink,
-        spawn("coordinator", "--workers", str(workers), "--rounds", str(repeats), "--state-dir", state_dir) as coord,
-    ):
-        driver = CoordinatorDriver(coord.port, ids, payload)
-        try:
-            driver.initialize()
-            idle_rss = coord.rss
-            coord.reset_peak_rss()
-            sink.reset_peak_rss()
-            for round_ in range(1, repeats + 1):
-                if round_ > 1:
-                    driver.evaluate(round_ - 1)
-                sink_runs.append(upload_concurrently(sink.port, payload, ids, round_))
-                coordinator_runs.append(upload_concurrently(coord.port, payload, ids, round_))
-            peak_rss, sink_peak_rss = coord.peak_rss, sink.peak_rss
-        finally:
-            driver.close()
-    return Result(workers, sink_runs, coordinator_runs, idle_rss, peak_rss, sink_peak_rss)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as state_dir:
+        settings_file = Path(state_dir) / "run.json"
+        settings = coordinator_settings(identities, repeats, Path(state_dir), secure=mode == "secure", window=window)
+        settings_file.write_text(settings.model_dump_json())
+        with spawn("sink") as sink, spawn("coordinator", "--settings", str(settings_file)) as coord:
+            driver = SecureDriver(coord.port, ids, initial, identities)
+            try:
+                driver.initialize()
+                idle_rss = coord.rss
+                coord.reset_peak_rss()
+                sink.reset_peak_rss()
+                for round_ in range(1, repeats + 1):
+                    if round_ > 1:
+                        driver.evaluate(round_ - 1)
+                    tag = driver.keys_exchanged() if mode == "secure" else 0
+                    sink_runs.append(upload_concurrently(sink.port, payload, ids, round_, tag))
+                    coordinator_runs.append(upload_concurrently(coord.port, payload, ids, round_, tag))
+                    if mode == "secure":
+                        driver.unmasked(tag)
+                peak_rss, sink_peak_rss = coord.peak_rss, sink.peak_rss
+            finally:
+                driver.close()
+    return Result(mode, workers, sink_runs, coordinator_runs, idle_rss, peak_rss, sink_peak_rss)
 
 
-def print_table(results: list[Result], payload: Payload, repeats: int) -> None:
+def print_table(results: list[Result], numel: int, repeats: int, window: int | None) -> None:
+    nbytes = 4 * numel
+    window_text = "auto (BDP probe)" if window is None else f"{window:,} bytes"
     print(
-        f"payload {payload.nbytes / MB:.1f} MB per worker ({payload.manifest.numel:,} float32), "
-        f"chunks of {CHUNK_BYTES // 2**20} MiB, median of {repeats} round(s) per N"
+        f"payload {nbytes / MB:.1f} MB per worker ({numel:,} values; masked: one more, the weight), "
+        f"chunks of {CHUNK_BYTES // 2**20} MiB, median of {repeats} round(s) per N; stream window {window_text}"
     )
-    fewest = results[0]
     header = (
-        f"{'workers':>7} {'total MB':>9} {'sink MB/s':>10} {'coord MB/s':>11} {'coord/sink':>10} "
-        f"{'coord receipts s':>17} {'idle RSS MB':>12} {'peak RSS MB':>12} {f'peak/@{fewest.workers}':>8} "
+        f"{'mode':>6} {'workers':>7} {'total MB':>9} {'sink MB/s':>10} {'coord MB/s':>11} {'coord/sink':>10} "
+        f"{'coord receipts s':>17} {'idle RSS MB':>12} {'peak RSS MB':>12} {f'peak/@{results[0].workers}':>8} "
         f"{'sink peak MB':>13}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
-        sink = median_rate(r.workers, payload.nbytes, r.sink)
-        coord = median_rate(r.workers, payload.nbytes, r.coordinator)
+        fewest = next(f for f in results if f.mode == r.mode)
+        sink = median_rate(r.workers, nbytes, r.sink)
+        coord = median_rate(r.workers, nbytes, r.coordinator)
         typical = sorted(r.coordinator, key=lambda run: run.last)[len(r.coordinator) // 2]
         receipts = f"{typical.first:.1f} - {typical.last:.1f}"
         print(
-            f"{r.workers:>7} {r.workers * payload.nbytes / MB:>9,.0f} {sink:>10,.0f} {coord:>11,.0f} "
+            f"{r.mode:>6} {r.workers:>7} {r.workers * nbytes / MB:>9,.0f} {sink:>10,.0f} {coord:>11,.0f} "
             f"{coord / sink:>10.2f} {receipts:>17} {r.idle_rss / MB:>12,.0f} {r.peak_rss / MB:>12,.0f} "
             f"{r.peak_rss / fewest.peak_rss:>8.2f} {r.sink_peak_rss / MB:>13,.0f}"
         )
@@ -387,7 +482,9 @@ def print_table(results: list[Result], payload: Payload, repeats: int) -> None:
     print("the coordinator lock and the commit of the round, which the last upload's call waits for.")
     print("idle RSS: coordinator after setup (global model held); peak RSS: its VmHWM while ingesting and")
     print("committing; sink peak: the bare gRPC sink's VmHWM over the same uploads (gRPC's own buffers).")
-    print("Targets: coord/sink >= 0.8 at every N; peak RSS at the most workers <= 1.25 x at the fewest.")
+    print(
+        "Targets: coord/sink >= 0.8 with secure aggregation on; peak RSS at the most workers <= 1.25 x at the fewest."
+    )
 
 
 def main() -> None:
@@ -395,23 +492,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_NUMEL:,} values, 2 and 8 workers, 1 round")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per N (default 3, quick 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="values of N (default 2 8 32)")
+    parser.add_argument("--mode", choices=("plain", "secure"), nargs="+", default=["secure", "plain"])
+    parser.add_argument("--window", type=int, default=None, help="fixed HTTP/2 stream window in bytes")
     parser.add_argument("--serve", choices=("coordinator", "sink"), help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve == "sink":
         serve_sink()
         return
     if args.serve == "coordinator":
-        serve_coordinator(coordinator_settings(args.workers[0], args.rounds, args.state_dir))
+        serve_coordinator(args.settings)
         return
 
     numel = QUICK_NUMEL if args.quick else LLAMA_8B_LORA_NUMEL
     counts = args.workers or ([2, 8] if args.quick else [2, 8, 32])
     repeats = args.repeats or (1 if args.quick else 3)
-    payload = Payload.random(numel)
-    results = [measure(n, payload, repeats) for n in counts]
-    print_table(results, payload, repeats)
+    results = [measure(mode, n, numel, repeats, args.window) for mode in args.mode for n in counts]
+    print_table(results, numel, repeats, args.window)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,30 @@ class TimeoutSettings(StrictModel):
 
 
 class LimitSettings(StrictModel):
-    chunk_bytes: int = Field(2**20, ge=1024, le=4 * 2**20)
-    max_update_bytes: int = Field(8 * 2**30, ge=1)
+    """Sizes the coordinator accepts, and how much it buffers per stream."""
+
+    chunk_bytes: int = Field(2**20, ge=1024, le=4 * 2**20, description="Largest chunk of a streamed upload")
+    max_update_bytes: int = Field(8 * 2**30, ge=1, description="Largest upload a worker may declare")
+    stream_window_bytes: int | None = Field(
+        None,
+        ge=65_535,
+        le=2**31 - 1,
+        description=(
+            "HTTP/2 receive window per stream. None lets gRPC size it from the measured bandwidth-delay product "
+            "(fastest, but memory grows with concurrent uploads); a fixed window caps memory at about workers x "
+            "window: size it to the link, bandwidth x round-trip time (1 Gbit/s x 50 ms is about 6 MB)"
+        ),
+    )
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments of the coordinator's gRPC server for these limits."""
+        options = [
+            ("grpc.max_receive_message_length", self.chunk_bytes + 2**16),
+            ("grpc.max_send_message_length", self.chunk_bytes + 2**20),
+        ]
+        if self.stream_window_bytes is not None:
+            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", self.stream_window_bytes)]
+        return options
 
 
 class RunSettings(BaseSettings):

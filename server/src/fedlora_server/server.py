@@ -78,10 +78,7 @@ class CoordinatorServer:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(authenticator, service_prefix=f"/{SERVICE_NAME}/")],
-            options=[
-                ("grpc.max_receive_message_length", s.limits.chunk_bytes + 2**16),
-                ("grpc.max_send_message_length", s.limits.chunk_bytes + 2**20),
-            ],
+            options=s.limits.grpc_options(),
         )
         servicer = CoordinatorServicer(coordinator=self.coordinator, chunk_bytes=s.limits.chunk_bytes)
         pb_grpc.add_CoordinatorServicer_to_server(servicer, self._grpc)
