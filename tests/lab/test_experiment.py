@@ -10,16 +10,19 @@ from typing import Any
 import pytest
 import yaml
 
+from fedlora_common.memorization import AuditRates, AuditSummary, combine_summaries
 from fedlora_lab.cli import main
 from fedlora_lab.experiment import (
     ExperimentConfig,
     MethodConfig,
-    RunSpec,
+    PlannedRun,
+    format_interval,
     load_experiment_config,
-    merge_memorization,
+    mean_ci,
     run_experiment,
+    summarize,
+    write_experiment_report,
 )
-from fedlora_lab.experiment_report import format_interval, mean_ci, summarize, write_experiment_report
 
 REPO = Path(__file__).resolve().parents[2]
 T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
@@ -132,35 +135,46 @@ def test_single_seed_has_no_interval() -> None:
     assert format_interval(mean_ci([])) == "—"
 
 
+def _rates(count: int, exact: float, worst: float | None = None) -> AuditRates:
+    return AuditRates(
+        count=count,
+        pii_secrets=4 * count,
+        exposure_count=count,
+        exact_match_rate=exact,
+        approx_match_rate=exact,
+        token_accuracy=exact,
+        mean_longest_prefix=None,
+        pii_extraction_rate=0.0,
+        mean_exposure=None,
+        max_token_accuracy=None,
+        longest_prefix_max=None,
+        worst_exposure=worst,
+    )
+
+
 def test_memorization_is_merged_over_sites_by_count() -> None:
-    clinical = {
-        "exact_match_rate": 0.5,
-        "records": {"control": 2, "1x": 20, "10x": 10},
-        "by_duplication": {
-            "10x": {"exact_match_rate": 1.0, "worst_exposure": 5.0, "count": 9, "pii_secrets": 36},
-            "control": {"exact_match_rate": 0.0, "count": 2, "pii_secrets": 8},
-        },
-    }
-    legal = {
-        "exact_match_rate": 0.0,
-        "records": {"control": 2, "1x": 5, "10x": 5},
-        "by_duplication": {
-            "10x": {"exact_match_rate": 0.0, "worst_exposure": 7.0, "count": 3, "pii_secrets": 12},
-            "control": {"exact_match_rate": 0.5, "count": 2, "pii_secrets": 8},
-        },
-    }
+    clinical = AuditSummary(
+        by_duplication={"10x": _rates(9, 1.0, worst=5.0), "1x": _rates(21, 2 / 7), "control": _rates(2, 0.0)},
+        by_prefix={},
+        records={"control": 2, "1x": 20, "10x": 10},
+    )
+    legal = AuditSummary(
+        by_duplication={"10x": _rates(3, 0.0, worst=7.0), "1x": _rates(7, 0.0), "control": _rates(2, 0.5)},
+        by_prefix={},
+        records={"control": 2, "1x": 5, "10x": 5},
+    )
 
-    merged = merge_memorization([clinical, legal])
+    merged = combine_summaries([clinical, legal])
 
-    assert merged["exact_match_rate"] == pytest.approx(0.5 * 30 / 40)
-    assert merged["by_duplication"]["10x"] == {
-        "exact_match_rate": pytest.approx(0.75),
-        "worst_exposure": 7.0,
-        "count": 12,
-        "pii_secrets": 48,
-    }
-    assert merged["by_duplication"]["control"]["exact_match_rate"] == pytest.approx(0.25)
-    assert merged["records"] == {"control": 4, "1x": 25, "10x": 15}
+    assert clinical.overall.exact_match_rate == pytest.approx(0.5)  # 15 of its 30 trained canaries (9 + 6)
+    assert merged.overall.exact_match_rate == pytest.approx(0.5 * 30 / 40)
+    assert merged.by_duplication["10x"].exact_match_rate == pytest.approx(0.75)
+    assert merged.by_duplication["10x"].worst_exposure == 7.0
+    assert merged.by_duplication["10x"].count == 12
+    assert merged.by_duplication["10x"].pii_secrets == 48
+    assert merged.by_duplication["10x"].mean_exposure is None  # never measured: not averaged as 0
+    assert merged.by_duplication["control"].exact_match_rate == pytest.approx(0.25)
+    assert merged.records == {"control": 4, "1x": 25, "10x": 15}
 
 
 # --------------------------------------------------------------------------- report
@@ -259,7 +273,7 @@ def test_a_failed_run_is_recorded_and_the_others_still_run(
     config = ExperimentConfig.model_validate({**SMALL, "seeds": [0, 1]})
     calls: list[str] = []
 
-    def execute(cfg: ExperimentConfig, spec: RunSpec, base: Path) -> dict[str, Any]:
+    def execute(cfg: ExperimentConfig, spec: PlannedRun, base: Path) -> dict[str, Any]:
         calls.append(spec.key)
         ok = spec.key != "full/seed-0"
         run = _synthetic_run(spec.method.name, spec.seed, spec.method.lora_rank, 0.2, ok=ok)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedlora_lab.cli import _privacy_settings, build_parser, main
@@ -46,3 +48,16 @@ def test_a_bad_flag_exits_2_with_one_line(argv: list[str], message: str, capsys:
     assert exited.value.code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_demo_the_coordinator_would_refuse_exits_2_with_one_line(
+    tmp_path: Path, lab_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--model-size", "tiny", "--cache-dir", str(lab_cache)]
+
+    code = main([*argv, "--mode", "full", "--aggregation", "ffa"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "run.yaml aggregation: ffa applies to LoRA adapters" in err
+    assert err.strip().splitlines()[-1].startswith("fedlora-lab demo: error:")

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import torch
+from pydantic import ValidationError
 
 from fedlora_common.logs import configure_logging
-from fedlora_common.settings import ConfigError
+from fedlora_common.memorization import AuditRates, AuditSummary, audit_summary_from_json
+from fedlora_common.plans import AuditPlan
+from fedlora_common.settings import ConfigError, describe
 from fedlora_lab.datagen import DOMAINS, DataSpec, generate_site, write_site
 from fedlora_lab.federation import FederationPlan, LocalFederation
 from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
@@ -193,7 +196,11 @@ def _demo(args: argparse.Namespace) -> int:
         timeout=timedelta(minutes=60),
     )
     sys.stderr.write(f"running {args.workers} workers x {args.rounds} rounds ({args.mode}); logs in {args.out}/logs\n")
-    result = LocalFederation(plan).run()
+    try:
+        result = LocalFederation(plan).run()
+    except ValidationError as exc:
+        sys.stderr.write(f"fedlora-lab demo: error: run.yaml {describe(exc)}\n")
+        return 2
     sys.stdout.write(result.report_markdown)
     failed = {name: code for name, code in result.exit_codes.items() if code != 0}
     if failed:
@@ -240,20 +247,20 @@ def _cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _audit_table(summary: dict[str, Any]) -> str:
+def _audit_table(summary: AuditSummary) -> str:
     """Group x prefix ("any" = best prefix per record), the rates of the summary, one line each."""
     lines = [
         f"{'group':<8} {'prefix':>6} {'n':>4} {'exact':>6} {'approx':>6} {'tokacc':>6} {'PII':>6} {'exposure':>12}"
     ]
-    rows = [("any", summary["by_duplication"]), *summary["by_prefix"].items()]
+    rows: list[tuple[str, dict[str, AuditRates]]] = [("any", summary.by_duplication), *summary.by_prefix.items()]
     for group in ("control", "1x", "10x"):
         for prefix, by_group in rows:
             stats = by_group[group]
-            exposure = f"{_cell(stats['mean_exposure'])}/{_cell(stats['worst_exposure'])}"
+            exposure = f"{_cell(stats.mean_exposure)}/{_cell(stats.worst_exposure)}"
             lines.append(
-                f"{group:<8} {prefix:>6} {stats['count']:>4} {_cell(stats['exact_match_rate']):>6} "
-                f"{_cell(stats['approx_match_rate']):>6} {_cell(stats['token_accuracy']):>6} "
-                f"{_cell(stats['pii_extraction_rate']):>6} {exposure:>12}"
+                f"{group:<8} {prefix:>6} {stats.count:>4} {_cell(stats.exact_match_rate):>6} "
+                f"{_cell(stats.approx_match_rate):>6} {_cell(stats.token_accuracy):>6} "
+                f"{_cell(stats.pii_extraction_rate):>6} {exposure:>12}"
             )
     return "\n".join(lines) + "\n"
 
@@ -262,7 +269,7 @@ def _audit(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedlora_worker.audit import AuditConfig, audit_model, load_canaries
+    from fedlora_worker.audit import AuditOptions, audit_model, load_canaries
 
     problem = _audit_inputs(args)
     records = []
@@ -276,13 +283,8 @@ def _audit(args: argparse.Namespace) -> int:
     if problem is not None:
         sys.stderr.write(f"fedlora-lab audit: error: {problem}\n")
         return 2
-    defaults = AuditConfig()
-    config = AuditConfig(
-        prefixes=args.prefixes or defaults.prefixes,
-        exposure_candidates=args.candidates or defaults.exposure_candidates,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    given = {"prefixes": args.prefixes, "exposure_candidates": args.candidates}
+    plan = AuditPlan.model_validate({name: value for name, value in given.items() if value is not None})
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(args.base)
     if args.adapter is not None:
@@ -292,8 +294,9 @@ def _audit(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\rdecoding: {done}/{total} prompts" + ("\n" if done == total else ""))
         sys.stderr.flush()
 
-    summary = audit_model(model, tokenizer, records, config=config, progress=progress).summary()
-    sys.stdout.write(_audit_table(summary))
+    options = AuditOptions(batch_size=args.batch_size, seed=args.seed)
+    summary = audit_model(model, tokenizer, records, plan=plan, options=options, progress=progress).summary()
+    sys.stdout.write(_audit_table(audit_summary_from_json(summary)))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

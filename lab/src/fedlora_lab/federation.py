@@ -6,7 +6,7 @@ configs and wire as a deployment, only the addresses are local.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import secrets
@@ -14,20 +14,24 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import structlog
 import yaml
+from pydantic import BaseModel
 
+from fedlora_common.plans import Aggregation, Mode
 from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import merge
 from fedlora_lab.datagen import DOMAINS, DataSpec, Domain, generate_site, write_site
+from fedlora_server.config import RunSettings, WorkerEntry, token_digest
+from fedlora_worker.config import DataSection, WorkerSettings
 
-__all__ = ["FederationPlan", "FederationResult", "LocalFederation", "site_names"]
+__all__ = ["FederationPlan", "FederationResult", "LocalFederation", "run_settings", "site_names"]
 
 log = structlog.get_logger()
 
@@ -47,12 +51,14 @@ class FederationPlan:
     base_model: Path
     workers: int = 3
     rounds: int = 3
-    mode: Literal["lora", "qlora", "full"] = "lora"
-    aggregation: Literal["fedavg", "ffa"] = "fedavg"
+    mode: Mode = "lora"
+    aggregation: Aggregation = "fedavg"
     seed: int = 0
     data: DataSpec = field(default_factory=DataSpec)
-    run: dict[str, Any] = field(default_factory=dict)
-    """Extra run.yaml settings (training, lora, timeouts...), merged over the defaults below."""
+    run: Mapping[str, Any] = field(default_factory=dict)
+    """Further run.yaml settings (training, lora, privacy, audit...), over the federation's own."""
+    run_id: str | None = None
+    """Defaults to ``demo-<mode>-<seed>``."""
     secure_aggregation: bool = True
     threads_per_worker: int = 1
     timeout: timedelta = timedelta(minutes=30)
@@ -69,17 +75,46 @@ class FederationResult:
         return (self.out_dir / "report.md").read_text(encoding="utf-8")
 
 
+def run_settings(
+    plan: FederationPlan, *, base_model: str, state_dir: Path, workers: Sequence[WorkerEntry]
+) -> RunSettings:
+    """The coordinator's settings for a federation on 127.0.0.1; ValidationError names a bad field."""
+    run = {
+        "run_id": plan.run_id or f"demo-{plan.mode}-{plan.seed}",
+        "base_model": base_model,
+        "mode": plan.mode,
+        "aggregation": plan.aggregation,
+        "rounds": plan.rounds,
+        "min_workers": plan.workers,
+        "workers": list(workers),
+        "seed": plan.seed,
+        "state_dir": str(state_dir),
+        "listen": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
+        "timeouts": {"poll_wait_ms": 500},
+        "secure_aggregation": {"enabled": plan.secure_aggregation},
+    }
+    return RunSettings.model_validate(merge(run, plan.run))
+
+
+def _write_yaml(path: Path, settings: BaseModel) -> None:
+    """A settings model as the YAML its program loads: only what differs from the defaults."""
+    dumped = settings.model_dump(mode="json", exclude_defaults=True)
+    path.write_text(yaml.safe_dump(dumped, sort_keys=False), encoding="utf-8")
+
+
 class LocalFederation:
     """Writes configs and data for every site, starts the processes, waits, collects the report."""
 
-    def __init__(self, plan: FederationPlan, *, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, plan: FederationPlan) -> None:
         self._plan = plan
-        self._on_ready = on_ready
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
 
-    def prepare(self) -> tuple[Path, list[Path]]:
-        """Write base-model link, site data, tokens and configs; return (run.yaml, worker yamls)."""
+    def prepare(self) -> tuple[Path, dict[Path, WorkerSettings]]:
+        """Write base model, site data, tokens and run.yaml; return run.yaml and each site's settings.
+
+        The worker configs are written once the coordinator has a port (``run``).
+        """
         p = self._plan
         out = p.out_dir.resolve()
         for stale in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "artifacts", "adapter", "spool"):
@@ -93,13 +128,13 @@ class LocalFederation:
         if base.resolve() != p.base_model.resolve():
             shutil.rmtree(base, ignore_errors=True)
             shutil.copytree(p.base_model, base)
-        allow: list[dict[str, str]] = []
-        worker_configs = []
+        allow: list[WorkerEntry] = []
+        workers: dict[Path, WorkerSettings] = {}
         identities = {worker_id: identity_keypair() for worker_id, _ in site_names(p.workers)}
         peers = {worker_id: keys.public.hex() for worker_id, keys in identities.items()}
         for index, (worker_id, domain) in enumerate(site_names(p.workers)):
             site_dir = out / "sites" / worker_id
-            spec = DataSpec(**{**p.data.__dict__, "seed": p.seed * 1000 + index})
+            spec = dataclasses.replace(p.data, seed=p.seed * 1000 + index)
             paths = write_site(site_dir, generate_site(domain, spec))
             token = secrets.token_urlsafe(32)
             token_file = site_dir / "token"
@@ -108,68 +143,37 @@ class LocalFederation:
             identity_file = site_dir / "identity.key"
             identity_file.write_text(identities[worker_id].private.hex(), encoding="utf-8")
             identity_file.chmod(0o600)
-            allow.append(
+            allow.append(WorkerEntry(id=worker_id, token_sha256=token_digest(token), identity_public=peers[worker_id]))
+            workers[site_dir / "worker.yaml"] = WorkerSettings.model_validate(
                 {
-                    "id": worker_id,
-                    "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
-                    "identity_public": peers[worker_id],
+                    "worker_id": worker_id,
+                    "token_file": token_file,
+                    "base_model": str(base),
+                    "data": DataSection(
+                        train=(paths.train,), eval=(paths.eval,), canaries=(paths.canaries, paths.controls)
+                    ),
+                    "threads": p.threads_per_worker,
+                    "metrics_port": 0,
+                    "progress": False,
+                    "identity_key": identity_file,
+                    "peers": peers,
                 }
             )
-            config = {
-                "worker_id": worker_id,
-                "token_file": str(token_file),
-                "coordinator": "127.0.0.1:{port}",
-                "base_model": str(base),
-                "data": {
-                    "train": [str(paths.train)],
-                    "eval": [str(paths.eval)],
-                    "canaries": [str(paths.canaries), str(paths.controls)],
-                },
-                "threads": p.threads_per_worker,
-                "metrics_port": 0,
-                "progress": False,
-                "identity_key": str(identity_file),
-                "peers": peers,
-            }
-            worker_configs.append((site_dir / "worker.yaml", config))
-        run = {
-            "run_id": f"demo-{p.mode}-{p.seed}",
-            "base_model": str(base),
-            "mode": p.mode,
-            "aggregation": p.aggregation,
-            "rounds": p.rounds,
-            "min_workers": p.workers,
-            "workers": allow,
-            "seed": p.seed,
-            "state_dir": str(out),
-            "listen": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
-            "timeouts": {"poll_wait_ms": 500},
-            "secure_aggregation": {"enabled": p.secure_aggregation},
-        }
-        run = merge(run, p.run)
         run_yaml = out / "run.yaml"
-        run_yaml.write_text(yaml.safe_dump(run, sort_keys=False), encoding="utf-8")
-        paths_out = []
-        for path, config in worker_configs:
-            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-            paths_out.append(path)
-        return run_yaml, paths_out
+        _write_yaml(run_yaml, run_settings(p, base_model=str(base), state_dir=out, workers=allow))
+        return run_yaml, workers
 
     def run(self) -> FederationResult:
-        run_yaml, worker_yamls = self.prepare()
+        run_yaml, workers = self.prepare()
         out = self._plan.out_dir.resolve()
         deadline = time.monotonic() + self._plan.timeout.total_seconds()
         try:
             server = self._start("coordinator", [sys.executable, "-m", "fedlora_server", "--config", str(run_yaml)])
             ready = _read_ready(server, deadline)
             log.info("coordinator_ready", port=ready["port"], metrics_port=ready["metrics_port"])
-            for path in worker_yamls:
-                config = yaml.safe_load(path.read_text(encoding="utf-8"))
-                config["coordinator"] = f"127.0.0.1:{ready['port']}"
-                path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-                self._start(config["worker_id"], [sys.executable, "-m", "fedlora_worker", "--config", str(path)])
-            if self._on_ready is not None:
-                self._on_ready({**ready, "processes": dict(self._processes)})
+            for path, settings in workers.items():
+                _write_yaml(path, settings.model_copy(update={"coordinator": f"127.0.0.1:{ready['port']}"}))
+                self._start(settings.worker_id, [sys.executable, "-m", "fedlora_worker", "--config", str(path)])
             codes = self._wait_all(deadline)
         finally:
             self.stop()

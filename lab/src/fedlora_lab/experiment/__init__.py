@@ -1,0 +1,30 @@
+"""`fedlora-lab experiment`: the paper's comparison, methods x seeds, each run a local federation then audited.
+
+``config`` reads the experiment file, ``runner`` runs it (one run: ``execute``; its audit:
+``audit``), ``summary``, ``plots`` and ``report`` turn results.json into the report.
+"""
+
+from fedlora_lab.experiment.config import ExperimentConfig, MethodConfig, federation_plan, load_experiment_config
+from fedlora_lab.experiment.execute import PlannedRun, execute_run
+from fedlora_lab.experiment.report import experiment_document, write_experiment_report
+from fedlora_lab.experiment.runner import ExperimentOutcome, plan_runs, run_experiment
+from fedlora_lab.experiment.summary import Interval, MethodSummary, format_interval, mean_ci, summarize
+
+__all__ = [
+    "ExperimentConfig",
+    "ExperimentOutcome",
+    "Interval",
+    "MethodConfig",
+    "MethodSummary",
+    "PlannedRun",
+    "execute_run",
+    "experiment_document",
+    "federation_plan",
+    "format_interval",
+    "load_experiment_config",
+    "mean_ci",
+    "plan_runs",
+    "run_experiment",
+    "summarize",
+    "write_experiment_report",
+]

@@ -1,0 +1,219 @@
+"""An experiment file (`experiments/*.yaml`): what every run shares, and the methods compared.
+
+Every key is checked and unknown keys are refused; each method's run settings must pass the
+coordinator's own schema (``RunSettings``) before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from fedlora_common.plans import AuditPlan, LoraSpec, Mode
+from fedlora_common.settings import ConfigError, StrictModel, describe, merge, read_yaml_mapping
+from fedlora_lab.datagen import DataSpec
+from fedlora_lab.federation import FederationPlan, run_settings, site_names
+from fedlora_server.config import WorkerEntry
+
+__all__ = [
+    "AuditSection",
+    "DataSection",
+    "ExperimentConfig",
+    "FederationSection",
+    "MethodConfig",
+    "ModelSection",
+    "federation_plan",
+    "load_experiment_config",
+]
+
+EXPERIMENT_VERSION: Final = 1
+_NAME_PATTERN: Final = r"^[A-Za-z0-9._-]+$"
+_DATA_DEFAULTS: Final = DataSpec()
+
+
+class ModelSection(StrictModel):
+    """The base model: a lab model built (and cached) here, or an existing model directory or hub id."""
+
+    lab: Literal["default", "tiny"] | None = "default"
+    path: str | None = Field(None, min_length=1, description="A model directory or hub id; replaces `lab`")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if self.path is not None and self.lab is not None and "lab" in self.model_fields_set:
+            raise ValueError("give either lab or path, not both")
+        if self.path is None and self.lab is None:
+            raise ValueError("give lab (default|tiny) or path")
+        return self
+
+
+class DataSection(StrictModel):
+    """Per-site data, as ``DataSpec`` (the seed comes from the run's seed)."""
+
+    n_train: int = Field(_DATA_DEFAULTS.n_train, ge=1)
+    n_eval: int = Field(_DATA_DEFAULTS.n_eval, ge=1)
+    n_canaries: int = Field(_DATA_DEFAULTS.n_canaries, ge=0)
+    n_controls: int = Field(_DATA_DEFAULTS.n_controls, ge=0)
+    frac_10x: float = Field(_DATA_DEFAULTS.frac_10x, ge=0, le=1)
+
+    def spec(self, seed: int) -> DataSpec:
+        return DataSpec(seed=seed, **self.model_dump())
+
+
+class FederationSection(StrictModel):
+    """What every run shares: one site per lab domain (clinical, legal, finance), rounds, local work."""
+
+    sites: int = Field(3, ge=2, description="Workers; the first three are clinical, legal, finance")
+    rounds: int = Field(8, ge=1)
+    local_steps: int = Field(50, ge=1, description="Optimizer steps per worker per round")
+    batch_size: int = Field(8, ge=1)
+    max_seq_len: int = Field(256, ge=8)
+    timeout_minutes: float = Field(60.0, gt=0, description="A run still going after this is stopped and failed")
+
+
+class AuditSection(StrictModel):
+    """The audit of each run's final model, at every site."""
+
+    prefixes: tuple[int, ...] = Field((10, 50, 100, 200), min_length=1)
+    candidates: int = Field(128, ge=2, description="Random secrets each true secret is ranked among (exposure)")
+
+    @field_validator("prefixes")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(p < 1 for p in value):
+            raise ValueError("every prefix length must be at least 1")
+        return tuple(sorted(set(value)))
+
+    def plan(self) -> AuditPlan:
+        """The audit as the worker's vocabulary states it."""
+        return AuditPlan(prefixes=self.prefixes, exposure_candidates=self.candidates)
+
+
+class MethodConfig(StrictModel):
+    """One compared configuration: a set of run.yaml overrides on top of the shared settings."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=_NAME_PATTERN)
+    label: str | None = Field(None, description="Shown in the report; the name when absent")
+    mode: Mode = "lora"
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+    lora: dict[str, Any] | None = Field(None, description="run.yaml `lora:` overrides (rank, alpha, ...)")
+    secure_aggregation: bool = False
+    privacy: dict[str, Any] | None = Field(None, description="run.yaml `privacy:` (client_dp, record_dp, goldfish)")
+    run: dict[str, Any] = Field(default_factory=dict, description="Any further run.yaml overrides")
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    @property
+    def lora_rank(self) -> int | None:
+        if self.mode == "full":
+            return None
+        return LoraSpec.model_validate(self.lora or {}).rank
+
+
+class ExperimentConfig(StrictModel):
+    """An experiment file (`experiments/*.yaml`); every key is checked, unknown keys are refused."""
+
+    version: Literal[1] = EXPERIMENT_VERSION
+    name: str = Field("experiment", min_length=1)
+    description: str = ""
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    federation: FederationSection = FederationSection()
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
+    parallel: int = Field(2, ge=1)
+    audit: AuditSection = AuditSection()
+    methods: tuple[MethodConfig, ...] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in value):
+            raise ValueError("every seed must be >= 0")
+        if len(set(value)) != len(value):
+            raise ValueError("must be distinct")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_names(cls, value: tuple[MethodConfig, ...]) -> tuple[MethodConfig, ...]:
+        names = [m.name for m in value]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"method names must be distinct; repeated: {', '.join(duplicated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _runs_are_valid(self) -> ExperimentConfig:
+        """Every method's run.yaml must pass the coordinator's own schema, checked before anything runs."""
+        probe = Path("probe")
+        workers = [
+            WorkerEntry(id=worker_id, token_sha256="0" * 64, identity_public="0" * 64)
+            for worker_id, _ in site_names(self.federation.sites)
+        ]
+        for index, method in enumerate(self.methods):
+            plan = federation_plan(self, method, self.seeds[0], out_dir=probe, base_model=probe)
+            try:
+                run_settings(plan, base_model=str(probe), state_dir=probe, workers=workers)
+            except ValidationError as exc:
+                raise ValueError(f"methods.{index} ({method.name}): run.yaml {describe(exc)}") from None
+        return self
+
+    def varies_rank(self) -> bool:
+        ranks = {m.lora_rank for m in self.methods if m.lora_rank is not None}
+        return len(ranks) > 1
+
+    def fingerprint(self, method: MethodConfig, seed: int) -> str:
+        """What a run's result depends on; a stored result with another fingerprint is redone."""
+        payload = {
+            "version": self.version,
+            "model": self.model.model_dump(),
+            "data": self.data.model_dump(),
+            "federation": self.federation.model_dump(),
+            "audit": self.audit.model_dump(),
+            "method": method.model_dump(exclude={"label"}),
+            "seed": seed,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def federation_plan(
+    config: ExperimentConfig, method: MethodConfig, seed: int, *, out_dir: Path, base_model: Path
+) -> FederationPlan:
+    """One run: the shared federation with this method's settings and this seed's data."""
+    fed = config.federation
+    training = {
+        "local_steps": fed.local_steps,
+        "batch_size": fed.batch_size,
+        "max_seq_len": fed.max_seq_len,
+        "learning_rate": method.learning_rate,
+    }
+    run: dict[str, Any] = {"training": training, "lora": method.lora or {}, "privacy": method.privacy or {}}
+    return FederationPlan(
+        out_dir=out_dir,
+        base_model=base_model,
+        workers=fed.sites,
+        rounds=fed.rounds,
+        mode=method.mode,
+        seed=seed,
+        data=config.data.spec(seed),
+        run=merge(run, method.run),
+        run_id=f"{method.name}-seed-{seed}",
+        secure_aggregation=method.secure_aggregation,
+        threads_per_worker=1,
+        timeout=timedelta(minutes=fed.timeout_minutes),
+    )
+
+
+def load_experiment_config(path: Path) -> ExperimentConfig:
+    """Read and validate an experiment file; raise ConfigError with one line naming the field."""
+    data = read_yaml_mapping(path)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
