@@ -203,14 +203,19 @@ def test_encode_clips_weights_quantizes_and_appends_the_weight() -> None:
 
 def test_noise_survives_quantization_and_masking_bit_exactly() -> None:
     delta, p, seeds = deltas()["legal"], params(noise_variance=1e6), full_mesh_seeds()
-    common = {"clip_norm": CLIP_NORM, "examples": 7}
 
-    quiet = encode(
-        delta, params=params(), rounding=rounding_generator(1, 2, "legal"), noise_rng=noise_generator(), **common
-    )
-    noisy = encode(
-        delta, params=p, rounding=rounding_generator(1, 2, "legal"), noise_rng=np.random.default_rng(9), **common
-    )
+    def encoded(p: SecAggParams, noise_rng: np.random.Generator) -> np.ndarray:
+        return encode(
+            delta,
+            clip_norm=CLIP_NORM,
+            examples=7,
+            params=p,
+            rounding=rounding_generator(1, 2, "legal"),
+            noise_rng=noise_rng,
+        )
+
+    quiet = encoded(params(), noise_generator())
+    noisy = encoded(p, np.random.default_rng(9))
 
     draw = skellam_noise(delta.size, variance=1e6, rng=np.random.default_rng(9))
     np.testing.assert_array_equal(noisy[:-1] - quiet[:-1], draw.astype(np.uint32))

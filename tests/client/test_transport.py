@@ -9,6 +9,7 @@ import pytest
 from fedlora_common.messages import TaskKind, UploadKind
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import RetrySettings
+from fedlora_worker.coordinator import NotJoined
 from fedlora_worker.transport import CoordinatorClient
 from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, WORKERS, initial_vector, run_settings, token_of
 
@@ -92,3 +93,14 @@ def test_the_client_joins_initializes_and_downloads_a_verified_version(tmp_path:
         assert model.config_json == ADAPTER_CONFIG
         for client in clients.values():
             client.close()
+
+
+def test_a_poll_from_a_worker_the_coordinator_has_not_admitted_asks_it_to_join_again(tmp_path: Path) -> None:
+    with CoordinatorServer(settings=run_settings(tmp_path)) as server:
+        joined, stranger = _client(server.port, "clinical"), _client(server.port, "legal")
+        spec = joined.join(100)
+
+        with pytest.raises(NotJoined):
+            stranger.poll(spec.run_id)  # as after a coordinator restart: it knows the run, not this worker
+        joined.close()
+        stranger.close()

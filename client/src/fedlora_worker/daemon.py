@@ -1,20 +1,19 @@
 """The worker daemon: join, then do what the coordinator asks until the run is finished.
 
 Records stay on this site. What leaves it: the example count, aggregate losses and
-throughput, and protected updates (delta = local - global, bounded, in manifest order).
+throughput, and protected updates (delta = local - global in manifest order, through the
+protection pipeline of fedlora_worker.protect). The daemon talks to the coordinator only through
+the `fedlora_worker.coordinator.Coordinator` protocol.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -33,27 +32,24 @@ from fedlora_common.messages import (
     TrainingPlan,
     UploadKind,
 )
-from fedlora_common.privacy import add_integer_noise, gaussian_epsilon, skellam_noise
-from fedlora_common.secagg import SecAggParams, StageError, quantize
-from fedlora_worker.audit import AuditConfig, audit_model, load_canaries
+from fedlora_common.privacy import gaussian_epsilon
+from fedlora_common.secagg import SecAggParams, StageError
+from fedlora_worker import protect
+from fedlora_worker.audit import audit_model, load_canaries
 from fedlora_worker.config import WorkerSettings
+from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined
 from fedlora_worker.data import TokenizedData, load_records, tokenize
-from fedlora_worker.dp_sgd import RecordDPConfig
-from fedlora_worker.goldfish import GoldfishConfig
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import (
     LoadedModel,
-    LoraSettings,
-    ModelSpec,
+    SiteModel,
     artifact_config_json,
     global_state,
     load_model,
     set_global_state,
 )
-from fedlora_worker.protect import protect_update
 from fedlora_worker.secagg_session import WorkerSession
-from fedlora_worker.training import TrainConfig, evaluate, train_locally
-from fedlora_worker.transport import CoordinatorClient, DownloadedModel
+from fedlora_worker.training import evaluate, train_locally
 
 __all__ = ["Worker", "WorkerOutcome"]
 
@@ -65,7 +61,7 @@ class _SecureState:
     """What a worker keeps between the secure-aggregation stages of one round attempt."""
 
     session: WorkerSession
-    vector: npt.NDArray[np.uint32]
+    encoded: npt.NDArray[np.uint32]
     loss: float
 
 
@@ -83,17 +79,18 @@ class Worker:
         self,
         *,
         settings: WorkerSettings,
-        client: CoordinatorClient,
+        client: Coordinator,
         metrics: WorkerMetrics,
         idle: Callable[[float], bool] | None = None,
-        load: Callable[[ModelSpec, str], LoadedModel] | None = None,
+        load: Callable[[RunSpec, SiteModel], LoadedModel] = load_model,
     ) -> None:
         self._settings = settings
         self._client = client
         self._metrics = metrics
         self._stopping = threading.Event()
         self._idle = idle or self._stopping.wait
-        self._load = load or (lambda spec, device: load_model(spec, device=device))
+        self._load = load
+        self._site = SiteModel(path=settings.base_model, device=settings.device)
         self._records = load_records(list(settings.data.train))
         self._eval_records = load_records(list(settings.data.eval)) if settings.data.eval else None
         self._canaries = load_canaries(settings.data.canaries)
@@ -118,10 +115,8 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 task = self._client.poll(spec.run_id)
-            except grpc.RpcError as exc:
-                if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                log.info("rejoining", reason=exc.details())
+            except NotJoined as exc:
+                log.info("rejoining", reason=str(exc))
                 spec = self._client.join(self.num_examples)
                 continue
             structlog.contextvars.bind_contextvars(round=task.round)
@@ -157,16 +152,8 @@ class Worker:
 
     def _model(self, spec: RunSpec) -> LoadedModel:
         if self._loaded is None:
-            lora = LoraSettings(spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.lora.target_modules)
-            model_spec = ModelSpec(
-                base_model=self._settings.base_model,
-                mode=spec.mode,  # type: ignore[arg-type]
-                lora=lora,
-                aggregation=spec.aggregation,  # type: ignore[arg-type]
-                seed=spec.seed,
-            )
             log.info("loading_base_model", mode=spec.mode)
-            self._loaded = self._load(model_spec, self._settings.device)
+            self._loaded = self._load(spec, self._site)
         return self._loaded
 
     def _initialize(self, spec: RunSpec, task: Task) -> None:
@@ -204,7 +191,6 @@ class Worker:
         assert task.global_version is not None
         loaded = self._sync(spec, task)
         data, _ = self._tokenized(loaded, plan.max_seq_len)
-        config = _train_config(plan)
         with self._progress(plan.local_steps, "train", unit="step") as bar:
 
             def on_step(step: int, loss: float) -> None:
@@ -212,7 +198,7 @@ class Worker:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self._metrics.training_steps.inc()
 
-            result = train_locally(loaded.model, data, config, pad_id=loaded.pad_id, on_step=on_step)
+            result = train_locally(loaded.model, data, plan, pad_id=loaded.pad_id, on_step=on_step)
         if plan.record_dp is not None:  # every step trained counts, even if this round attempt later fails
             self._private_steps += result.steps
             self._sample_rate = result.sample_rate
@@ -222,46 +208,42 @@ class Worker:
         assert self._held is not None
         start = unflatten(loaded.manifest, self._held.vector)
         delta = flatten(sent, global_state(loaded)) - flatten(sent, start)
-        update = protect_update(delta, clip_norm=plan.update_clip_norm)
         log.info(
             "trained",
             steps=result.steps,
             loss=round(result.mean_loss, 4),
             tokens_per_s=round(result.tokens_per_second, 1),
-            update_norm=round(float(np.linalg.norm(update)), 5),
+            delta_norm=round(float(np.linalg.norm(delta)), 5),
         )
         if task.secagg is None:
+            update = protect.clip(delta, plan.update_clip_norm)
             self._upload(
                 spec, task, UploadKind.DELTA, update, base_version=task.global_version.version, loss=result.mean_loss
             )
-        else:
-            self._begin_secure(spec, task.secagg.params, update, plan.seed, result.mean_loss)
+        else:  # everything up to the mask now; the mask once the survivors are known
+            encoded = protect.encode(
+                delta,
+                clip_norm=plan.update_clip_norm,
+                examples=self.num_examples,
+                params=task.secagg.params,
+                rounding=protect.rounding_generator(spec.seed, task.round, self._client.worker_id),
+                noise_rng=protect.noise_generator(),
+            )
+            self._begin_secure(spec, task.secagg.params, encoded, result.mean_loss)
         self._metrics.rounds.inc()
 
     # ---- secure aggregation -----------------------------------------------------------
 
-    def _begin_secure(
-        self, spec: RunSpec, params: SecAggParams, update: npt.NDArray[np.float32], seed: int, loss: float
-    ) -> None:
-        """Weight, quantize and keep the update; advertise this round's keys."""
+    def _begin_secure(self, spec: RunSpec, params: SecAggParams, encoded: npt.NDArray[np.uint32], loss: float) -> None:
+        """Keep the encoded update for the masking stage; advertise this round's keys."""
         identity = self._settings.identity_private()
         if identity is None:
             raise StageError("this run aggregates securely but the worker has no identity_key")
-        weight = min(self.num_examples, params.max_examples)
-        scaled = update * np.float32(weight / params.max_examples)
-        rng = np.random.default_rng([seed, params.tag, zlib.crc32(self._client.worker_id.encode())])
-        quantized = quantize(scaled, clip=params.clip_range, bits=params.bits, rng=rng)
-        if params.noise_variance > 0:  # distributed DP: noise nobody else can predict, added before masking
-            noise_rng = np.random.default_rng(secrets.randbits(128))
-            quantized = add_integer_noise(
-                quantized, skellam_noise(quantized.size, variance=params.noise_variance, rng=noise_rng)
-            )
-        vector = np.concatenate([quantized, np.array([weight], dtype=np.uint32)])
         peers = {worker: bytes.fromhex(key) for worker, key in self._settings.peers.items()}
         session = WorkerSession(
             worker_id=self._client.worker_id, params=params, identity_private=identity, peer_identities=peers
         )
-        self._secure = _SecureState(session, vector, loss)
+        self._secure = _SecureState(session, encoded, loss)
         self._client.advertise(spec.run_id, params.tag, session.advertise())
         log.info("keys_advertised", tag=params.tag, threshold=params.threshold)
 
@@ -278,7 +260,7 @@ class Worker:
             if task.kind is TaskKind.SECAGG_SHARE_KEYS:
                 self._client.share_keys(spec.run_id, tag, state.session.share_keys(secagg.roster))
             elif task.kind is TaskKind.SECAGG_MASKED_UPLOAD:
-                masked = state.session.mask(secagg.inbox, secagg.survivors, state.vector)
+                masked = protect.mask(state.encoded, state.session.mask_seeds(secagg.inbox, secagg.survivors))
                 self._upload(spec, task, UploadKind.MASKED, masked, base_version=0, loss=state.loss, tag=tag)
             elif task.kind is TaskKind.SECAGG_UNMASK:
                 self._client.reveal(spec.run_id, tag, state.session.reveal(secagg.survivors, secagg.dropped))
@@ -332,10 +314,7 @@ class Worker:
         """Audit the global model on this site's canaries; only aggregate rates leave the site."""
         if plan is None or not self._canaries:
             return None
-        config = AuditConfig(
-            prefixes=plan.prefixes, suffix_tokens=plan.suffix_tokens, exposure_candidates=plan.exposure_candidates
-        )
-        summary = audit_model(loaded.model, loaded.tokenizer, self._canaries, config=config).summary()
+        summary = audit_model(loaded.model, loaded.tokenizer, self._canaries, plan=plan).summary()
         memorization = Memorization(
             _rates(summary, summary["by_duplication"]["1x"]["count"] + summary["by_duplication"]["10x"]["count"]),
             {group: _rates(rates, rates["count"]) for group, rates in summary["by_duplication"].items()},
@@ -389,19 +368,6 @@ class Worker:
             disable=not self._settings.progress,
             mininterval=0.5,
         )
-
-
-def _train_config(plan: TrainingPlan) -> TrainConfig:
-    g, dp = plan.goldfish, plan.record_dp
-    return TrainConfig(
-        plan.local_steps,
-        plan.batch_size,
-        plan.learning_rate,
-        plan.grad_clip_norm,
-        plan.seed,
-        goldfish=None if g is None else GoldfishConfig(k=g.k, h=g.h, seed=g.seed),
-        dp=None if dp is None else RecordDPConfig(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm),
-    )
 
 
 def _rates(stats: dict[str, float | None], count: int) -> MemorizationRates:

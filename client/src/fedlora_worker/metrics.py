@@ -28,7 +28,7 @@ class WorkerMetrics:
             "fedlora_worker_retries_total", "Calls retried after a transient failure", registry=registry
         )
         self.dp_epsilon = Gauge(
-            "fedlora_dp_epsilon",
+            "fedlora_worker_dp_epsilon",
             "Record-level epsilon this site has spent (DP-SGD), at the run's delta",
             registry=registry,
         )

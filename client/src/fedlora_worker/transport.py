@@ -1,4 +1,7 @@
-"""The worker's side of the wire: authenticated calls, chunked streams, retries with backoff."""
+"""The worker's side of the wire: authenticated calls, chunked streams, retries with backoff.
+
+`CoordinatorClient` is the gRPC implementation of `fedlora_worker.coordinator.Coordinator`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -31,8 +33,9 @@ from fedlora_common.serde import (
     upload_header_to_proto,
 )
 from fedlora_worker.config import RetrySettings, TlsClientSettings
+from fedlora_worker.coordinator import DownloadedModel, NotJoined
 
-__all__ = ["CoordinatorClient", "DownloadedModel", "TransferError"]
+__all__ = ["CoordinatorClient", "TransferError"]
 
 T = TypeVar("T")
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
@@ -41,13 +44,6 @@ log = structlog.get_logger()
 
 class TransferError(Exception):
     """A download that did not arrive as the coordinator declared it."""
-
-
-@dataclass(frozen=True)
-class DownloadedModel:
-    version: ModelVersion
-    vector: npt.NDArray[np.float32]
-    config_json: str
 
 
 def _channel(target: str, tls: TlsClientSettings | None, chunk_bytes: int) -> grpc.Channel:
@@ -118,11 +114,17 @@ class CoordinatorClient:
         return run_spec_from_proto(response.run)
 
     def poll(self, run_id: str) -> Task:
+        """The next task; NotJoined when the coordinator answers FAILED_PRECONDITION (it lost this worker)."""
         request = pb.PollTaskRequest(worker_id=self.worker_id, run_id=run_id)
-        return task_from_proto(
-            self._with_retry("poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30)),
-            run_id=run_id,
-        )
+        try:
+            response = self._with_retry(
+                "poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30)
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                raise NotJoined(exc.details()) from exc
+            raise
+        return task_from_proto(response, run_id=run_id)
 
     def download(
         self, run_id: str, version: ModelVersion, *, on_bytes: Callable[[int], None] = lambda n: None

@@ -1,0 +1,80 @@
+"""The coordinator as the worker daemon sees it: the calls it makes, whatever carries them.
+
+`fedlora_worker.transport.CoordinatorClient` carries them over gRPC; a simulation engine (or a
+test) can carry them in process. The daemon depends on this Protocol only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fedlora_common.manifest import Manifest
+from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadKind
+from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
+
+__all__ = ["Coordinator", "DownloadedModel", "NotJoined"]
+
+
+class NotJoined(Exception):
+    """The coordinator does not (or no longer) count this worker in the run, e.g. after it restarted: join again."""
+
+
+@dataclass(frozen=True)
+class DownloadedModel:
+    """A global version as received and verified: its float32 state in manifest order, and its config file."""
+
+    version: ModelVersion
+    vector: npt.NDArray[np.float32]
+    config_json: str
+
+
+class Coordinator(Protocol):
+    """One worker's calls to the coordinator. Implementations retry what is transient and deduplicate resends."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    def join(self, num_examples: int) -> RunSpec:
+        """Register (again) with the run; returns what is fixed for the whole run."""
+        ...
+
+    def poll(self, run_id: str) -> Task:
+        """The next task; raises NotJoined when the worker must join again."""
+        ...
+
+    def download(
+        self, run_id: str, version: ModelVersion, *, on_bytes: Callable[[int], None] = ...
+    ) -> DownloadedModel: ...
+
+    def upload(
+        self,
+        *,
+        run_id: str,
+        round_: int,
+        kind: UploadKind,
+        base_version: int,
+        num_examples: int,
+        vector: npt.NDArray[np.float32] | npt.NDArray[np.uint32],
+        train_loss: float = ...,
+        tag: int = ...,
+        manifest: Manifest | None = ...,
+        artifact_config_json: str = ...,
+        on_bytes: Callable[[int], None] = ...,
+    ) -> int:
+        """Send one vector; returns the bytes the coordinator acknowledged."""
+        ...
+
+    def advertise(self, run_id: str, tag: int, keys: Advertisement) -> None: ...
+
+    def share_keys(self, run_id: str, tag: int, shares: Sequence[EncryptedShare]) -> None: ...
+
+    def reveal(self, run_id: str, tag: int, shares: Sequence[RevealedShare]) -> None: ...
+
+    def report(self, report: MetricsReport) -> None: ...
+
+    def close(self) -> None: ...
