@@ -16,10 +16,12 @@ import pytest
 
 from fedlora_common.chunking import iter_chunks, sha256
 from fedlora_common.manifest import Manifest, TensorSpec
+from fedlora_common.messages import MetricsReport, TaskKind, UploadHeader, UploadKind
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.serde import manifest_to_proto
 from fedlora_server.config import RunSettings
+from fedlora_server.coordinator import Coordinator
 from fedlora_server.server import CoordinatorServer
 
 WORKERS = ("clinical", "finance", "legal")
@@ -160,3 +162,60 @@ def start_round_one(wire: Wire) -> None:
         assert task.kind == pb.TASK_KIND_EVALUATE
         wire.report(w, 0, 0, loss=3.0)
     assert wire.poll("legal").kind == pb.TASK_KIND_TRAIN
+
+
+# ---- driving the coordinator directly, without gRPC ---------------------------------------
+
+
+class Clock:
+    """A clock a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def vector_chunks(vector: np.ndarray) -> Iterator[tuple[int, bytes]]:
+    return ((i, bytes(c)) for i, c in enumerate(iter_chunks(vector.tobytes(), 1024)))
+
+
+def upload_header(
+    worker: str, vector: np.ndarray, *, round_: int, kind: UploadKind, num_examples: int = 100
+) -> UploadHeader:
+    payload = vector.tobytes()
+    return UploadHeader(
+        worker_id=worker,
+        run_id="test-run",
+        round=round_,
+        kind=kind,
+        base_version=0,
+        num_examples=num_examples,
+        total_size=len(payload),
+        chunk_count=-(-len(payload) // 1024),
+        sha256=sha256(payload),
+        dtype="float32",
+        manifest=MANIFEST if kind is UploadKind.INITIAL else None,
+        artifact_config_json=ADAPTER_CONFIG if kind is UploadKind.INITIAL else "",
+        train_loss=1.0,
+    )
+
+
+def eval_report(worker: str, round_: int, loss: float) -> MetricsReport:
+    return MetricsReport(worker, "test-run", round_, round_, eval_loss=loss, eval_tokens=50)
+
+
+def initialized(coordinator: Coordinator) -> None:
+    """Join all, initialize and evaluate version 0 directly: leaves the coordinator in round 1's training."""
+    for w in WORKERS:
+        coordinator.join(w, 100)
+    assert coordinator.phase == "initialize"
+    task = coordinator.poll("clinical")
+    assert task.kind is TaskKind.INITIALIZE
+    vector = initial_vector()
+    coordinator.receive_upload(
+        upload_header("clinical", vector, round_=0, kind=UploadKind.INITIAL), vector_chunks(vector)
+    )
+    for w in WORKERS:
+        coordinator.report_metrics(eval_report(w, 0, 3.0))

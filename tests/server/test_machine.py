@@ -2,55 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fedlora_common.chunking import iter_chunks, sha256
-from fedlora_common.messages import MetricsReport, TaskKind, UploadHeader, UploadKind
+from fedlora_common.messages import TaskKind, UploadKind
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.store import MemoryStore
-from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, WORKERS, initial_vector, run_settings
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _chunks(vector: np.ndarray) -> Iterator[tuple[int, bytes]]:
-    return ((i, bytes(c)) for i, c in enumerate(iter_chunks(vector.tobytes(), 1024)))
-
-
-def _header(worker: str, vector: np.ndarray, *, round_: int, kind: UploadKind, num_examples: int = 100) -> UploadHeader:
-    payload = vector.tobytes()
-    return UploadHeader(
-        worker_id=worker,
-        run_id="test-run",
-        round=round_,
-        kind=kind,
-        base_version=0,
-        num_examples=num_examples,
-        total_size=len(payload),
-        chunk_count=-(-len(payload) // 1024),
-        sha256=sha256(payload),
-        dtype="float32",
-        manifest=MANIFEST if kind is UploadKind.INITIAL else None,
-        artifact_config_json=ADAPTER_CONFIG if kind is UploadKind.INITIAL else "",
-        train_loss=1.0,
-    )
-
-
-def _report(worker: str, round_: int, loss: float) -> MetricsReport:
-    return MetricsReport(worker, "test-run", round_, round_, eval_loss=loss, eval_tokens=50)
+from tests.server.conftest import (
+    MANIFEST,
+    WORKERS,
+    Clock,
+    eval_report,
+    initial_vector,
+    initialized,
+    run_settings,
+    upload_header,
+    vector_chunks,
+)
 
 
 @pytest.fixture
@@ -68,23 +41,11 @@ def coordinator(tmp_path: Path, clock: Clock) -> Coordinator:
     )
 
 
-def _initialized(coordinator: Coordinator) -> None:
-    for w in WORKERS:
-        coordinator.join(w, 100)
-    assert coordinator.phase == "initialize"
-    task = coordinator.poll("clinical")
-    assert task.kind is TaskKind.INITIALIZE
-    vector = initial_vector()
-    coordinator.receive_upload(_header("clinical", vector, round_=0, kind=UploadKind.INITIAL), _chunks(vector))
-    for w in WORKERS:
-        coordinator.report_metrics(_report(w, 0, 3.0))
-
-
 def test_the_machine_walks_admission_initialize_evaluate_train_and_commits_the_weighted_mean(
     coordinator: Coordinator,
 ) -> None:
     assert coordinator.phase == "admission"
-    _initialized(coordinator)
+    initialized(coordinator)
     assert coordinator.phase == "train"
     deltas = {w: np.full(MANIFEST.numel, float(i + 1), dtype=np.float32) for i, w in enumerate(WORKERS)}
     examples = {"clinical": 100, "finance": 300, "legal": 600}
@@ -93,8 +54,8 @@ def test_the_machine_walks_admission_initialize_evaluate_train_and_commits_the_w
         task = coordinator.poll(w)
         assert (task.kind, task.round) == (TaskKind.TRAIN, 1)
         assert task.training is not None
-        header = _header(w, deltas[w], round_=1, kind=UploadKind.DELTA, num_examples=examples[w])
-        assert coordinator.receive_upload(header, _chunks(deltas[w])) == 1
+        header = upload_header(w, deltas[w], round_=1, kind=UploadKind.DELTA, num_examples=examples[w])
+        assert coordinator.receive_upload(header, vector_chunks(deltas[w])) == 1
 
     assert coordinator.phase == "evaluate"
     committed = coordinator.global_model("legal", 1)
@@ -111,16 +72,18 @@ def test_a_worker_that_was_not_asked_gets_wait_and_cannot_initialize(coordinator
 
     assert coordinator.poll("legal").kind is TaskKind.WAIT
     with pytest.raises(PermissionDenied):
-        coordinator.receive_upload(_header("legal", vector, round_=0, kind=UploadKind.INITIAL), _chunks(vector))
+        coordinator.receive_upload(
+            upload_header("legal", vector, round_=0, kind=UploadKind.INITIAL), vector_chunks(vector)
+        )
     assert coordinator.phase == "initialize"
 
 
 def test_an_attempt_that_fails_is_recorded_and_retried_with_a_new_attempt(
     coordinator: Coordinator, clock: Clock
 ) -> None:
-    _initialized(coordinator)
+    initialized(coordinator)
     one = np.ones(MANIFEST.numel, dtype=np.float32)
-    coordinator.receive_upload(_header("clinical", one, round_=1, kind=UploadKind.DELTA), _chunks(one))
+    coordinator.receive_upload(upload_header("clinical", one, round_=1, kind=UploadKind.DELTA), vector_chunks(one))
 
     clock.now += 10**6
     task = coordinator.poll("finance")
@@ -139,18 +102,18 @@ def test_an_upload_outside_training_is_a_failed_precondition_and_bad_reports_are
     one = np.ones(MANIFEST.numel, dtype=np.float32)
 
     with pytest.raises(FailedPrecondition, match="phase initialize"):
-        coordinator.receive_upload(_header("clinical", one, round_=1, kind=UploadKind.DELTA), _chunks(one))
+        coordinator.receive_upload(upload_header("clinical", one, round_=1, kind=UploadKind.DELTA), vector_chunks(one))
     with pytest.raises(InvalidArgument, match="eval_loss"):
-        coordinator.report_metrics(_report("clinical", 0, float("nan")))
+        coordinator.report_metrics(eval_report("clinical", 0, float("nan")))
     with pytest.raises(FailedPrecondition, match="no evaluation"):
-        coordinator.report_metrics(_report("clinical", 0, 1.0))
+        coordinator.report_metrics(eval_report("clinical", 0, 1.0))
 
 
 def test_a_restarted_machine_resumes_at_the_last_committed_version(tmp_path: Path, clock: Clock) -> None:
     store = MemoryStore()
     settings = run_settings(tmp_path, min_workers=3)
     first = Coordinator(settings=settings, store=store, metrics=ServerMetrics(CollectorRegistry()), clock=clock)
-    _initialized(first)
+    initialized(first)
     assert first.phase == "train"
 
     second = Coordinator(settings=settings, store=store, metrics=ServerMetrics(CollectorRegistry()), clock=clock)

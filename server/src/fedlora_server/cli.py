@@ -16,6 +16,7 @@ from fedlora_common.logs import configure_logging
 from fedlora_common.settings import ConfigError, load_settings
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
+from fedlora_server.store import StateError
 
 __all__ = ["main"]
 
@@ -34,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(json=True)
     structlog.contextvars.bind_contextvars(run_id=settings.run_id, component="coordinator")
-    server = CoordinatorServer(settings=settings)
+    try:
+        server = CoordinatorServer(settings=settings)
+    except StateError as exc:
+        sys.stderr.write(f"fedlora-server: state error: {exc}\n")
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -122,10 +123,36 @@ class TlsServerSettings(StrictModel):
 
 
 class ListenSettings(StrictModel):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Address to listen on; anything but loopback needs tls or insecure")
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     metrics_port: int | None = Field(9100, ge=0, le=65535, description="None turns metrics off")
     tls: TlsServerSettings | None = None
+    insecure: bool = Field(
+        False, description="Allow plaintext gRPC on a non-loopback address (bearer tokens then cross the network)"
+    )
+
+    @model_validator(mode="after")
+    def _no_plaintext_off_loopback(self) -> ListenSettings:
+        if self.tls is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"listen: plaintext gRPC on {self.host} would send bearer tokens and updates in the clear; "
+                "set listen.tls, or listen.insecure: true on a network you trust"
+            )
+        return self
+
+    @property
+    def plaintext_off_loopback(self) -> bool:
+        return self.tls is None and not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class TimeoutSettings(StrictModel):

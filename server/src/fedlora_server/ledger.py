@@ -27,6 +27,7 @@ from fedlora_server.store import (
     MetricsRecord,
     RoundRecord,
     RunRecord,
+    StateError,
     UploadRecord,
     WorkerRecord,
 )
@@ -49,9 +50,17 @@ class RoundLedger:
         self._clock = clock
         self._download_bytes = 0
 
+    def stored_run(self) -> RunRecord | None:
+        return self._store.load_run()
+
     def open_run(self, run: RunRecord) -> RunRecord | None:
         """Start or resume the run; attempts a crash left open are marked failed. Returns the stored run, if any."""
         existing = self._store.load_run()
+        if existing is not None and existing.run_id != run.run_id:
+            raise StateError(
+                f"the state directory holds run {existing.run_id!r}, not {run.run_id!r}: "
+                "point state_dir elsewhere for a new run"
+            )
         self._store.create_run(run)
         if existing is not None:
             for record in self._store.rounds():

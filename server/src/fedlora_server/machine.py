@@ -47,6 +47,7 @@ from fedlora_server.store import (
     CoordinatorStore,
     RoundRecord,
     RunRecord,
+    StateError,
 )
 from fedlora_server.versions import GlobalModel, Versions
 
@@ -400,7 +401,12 @@ class PhaseMachine:
             raise FailedPrecondition(f"{worker_id} has not joined the run; call Join first")
 
     def _resume(self) -> None:
-        """Pick up a run this store already holds, at its last committed version."""
+        """Pick up a run this store already holds, at its last committed version; StateError if it cannot."""
+        if self._ledger.stored_run() is None and (stray := self._versions.stray_artifacts()):
+            raise StateError(
+                f"{stray[0].parent}: holds {len(stray)} committed versions but the store records no run; "
+                "restore coordinator.db, or move the artifacts away to start a new run"
+            )
         existing = self._ledger.open_run(
             RunRecord(self._settings.run_id, self._settings.model_dump_json(), self._clock())
         )

@@ -91,6 +91,8 @@ class CoordinatorServer:
             self.port = self._grpc.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        if s.listen.plaintext_off_loopback:
+            log.warning("plaintext_listener", host=s.listen.host, reason="listen.insecure is set; no TLS")
         self._grpc.start()
         if s.listen.metrics_port is not None:
             self._metrics_http, _ = start_http_server(s.listen.metrics_port, s.listen.host, registry=self.registry)

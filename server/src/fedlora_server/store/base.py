@@ -21,6 +21,7 @@ __all__ = [
     "RoundRecord",
     "RoundStatus",
     "RunRecord",
+    "StateError",
     "StoreError",
     "UploadRecord",
     "WorkerRecord",
@@ -31,6 +32,10 @@ RoundStatus = Literal["training", "evaluating", "completed", "failed"]
 
 class StoreError(Exception):
     """The store refused a write that would break one of its invariants."""
+
+
+class StateError(Exception):
+    """The state directory cannot be resumed from; the message is one line naming the file and the fault."""
 
 
 class DuplicateUploadError(StoreError):

@@ -16,6 +16,7 @@ from fedlora_server.store.base import (
     MetricsRecord,
     RoundRecord,
     RunRecord,
+    StateError,
     StoreError,
     UploadRecord,
     WorkerRecord,
@@ -51,12 +52,20 @@ CREATE TABLE IF NOT EXISTS metrics (
 
 class SqliteStore(CoordinatorStore):
     def __init__(self, path: Path) -> None:
+        """Open (or create) the store; StateError if the file is not a sound SQLite database."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            (verdict,) = self._db.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StateError(f"{path}: not a sound SQLite database ({exc})") from None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
