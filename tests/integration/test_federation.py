@@ -13,8 +13,9 @@ import torch
 from peft import PeftModel
 from prometheus_client import CollectorRegistry
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedlora_common.plans import RunSpec
 from fedlora_common.privacy import gaussian_epsilon
 from fedlora_common.secagg import identity_keypair
 from fedlora_lab.datagen import DataSpec, generate_site, write_site
@@ -24,8 +25,10 @@ from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.daemon import Worker, WorkerOutcome
+from fedlora_worker.data import load_records, tokenize
+from fedlora_worker.dp_sgd import record_windows
 from fedlora_worker.metrics import WorkerMetrics
-from fedlora_worker.modeling import LoadedModel, ModelSpec, load_model
+from fedlora_worker.modeling import LoadedModel, SiteModel, load_model
 from fedlora_worker.transport import CoordinatorClient
 
 ROUNDS = 2
@@ -62,10 +65,10 @@ def _run_federation(
     errors: list[BaseException] = []
     loading = threading.Lock()
 
-    def load_one_at_a_time(spec: ModelSpec, device: str) -> LoadedModel:
+    def load_one_at_a_time(run: RunSpec, site: SiteModel) -> LoadedModel:
         # Each site is its own process in production; transformers' loading is not thread-safe.
         with loading:
-            return load_model(spec, device=device)
+            return load_model(run, site)
 
     with CoordinatorServer(settings=settings) as server:
 
@@ -120,6 +123,30 @@ def _run_federation(
     return json.loads((settings.state_dir / "report.json").read_text()), outcomes
 
 
+def _numel(artifact: Path) -> int:
+    """Elements of the committed global state: what each worker uploads a delta of."""
+    return sum(t.size for f in artifact.glob("*.safetensors") for t in load_file(str(f)).values())
+
+
+def _records(tmp_path: Path, base: Path, max_seq_len: int) -> dict[str, int]:
+    """Each site's training records as DP-SGD counts them (whole records, however many windows)."""
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return {
+        worker: len(
+            record_windows(
+                tokenize(load_records([tmp_path / worker / "train.jsonl"]), tokenizer, max_seq_len=max_seq_len)
+            )
+        )
+        for worker, _ in site_names(3)
+    }
+
+
+def _weighted(rates: list[dict | None], name: str) -> float:
+    """A rate over several groups, weighted by how many canaries each measured."""
+    measured = [r for r in rates if r is not None and r["count"] > 0]
+    return sum(r[name] * r["count"] for r in measured) / sum(r["count"] for r in measured)
+
+
 def _logits(model: torch.nn.Module, base: Path) -> torch.Tensor:
     ids = torch.arange(1, 33).unsqueeze(0)
     with torch.inference_mode():
@@ -137,7 +164,10 @@ def test_three_workers_train_and_the_final_model_loads_and_differs_from_the_base
     assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
     assert all(len(r["participants"]) == 3 and not r["dropped"] for r in report["rounds"])
     assert report["base_eval_loss"] is not None
-    assert all(r["eval_loss"] is not None and r["upload_bytes"] > 0 for r in report["rounds"])
+    assert all(r["eval_loss"] is not None for r in report["rounds"])
+    # Three deltas of float32 (plain) or uint32 (masked, one more coordinate: the weight) per round.
+    per_worker = _numel(Path(report["adapter_path"])) + (1 if mode == "lora" else 0)
+    assert [r["upload_bytes"] for r in report["rounds"]] == [3 * 4 * per_worker] * ROUNDS
     base = AutoModelForCausalLM.from_pretrained(lab_model.path)
     if mode == "full":
         tuned = AutoModelForCausalLM.from_pretrained(report["adapter_path"])
@@ -191,12 +221,18 @@ def test_a_run_with_dp_goldfish_secure_aggregation_and_audit_reports_epsilon_and
     expected = [gaussian_epsilon(1.0, steps=r, delta=1e-5) for r in range(1, ROUNDS + 1)]
     assert [r["epsilon"] for r in rounds] == pytest.approx(expected)
     assert all(r["delta"] == 1e-5 for r in rounds)
-    assert 0 < rounds[0]["record_epsilon"] < rounds[1]["record_epsilon"]
+    sample_rates = [4 / n for n in _records(tmp_path, lab_model.path, max_seq_len=64).values()]
+    spent = [max(gaussian_epsilon(1.0, steps=4 * r, sample_rate=q, delta=1e-5) for q in sample_rates) for r in (1, 2)]
+    assert [r["record_epsilon"] for r in rounds] == pytest.approx(spent)  # the most any site spent
     assert report["privacy"]["client_level"]["placement"] == "distributed"
     assert report["privacy"]["goldfish"] == {"k": 4, "h": 13, "seed": 0}
     for r in rounds:
         memo = r["memorization"]
         assert memo["sites"] == 3
-        assert set(memo["by_duplication"]) == {"1x", "10x", "control"}
-        assert 0 <= memo["exact_match_rate"] <= 1
-        assert memo["by_duplication"]["control"]["count"] == 3  # one control per site
+        groups = memo["by_duplication"]
+        assert set(groups) == {"1x", "10x", "control"}
+        assert groups["control"]["count"] == 3  # one control per site
+        trained = [groups["1x"], groups["10x"]]
+        assert memo["count"] == sum(g["count"] for g in trained if g is not None) == 6  # two canaries per site
+        for name in ("exact_match_rate", "approx_match_rate", "token_accuracy"):  # overall: the trained groups
+            assert memo[name] == pytest.approx(_weighted(trained, name))
