@@ -65,7 +65,6 @@ class SecureAggregationSection(StrictModel):
     )
     clip_range: float = Field(0.05, gt=0, description="Each weighted coordinate is clamped here before quantization")
     bits: int | None = Field(None, ge=2, le=31, description="Quantization bits; by default the most that cannot wrap")
-    max_examples: int = Field(65536, ge=1, le=2**20, description="Example counts above this weigh as this")
 
 
 class ClientDPSection(StrictModel):
@@ -212,6 +211,15 @@ class RunSettings(BaseSettings):
     min_workers: int = Field(2, ge=1)
     workers: tuple[WorkerEntry, ...] = Field(min_length=1)
     seed: int = Field(0, ge=0)
+    max_examples: int = Field(
+        65536,
+        ge=1,
+        le=2**20,
+        description=(
+            "The most examples one update weighs as: a worker's self-reported count is capped here "
+            "(plain and secure aggregation alike), so no site can outweigh the rest by claiming more"
+        ),
+    )
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     privacy: PrivacySection = PrivacySection()
     audit: AuditSection | None = None

@@ -30,6 +30,7 @@ def build_aggregator(settings: RunSettings, privacy: ClientPrivacy | None, metri
         return SecureAggregator(
             run_id=settings.run_id,
             settings=settings.secure_aggregation,
+            max_examples=settings.max_examples,
             identities=identities,
             privacy=privacy,
             metrics=metrics,
@@ -37,7 +38,10 @@ def build_aggregator(settings: RunSettings, privacy: ClientPrivacy | None, metri
         )
     # DP-FedAvg averages unweighted: an example count would scale a site's influence past the clip.
     plain = PlainAggregator(
-        weighting="examples" if privacy is None else "uniform", spool_dir=spool_dir, metrics=metrics
+        weighting="examples" if privacy is None else "uniform",
+        max_examples=settings.max_examples,
+        spool_dir=spool_dir,
+        metrics=metrics,
     )
     if privacy is None:
         return plain

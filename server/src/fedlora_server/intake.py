@@ -11,7 +11,6 @@ On any fault the sink is aborted and the stream refused whole.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +57,6 @@ def check_header(header: UploadHeader, *, chunk_bytes: int, max_update_bytes: in
         raise InvalidArgument(
             f"dtype {header.dtype!r} is not supported for this upload; send {wire_dtype(header.kind)}"
         )
-    if header.num_examples <= 0:
-        raise InvalidArgument("num_examples must be positive")
-    if not math.isfinite(header.train_loss):
-        raise InvalidArgument("train_loss must be finite")
     if header.total_size > max_update_bytes:
         raise ResourceExhausted(f"declared {header.total_size} bytes; the limit is {max_update_bytes}")
     if len(header.sha256) != 32:

@@ -9,7 +9,6 @@ can observe it. Thread-safe; transport-free.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -28,6 +27,7 @@ from fedlora_server.aggregation import (
     AttemptPlan,
     SecureMessage,
 )
+from fedlora_server.bounds import check_count, check_report, check_upload_numbers
 from fedlora_server.config import RunSettings
 from fedlora_server.errors import (
     AlreadyExists,
@@ -114,8 +114,7 @@ class PhaseMachine:
         return self._finished
 
     def join(self, worker_id: str, num_examples: int) -> RunSpec:
-        if num_examples <= 0:
-            raise InvalidArgument("num_examples must be positive")
+        check_count("num_examples", num_examples, low=1)
         with self._lock:
             self._joined[worker_id] = num_examples
             self._ledger.worker_joined(worker_id, num_examples, len(self._joined))
@@ -183,6 +182,7 @@ class PhaseMachine:
                 raise FailedPrecondition(f"run {header.run_id!r} is not this coordinator's run")
             self._require_joined(header.worker_id)
             check_header(header, chunk_bytes=limits.chunk_bytes, max_update_bytes=limits.max_update_bytes)
+            check_upload_numbers(header)
             if header.worker_id in self._uploading:
                 raise AlreadyExists(f"{header.worker_id} is already uploading")
             upload = self._open_upload(header)
@@ -216,8 +216,7 @@ class PhaseMachine:
             self._advance()
 
     def report_metrics(self, report: MetricsReport) -> None:
-        if not math.isfinite(report.eval_loss):
-            raise InvalidArgument("eval_loss must be finite")
+        check_report(report)
         with self._lock:
             self._advance()
             phase = self._phase

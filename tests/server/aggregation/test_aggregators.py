@@ -88,7 +88,9 @@ def test_plain_yields_the_example_weighted_mean_once_every_participant_uploaded(
     tmp_path: Path, metrics: ServerMetrics
 ) -> None:
     rng = np.random.default_rng(0)
-    aggregation = PlainAggregator(weighting="examples", spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
     updates = {w: rng.normal(size=NUMEL).astype(np.float32) for w in WORKERS}
     examples = {"clinical": 10, "finance": 30, "legal": 60}
 
@@ -109,8 +111,25 @@ def test_plain_yields_the_example_weighted_mean_once_every_participant_uploaded(
     assert list(tmp_path.iterdir()) == []  # spools are gone once folded
 
 
+def test_plain_caps_a_self_reported_example_count_at_max_examples(tmp_path: Path, metrics: ServerMetrics) -> None:
+    aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
+    claims = {"clinical": 1000, "finance": 1000, "legal": 10**15}
+    for value, w in enumerate(WORKERS):
+        payload = np.full(NUMEL, float(value), dtype=np.float32).tobytes()
+        _upload(aggregation, _header(w, payload, num_examples=claims[w]), payload, metrics)
+
+    result = aggregation.step(101.0)
+
+    assert result is not None
+    np.testing.assert_allclose(result.mean, np.full(NUMEL, 1.0, dtype=np.float32))
+
+
 def test_plain_uniform_weighting_ignores_example_counts(tmp_path: Path, metrics: ServerMetrics) -> None:
-    aggregation = PlainAggregator(weighting="uniform", spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    aggregation = PlainAggregator(weighting="uniform", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
     for value, w in enumerate(WORKERS):
         payload = np.full(NUMEL, float(value), dtype=np.float32).tobytes()
         _upload(aggregation, _header(w, payload, num_examples=10**6 if value == 2 else 1), payload, metrics)
@@ -134,7 +153,9 @@ def test_plain_uniform_weighting_ignores_example_counts(tmp_path: Path, metrics:
 def test_plain_refuses_headers_that_do_not_fit_the_attempt(
     tmp_path: Path, metrics: ServerMetrics, changes: dict[str, Any], error: type[Exception]
 ) -> None:
-    aggregation = PlainAggregator(weighting="examples", spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
     payload = np.zeros(NUMEL, dtype=np.float32).tobytes()
 
     with pytest.raises(error):
@@ -142,7 +163,9 @@ def test_plain_refuses_headers_that_do_not_fit_the_attempt(
 
 
 def test_plain_refuses_a_second_update_from_one_worker(tmp_path: Path, metrics: ServerMetrics) -> None:
-    aggregation = PlainAggregator(weighting="examples", spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
     payload = np.ones(NUMEL, dtype=np.float32).tobytes()
     _upload(aggregation, _header("legal", payload), payload, metrics)
 
@@ -154,8 +177,8 @@ def test_plain_at_the_deadline_commits_with_enough_updates_and_fails_below(
     tmp_path: Path, metrics: ServerMetrics
 ) -> None:
     payload = np.ones(NUMEL, dtype=np.float32).tobytes()
-    enough = PlainAggregator(weighting="examples", spool_dir=tmp_path, metrics=metrics).open(PLAN)
-    short = PlainAggregator(weighting="examples", spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    enough = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    short = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(PLAN)
     for w in ("clinical", "finance"):
         _upload(enough, _header(w, payload), payload, metrics)
     _upload(short, _header("clinical", payload), payload, metrics)
@@ -171,7 +194,9 @@ def test_plain_at_the_deadline_commits_with_enough_updates_and_fails_below(
 
 
 def test_plain_a_stream_that_turns_out_bad_leaves_the_sum_bit_identical(tmp_path: Path, metrics: ServerMetrics) -> None:
-    aggregation = PlainAggregator(weighting="examples", spool_dir=tmp_path, metrics=metrics).open(PLAN)
+    aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
     good = np.linspace(-1, 1, NUMEL).astype(np.float32).tobytes()
     _upload(aggregation, _header("clinical", good), good, metrics)
     before = aggregation.accumulator.mean().copy()
@@ -194,10 +219,16 @@ class SecureSites:
     def __init__(self, tmp_path: Path, metrics: ServerMetrics, *, workers: tuple[str, ...] = WORKERS) -> None:
         keys = {w: identity_keypair() for w in workers}
         public = {w: k.public for w, k in keys.items()}
-        settings = SecureAggregationSection(clip_range=1.0, max_examples=1000)
+        settings = SecureAggregationSection(clip_range=1.0)
         self.metrics = metrics
         self.aggregator = SecureAggregator(
-            run_id="run", settings=settings, identities=public, privacy=None, metrics=metrics, journal_dir=tmp_path
+            run_id="run",
+            settings=settings,
+            max_examples=1000,
+            identities=public,
+            privacy=None,
+            metrics=metrics,
+            journal_dir=tmp_path,
         )
         self.aggregation = self.aggregator.open(replace(PLAN, participants=workers))
         assert isinstance(self.aggregation, SecureRoundAggregation)
@@ -360,7 +391,7 @@ def test_central_noise_adds_gaussian_noise_of_std_zc_over_n_to_the_inner_mean(
     tmp_path: Path, metrics: ServerMetrics
 ) -> None:
     numel = 200_000
-    inner = PlainAggregator(weighting="uniform", spool_dir=tmp_path, metrics=metrics)
+    inner = PlainAggregator(weighting="uniform", max_examples=1000, spool_dir=tmp_path, metrics=metrics)
     aggregation = CentralNoise(inner, noise_multiplier=2.0, clip_norm=0.5).open(replace(PLAN, numel=numel))
     payload = np.full(numel, 0.25, dtype=np.float32).tobytes()
     for w in WORKERS:

@@ -29,20 +29,38 @@ Weighting = Literal["examples", "uniform"]
 
 
 class PlainAggregator(Aggregator):
-    def __init__(self, *, weighting: Weighting, spool_dir: Path, metrics: ServerMetrics) -> None:
+    """weighting "examples" caps each worker's self-reported count at max_examples."""
+
+    def __init__(self, *, weighting: Weighting, max_examples: int, spool_dir: Path, metrics: ServerMetrics) -> None:
         self._weighting = weighting
+        self._max_examples = max_examples
         self._spool_dir = spool_dir
         self._metrics = metrics
 
     def open(self, plan: AttemptPlan) -> PlainRoundAggregation:
-        return PlainRoundAggregation(plan, weighting=self._weighting, spool_dir=self._spool_dir, metrics=self._metrics)
+        return PlainRoundAggregation(
+            plan,
+            weighting=self._weighting,
+            max_examples=self._max_examples,
+            spool_dir=self._spool_dir,
+            metrics=self._metrics,
+        )
 
 
 class PlainRoundAggregation(RoundAggregation):
-    def __init__(self, plan: AttemptPlan, *, weighting: Weighting, spool_dir: Path, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        plan: AttemptPlan,
+        *,
+        weighting: Weighting,
+        max_examples: int,
+        spool_dir: Path,
+        metrics: ServerMetrics,
+    ) -> None:
         super().__init__(plan)
         self.accumulator = StreamingAccumulator(plan.numel)
         self._weighting = weighting
+        self._max_examples = max_examples
         self._spool_dir = spool_dir
         self._metrics = metrics
         self._done: set[str] = set()
@@ -85,7 +103,8 @@ class PlainRoundAggregation(RoundAggregation):
     def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
         spool = self._spools.pop(header.worker_id)
         started = time.perf_counter()
-        weight = 1.0 if self._weighting == "uniform" else float(header.num_examples)
+        examples = min(header.num_examples, self._max_examples)
+        weight = 1.0 if self._weighting == "uniform" else float(examples)
         try:
             for offset, values in spool.slices(np.float32):
                 self.accumulator.add_slice(offset, values, weight)
@@ -94,7 +113,7 @@ class PlainRoundAggregation(RoundAggregation):
             spool.discard()
         self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
         self._done.add(header.worker_id)
-        return header.num_examples
+        return examples
 
     def step(self, now: float) -> Aggregate | None:
         participants, done = set(self.plan.participants), self._done

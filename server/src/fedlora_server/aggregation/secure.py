@@ -51,6 +51,7 @@ class SecureAggregator(Aggregator):
         *,
         run_id: str,
         settings: SecureAggregationSection,
+        max_examples: int,
         identities: Mapping[str, bytes],
         privacy: ClientPrivacy | None,
         metrics: ServerMetrics,
@@ -58,6 +59,7 @@ class SecureAggregator(Aggregator):
     ) -> None:
         self._run_id = run_id
         self._settings = settings
+        self._max_examples = max_examples
         self._identities = dict(identities)
         self._privacy = privacy
         self._metrics = metrics
@@ -67,7 +69,7 @@ class SecureAggregator(Aggregator):
         """The attempt's public parameters: threshold, quantization, and the distributed noise if any."""
         s, n = self._settings, len(plan.participants)
         threshold = SecAggParams.threshold_for(n, s.threshold_fraction)
-        bits, clip_range, max_examples, noise_variance = s.bits or max_bits(n), s.clip_range, s.max_examples, 0.0
+        bits, clip_range, max_examples, noise_variance = s.bits or max_bits(n), s.clip_range, self._max_examples, 0.0
         if self._privacy is not None:  # distributed DP: unweighted mean of updates clipped to C, plus Skellam noise
             noise = plan_distributed_noise(
                 participants=n,
