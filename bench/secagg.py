@@ -16,8 +16,8 @@ copy of it reveals to the second): a benchmark shortcut; a real worker would ans
 
 The float32 delta (~N(0, 1e-3)) is drawn once and reused by every worker; each worker quantizes
 it with its own np.random.default_rng. Secure-aggregation settings are the coordinator's
-defaults (SecureAggregationSection: threshold 2/3, clip 0.05, max_examples 65536, bits the most
-that cannot wrap). Each sum is checked: the weight coordinate exactly, the mean within the
+defaults (SecureAggregationSection: threshold 2/3, clip 0.05, bits the most that cannot wrap;
+RunSettings.max_examples 65536). Each sum is checked: the weight coordinate exactly, the mean within the
 quantization bound.
 
 Usage: python bench/secagg.py [--quick] [--workers N ...] [--link-gbps G]
@@ -54,9 +54,9 @@ from fedlora_common.secagg import (
     round_tag,
 )
 from fedlora_common.serde import advertisement_to_proto, encrypted_share_to_proto, revealed_share_to_proto
-from fedlora_server.config import SecureAggregationSection
-from fedlora_server.secure_round import SecureRound
+from fedlora_server.config import RunSettings, SecureAggregationSection
 from fedlora_server.intake import READ_SLICE_BYTES as FOLD_SLICE_BYTES
+from fedlora_server.secure_round import SecureRound
 from fedlora_worker import protect
 from fedlora_worker.secagg_session import WorkerSession
 
@@ -66,6 +66,7 @@ FOLD_SLICE = FOLD_SLICE_BYTES // 4  # elements per add_slice / add_masked call
 DROP_FRACTION = 0.3
 EXAMPLES = 1000  # each worker's example count (its weight)
 RUN_ID = "bench-secagg"
+MAX_EXAMPLES = RunSettings.model_fields["max_examples"].default  # the coordinator's default cap
 SLICE = 1 << 20  # the raw AES-CTR loop's slice, as in bench/secagg_keystream.py
 GRPC_PREFIX = 5  # gRPC's length prefix per message
 TARGET_ROUND = 1.3
@@ -236,7 +237,7 @@ def secure_round(delta: npt.NDArray[np.float32], n: int, settings: SecureAggrega
         threshold=SecAggParams.threshold_for(n, settings.threshold_fraction),
         bits=settings.bits or max_bits(n),
         clip_range=settings.clip_range,
-        max_examples=settings.max_examples,
+        max_examples=MAX_EXAMPLES,
     )
     dropped = round(DROP_FRACTION * n)
     gone = set(ids[n - dropped :])

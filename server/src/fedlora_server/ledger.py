@@ -129,9 +129,13 @@ class RoundLedger:
         self._metrics.phase_seconds.labels(phase="train").observe(self._clock() - record.started_at)
         return committed
 
-    def failed(self, record: RoundRecord, *, dropped: tuple[str, ...]) -> None:
-        self._store.save_round(replace(record, status="failed", finished_at=self._clock(), dropped=dropped))
+    def failed(self, record: RoundRecord, *, dropped: tuple[str, ...], excluded: tuple[str, ...], reason: str) -> None:
+        failed = replace(
+            record, status="failed", finished_at=self._clock(), dropped=dropped, excluded=excluded, failure=reason
+        )
+        self._store.save_round(failed)
         self._metrics.rounds_failed.inc()
+        self._metrics.excluded_workers.inc(len(excluded))
 
     def downloaded(self, nbytes: int, chunks: int) -> None:
         self._download_bytes += nbytes

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class PhaseMachine:
         self._finished = threading.Event()
         self._joined: dict[str, int] = {}
         self._uploading: set[str] = set()
+        self._excluded: dict[int, set[str]] = {}
         self._phase: Phase = Admission(clock() + settings.timeouts.admission_s)
         self._resume()
 
@@ -185,7 +187,8 @@ class PhaseMachine:
             check_upload_numbers(header)
             if header.worker_id in self._uploading:
                 raise AlreadyExists(f"{header.worker_id} is already uploading")
-            upload = self._open_upload(header)
+            with self._blame(header.worker_id):
+                upload = self._open_upload(header)
             opened_in = self._state_key()
             self._uploading.add(header.worker_id)
         try:
@@ -200,7 +203,8 @@ class PhaseMachine:
             try:
                 if self._state_key()[:3] != opened_in[:3]:
                     raise FailedPrecondition("the round closed while the upload was streaming")
-                upload.accept(received)
+                with self._blame(header.worker_id):
+                    upload.accept(received)
             except BaseException:
                 upload.sink.abort()
                 raise
@@ -212,7 +216,8 @@ class PhaseMachine:
             phase = self._phase
             if not isinstance(phase, Training):
                 raise FailedPrecondition(f"no secure aggregation is open (phase {phase.name})")
-            phase.aggregation.receive(worker_id, tag, message)
+            with self._blame(worker_id):
+                phase.aggregation.receive(worker_id, tag, message)
             self._advance()
 
     def report_metrics(self, report: MetricsReport) -> None:
@@ -301,7 +306,11 @@ class PhaseMachine:
             try:
                 result = phase.aggregation.step(now)
             except AggregationFailed as exc:
-                self._fail_attempt(phase, str(exc))
+                self._fail_attempt(phase, str(exc), offenders=exc.offenders)
+                return
+            except Exception as exc:  # whatever broke, it breaks this attempt only
+                log.exception("aggregation_failed_unexpectedly", round=phase.record.round)
+                self._fail_attempt(phase, f"aggregation failed: {type(exc).__name__}: {exc}", offenders=())
                 return
             if result is not None:
                 self._commit(phase, result)
@@ -327,7 +336,8 @@ class PhaseMachine:
 
     def _start_train(self, round_: int, base: GlobalModel) -> None:
         train_s, stage_s = self._deadline(training=True), self._deadline(training=False)
-        record = self._ledger.attempt_started(round_, tuple(sorted(self._joined)), train_s)
+        excluded = self._excluded.get(round_, set())
+        record = self._ledger.attempt_started(round_, tuple(sorted(set(self._joined) - excluded)), train_s)
         plan = AttemptPlan(
             round=round_,
             attempt=record.attempt,
@@ -353,12 +363,28 @@ class PhaseMachine:
         )
         self._start_evaluate(model, record=committed)
 
-    def _fail_attempt(self, phase: Training, reason: str) -> None:
+    def _fail_attempt(self, phase: Training, reason: str, *, offenders: tuple[str, ...]) -> None:
+        """Nothing of the attempt is kept; the round is retried without the workers shown at fault."""
         record = phase.record
-        self._ledger.failed(record, dropped=phase.aggregation.missing)
+        self._ledger.failed(record, dropped=phase.aggregation.missing, excluded=offenders, reason=reason)
+        self._excluded.setdefault(record.round, set()).update(offenders)
         phase.aggregation.discard()
-        log.warning("round_failed", round=record.round, attempt=record.attempt, reason=reason)
+        log.warning("round_failed", round=record.round, attempt=record.attempt, reason=reason, excluded=offenders)
         self._start_train(record.round, phase.base)
+
+    @contextmanager
+    def _blame(self, worker_id: str) -> Iterator[None]:
+        """An unexpected error while taking `worker_id`'s input ends the attempt (without it), not the run."""
+        try:
+            yield
+        except CoordinatorError:
+            raise
+        except Exception as exc:
+            phase = self._phase
+            log.exception("input_broke_attempt", worker_id=worker_id)
+            if isinstance(phase, Training):
+                self._fail_attempt(phase, f"{worker_id}'s input broke the attempt: {exc}", offenders=(worker_id,))
+            raise InvalidArgument(f"refused: it could not be taken into the round ({type(exc).__name__})") from None
 
     def _start_evaluate(self, model: GlobalModel, *, record: RoundRecord | None) -> None:
         now = self._clock()

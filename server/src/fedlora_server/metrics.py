@@ -42,6 +42,12 @@ class ServerMetrics:
         self.rejected_uploads = Counter(
             "fedlora_rejected_uploads_total", "Uploads refused, by reason", ["reason"], registry=registry
         )
+        self.excluded_workers = Counter(
+            "fedlora_excluded_workers_total",
+            "Workers a failed round attempt showed to be at fault (bad shares, input that broke it); "
+            "they sit out the rest of the round",
+            registry=registry,
+        )
         self.secagg_dropouts = Counter(
             "fedlora_secagg_dropouts_total",
             "Workers lost in each secure-aggregation stage",

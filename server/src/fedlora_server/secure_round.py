@@ -10,13 +10,15 @@ fails and nothing of it is kept.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from fedlora_common.secagg import (
+    KEY_BYTES,
+    SEED_BYTES,
     Advertisement,
     EncryptedShare,
     RevealedShare,
@@ -25,6 +27,8 @@ from fedlora_common.secagg import (
     ShareKind,
     agree,
     combine_shares,
+    consistent,
+    inconsistent_shares,
     pairwise_sign,
     round_keys_message,
     session_id,
@@ -41,7 +45,14 @@ UNMASK_SLICE = 2**20
 
 
 class RoundFailed(Exception):
-    """Too few workers remain for the threshold; the attempt is abandoned whole."""
+    """The attempt is abandoned whole: too few workers remain, or the revealed shares do not add up.
+
+    `offenders` names the workers whose shares were shown to be bad, when that can be told.
+    """
+
+    def __init__(self, message: str, *, offenders: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.offenders = offenders
 
 
 class SecureRound:
@@ -199,24 +210,52 @@ class SecureRound:
         }.get(self.stage, set())
         return not waiting
 
+    def _advertised_key_of(self, owner: str) -> Callable[[bytes], bool]:
+        """Whether a reconstructed mask key is the private half of the key `owner` advertised."""
+        advertised = self._advertised[owner].mask_public
+        return lambda key: len(key) == KEY_BYTES and x25519_public_of(key) == advertised
+
+    def _reconstruct(
+        self, owner: str, kind: str, revealed: list[tuple[str, Share]], valid: Callable[[bytes], bool]
+    ) -> bytes:
+        """The secret the revealed shares give, checked; RoundFailed naming whoever broke it, if that can be told."""
+        t = self.params.threshold
+        shares = [share for _, share in revealed]
+        try:
+            secret = combine_shares(shares, threshold=t)
+        except ValueError:
+            secret = None
+        if secret is not None and valid(secret):
+            return secret
+        bad = inconsistent_shares(shares, threshold=t)
+        if bad:
+            offenders = tuple(revealed[i][0] for i in bad)
+            why = f"{', '.join(offenders)} revealed a share off the polynomial"
+        elif consistent(shares, threshold=t):
+            offenders = (owner,)  # every revealer agrees: the owner dealt shares of something else
+            why = f"{owner} dealt shares of a {kind} that is not the one it advertised"
+        else:
+            offenders, why = (), "the shares disagree and too few were revealed to tell whose"
+        self.stage = "failed"
+        raise RoundFailed(f"the {kind} of {owner} cannot be reconstructed: {why}", offenders=offenders)
+
     def finish(self) -> npt.NDArray[np.uint32]:
         """Reconstruct the seeds and keys, strip every mask, return the survivors' plain sum."""
         if self.stage != "unmask":
             raise FailedPrecondition(f"cannot unmask in stage {self.stage!r}")
         revealers = self._enough(list(self._reveals), "unmasking")
-        t = self.params.threshold
-        collected: dict[tuple[str, str], list[Share]] = {}
+        collected: dict[tuple[str, str], list[tuple[str, Share]]] = {}
         for worker in revealers:
             for owner, kind, share in self._reveals[worker]:
-                collected.setdefault((owner, kind), []).append(share)
+                collected.setdefault((owner, kind), []).append((worker, share))
         index = self._index
-        self_seeds = [combine_shares(collected[(w, "self_seed")][:t], threshold=t) for w in self.u3]
+        self_seeds = [
+            self._reconstruct(w, "self_seed", collected[(w, "self_seed")], lambda seed: len(seed) == SEED_BYTES)
+            for w in self.u3
+        ]
         dropped_pairwise: list[tuple[bytes, int]] = []
         for gone in self.dropped:
-            key = combine_shares(collected[(gone, "mask_key")][:t], threshold=t)
-            if x25519_public_of(key) != self._advertised[gone].mask_public:
-                self.stage = "failed"
-                raise RoundFailed(f"the mask key reconstructed for {gone} does not match its advertised key")
+            key = self._reconstruct(gone, "mask_key", collected[(gone, "mask_key")], self._advertised_key_of(gone))
             for survivor in self.u3:
                 seed = agree(key, self._advertised[survivor].mask_public, session=self._session, purpose=b"mask")
                 dropped_pairwise.append((seed, pairwise_sign(index[survivor], index[gone])))

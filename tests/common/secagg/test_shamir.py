@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_common.secagg import PRIME, SHARE_BYTES, Share, combine_shares, split_secret
+from fedlora_common.secagg import (
+    PRIME,
+    SHARE_BYTES,
+    Share,
+    combine_shares,
+    consistent,
+    inconsistent_shares,
+    split_secret,
+)
 
 
 def _interpolate(points: list[tuple[int, int]], x: int) -> int:
@@ -134,3 +142,32 @@ def test_coefficients_come_from_the_random_source_passed_in() -> None:
 
     assert same_a == same_b
     assert same_a != fresh
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    secret=st.binary(min_size=1, max_size=32),
+    threshold=st.integers(min_value=2, max_value=5),
+    extra=st.integers(min_value=2, max_value=4),
+    data=st.data(),
+)
+def test_one_altered_share_among_threshold_plus_two_is_singled_out(
+    secret: bytes, threshold: int, extra: int, data: st.DataObject
+) -> None:
+    shares = split_secret(secret, threshold=threshold, shares=threshold + extra)
+    bad = data.draw(st.integers(min_value=0, max_value=len(shares) - 1))
+    altered = list(shares)
+    altered[bad] = Share(shares[bad].x, (shares[bad].y + 1) % PRIME)
+
+    assert consistent(shares, threshold=threshold)
+    assert not consistent(altered, threshold=threshold)
+    assert inconsistent_shares(altered, threshold=threshold) == [bad]
+    assert inconsistent_shares(shares, threshold=threshold) == []
+
+
+def test_with_only_one_share_to_spare_a_bad_share_is_detected_but_not_named() -> None:
+    shares = split_secret(b"seed", threshold=3, shares=4)
+    altered = [*shares[:3], Share(shares[3].x, (shares[3].y + 7) % PRIME)]
+
+    assert not consistent(altered, threshold=3)
+    assert inconsistent_shares(altered, threshold=3) == []

@@ -36,6 +36,8 @@ from fedlora_common.secagg.shamir import (
     SHARE_BYTES,
     Share,
     combine_shares,
+    consistent,
+    inconsistent_shares,
     split_secret,
 )
 
@@ -55,8 +57,10 @@ __all__ = [
     "StageError",
     "agree",
     "combine_shares",
+    "consistent",
     "dequantize_sum",
     "identity_keypair",
+    "inconsistent_shares",
     "keystream_u32",
     "mask_vector",
     "max_bits",

@@ -12,7 +12,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MAX_SECRET_BYTES", "PRIME", "SHARE_BYTES", "Share", "combine_shares", "split_secret"]
+__all__ = [
+    "MAX_SECRET_BYTES",
+    "PRIME",
+    "SHARE_BYTES",
+    "Share",
+    "combine_shares",
+    "consistent",
+    "inconsistent_shares",
+    "split_secret",
+]
 
 PRIME = 2**521 - 1
 MAX_SECRET_BYTES = 64
@@ -102,13 +111,36 @@ def combine_shares(shares: Sequence[Share], *, threshold: int) -> bytes:
         _check_share(share)
     if len({s.x for s in shares}) != len(shares):
         raise ValueError("two shares have the same x")
-    used = shares[:threshold]
-    secret = 0
-    for i, share in enumerate(used):
+    return _decode(_interpolate(shares[:threshold], 0))
+
+
+def _interpolate(points: Sequence[Share], x: int) -> int:
+    """The value at x of the polynomial of degree len(points) - 1 through `points`."""
+    value = 0
+    for i, share in enumerate(points):
         numerator, denominator = 1, 1
-        for j, other in enumerate(used):
+        for j, other in enumerate(points):
             if i != j:
-                numerator = numerator * -other.x % PRIME
+                numerator = numerator * (x - other.x) % PRIME
                 denominator = denominator * (share.x - other.x) % PRIME
-        secret = (secret + share.y * numerator * pow(denominator, -1, PRIME)) % PRIME
-    return _decode(secret)
+        value = (value + share.y * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
+
+
+def consistent(shares: Sequence[Share], *, threshold: int) -> bool:
+    """Whether all shares lie on one polynomial of degree threshold - 1 (any `threshold` of them agree)."""
+    base = shares[:threshold]
+    return all(_interpolate(base, share.x) == share.y for share in shares[threshold:])
+
+
+def inconsistent_shares(shares: Sequence[Share], *, threshold: int) -> list[int]:
+    """Indices of the shares that disagree with all others, when that can be told.
+
+    With at least threshold + 2 shares and a single bad one, leaving the bad one out is the only
+    way to make the rest consistent. Returns [] when the shares are consistent or when no single
+    share can be singled out (too few shares, or several bad ones).
+    """
+    if len(shares) < threshold + 2 or consistent(shares, threshold=threshold):
+        return []
+    culprits = [i for i in range(len(shares)) if consistent([*shares[:i], *shares[i + 1 :]], threshold=threshold)]
+    return culprits if len(culprits) == 1 else []

@@ -71,7 +71,14 @@ class Aggregate:
 
 
 class AggregationFailed(Exception):
-    """The attempt cannot produce a mean; nothing of it is kept and the round is retried."""
+    """The attempt cannot produce a mean; nothing of it is kept and the round is retried.
+
+    `offenders`: the participants shown to have caused it; the retry goes on without them.
+    """
+
+    def __init__(self, reason: str, *, offenders: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.offenders = offenders
 
 
 @dataclass(frozen=True)

@@ -263,8 +263,8 @@ class SecureRoundAggregation(RoundAggregation):
             mean = self._dequantized_mean(total)
         except RoundFailed as exc:
             self._record_stage("unmask", now, dropouts=len(members))
-            raise AggregationFailed(str(exc)) from None
-        except ValueError as exc:  # inconsistent shares or keys: someone revealed what it was not sealed
+            raise AggregationFailed(str(exc), offenders=exc.offenders) from None
+        except ValueError as exc:
             self._record_stage("unmask", now, dropouts=len(members))
             raise AggregationFailed(f"unmasking failed: {exc}") from None
         self._metrics.aggregation_seconds.labels(step="unmask").observe(time.perf_counter() - started)

@@ -72,6 +72,10 @@ class RoundRecord:
     download_bytes: int = 0
     secagg: str = ""
     """Per secure-aggregation stage: dropouts, seconds and bytes (JSON); empty without it."""
+    excluded: tuple[str, ...] = ()
+    """Workers a failed attempt showed to be at fault; they sit out the rest of the round."""
+    failure: str = ""
+    """Why a failed attempt failed; empty otherwise."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS round (
     participants TEXT NOT NULL, started_at REAL NOT NULL, deadline_at REAL NOT NULL,
     finished_at REAL, dropped TEXT NOT NULL, train_loss REAL, eval_loss REAL,
     upload_bytes INTEGER NOT NULL, download_bytes INTEGER NOT NULL, secagg TEXT NOT NULL,
+    excluded TEXT NOT NULL DEFAULT '[]', failure TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (round, attempt));
 CREATE TABLE IF NOT EXISTS upload (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT NOT NULL,
@@ -49,6 +50,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (round, worker_id));
 """
 
+MIGRATIONS = (("excluded", "TEXT NOT NULL DEFAULT '[]'"), ("failure", "TEXT NOT NULL DEFAULT ''"))
+
 
 class SqliteStore(CoordinatorStore):
     def __init__(self, path: Path) -> None:
@@ -63,9 +66,17 @@ class SqliteStore(CoordinatorStore):
             if verdict != "ok":
                 raise sqlite3.DatabaseError(verdict)
             self._db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StateError(f"{path}: not a sound SQLite database ({exc})") from None
+
+    def _migrate(self) -> None:
+        """Add the columns later versions introduced to a store an earlier version wrote."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(round)")}
+        for column, definition in MIGRATIONS:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE round ADD COLUMN {column} {definition}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -109,7 +120,9 @@ class SqliteStore(CoordinatorStore):
     def save_round(self, record: RoundRecord) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO round VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO round (round, attempt, status, participants, started_at, deadline_at, "
+                "finished_at, dropped, train_loss, eval_loss, upload_bytes, download_bytes, secagg, excluded, failure) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.round,
                     record.attempt,
@@ -124,11 +137,16 @@ class SqliteStore(CoordinatorStore):
                     record.upload_bytes,
                     record.download_bytes,
                     record.secagg,
+                    json.dumps(list(record.excluded)),
+                    record.failure,
                 ),
             )
 
     def rounds(self) -> list[RoundRecord]:
-        rows = self._query("SELECT * FROM round ORDER BY round, attempt")
+        rows = self._query(
+            "SELECT round, attempt, status, participants, started_at, deadline_at, finished_at, dropped, train_loss, "
+            "eval_loss, upload_bytes, download_bytes, secagg, excluded, failure FROM round ORDER BY round, attempt"
+        )
         return [
             RoundRecord(
                 round=r[0],  # type: ignore[arg-type]
@@ -144,6 +162,8 @@ class SqliteStore(CoordinatorStore):
                 upload_bytes=r[10],  # type: ignore[arg-type]
                 download_bytes=r[11],  # type: ignore[arg-type]
                 secagg=r[12],  # type: ignore[arg-type]
+                excluded=tuple(json.loads(r[13])),  # type: ignore[arg-type]
+                failure=r[14],  # type: ignore[arg-type]
             )
             for r in rows
         ]
