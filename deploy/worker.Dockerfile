@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# The worker image: torch 2.13.0 + fedlora-common + fedlora-worker[lab] (the lab extra brings
-# fedlora-lab's make-model/make-data/audit/demo, faker and fedlora-server).
+# The worker image: torch 2.13.0 + fedlora-common + fedlora-worker, and fedlora-lab beside them (its
+# make-model/make-data/audit/demo, faker and fedlora-server) for the compose stack's lab steps.
 # Build from the repository root:  docker build -f deploy/worker.Dockerfile -t fedlora-worker:0.1.0 .
 #
 # CPU by default. For NVIDIA GPUs, pick the CUDA wheel index of torch 2.13.0 that matches the hosts'
@@ -27,7 +27,9 @@ COPY server/pyproject.toml /src/server/pyproject.toml
 COPY server/src /src/server/src
 COPY client/pyproject.toml /src/client/pyproject.toml
 COPY client/src /src/client/src
-RUN pip install -c /src/constraints.txt /src/common /src/server "/src/client[lab]" \
+COPY lab/pyproject.toml /src/lab/pyproject.toml
+COPY lab/src /src/lab/src
+RUN pip install -c /src/constraints.txt /src/common /src/server /src/client /src/lab \
  && pip check \
  && python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 
