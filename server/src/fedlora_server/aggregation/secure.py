@@ -3,13 +3,14 @@
 Each round attempt walks advertise -> share -> masked -> unmask, each stage closing when all its
 members answered or its deadline passed. Masked uploads are folded into the modular sum as
 their chunks arrive; a stream that turns out bad, or is still open when the stage closes, is
-subtracted back out exactly (from a write-only journal of what it added, read back only then).
+subtracted back out exactly (from a journal of what it added, read back only then: one file
+per worker in the spool directory, the size of one update, reused round after round).
 With client-level DP the round's parameters carry the distributed Skellam noise plan.
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 import threading
 import time
 from collections.abc import Hashable, Mapping
@@ -42,7 +43,7 @@ from fedlora_server.secure_round import RoundFailed, SecureRound
 
 __all__ = ["SecureAggregator"]
 
-STAGES = ("advertise", "share", "masked", "unmask")
+ITEM = np.dtype(np.uint32).itemsize
 
 
 class SecureAggregator(Aggregator):
@@ -96,50 +97,51 @@ class SecureAggregator(Aggregator):
 
 
 class _MaskedStream:
-    """One masked upload folded into the sum as it arrives, with a journal to take it back out."""
+    """One masked upload folded into the sum as it arrives, with a journal to take it back out.
+
+    The journal is a file per worker that is overwritten in place, upload after upload: writing it
+    costs a copy into pages the kernel already holds, and it is read only to undo a bad stream.
+    """
 
     def __init__(self, secure: SecureRound, worker: str, journal: Path) -> None:
         journal.parent.mkdir(parents=True, exist_ok=True)
         self._secure = secure
         self._worker = worker
-        self._journal_path = journal
-        self._journal = journal.open("wb")
+        self._journal = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
         self._added = 0
-        self._revoked = False
+        self._closed = False
 
     def write(self, offset: int, values: npt.NDArray[Any]) -> None:
         with self._lock:
-            if self._revoked:
+            if self._closed:
                 raise FailedPrecondition("the masked-upload stage closed while this upload was streaming")
-            self._journal.write(values.data)  # first: a revocation may only take back what is journalled
+            os.pwrite(self._journal, values.data, offset * ITEM)  # first: only what is journalled can be undone
             self._secure.add_masked(self._worker, values, offset)
             self._added = offset + values.size
 
     def abort(self) -> None:
         """Subtract everything this stream added; safe to call twice and from any thread."""
         with self._lock:
-            if not self._revoked:
-                self._revoked = True
-                self._journal.close()
+            if not self._closed:
                 self._take_back()
-        self._journal_path.unlink(missing_ok=True)
+                self._close()
 
     def _take_back(self) -> None:
-        itemsize = np.dtype(np.uint32).itemsize
-        with self._journal_path.open("rb") as f:
-            offset = 0
-            while offset < self._added:
-                block = f.read(min(READ_SLICE_BYTES, (self._added - offset) * itemsize))
-                values = np.frombuffer(block, dtype=np.uint32)
-                self._secure.subtract_masked(values, offset)
-                offset += values.size
+        for start in range(0, self._added, READ_SLICE_BYTES // ITEM):
+            size = min(READ_SLICE_BYTES // ITEM, self._added - start)
+            block = os.pread(self._journal, size * ITEM, start * ITEM)
+            self._secure.subtract_masked(np.frombuffer(block, dtype=np.uint32), start)
 
     def finish(self) -> None:
+        """The stream is in the sum for good: nothing more may be added."""
         with self._lock:
-            self._revoked = True  # nothing more may be added; what was added stays
-            self._journal.close()
-        self._journal_path.unlink(missing_ok=True)
+            if not self._closed:
+                self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        os.close(self._journal)
 
 
 class SecureRoundAggregation(RoundAggregation):
@@ -214,8 +216,7 @@ class SecureRoundAggregation(RoundAggregation):
         self._secure.check_masked_upload(header.worker_id, numel)
         if header.total_size != numel * 4:
             raise InvalidArgument(f"total_size {header.total_size} is not a whole number of uint32 values")
-        journal = self._journal_dir / f"masked-{self.params.tag}-{header.worker_id}-{secrets.token_hex(4)}.journal"
-        stream = _MaskedStream(self._secure, header.worker_id, journal)
+        stream = _MaskedStream(self._secure, header.worker_id, self._journal_dir / f"{header.worker_id}.masked-journal")
         self._streams[header.worker_id] = stream
         return stream
 
@@ -228,6 +229,9 @@ class SecureRoundAggregation(RoundAggregation):
         stream.finish()
         self._count("masked", received.size_bytes)
         return 1  # the coordinator never learns a worker's weight here; train losses average unweighted
+
+    def drop(self, worker: str) -> None:
+        self._secure.drop(worker)
 
     def step(self, now: float) -> Aggregate | None:
         secure = self._secure
