@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fedlora_common.manifest import Manifest, flatten, unflatten, update_manifest
+from fedlora_common.manifest import Manifest, TensorSpec, flatten, unflatten, update_manifest
 from fedlora_common.messages import (
     MetricsReport,
     ModelVersion,
@@ -42,8 +42,8 @@ from fedlora_common.secagg import (
     unmask_sum,
 )
 from fedlora_worker.config import WorkerSettings
-from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined
-from fedlora_worker.daemon import Worker, WorkerOutcome
+from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined, StaleTask, Unreachable
+from fedlora_worker.daemon import Worker, WorkerFailed, WorkerOutcome
 from fedlora_worker.data import load_records, tokenize
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import LoadedModel, SiteModel, global_state, load_model, set_global_state
@@ -90,6 +90,7 @@ class FakeCoordinator:
     advertised: dict[int, Advertisement] = field(default_factory=dict)
     shared: dict[int, list[EncryptedShare]] = field(default_factory=dict)
     revealed: dict[int, list[RevealedShare]] = field(default_factory=dict)
+    left: list[str] = field(default_factory=list)
     closed: bool = False
 
     @property
@@ -148,6 +149,9 @@ class FakeCoordinator:
 
     def report(self, report: MetricsReport) -> None:
         self.reports.append(report)
+
+    def leave(self, run_id: str, reason: str) -> None:
+        self.left.append(reason)
 
     def close(self) -> None:
         self.closed = True
@@ -360,6 +364,15 @@ def test_a_secure_round_masks_the_quantized_weighted_update_and_a_retry_sends_it
     coordinator = scripted(run)
     version = coordinator.publish(1, random_global(manifest, seed=3), manifest)
     attempts = []
+    trained: list[npt.NDArray[np.float32]] = []
+
+    def after_training(step: Script) -> Script:
+        def read_local_state(c: FakeCoordinator) -> Task:
+            trained.append(flatten(manifest, global_state(site.loaded[-1])))
+            return step(c)
+
+        return read_local_state
+
     for attempt in (0, 1):
         params = SecAggParams(
             run_id=run.run_id,
@@ -373,15 +386,16 @@ def test_a_secure_round_masks_the_quantized_weighted_update_and_a_retry_sends_it
         peers = Peers(params, manifest.numel + 1)
         attempts.append(peers)
         train = Task(TaskKind.TRAIN, round=1, global_version=version, training=PLAN, secagg=SecAggTask(params))
-        coordinator.script.extend([_always(train), peers.share_keys, peers.masked_upload, peers.unmask])
+        share_keys = after_training(peers.share_keys) if attempt == 0 else peers.share_keys
+        coordinator.script.extend([_always(train), share_keys, peers.masked_upload, peers.unmask])
 
     # Execute
     outcome = site.run(coordinator)
 
     # Assert: each attempt unmasks to exactly this site's clipped, weighted, quantized update (plus the
     # peers'), the one the test encodes itself with the rounding fixed by (run seed, round, worker).
-    (loaded,) = site.loaded
-    delta = flatten(manifest, global_state(loaded)) - coordinator.versions[1]
+    assert len(site.loaded) == 1
+    delta = trained[0] - coordinator.versions[1]
     expected = encode(
         delta,
         clip_norm=PLAN.update_clip_norm,
@@ -391,6 +405,7 @@ def test_a_secure_round_masks_the_quantized_weighted_update_and_a_retry_sends_it
         noise_rng=noise_generator(),  # the round adds no noise
     )
     assert outcome.rounds_trained == 2
+    assert site.gauge("fedlora_worker_training_steps_total") == PLAN.local_steps  # the retry did not train again
     assert [u.kind for u in coordinator.uploads] == [UploadKind.MASKED] * 2
     assert [u.tag for u in coordinator.uploads] == [p.params.tag for p in attempts]
     for sent, peers in zip(coordinator.uploads, attempts, strict=True):
@@ -415,3 +430,46 @@ def test_a_worker_the_coordinator_no_longer_knows_joins_again(site: Site, run: R
 
     assert coordinator.joins == 2
     assert outcome.finished
+
+
+def test_a_coordinator_that_restarted_or_moved_on_is_polled_again_and_rejoined_in_any_phase(
+    site: Site, run: RunSpec, manifest: Manifest
+) -> None:
+    # Prepare: every kind of "not now" a restarted coordinator answers, at different calls.
+    coordinator = scripted(run)
+    version = coordinator.publish(1, random_global(manifest, seed=5), manifest)
+
+    def stale(c: FakeCoordinator) -> Task:
+        raise StaleTask("report: no evaluation of round 1 is open")
+
+    def unreachable(c: FakeCoordinator) -> Task:
+        raise Unreachable("poll: UNAVAILABLE after 8 attempts")
+
+    evaluate = Task(TaskKind.EVALUATE, round=1, global_version=version, training=PLAN)
+    coordinator.script.extend([stale, unreachable, _always(evaluate)])
+
+    # Execute
+    outcome = site.run(coordinator)
+
+    # Assert: nothing was fatal; the worker joined again after the silence and finished the run.
+    assert outcome.finished
+    assert coordinator.joins == 2
+    assert [r.round for r in coordinator.reports] == [1]
+    assert coordinator.left == []
+
+
+def test_a_site_that_cannot_go_on_tells_the_coordinator_why_before_it_stops(
+    site: Site, run: RunSpec, manifest: Manifest
+) -> None:
+    # Prepare: a global version whose manifest is not this model's (a broken or foreign base).
+    coordinator = scripted(run)
+    foreign = Manifest((TensorSpec("base_model.model.nonexistent.lora_A.weight", (2, 2)),))
+    version = coordinator.publish(1, np.zeros(4, dtype=np.float32), foreign)
+    coordinator.script.append(_always(Task(TaskKind.TRAIN, round=1, global_version=version, training=PLAN)))
+
+    # Execute / Assert
+    with pytest.raises(WorkerFailed, match="ValueError") as failed:
+        site.run(coordinator)
+    assert coordinator.left == [str(failed.value)]
+    assert "\n" not in coordinator.left[0]
+    assert coordinator.uploads == []

@@ -117,6 +117,10 @@ class Wire:
         header = next(stream).header
         return header, b"".join(m.chunk.data for m in stream)
 
+    def leave(self, worker: str, reason: str) -> None:
+        request = pb.LeaveRequest(worker_id=worker, run_id="test-run", reason=reason)
+        self.stub.Leave(request, metadata=self.md(worker))
+
     def report(self, worker: str, round_: int, version: int, loss: float = 2.0) -> None:
         self.stub.ReportMetrics(
             pb.MetricsReport(

@@ -165,7 +165,11 @@ def test_a_swapped_round_key_is_detected_by_the_workers() -> None:
     ads = [fed.sessions[w].advertise() for w in fed.ids]
     forged_keys = fed.sessions["w02"]
     intruder = Federation(3).sessions["w02"].advertise()
-    swapped = [ads[0], ads[1], Advertisement("w02", intruder.mask_public, ads[2].enc_public, ads[2].signature)]
+    swapped = [
+        ads[0],
+        ads[1],
+        Advertisement("w02", intruder.mask_public, ads[2].enc_public, ads[2].signature, ads[2].seed_commitment),
+    ]
 
     with pytest.raises(StageError, match="bad signature on the keys of w02"):
         fed.sessions["w00"].share_keys(swapped)
@@ -175,7 +179,7 @@ def test_a_swapped_round_key_is_detected_by_the_workers() -> None:
 def test_an_unknown_key_is_refused_by_the_workers() -> None:
     fed = Federation(3)
     ads = [fed.sessions[w].advertise() for w in fed.ids]
-    stranger = Advertisement("mallory", ads[2].mask_public, ads[2].enc_public, ads[2].signature)
+    stranger = Advertisement("mallory", ads[2].mask_public, ads[2].enc_public, ads[2].signature, ads[2].seed_commitment)
 
     with pytest.raises(StageError, match="unknown key"):
         fed.sessions["w00"].share_keys([ads[0], ads[1], stranger])
@@ -260,7 +264,7 @@ SERVER_STEPS: dict[str, Callable[[Federation], object]] = {
     "advertise": lambda f: f.server.advertise(
         f.sessions["w00"].advertise()
         if f.sessions["w00"].stage == "new"
-        else Advertisement("w00", b"\0" * 32, b"\0" * 32, b"")
+        else Advertisement("w00", b"\0" * 32, b"\0" * 32, b"", b"\0" * 32)
     ),
     "submit_shares": lambda f: f.server.submit_shares("w00", []),
     "inbox": lambda f: f.server.inbox("w00"),

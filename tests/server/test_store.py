@@ -48,6 +48,24 @@ def test_rejoining_worker_updates_its_example_count(store: CoordinatorStore) -> 
     assert [(w.worker_id, w.num_examples) for w in store.workers()] == [("clinical", 5), ("legal", 12)]
 
 
+def test_a_worker_that_leaves_keeps_its_reason_until_it_rejoins(store: CoordinatorStore) -> None:
+    store.upsert_worker(WorkerRecord("legal", 10, 1.0))
+    store.upsert_worker(WorkerRecord("legal", 10, 5.0, left_reason="CUDA out of memory"))
+    left = store.workers()
+    store.upsert_worker(WorkerRecord("legal", 11, 9.0))
+
+    assert left == [WorkerRecord("legal", 10, 1.0, left_reason="CUDA out of memory")]
+    assert store.workers() == [WorkerRecord("legal", 11, 1.0)]
+
+
+def test_a_failed_run_keeps_its_reason(store: CoordinatorStore) -> None:
+    store.create_run(RunRecord("run-a", "{}", 1.0))
+
+    store.fail_run("every worker left: legal: data unreadable")
+
+    assert store.load_run() == RunRecord("run-a", "{}", 1.0, failure="every worker left: legal: data unreadable")
+
+
 def test_an_upload_is_recorded_once_per_attempt(store: CoordinatorStore) -> None:
     store.record_upload(_upload("legal"))
 
@@ -71,7 +89,7 @@ def test_artifact_versions_only_move_forward(store: CoordinatorStore) -> None:
 
 
 def test_rounds_are_kept_per_attempt_in_order(store: CoordinatorStore) -> None:
-    failed = RoundRecord(1, 1, "failed", ("a", "b"), 1.0, 9.0, 9.0, dropped=("b",))
+    failed = RoundRecord(1, 1, "failed", ("a", "b"), 1.0, 9.0, 9.0, dropped=("b",), excluded=("b",), failure="bad")
     retried = RoundRecord(1, 2, "training", ("a",), 10.0, 20.0)
     store.save_round(retried)
     store.save_round(failed)

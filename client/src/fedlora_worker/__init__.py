@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedlora_worker.config import WorkerSettings
-    from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined
-    from fedlora_worker.daemon import Worker, WorkerOutcome
+    from fedlora_worker.coordinator import (
+        Coordinator,
+        DownloadedModel,
+        NotJoined,
+        StaleTask,
+        TransferError,
+        Unreachable,
+    )
+    from fedlora_worker.daemon import Worker, WorkerFailed, WorkerOutcome
     from fedlora_worker.metrics import WorkerMetrics
     from fedlora_worker.modeling import (
         LoadedModel,
@@ -27,14 +34,18 @@ if TYPE_CHECKING:
         set_global_state,
     )
     from fedlora_worker.training import EvalResult, TrainResult, evaluate, train_locally
-    from fedlora_worker.transport import CoordinatorClient, TransferError
+    from fedlora_worker.transport import CoordinatorClient
 
 _HOME = {
     "WorkerSettings": "config",
     "Coordinator": "coordinator",
     "DownloadedModel": "coordinator",
     "NotJoined": "coordinator",
+    "StaleTask": "coordinator",
+    "TransferError": "coordinator",
+    "Unreachable": "coordinator",
     "Worker": "daemon",
+    "WorkerFailed": "daemon",
     "WorkerOutcome": "daemon",
     "WorkerMetrics": "metrics",
     "LoadedModel": "modeling",
@@ -49,7 +60,6 @@ _HOME = {
     "evaluate": "training",
     "train_locally": "training",
     "CoordinatorClient": "transport",
-    "TransferError": "transport",
 }
 
 __all__ = [
@@ -60,9 +70,12 @@ __all__ = [
     "LoadedModel",
     "NotJoined",
     "SiteModel",
+    "StaleTask",
     "TrainResult",
     "TransferError",
+    "Unreachable",
     "Worker",
+    "WorkerFailed",
     "WorkerMetrics",
     "WorkerOutcome",
     "WorkerSettings",

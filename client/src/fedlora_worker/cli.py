@@ -18,7 +18,7 @@ from fedlora_common.logs import configure_logging
 from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import ConfigError, load_settings
 from fedlora_worker.config import WorkerSettings
-from fedlora_worker.daemon import Worker
+from fedlora_worker.daemon import Worker, WorkerFailed
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.transport import CoordinatorClient
 
@@ -95,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with worker:
         try:
             outcome = worker.run()
+        except WorkerFailed as exc:
+            sys.stderr.write(f"fedlora-worker: cannot go on: {exc}\n")
+            return 1
         except grpc.RpcError as exc:
             log.error("coordinator_refused", code=exc.code().name, details=exc.details())
+            sys.stderr.write(f"fedlora-worker: the coordinator refused: {exc.code().name}: {exc.details()}\n")
             return 1
     return 0 if outcome.finished else 1

@@ -17,11 +17,23 @@ from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadKind
 from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
 
-__all__ = ["Coordinator", "DownloadedModel", "NotJoined"]
+__all__ = ["Coordinator", "DownloadedModel", "NotJoined", "StaleTask", "TransferError", "Unreachable"]
 
 
 class NotJoined(Exception):
     """The coordinator does not (or no longer) count this worker in the run, e.g. after it restarted: join again."""
+
+
+class StaleTask(Exception):
+    """The coordinator no longer holds the task this call was for (it restarted, or the round moved on): poll again."""
+
+
+class TransferError(Exception):
+    """A download that did not arrive as the coordinator declared it (size, sequence or digest)."""
+
+
+class Unreachable(Exception):
+    """The coordinator did not answer through every retry: wait, then join again."""
 
 
 @dataclass(frozen=True)
@@ -76,5 +88,9 @@ class Coordinator(Protocol):
     def reveal(self, run_id: str, tag: int, shares: Sequence[RevealedShare]) -> None: ...
 
     def report(self, report: MetricsReport) -> None: ...
+
+    def leave(self, run_id: str, reason: str) -> None:
+        """Say why this worker cannot go on, before it exits (best effort)."""
+        ...
 
     def close(self) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -37,7 +37,7 @@ from fedlora_common.secagg import SecAggParams, StageError
 from fedlora_worker import protect
 from fedlora_worker.audit import audit_model, load_canaries
 from fedlora_worker.config import WorkerSettings
-from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined
+from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined, StaleTask, TransferError, Unreachable
 from fedlora_worker.data import TokenizedData, load_records, tokenize
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import (
@@ -51,7 +51,7 @@ from fedlora_worker.modeling import (
 from fedlora_worker.secagg_session import WorkerSession
 from fedlora_worker.training import evaluate, train_locally
 
-__all__ = ["Worker", "WorkerOutcome"]
+__all__ = ["Worker", "WorkerFailed", "WorkerOutcome"]
 
 log = structlog.get_logger()
 
@@ -63,6 +63,19 @@ class _SecureState:
     session: WorkerSession
     encoded: npt.NDArray[np.uint32]
     loss: float
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """This round's local update, kept so a retried attempt sends it again instead of retraining."""
+
+    key: Hashable
+    delta: npt.NDArray[np.float32]
+    loss: float
+
+
+class WorkerFailed(Exception):
+    """This site cannot go on (model, data, memory...); the coordinator was told why."""
 
 
 @dataclass(frozen=True)
@@ -102,39 +115,68 @@ class Worker:
         self._eval_data: TokenizedData | None = None
         self._seq_len = 0
         self._secure: _SecureState | None = None
+        self._trained: _Trained | None = None
 
     @property
     def num_examples(self) -> int:
         return len(self._records)
 
     def run(self) -> WorkerOutcome:
-        spec = self._client.join(self.num_examples)
-        structlog.contextvars.bind_contextvars(run_id=spec.run_id, worker_id=self._client.worker_id)
-        log.info("joined", mode=spec.mode, rounds=spec.total_rounds, examples=self.num_examples)
+        """Take part until the run finishes. A coordinator that restarts or moves on is waited for and
+        rejoined, whatever the phase; a failure of this site's own is told to the coordinator (WorkerFailed)."""
+        spec = self._join()
         trained = 0
-        while not self._stopping.is_set():
+        while spec is not None and not self._stopping.is_set():
             try:
                 task = self._client.poll(spec.run_id)
+                structlog.contextvars.bind_contextvars(round=task.round)
+                if task.kind is TaskKind.FINISHED:
+                    log.info("run_finished", rounds_trained=trained)
+                    return WorkerOutcome(spec.run_id, trained, finished=True)
+                trained += self._do(spec, task)
             except NotJoined as exc:
                 log.info("rejoining", reason=str(exc))
+                spec = self._join()
+            except (StaleTask, TransferError) as exc:
+                log.info("task_abandoned", reason=str(exc))
+            except Unreachable as exc:
+                log.warning("coordinator_unreachable", reason=str(exc))
+                spec = self._join()
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+                log.error("cannot_go_on", reason=reason)
+                self._client.leave(spec.run_id, reason)
+                raise WorkerFailed(reason) from exc
+        return WorkerOutcome(spec.run_id if spec else "", trained, finished=False)
+
+    def _join(self) -> RunSpec | None:
+        """Join, waiting out an unreachable coordinator for as long as it takes; None once shut down."""
+        while not self._stopping.is_set():
+            try:
                 spec = self._client.join(self.num_examples)
+            except Unreachable as exc:
+                log.warning("coordinator_unreachable", reason=str(exc))
+                self._idle(self._settings.retry.max_backoff_s)
                 continue
-            structlog.contextvars.bind_contextvars(round=task.round)
-            if task.kind is TaskKind.FINISHED:
-                log.info("run_finished", rounds_trained=trained)
-                return WorkerOutcome(spec.run_id, trained, finished=True)
-            if task.kind is TaskKind.WAIT:
-                self._idle(task.retry_after_ms / 1000)
-            elif task.kind is TaskKind.INITIALIZE:
-                self._initialize(spec, task)
-            elif task.kind is TaskKind.TRAIN:
-                self._train(spec, task)
-                trained += 1
-            elif task.kind is TaskKind.EVALUATE:
-                self._evaluate(spec, task)
-            else:
-                self._secure_step(spec, task)
-        return WorkerOutcome(spec.run_id, trained, finished=False)
+            structlog.contextvars.bind_contextvars(run_id=spec.run_id, worker_id=self._client.worker_id)
+            log.info("joined", mode=spec.mode, rounds=spec.total_rounds, examples=self.num_examples)
+            return spec
+        return None
+
+    def _do(self, spec: RunSpec, task: Task) -> int:
+        """Carry out one task; 1 if it trained."""
+        if task.kind is TaskKind.WAIT:
+            self._idle(task.retry_after_ms / 1000)
+        elif task.kind is TaskKind.INITIALIZE:
+            self._initialize(spec, task)
+        elif task.kind is TaskKind.TRAIN:
+            self._train(spec, task)
+            return 1
+        elif task.kind is TaskKind.EVALUATE:
+            self._evaluate(spec, task)
+        else:
+            self._secure_step(spec, task)
+        return 0
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -190,6 +232,29 @@ class Worker:
         assert plan is not None
         assert task.global_version is not None
         loaded = self._sync(spec, task)
+        key = (task.round, task.global_version.sha256, plan)
+        if self._trained is None or self._trained.key != key:
+            self._trained = self._train_delta(spec, loaded, plan, key)
+        else:  # a retried attempt of the same round: the same update, and no privacy spent twice
+            log.info("reusing_update", round=task.round)
+        delta, loss = self._trained.delta, self._trained.loss
+        if task.secagg is None:
+            update = protect.clip(delta, plan.update_clip_norm)
+            self._upload(spec, task, UploadKind.DELTA, update, base_version=task.global_version.version, loss=loss)
+        else:  # everything up to the mask now; the mask once the survivors are known
+            encoded = protect.encode(
+                delta,
+                clip_norm=plan.update_clip_norm,
+                examples=self.num_examples,
+                params=task.secagg.params,
+                rounding=protect.rounding_generator(spec.seed, task.round, self._client.worker_id),
+                noise_rng=protect.noise_generator(),
+            )
+            self._begin_secure(spec, task.secagg.params, encoded, loss)
+        self._metrics.rounds.inc()
+
+    def _train_delta(self, spec: RunSpec, loaded: LoadedModel, plan: TrainingPlan, key: Hashable) -> _Trained:
+        """Train from the global state the model holds; the update is local minus global, in manifest order."""
         data, _ = self._tokenized(loaded, plan.max_seq_len)
         with self._progress(plan.local_steps, "train", unit="step") as bar:
 
@@ -215,22 +280,7 @@ class Worker:
             tokens_per_s=round(result.tokens_per_second, 1),
             delta_norm=round(float(np.linalg.norm(delta)), 5),
         )
-        if task.secagg is None:
-            update = protect.clip(delta, plan.update_clip_norm)
-            self._upload(
-                spec, task, UploadKind.DELTA, update, base_version=task.global_version.version, loss=result.mean_loss
-            )
-        else:  # everything up to the mask now; the mask once the survivors are known
-            encoded = protect.encode(
-                delta,
-                clip_norm=plan.update_clip_norm,
-                examples=self.num_examples,
-                params=task.secagg.params,
-                rounding=protect.rounding_generator(spec.seed, task.round, self._client.worker_id),
-                noise_rng=protect.noise_generator(),
-            )
-            self._begin_secure(spec, task.secagg.params, encoded, result.mean_loss)
-        self._metrics.rounds.inc()
+        return _Trained(key, delta, result.mean_loss)
 
     # ---- secure aggregation -----------------------------------------------------------
 

@@ -29,6 +29,7 @@ from fedlora_common.secagg import (
     pairwise_sign,
     round_keys_message,
     seal,
+    seed_commitment,
     session_id,
     share_associated_data,
     sign,
@@ -77,12 +78,18 @@ class WorkerSession:
 
     def advertise(self) -> Advertisement:
         self._expect("new", "advertise keys")
+        commitment = seed_commitment(self._self_seed)
         message = round_keys_message(
-            self.worker_id, self.params.run_id, self.params.tag, self._mask_keys.public, self._enc_keys.public
+            self.worker_id,
+            self.params.run_id,
+            self.params.tag,
+            self._mask_keys.public,
+            self._enc_keys.public,
+            commitment,
         )
         self.stage = "advertised"
         return Advertisement(
-            self.worker_id, self._mask_keys.public, self._enc_keys.public, sign(self._identity, message)
+            self.worker_id, self._mask_keys.public, self._enc_keys.public, sign(self._identity, message), commitment
         )
 
     def share_keys(self, roster: Sequence[Advertisement]) -> list[EncryptedShare]:
@@ -96,7 +103,7 @@ class WorkerSession:
             if identity is None or ad.worker_id not in self.params.participants:
                 raise StageError(f"unknown key: {ad.worker_id} is not on this site's allow-list for the round")
             message = round_keys_message(
-                ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public
+                ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public, ad.seed_commitment
             )
             if not verify(identity, message, ad.signature):
                 raise StageError(f"bad signature on the keys of {ad.worker_id}: keys were swapped or forged")

@@ -33,17 +33,17 @@ from fedlora_common.serde import (
     upload_header_to_proto,
 )
 from fedlora_worker.config import RetrySettings, TlsClientSettings
-from fedlora_worker.coordinator import DownloadedModel, NotJoined
+from fedlora_worker.coordinator import DownloadedModel, NotJoined, StaleTask, TransferError, Unreachable
 
-__all__ = ["CoordinatorClient", "TransferError"]
+__all__ = ["CoordinatorClient"]
 
 T = TypeVar("T")
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+TRANSIENT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.DATA_LOSS}
+)
+STALE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+"""What a coordinator answers a worker whose task it no longer holds (it restarted, or the round moved on)."""
 log = structlog.get_logger()
-
-
-class TransferError(Exception):
-    """A download that did not arrive as the coordinator declared it."""
 
 
 def _channel(target: str, tls: TlsClientSettings | None, chunk_bytes: int) -> grpc.Channel:
@@ -94,14 +94,19 @@ class CoordinatorClient:
         self._channel.close()
 
     def _with_retry(self, what: str, call: Callable[[], T]) -> T:
+        """Retry transient failures with backoff; then Unreachable, StaleTask or the coordinator's refusal."""
         delay = self._retry.initial_backoff_s
         for attempt in range(1, self._retry.attempts + 1):
             try:
                 return call()
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code not in TRANSIENT or attempt == self._retry.attempts:
+            except (grpc.RpcError, TransferError) as exc:
+                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.DATA_LOSS
+                if code in STALE:
+                    raise StaleTask(f"{what}: {_details(exc)}") from exc
+                if code not in TRANSIENT:
                     raise
+                if attempt == self._retry.attempts:
+                    raise Unreachable(f"{what}: {code.name} after {attempt} attempts") from exc
                 log.warning("call_retry", call=what, code=code.name, attempt=attempt, backoff_s=round(delay, 2))
                 self._on_retry()
                 self._sleep(delay * self._rng.uniform(0.5, 1.0))
@@ -120,10 +125,8 @@ class CoordinatorClient:
             response = self._with_retry(
                 "poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30)
             )
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                raise NotJoined(exc.details()) from exc
-            raise
+        except StaleTask as exc:
+            raise NotJoined(str(exc)) from exc
         return task_from_proto(response, run_id=run_id)
 
     def download(
@@ -245,9 +248,21 @@ class CoordinatorClient:
             lambda: _deduplicated(lambda: self._stub.RevealShares(request, metadata=self._metadata, timeout=60)),
         )
 
+    def leave(self, run_id: str, reason: str) -> None:
+        """Tell the coordinator this worker cannot go on; one try, since the worker exits either way."""
+        request = pb.LeaveRequest(worker_id=self.worker_id, run_id=run_id, reason=reason)
+        try:
+            self._stub.Leave(request, metadata=self._metadata, timeout=10)
+        except grpc.RpcError as exc:
+            log.warning("leave_not_delivered", code=exc.code().name)
+
     def report(self, report: MetricsReport) -> None:
         message = metrics_to_proto(report)
         self._with_retry("report", lambda: self._stub.ReportMetrics(message, metadata=self._metadata, timeout=30))
+
+
+def _details(exc: grpc.RpcError | TransferError) -> str:
+    return str(exc.details()) if isinstance(exc, grpc.RpcError) else str(exc)
 
 
 def _deduplicated(call: Callable[[], object]) -> None:

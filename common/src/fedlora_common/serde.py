@@ -211,12 +211,18 @@ def _memorization_from_proto(msg: pb.Memorization) -> Memorization:
 
 def advertisement_to_proto(ad: Advertisement) -> pb.Advertisement:
     return pb.Advertisement(
-        worker_id=ad.worker_id, mask_public=ad.mask_public, enc_public=ad.enc_public, signature=ad.signature
+        worker_id=ad.worker_id,
+        mask_public=ad.mask_public,
+        enc_public=ad.enc_public,
+        signature=ad.signature,
+        seed_commitment=ad.seed_commitment,
     )
 
 
 def advertisement_from_proto(msg: pb.Advertisement) -> Advertisement:
-    return Advertisement(msg.worker_id, bytes(msg.mask_public), bytes(msg.enc_public), bytes(msg.signature))
+    return Advertisement(
+        msg.worker_id, bytes(msg.mask_public), bytes(msg.enc_public), bytes(msg.signature), bytes(msg.seed_commitment)
+    )
 
 
 def encrypted_share_to_proto(share: EncryptedShare) -> pb.EncryptedShare:

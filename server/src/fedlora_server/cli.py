@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.write_report()
         # Let every worker poll once more and see FINISHED before the endpoint goes away.
         stop.wait(2 * settings.timeouts.poll_wait_ms / 1000 + 1)
+        if server.coordinator.failure is not None:
+            sys.stderr.write(f"fedlora-server: the run failed: {server.coordinator.failure}\n")
+            return 1
     except OSError as exc:
         sys.stderr.write(f"fedlora-server: {exc}\n")
         return 1

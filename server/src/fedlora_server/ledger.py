@@ -72,6 +72,19 @@ class RoundLedger:
         self._store.upsert_worker(WorkerRecord(worker_id, num_examples, self._clock()))
         self._metrics.workers_connected.set(workers)
 
+    def worker_left(self, worker_id: str, reason: str, *, workers: int) -> None:
+        record = next(w for w in self._store.workers() if w.worker_id == worker_id)
+        self._store.upsert_worker(replace(record, left_reason=reason))
+        self._metrics.workers_connected.set(workers)
+        self._metrics.workers_left.inc()
+
+    def departures(self) -> dict[str, str]:
+        """Workers that said they could not go on, and why."""
+        return {w.worker_id: w.left_reason for w in self._store.workers() if w.left_reason}
+
+    def run_failed(self, reason: str) -> None:
+        self._store.fail_run(reason)
+
     def last_attempt(self, round_: int) -> RoundRecord | None:
         attempts = [r for r in self._store.rounds() if r.round == round_]
         return attempts[-1] if attempts else None
@@ -113,7 +126,7 @@ class RoundLedger:
         """The attempt's new version is committed: its train loss (weighted as uploads were recorded) and bytes."""
         uploads = self._store.uploads(record.round, record.attempt)
         weights = np.array([u.num_examples for u in uploads], dtype=np.float64)
-        train_loss = float(np.average([u.train_loss for u in uploads], weights=weights))
+        train_loss = float(np.average([u.train_loss for u in uploads], weights=weights)) if uploads else None
         committed = replace(
             record,
             status="evaluating",
@@ -123,7 +136,8 @@ class RoundLedger:
             upload_bytes=sum(u.size_bytes for u in uploads),
         )
         self._store.save_round(committed)
-        self._metrics.train_loss.set(train_loss)
+        if train_loss is not None:
+            self._metrics.train_loss.set(train_loss)
         if self._privacy is not None:
             self._metrics.dp_epsilon.labels(level="client").set(self._privacy.epsilon_after(record.round))
         self._metrics.phase_seconds.labels(phase="train").observe(self._clock() - record.started_at)

@@ -115,6 +115,12 @@ class PhaseMachine:
     def finished(self) -> threading.Event:
         return self._finished
 
+    @property
+    def failure(self) -> str | None:
+        """Why the run ended before its last round; None while it runs or once it finished."""
+        phase = self._phase
+        return phase.failure if isinstance(phase, Finished) else None
+
     def join(self, worker_id: str, num_examples: int) -> RunSpec:
         check_count("num_examples", num_examples, low=1)
         with self._lock:
@@ -212,6 +218,7 @@ class PhaseMachine:
 
     def secure_message(self, worker_id: str, tag: int, message: SecureMessage) -> None:
         with self._lock:
+            self._require_joined(worker_id)
             self._advance()
             phase = self._phase
             if not isinstance(phase, Training):
@@ -233,6 +240,28 @@ class PhaseMachine:
                 raise PermissionDenied(f"{report.worker_id} is not evaluating round {phase.round}")
             self._ledger.metrics_reported(phase.round, report)
             phase.done.add(report.worker_id)
+            self._advance()
+
+    def leave(self, worker_id: str, reason: str) -> None:
+        """A worker cannot go on: drop it at once, and end the run when too few remain to finish it."""
+        reason = " ".join(reason.split())[:500] or "no reason given"
+        with self._lock:
+            self._require_joined(worker_id)
+            del self._joined[worker_id]
+            self._ledger.worker_left(worker_id, reason, workers=len(self._joined))
+            log.warning("worker_left", worker_id=worker_id, reason=reason, workers=len(self._joined))
+            phase = self._phase
+            if isinstance(phase, Training):
+                phase.aggregation.drop(worker_id)
+            elif isinstance(phase, Evaluation):
+                phase.participants = tuple(w for w in phase.participants if w != worker_id)
+            if not isinstance(phase, (Admission, Finished)) and len(self._joined) < self._settings.min_workers:
+                left = "; ".join(f"{w}: {why}" for w, why in self._ledger.departures().items())
+                self._fail_run(
+                    phase, f"{len(self._joined)} of the {self._settings.min_workers} workers needed remain ({left})"
+                )
+            elif isinstance(phase, Initialize) and phase.initializer == worker_id:
+                self._start_initialize(exclude={worker_id})
             self._advance()
 
     def tick(self) -> None:
@@ -401,6 +430,15 @@ class PhaseMachine:
         )
         log.info("round_evaluated", round=phase.round, eval_loss=eval_loss, reports=len(phase.done))
         self._start_next_round_or_finish(phase.model)
+
+    def _fail_run(self, phase: Phase, failure: str) -> None:
+        if isinstance(phase, Training):
+            self._ledger.failed(phase.record, dropped=phase.aggregation.missing, excluded=(), reason=failure)
+            phase.aggregation.discard()
+        self._ledger.run_failed(failure)
+        self._phase = Finished(round_of(phase), failure)
+        self._finished.set()
+        log.error("run_failed", reason=failure)
 
     def _start_next_round_or_finish(self, model: GlobalModel) -> None:
         completed_round = model.round

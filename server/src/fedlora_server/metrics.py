@@ -28,6 +28,9 @@ class ServerMetrics:
             registry=registry,
         )
         self.workers_connected = Gauge("fedlora_workers_connected", "Workers admitted to the run", registry=registry)
+        self.workers_left = Counter(
+            "fedlora_workers_left_total", "Workers that left the run saying they could not go on", registry=registry
+        )
         self.current_round = Gauge("fedlora_current_round", "Round in progress", registry=registry)
         self.received_bytes = Counter("fedlora_received_bytes_total", "Update bytes received", registry=registry)
         self.sent_bytes = Counter("fedlora_sent_bytes_total", "Model bytes sent", registry=registry)

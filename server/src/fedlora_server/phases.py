@@ -52,6 +52,8 @@ class Evaluation:
 @dataclass
 class Finished:
     round: int
+    failure: str | None = None
+    """Why the run ended before its last round; None when it finished them."""
     name: PhaseName = "finished"
 
 

@@ -80,7 +80,8 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
     reports = {number: store.metrics(number) for number in rounds}
     base = rounds.get(0)
     latest = store.latest_artifact()
-    failed = sum(1 for r in store.rounds() if r.status == "failed")
+    failures = [r for r in store.rounds() if r.status == "failed"]
+    run = store.load_run()
     return {
         "report_version": 1,
         "run_id": settings.run_id,
@@ -95,10 +96,19 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
             "alpha": settings.lora.alpha,
             "targets": list(settings.lora.target_modules),
         },
-        "workers": [{"id": w.worker_id, "num_examples": w.num_examples} for w in store.workers()],
-        "adapter_path": str((settings.state_dir / "adapter").absolute()) if latest else None,
+        "workers": [
+            {"id": w.worker_id, "num_examples": w.num_examples, "left": w.left_reason or None} for w in store.workers()
+        ],
+        "adapter_path": (
+            str((settings.state_dir / "adapter").absolute()) if latest is not None and latest.round >= 1 else None
+        ),
         "base_eval_loss": base.eval_loss if base else None,
-        "failed_attempts": failed,
+        "failure": run.failure or None if run is not None else None,
+        "failed_attempts": len(failures),
+        "attempt_failures": [
+            {"round": r.round, "attempt": r.attempt, "reason": r.failure, "excluded": list(r.excluded)}
+            for r in failures
+        ],
         "privacy": _privacy_section(settings, client),
         "rounds": [
             {
@@ -148,6 +158,14 @@ def _run_table(report: dict[str, Any]) -> Table:
         f"workers: {', '.join(w['id'] for w in report['workers'])}",
         f"base model held-out loss: **{_fmt(report['base_eval_loss'])}**",
         f"final adapter: `{report['adapter_path']}`",
+        *([f"**run failed**: {report['failure']}"] if report["failure"] else []),
+        *(f"worker {w['id']} left: {w['left']}" for w in report["workers"] if w["left"]),
+        *(
+            f"round {f['round']} attempt {f['attempt']} failed: {f['reason']}"
+            + (f" (excluded: {', '.join(f['excluded'])})" if f["excluded"] else "")
+            for f in report["attempt_failures"]
+            if f["reason"]
+        ),
     )
     columns = (
         "round",
@@ -274,5 +292,5 @@ def report_document(report: dict[str, Any]) -> Document:
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write report.json, report.md, report.html and the PNG plots; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False).encode())
     return [out_dir / "report.json", *write_document(report_document(report), out_dir)]

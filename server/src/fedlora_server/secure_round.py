@@ -31,6 +31,7 @@ from fedlora_common.secagg import (
     inconsistent_shares,
     pairwise_sign,
     round_keys_message,
+    seed_commitment,
     session_id,
     unmask_sum,
     verify,
@@ -64,6 +65,7 @@ class SecureRound:
         self._advertised: dict[str, Advertisement] = {}
         self._shares: dict[str, list[EncryptedShare]] = {}
         self._masked: set[str] = set()
+        self._gone: set[str] = set()
         self._reveals: dict[str, list[tuple[str, ShareKind, Share]]] = {}
         self._index: dict[str, int] = {}
         self._sum = np.zeros(numel, dtype=np.uint32)
@@ -87,7 +89,11 @@ class SecureRound:
             raise AlreadyExists(f"{ad.worker_id} already advertised keys for this round")
         if len(ad.mask_public) != 32 or len(ad.enc_public) != 32:
             raise InvalidArgument("public keys must be 32-byte X25519 keys")
-        message = round_keys_message(ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public)
+        if len(ad.seed_commitment) != 32:
+            raise InvalidArgument("the self-seed commitment must be a 32-byte SHA-256 digest")
+        message = round_keys_message(
+            ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public, ad.seed_commitment
+        )
         if not verify(self._identities[ad.worker_id], message, ad.signature):
             raise PermissionDenied(f"the signature on {ad.worker_id}'s keys does not verify for this round")
         self._advertised[ad.worker_id] = ad
@@ -200,15 +206,24 @@ class SecureRound:
         self.u3 = self._enough(list(self._masked), "the masked upload")
         self.stage = "unmask"
 
+    def drop(self, worker: str) -> None:
+        """`worker` left the run: stages stop waiting for it; without its answer it drops out where it is."""
+        self._gone.add(worker)
+
     def ready(self) -> bool:
-        """Whether each stage's members all answered (the caller also closes stages on deadlines)."""
+        """Whether each stage's members still in the run all answered (stages also close on deadlines)."""
         waiting = {
             "advertise": set(self.params.participants) - self._advertised.keys(),
             "share": set(self.u1) - self._shares.keys(),
             "masked": set(self.u2) - self._masked,
             "unmask": set(self.u3) - self._reveals.keys(),
         }.get(self.stage, set())
-        return not waiting
+        return not waiting - self._gone
+
+    def _committed_seed_of(self, owner: str) -> Callable[[bytes], bool]:
+        """Whether a reconstructed self-mask seed is the one `owner` committed to with its keys."""
+        commitment = self._advertised[owner].seed_commitment
+        return lambda seed: len(seed) == SEED_BYTES and seed_commitment(seed) == commitment
 
     def _advertised_key_of(self, owner: str) -> Callable[[bytes], bool]:
         """Whether a reconstructed mask key is the private half of the key `owner` advertised."""
@@ -250,8 +265,7 @@ class SecureRound:
                 collected.setdefault((owner, kind), []).append((worker, share))
         index = self._index
         self_seeds = [
-            self._reconstruct(w, "self_seed", collected[(w, "self_seed")], lambda seed: len(seed) == SEED_BYTES)
-            for w in self.u3
+            self._reconstruct(w, "self_seed", collected[(w, "self_seed")], self._committed_seed_of(w)) for w in self.u3
         ]
         dropped_pairwise: list[tuple[bytes, int]] = []
         for gone in self.dropped:

@@ -69,6 +69,7 @@ class CoordinatorServer:
         self._metrics_http: Any = None
         self._ticker: threading.Thread | None = None
         self._reported = False
+        self._serving: bool | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -97,12 +98,20 @@ class CoordinatorServer:
         if s.listen.metrics_port is not None:
             self._metrics_http, _ = start_http_server(s.listen.metrics_port, s.listen.host, registry=self.registry)
             self.metrics_port = int(self._metrics_http.server_port)
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_serving(True)
         self._ticker = threading.Thread(target=self._run_clock, name="deadlines", daemon=True)
         self._ticker.start()
         log.info("coordinator_listening", port=self.port, metrics_port=self.metrics_port, run_id=s.run_id)
         return self.port
+
+    def _set_serving(self, serving: bool) -> None:
+        """The health service tells whether the coordinator can make progress."""
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)
 
     def _run_clock(self) -> None:
         while not self._stopping.wait(self._tick.total_seconds()):
@@ -110,6 +119,9 @@ class CoordinatorServer:
                 self.coordinator.tick()
             except Exception:
                 log.exception("deadline_tick_failed")
+                self._set_serving(False)
+            else:
+                self._set_serving(self.coordinator.failure is None)
             if self.coordinator.finished.is_set() and not self._reported:
                 self.write_report()
 

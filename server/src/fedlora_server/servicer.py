@@ -26,9 +26,9 @@ from fedlora_common.serde import (
 from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
 from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.errors import CoordinatorError, FailedPrecondition, InvalidArgument
+from fedlora_server.errors import FailedPrecondition, InvalidArgument
 from fedlora_server.interceptor import caller
-from fedlora_server.status import abort_with
+from fedlora_server.status import answering
 
 __all__ = ["CoordinatorServicer"]
 
@@ -47,26 +47,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return worker_id
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        try:
+        with answering(context):
             worker_id = self._acting_for(request.worker_id)
             spec = self._coordinator.join(worker_id, request.num_examples)
-        except CoordinatorError as exc:
-            abort_with(context, exc)
-        return pb.JoinResponse(run_id=spec.run_id, worker_id=worker_id, run=run_spec_to_proto(spec))
+            return pb.JoinResponse(run_id=spec.run_id, worker_id=worker_id, run=run_spec_to_proto(spec))
 
     def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        try:
+        with answering(context):
             worker_id = self._acting_for(request.worker_id, request.run_id)
             return task_to_proto(self._coordinator.poll(worker_id))
-        except CoordinatorError as exc:
-            abort_with(context, exc)
 
     def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
-        try:
+        with answering(context):
             worker_id = self._acting_for(request.worker_id, request.run_id)
             model = self._coordinator.global_model(worker_id, request.version)
-        except CoordinatorError as exc:
-            abort_with(context, exc)
         payload = as_bytes(model.vector)
         yield pb.DownloadChunk(
             header=pb.DownloadHeader(
@@ -85,7 +79,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
     ) -> pb.UploadReceipt:
-        try:
+        with answering(context):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidArgument("an upload starts with its header")
@@ -95,18 +89,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise InvalidArgument(str(exc)) from None
             worker_id = self._acting_for(header.worker_id)
             round_ = self._coordinator.receive_upload(header, _chunks(request_iterator))
-        except CoordinatorError as exc:
-            abort_with(context, exc)
-        log.debug("upload_received", worker_id=worker_id, round=round_)
-        return pb.UploadReceipt(round=round_, bytes_received=header.total_size)
+            log.debug("upload_received", worker_id=worker_id, round=round_)
+            return pb.UploadReceipt(round=round_, bytes_received=header.total_size)
 
     def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsReceipt:
-        try:
+        with answering(context):
             self._acting_for(request.worker_id, request.run_id)
             self._coordinator.report_metrics(metrics_from_proto(request))
-        except CoordinatorError as exc:
-            abort_with(context, exc)
-        return pb.MetricsReceipt()
+            return pb.MetricsReceipt()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReceipt:
+        with answering(context):
+            worker_id = self._acting_for(request.worker_id, request.run_id)
+            self._coordinator.leave(worker_id, request.reason)
+            return pb.LeaveReceipt()
 
     def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
         return self._secure(request, context, lambda: advertisement_from_proto(request.keys))
@@ -127,16 +123,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         context: grpc.ServicerContext,
         decode: Callable[[], SecureMessage],
     ) -> pb.SecAggReceipt:
-        try:
+        with answering(context):
             worker_id = self._acting_for(request.worker_id, request.run_id)
             try:
                 message = decode()
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
             self._coordinator.secure_message(worker_id, request.tag, message)
-        except CoordinatorError as exc:
-            abort_with(context, exc)
-        return pb.SecAggReceipt(tag=request.tag)
+            return pb.SecAggReceipt(tag=request.tag)
 
 
 def _chunks(messages: Iterator[pb.UploadMessage]) -> Iterator[tuple[int, bytes]]:

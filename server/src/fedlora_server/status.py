@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import grpc
+import structlog
 
 from fedlora_server.errors import (
     AlreadyExists,
@@ -17,7 +20,9 @@ from fedlora_server.errors import (
     Unauthenticated,
 )
 
-__all__ = ["STATUS_OF", "abort_with"]
+__all__ = ["STATUS_OF", "abort_with", "answering"]
+
+log = structlog.get_logger()
 
 STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -33,3 +38,19 @@ STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
 def abort_with(context: grpc.ServicerContext, error: CoordinatorError) -> NoReturn:
     """End the call with the status that names the refusal; nothing was changed."""
     context.abort(STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+
+
+@contextmanager
+def answering(context: grpc.ServicerContext) -> Iterator[None]:
+    """Around a handler's work: a refusal ends the call with its status; anything else is INTERNAL, logged.
+
+    A client never sees UNKNOWN (the status gRPC gives an escaped exception), and the logic's own
+    error handling (failing the round attempt, not the run) has already run by then.
+    """
+    try:
+        yield
+    except CoordinatorError as exc:
+        abort_with(context, exc)
+    except Exception:
+        log.exception("rpc_failed")
+        context.abort(grpc.StatusCode.INTERNAL, "internal error; the coordinator logged it")

@@ -9,6 +9,7 @@ from fedlora_common.secagg import (
     open_sealed,
     round_keys_message,
     seal,
+    seed_commitment,
     session_id,
     share_associated_data,
     sign,
@@ -17,12 +18,13 @@ from fedlora_common.secagg import (
 )
 
 SESSION = b"\7" * 32
+COMMITMENT = seed_commitment(b"\1" * 32)
 
 
 def test_a_signed_key_message_verifies_under_the_identity() -> None:
     identity = identity_keypair()
     mask, enc = new_x25519(), new_x25519()
-    message = round_keys_message("hospital-a", "run-1", 3, mask.public, enc.public)
+    message = round_keys_message("hospital-a", "run-1", 3, mask.public, enc.public, COMMITMENT)
 
     signature = sign(identity.private, message)
 
@@ -33,14 +35,15 @@ def test_a_signed_key_message_verifies_under_the_identity() -> None:
 def test_a_signature_does_not_cover_a_swapped_key() -> None:
     identity = identity_keypair()
     mask, enc, attacker = new_x25519(), new_x25519(), new_x25519()
-    signature = sign(identity.private, round_keys_message("a", "run", 1, mask.public, enc.public))
+    signature = sign(identity.private, round_keys_message("a", "run", 1, mask.public, enc.public, COMMITMENT))
 
     swapped = [
-        round_keys_message("a", "run", 1, attacker.public, enc.public),
-        round_keys_message("a", "run", 1, mask.public, attacker.public),
-        round_keys_message("a", "run", 1, enc.public, mask.public),
-        round_keys_message("b", "run", 1, mask.public, enc.public),
-        round_keys_message("a", "run", 2, mask.public, enc.public),
+        round_keys_message("a", "run", 1, attacker.public, enc.public, COMMITMENT),
+        round_keys_message("a", "run", 1, mask.public, attacker.public, COMMITMENT),
+        round_keys_message("a", "run", 1, enc.public, mask.public, COMMITMENT),
+        round_keys_message("b", "run", 1, mask.public, enc.public, COMMITMENT),
+        round_keys_message("a", "run", 2, mask.public, enc.public, COMMITMENT),
+        round_keys_message("a", "run", 1, mask.public, enc.public, seed_commitment(b"another seed")),
     ]
 
     assert not any(verify(identity.public, m, signature) for m in swapped)
@@ -58,7 +61,7 @@ def test_round_keys_messages_are_unambiguous() -> None:
     """Length prefixes: moving a byte from one field to the next changes the message."""
     key = b"k" * 32
 
-    assert round_keys_message("ab", "c", 1, key, key) != round_keys_message("a", "bc", 1, key, key)
+    assert round_keys_message("ab", "c", 1, key, key, key) != round_keys_message("a", "bc", 1, key, key, key)
 
 
 def test_session_id_binds_every_advertised_key_and_the_round() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,15 @@ from prometheus_client import CollectorRegistry
 
 from fedlora_common.chunking import iter_chunks, sha256
 from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
-from fedlora_common.secagg import dequantize_sum, identity_keypair, quantization_step, quantize
+from fedlora_common.secagg import (
+    PRIME,
+    RevealedShare,
+    Share,
+    dequantize_sum,
+    identity_keypair,
+    quantization_step,
+    quantize,
+)
 from fedlora_server.aggregation import (
     Aggregate,
     AggregationFailed,
@@ -216,10 +224,17 @@ def test_plain_a_stream_that_turns_out_bad_leaves_the_sum_bit_identical(tmp_path
 class SecureSites:
     """Three real worker sessions and the coordinator's secure aggregation, stepped by hand."""
 
-    def __init__(self, tmp_path: Path, metrics: ServerMetrics, *, workers: tuple[str, ...] = WORKERS) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        metrics: ServerMetrics,
+        *,
+        workers: tuple[str, ...] = WORKERS,
+        threshold_fraction: float = 2 / 3,
+    ) -> None:
         keys = {w: identity_keypair() for w in workers}
         public = {w: k.public for w, k in keys.items()}
-        settings = SecureAggregationSection(clip_range=1.0)
+        settings = SecureAggregationSection(clip_range=1.0, threshold_fraction=threshold_fraction)
         self.metrics = metrics
         self.aggregator = SecureAggregator(
             run_id="run",
@@ -282,14 +297,18 @@ class SecureSites:
             self.metrics,
         )
 
-    def reveal_all(self, now: float) -> Aggregate | None:
-        """Close the masked-upload stage, then every survivor reveals its shares."""
+    def reveal_all(
+        self, now: float, tamper: Callable[[str, list[RevealedShare]], list[RevealedShare]] | None = None
+    ) -> Aggregate | None:
+        """Close the masked-upload stage, then every survivor reveals its shares (as `tamper` rewrites them)."""
         assert self.aggregation.step(now) is None
         for w in self.sessions:
             ask = self.aggregation.ask(w)
             if ask is not None and ask.kind is TaskKind.SECAGG_UNMASK:
                 assert ask.secagg is not None
                 shares = self.sessions[w].reveal(ask.secagg.survivors, ask.secagg.dropped)
+                if tamper is not None:
+                    shares = tamper(w, shares)
                 self.aggregation.receive(w, self.params.tag, Reveal(tuple(shares)))
         return self.aggregation.step(now)
 
@@ -363,6 +382,54 @@ def test_secure_a_stream_still_open_when_the_stage_closes_is_revoked(tmp_path: P
     assert result is not None
     np.testing.assert_allclose(result.mean, sites.expected(("clinical", "finance")), rtol=1e-6)
     assert result.contributors == ("clinical", "finance")
+
+
+def test_secure_a_revealer_whose_share_is_off_the_polynomial_is_named_and_fails_the_attempt(
+    tmp_path: Path, metrics: ServerMetrics
+) -> None:
+    # Prepare: five sites, threshold 3, so the five self-seed shares of each survivor can single out one liar.
+    workers = ("w0", "w1", "w2", "w3", "w4")
+    sites = SecureSites(tmp_path, metrics, workers=workers, threshold_fraction=0.5)
+    sites.through_share()
+    for w in workers:
+        sites.upload(w, sites.masked(w))
+
+    def lie_about_w0(revealer: str, shares: list[RevealedShare]) -> list[RevealedShare]:
+        if revealer != "w1":
+            return shares
+        out = []
+        for r in shares:
+            if r.owner == "w0":
+                share = Share.from_bytes(r.share)
+                r = replace(r, share=Share(share.x, (share.y + 1) % PRIME).to_bytes())
+            out.append(r)
+        return out
+
+    # Execute / Assert
+    with pytest.raises(AggregationFailed, match="w1 revealed a share off the polynomial") as failed:
+        sites.reveal_all(101.0, tamper=lie_about_w0)
+    assert failed.value.offenders == ("w1",)
+
+
+def test_secure_a_bad_share_among_just_enough_is_still_caught_by_the_seed_commitment(
+    tmp_path: Path, metrics: ServerMetrics
+) -> None:
+    # Prepare: three sites, threshold 2: no share to spare, so nobody can be singled out.
+    sites = SecureSites(tmp_path, metrics, threshold_fraction=0.5)
+    sites.through_share()
+    for w in WORKERS:
+        sites.upload(w, sites.masked(w))
+
+    def nudge(revealer: str, shares: list[RevealedShare]) -> list[RevealedShare]:
+        if revealer != "clinical":
+            return shares
+        share = Share.from_bytes(shares[0].share)
+        return [replace(shares[0], share=Share(share.x, (share.y + 1) % PRIME).to_bytes()), *shares[1:]]
+
+    # Execute / Assert: a seed off by a little would unmask silently to a wrong model; the commitment refuses it.
+    with pytest.raises(AggregationFailed, match="cannot be reconstructed") as failed:
+        sites.reveal_all(101.0, tamper=nudge)
+    assert failed.value.offenders == ()
 
 
 def test_secure_messages_for_another_attempt_are_refused(tmp_path: Path, metrics: ServerMetrics) -> None:

@@ -99,9 +99,19 @@ def _round(round_: int) -> bytes:
     return round_.to_bytes(8, "big")
 
 
-def round_keys_message(worker_id: str, run_id: str, round_: int, mask_public: bytes, enc_public: bytes) -> bytes:
-    """What a worker signs: its id, the run and round attempt, and both public keys (so none can be swapped)."""
-    return _frame(_TAG + b"keys/v1", worker_id.encode(), run_id.encode(), _round(round_), mask_public, enc_public)
+def round_keys_message(
+    worker_id: str, run_id: str, round_: int, mask_public: bytes, enc_public: bytes, seed_commitment: bytes
+) -> bytes:
+    """What a worker signs: its id, the run and round attempt, both public keys and its self-seed commitment
+    (so none can be swapped)."""
+    return _frame(
+        _TAG + b"keys/v2", worker_id.encode(), run_id.encode(), _round(round_), mask_public, enc_public, seed_commitment
+    )
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    """What a worker publishes of its self-mask seed: enough to check a reconstruction, nothing to unmask with."""
+    return hashlib.sha256(_TAG + b"seed/v1" + seed).digest()
 
 
 def session_id(run_id: str, round_: int, advertised: Mapping[str, tuple[bytes, bytes]]) -> bytes:

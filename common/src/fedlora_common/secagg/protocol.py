@@ -67,6 +67,8 @@ class Advertisement:
     mask_public: bytes
     enc_public: bytes
     signature: bytes
+    seed_commitment: bytes
+    """Commitment to the self-mask seed (fedlora_common.secagg.seed_commitment), signed with the keys."""
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,10 @@ class RoundAggregation(abc.ABC):
         raise FailedPrecondition("this run does not aggregate securely; no key exchange is open")
 
     @abc.abstractmethod
+    def drop(self, worker: str) -> None:
+        """`worker` left the run: stop waiting for it (what it already sent may still count)."""
+
+    @abc.abstractmethod
     def step(self, now: float) -> Aggregate | None:
         """Close what is due; the mean once everything is in, else None. Raises AggregationFailed."""
 

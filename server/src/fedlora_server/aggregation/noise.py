@@ -56,6 +56,9 @@ class _Noised(RoundAggregation):
     def receive(self, worker: str, tag: int, message: SecureMessage) -> int:
         return self._inner.receive(worker, tag, message)
 
+    def drop(self, worker: str) -> None:
+        self._inner.drop(worker)
+
     def progress(self) -> Hashable:
         return self._inner.progress()
 

@@ -64,6 +64,7 @@ class PlainRoundAggregation(RoundAggregation):
         self._spool_dir = spool_dir
         self._metrics = metrics
         self._done: set[str] = set()
+        self._gone: set[str] = set()
         self._spools: dict[str, Spool] = {}
 
     @property
@@ -115,12 +116,17 @@ class PlainRoundAggregation(RoundAggregation):
         self._done.add(header.worker_id)
         return examples
 
+    def drop(self, worker: str) -> None:
+        self._gone.add(worker)
+
     def step(self, now: float) -> Aggregate | None:
-        participants, done = set(self.plan.participants), self._done
-        if participants <= done or (now >= self.deadline_at and len(done) >= self.plan.min_updates):
+        """The mean once every participant still in the run uploaded, or at the deadline; never below min_updates."""
+        done, enough = self._done, len(self._done) >= self.plan.min_updates
+        waited_for = set(self.plan.participants) - self._gone
+        if enough and (waited_for <= done or now >= self.deadline_at):
             return Aggregate(self.accumulator.mean(), tuple(sorted(done)))
         if now >= self.deadline_at:
-            raise AggregationFailed(f"{len(done)} of {len(participants)} updates by the deadline")
+            raise AggregationFailed(f"{len(done)} of {len(self.plan.participants)} updates by the deadline")
         return None
 
     def discard(self) -> None:

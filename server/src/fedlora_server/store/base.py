@@ -47,6 +47,8 @@ class RunRecord:
     run_id: str
     config_json: str
     created_at: float
+    failure: str = ""
+    """Why the run ended without finishing its rounds; empty while it runs or once it finished them."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class WorkerRecord:
     worker_id: str
     num_examples: int
     joined_at: float
+    left_reason: str = ""
+    """Why the worker said it could not go on; empty while it takes part."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,12 @@ class CoordinatorStore(abc.ABC):
         """Start a run; refused if the store already holds another run id."""
 
     @abc.abstractmethod
+    def fail_run(self, reason: str) -> None:
+        """Record that the run ended without finishing its rounds, and why."""
+
+    @abc.abstractmethod
     def upsert_worker(self, worker: WorkerRecord) -> None:
-        """Admit a worker, or update its example count when it rejoins."""
+        """Admit a worker, or update its example count and left_reason when it rejoins or leaves."""
 
     @abc.abstractmethod
     def workers(self) -> list[WorkerRecord]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 from fedlora_server.store.base import (
     ArtifactRecord,
@@ -38,9 +39,15 @@ class MemoryStore(CoordinatorStore):
                 raise StoreError(f"store holds run {self._run.run_id}, not {run.run_id}")
             self._run = self._run or run
 
+    def fail_run(self, reason: str) -> None:
+        with self._lock:
+            if self._run is not None:
+                self._run = replace(self._run, failure=reason)
+
     def upsert_worker(self, worker: WorkerRecord) -> None:
         with self._lock:
-            self._workers[worker.worker_id] = worker
+            first = self._workers.get(worker.worker_id)
+            self._workers[worker.worker_id] = worker if first is None else replace(worker, joined_at=first.joined_at)
 
     def workers(self) -> list[WorkerRecord]:
         with self._lock:

@@ -26,9 +26,10 @@ __all__ = ["SqliteStore"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
-    run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, created_at REAL NOT NULL);
+    run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, created_at REAL NOT NULL, failure TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS worker (
-    worker_id TEXT PRIMARY KEY, num_examples INTEGER NOT NULL, joined_at REAL NOT NULL);
+    worker_id TEXT PRIMARY KEY, num_examples INTEGER NOT NULL, joined_at REAL NOT NULL,
+    left_reason TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS round (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
     participants TEXT NOT NULL, started_at REAL NOT NULL, deadline_at REAL NOT NULL,
@@ -50,7 +51,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (round, worker_id));
 """
 
-MIGRATIONS = (("excluded", "TEXT NOT NULL DEFAULT '[]'"), ("failure", "TEXT NOT NULL DEFAULT ''"))
+MIGRATIONS = (
+    ("round", "excluded", "TEXT NOT NULL DEFAULT '[]'"),
+    ("round", "failure", "TEXT NOT NULL DEFAULT ''"),
+    ("run", "failure", "TEXT NOT NULL DEFAULT ''"),
+    ("worker", "left_reason", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 class SqliteStore(CoordinatorStore):
@@ -73,10 +79,10 @@ class SqliteStore(CoordinatorStore):
 
     def _migrate(self) -> None:
         """Add the columns later versions introduced to a store an earlier version wrote."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(round)")}
-        for column, definition in MIGRATIONS:
+        for table, column, definition in MIGRATIONS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
-                self._db.execute(f"ALTER TABLE round ADD COLUMN {column} {definition}")
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -94,7 +100,7 @@ class SqliteStore(CoordinatorStore):
             return list(self._db.execute(sql, args).fetchall())
 
     def load_run(self) -> RunRecord | None:
-        rows = self._query("SELECT run_id, config_json, created_at FROM run")
+        rows = self._query("SELECT run_id, config_json, created_at, failure FROM run")
         return RunRecord(*rows[0]) if rows else None  # type: ignore[arg-type]
 
     def create_run(self, run: RunRecord) -> None:
@@ -103,18 +109,26 @@ class SqliteStore(CoordinatorStore):
             if rows and rows[0][0] != run.run_id:
                 raise StoreError(f"store holds run {rows[0][0]}, not {run.run_id}")
             if not rows:
-                db.execute("INSERT INTO run VALUES (?, ?, ?)", (run.run_id, run.config_json, run.created_at))
+                db.execute(
+                    "INSERT INTO run (run_id, config_json, created_at, failure) VALUES (?, ?, ?, ?)",
+                    (run.run_id, run.config_json, run.created_at, run.failure),
+                )
+
+    def fail_run(self, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE run SET failure = ?", (reason,))
 
     def upsert_worker(self, worker: WorkerRecord) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO worker VALUES (?, ?, ?) ON CONFLICT(worker_id) "
-                "DO UPDATE SET num_examples = excluded.num_examples",
-                (worker.worker_id, worker.num_examples, worker.joined_at),
+                "INSERT INTO worker (worker_id, num_examples, joined_at, left_reason) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(worker_id) DO UPDATE SET num_examples = excluded.num_examples, "
+                "left_reason = excluded.left_reason",
+                (worker.worker_id, worker.num_examples, worker.joined_at, worker.left_reason),
             )
 
     def workers(self) -> list[WorkerRecord]:
-        rows = self._query("SELECT worker_id, num_examples, joined_at FROM worker ORDER BY worker_id")
+        rows = self._query("SELECT worker_id, num_examples, joined_at, left_reason FROM worker ORDER BY worker_id")
         return [WorkerRecord(*row) for row in rows]  # type: ignore[arg-type]
 
     def save_round(self, record: RoundRecord) -> None:

@@ -370,11 +370,14 @@ class Advertisement(_message.Message):
     MASK_PUBLIC_FIELD_NUMBER: _builtins.int
     ENC_PUBLIC_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    SEED_COMMITMENT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     mask_public: _builtins.bytes
     enc_public: _builtins.bytes
     signature: _builtins.bytes
-    """Ed25519 signature by the worker's identity key over its ids, the round tag and both keys."""
+    """Ed25519 signature by the worker's identity key over its ids, the round tag, both keys and the commitment."""
+    seed_commitment: _builtins.bytes
+    """SHA-256 of the worker's self-mask seed: a seed reconstructed from revealed shares must match it."""
     def __init__(
         self,
         *,
@@ -382,10 +385,11 @@ class Advertisement(_message.Message):
         mask_public: _builtins.bytes = ...,
         enc_public: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        seed_commitment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enc_public", b"enc_public", "mask_public", b"mask_public", "signature", b"signature", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enc_public", b"enc_public", "mask_public", b"mask_public", "seed_commitment", b"seed_commitment", "signature", b"signature", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1117,3 +1121,44 @@ class MetricsReceipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MetricsReceipt: _TypeAlias = MetricsReceipt  # noqa: Y015
+
+@_typing.final
+class LeaveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    run_id: _builtins.str
+    reason: _builtins.str
+    """One line for the operators: what failed (never record text)."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_id", b"run_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveRequest: _TypeAlias = LeaveRequest  # noqa: Y015
+
+@_typing.final
+class LeaveReceipt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveReceipt: _TypeAlias = LeaveReceipt  # noqa: Y015

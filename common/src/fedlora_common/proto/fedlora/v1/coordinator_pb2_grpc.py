@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReceipt.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/fedlora.v1.Coordinator/Leave',
+                request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.LeaveReceipt.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/fedlora.v1.Coordinator/AdvertiseKeys',
                 request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -114,6 +119,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """A worker that cannot go on (model, data, memory) says why before it exits; it is dropped at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AdvertiseKeys(self, request, context):
         """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read.
         """
@@ -160,6 +172,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReport.FromString,
                     response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReceipt.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.LeaveReceipt.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -312,6 +329,33 @@ class Coordinator:
             '/fedlora.v1.Coordinator/ReportMetrics',
             fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReport.SerializeToString,
             fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.MetricsReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlora.v1.Coordinator/Leave',
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.LeaveReceipt.FromString,
             options,
             channel_credentials,
             insecure,

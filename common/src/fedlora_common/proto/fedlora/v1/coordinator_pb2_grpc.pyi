@@ -47,6 +47,8 @@ class CoordinatorStub:
     """One update: a header declaring size and digest, then sequence-numbered chunks."""
     ReportMetrics: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.MetricsReport, _coordinator_pb2.MetricsReceipt]
     """Aggregate metrics a worker measured (losses, throughput). Never records."""
+    Leave: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.LeaveRequest, _coordinator_pb2.LeaveReceipt]
+    """A worker that cannot go on (model, data, memory) says why before it exits; it is dropped at once."""
     AdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AdvertiseKeysRequest, _coordinator_pb2.SecAggReceipt]
     """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
     ShareKeys: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ShareKeysRequest, _coordinator_pb2.SecAggReceipt]
@@ -65,6 +67,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """One update: a header declaring size and digest, then sequence-numbered chunks."""
     ReportMetrics: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.MetricsReport, _coordinator_pb2.MetricsReceipt]  # type: ignore[assignment]
     """Aggregate metrics a worker measured (losses, throughput). Never records."""
+    Leave: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.LeaveRequest, _coordinator_pb2.LeaveReceipt]  # type: ignore[assignment]
+    """A worker that cannot go on (model, data, memory) says why before it exits; it is dropped at once."""
     AdvertiseKeys: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AdvertiseKeysRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
     """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
     ShareKeys: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ShareKeysRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
@@ -110,6 +114,14 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.MetricsReceipt, _abc.Awaitable[_coordinator_pb2.MetricsReceipt]]:
         """Aggregate metrics a worker measured (losses, throughput). Never records."""
+
+    @_abc_1.abstractmethod
+    def Leave(
+        self,
+        request: _coordinator_pb2.LeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.LeaveReceipt, _abc.Awaitable[_coordinator_pb2.LeaveReceipt]]:
+        """A worker that cannot go on (model, data, memory) says why before it exits; it is dropped at once."""
 
     @_abc_1.abstractmethod
     def AdvertiseKeys(
