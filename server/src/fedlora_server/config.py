@@ -173,6 +173,14 @@ class LimitSettings(StrictModel):
 
     chunk_bytes: int = Field(2**20, ge=1024, le=4 * 2**20, description="Largest chunk of a streamed upload")
     max_update_bytes: int = Field(8 * 2**30, ge=1, description="Largest upload a worker may declare")
+    max_streams: int = Field(64, ge=1, le=4096, description="Uploads and downloads open at once, all workers together")
+    max_streams_per_worker: int = Field(2, ge=1, description="Uploads and downloads one worker may hold open at once")
+    stream_idle_s: float = Field(60.0, gt=0, description="A stream with no message for this long is cancelled")
+    stream_min_bytes_per_s: float = Field(
+        256 * 1024.0,
+        gt=0,
+        description="Slowest accepted transfer: a stream may take stream_idle_s plus its declared size at this rate",
+    )
     stream_window_bytes: int | None = Field(
         None,
         ge=65_535,

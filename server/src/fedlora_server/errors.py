@@ -10,6 +10,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "StreamCancelled",
     "Unauthenticated",
 ]
 
@@ -44,3 +45,11 @@ class AlreadyExists(CoordinatorError):
 
 class NotFound(CoordinatorError):
     pass
+
+
+class StreamCancelled(CoordinatorError):
+    """A stream ended before its last message: the caller went away, or it overran its deadline."""
+
+    def __init__(self, message: str, *, overdue: bool) -> None:
+        super().__init__(message)
+        self.overdue = overdue

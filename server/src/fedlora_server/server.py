@@ -25,10 +25,12 @@ from fedlora_server.metrics import ServerMetrics
 from fedlora_server.report import build_report, write_reports
 from fedlora_server.servicer import CoordinatorServicer
 from fedlora_server.store import CoordinatorStore, SqliteStore
+from fedlora_server.streams import StreamGuard
 
 __all__ = ["SERVICE_NAME", "CoordinatorServer"]
 
 SERVICE_NAME = "fedlora.v1.Coordinator"
+UNARY_THREADS = 32
 log = structlog.get_logger()
 
 
@@ -66,6 +68,7 @@ class CoordinatorServer:
         self._stopping = threading.Event()
         self._health = health.HealthServicer()
         self._grpc: grpc.Server | None = None
+        self._streams: StreamGuard | None = None
         self._metrics_http: Any = None
         self._ticker: threading.Thread | None = None
         self._reported = False
@@ -77,11 +80,16 @@ class CoordinatorServer:
         s = self._settings
         authenticator = Authenticator(s.workers, require_client_cert=bool(s.listen.tls and s.listen.tls.client_ca))
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+            # Every admitted stream may hold a thread; the rest serve polls, reports and health checks.
+            futures.ThreadPoolExecutor(max_workers=s.limits.max_streams + UNARY_THREADS, thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(authenticator, service_prefix=f"/{SERVICE_NAME}/")],
             options=s.limits.grpc_options(),
+            maximum_concurrent_rpcs=s.limits.max_streams + UNARY_THREADS,
         )
-        servicer = CoordinatorServicer(coordinator=self.coordinator, chunk_bytes=s.limits.chunk_bytes)
+        self._streams = StreamGuard(s.limits)
+        servicer = CoordinatorServicer(
+            coordinator=self.coordinator, chunk_bytes=s.limits.chunk_bytes, streams=self._streams
+        )
         pb_grpc.add_CoordinatorServicer_to_server(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{s.listen.host}:{s.listen.port}"
@@ -141,6 +149,8 @@ class CoordinatorServer:
         self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             self._grpc.stop(grace.total_seconds()).wait()
+        if self._streams is not None:
+            self._streams.shutdown()
         if self._ticker is not None:
             self._ticker.join()
         if self._metrics_http is not None:

@@ -5,6 +5,7 @@ Credentials were already checked from the call's metadata by the AuthInterceptor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -26,9 +27,10 @@ from fedlora_common.serde import (
 from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
 from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.errors import FailedPrecondition, InvalidArgument
+from fedlora_server.errors import FailedPrecondition, InvalidArgument, StreamCancelled
 from fedlora_server.interceptor import caller
 from fedlora_server.status import answering
+from fedlora_server.streams import StreamGuard, Watched
 
 __all__ = ["CoordinatorServicer"]
 
@@ -36,9 +38,10 @@ log = structlog.get_logger()
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, *, coordinator: Coordinator, chunk_bytes: int) -> None:
+    def __init__(self, *, coordinator: Coordinator, chunk_bytes: int, streams: StreamGuard) -> None:
         self._coordinator = coordinator
         self._chunk_bytes = chunk_bytes
+        self._streams = streams
 
     def _acting_for(self, claimed_id: str, run_id: str | None = None) -> str:
         worker_id = check_claim(caller(), claimed_id)
@@ -61,26 +64,33 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with answering(context):
             worker_id = self._acting_for(request.worker_id, request.run_id)
             model = self._coordinator.global_model(worker_id, request.version)
-        payload = as_bytes(model.vector)
-        yield pb.DownloadChunk(
-            header=pb.DownloadHeader(
-                model=model_version_to_proto(model.version),
-                chunk_count=chunk_count(len(payload), self._chunk_bytes),
-                artifact_config_json=model.config_json,
+            watched = self._streams.admit(worker_id, context)
+        try:
+            payload = as_bytes(model.vector)
+            watched.allow(self._streams.total_s(len(payload)))
+            yield pb.DownloadChunk(
+                header=pb.DownloadHeader(
+                    model=model_version_to_proto(model.version),
+                    chunk_count=chunk_count(len(payload), self._chunk_bytes),
+                    artifact_config_json=model.config_json,
+                )
             )
-        )
-        sent = chunks = 0
-        for seq, piece in enumerate(iter_chunks(payload, self._chunk_bytes)):
-            yield pb.DownloadChunk(chunk=pb.Chunk(seq=seq, data=piece.tobytes()))
-            sent += len(piece)
-            chunks += 1
-        self._coordinator.count_download(sent, chunks)
+            sent = chunks = 0
+            for seq, piece in enumerate(iter_chunks(payload, self._chunk_bytes)):
+                yield pb.DownloadChunk(chunk=pb.Chunk(seq=seq, data=piece.tobytes()))
+                watched.touch(time.monotonic())
+                sent += len(piece)
+                chunks += 1
+            self._coordinator.count_download(sent, chunks)
+        finally:
+            self._streams.release(worker_id, watched)
 
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
     ) -> pb.UploadReceipt:
-        with answering(context):
-            first = next(request_iterator, None)
+        with answering(context), self._streams.admitted(caller(), context) as watched:
+            messages = _watched(request_iterator, watched)
+            first = next(messages, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidArgument("an upload starts with its header")
             try:
@@ -88,7 +98,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
             worker_id = self._acting_for(header.worker_id)
-            round_ = self._coordinator.receive_upload(header, _chunks(request_iterator))
+            watched.allow(self._streams.total_s(header.total_size))
+            round_ = self._coordinator.receive_upload(header, _chunks(messages))
             log.debug("upload_received", worker_id=worker_id, round=round_)
             return pb.UploadReceipt(round=round_, bytes_received=header.total_size)
 
@@ -131,6 +142,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise InvalidArgument(str(exc)) from None
             self._coordinator.secure_message(worker_id, request.tag, message)
             return pb.SecAggReceipt(tag=request.tag)
+
+
+def _watched(messages: Iterator[pb.UploadMessage], watched: Watched) -> Iterator[pb.UploadMessage]:
+    """The stream's messages, each one resetting its idle clock; a cancelled stream ends in StreamCancelled."""
+    try:
+        for message in messages:
+            watched.touch(time.monotonic())
+            yield message
+    except grpc.RpcError:
+        reason = watched.expired or "the caller cancelled the stream"
+        raise StreamCancelled(f"upload ended before its last chunk: {reason}", overdue=bool(watched.expired)) from None
 
 
 def _chunks(messages: Iterator[pb.UploadMessage]) -> Iterator[tuple[int, bytes]]:

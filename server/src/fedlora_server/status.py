@@ -17,6 +17,7 @@ from fedlora_server.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    StreamCancelled,
     Unauthenticated,
 )
 
@@ -37,6 +38,9 @@ STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
 
 def abort_with(context: grpc.ServicerContext, error: CoordinatorError) -> NoReturn:
     """End the call with the status that names the refusal; nothing was changed."""
+    if isinstance(error, StreamCancelled):
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if error.overdue else grpc.StatusCode.CANCELLED
+        context.abort(code, str(error))
     context.abort(STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL), str(error))
 
 
