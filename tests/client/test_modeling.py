@@ -14,14 +14,17 @@ from bitsandbytes.nn.modules import Linear4bit
 from peft import LoraConfig, PeftModel
 from pydantic import ValidationError
 from safetensors.numpy import save_file
+from structlog.testing import capture_logs
 from transformers import AutoModelForCausalLM
 
 from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
 from fedlora_worker.modeling import (
     LoadedModel,
     SiteModel,
+    TargetsMismatch,
     artifact_config_json,
     global_state,
+    linear_layers,
     lora_config,
     set_global_state,
 )
@@ -29,8 +32,10 @@ from fedlora_worker.modeling import (
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 Load = Callable[..., LoadedModel]
 
-LORA = LoraSpec(rank=4, alpha=8, dropout=0.0)
-TARGETS = "|".join(LORA.target_modules)
+LORA = LoraSpec(rank=4, alpha=8, dropout=0.0)  # default targets: all-linear
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Llama block: what all-linear resolves to on the tiny model."""
+TARGETS = "|".join(PROJECTIONS)
 ADAPTER_NAME = re.compile(rf"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.({TARGETS})\.lora_[AB]\.weight$")
 LAYERS = 2
 SAMPLE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 200, 300, 400, 500, 2, 7]])
@@ -56,12 +61,10 @@ def test_qlora_base_projections_are_bitsandbytes_4bit_layers(load: Load) -> None
     loaded = load("qlora")
 
     projections = {
-        name: module.base_layer
-        for name, module in loaded.model.named_modules()
-        if name.split(".")[-1] in LORA.target_modules
+        name: module.base_layer for name, module in loaded.model.named_modules() if name.split(".")[-1] in PROJECTIONS
     }
 
-    assert len(projections) == LAYERS * len(LORA.target_modules)
+    assert len(projections) == LAYERS * len(PROJECTIONS)
     assert all(isinstance(layer, Linear4bit) for layer in projections.values())
     assert {layer.weight.quant_type for layer in projections.values()} == {"nf4"}
 
@@ -92,7 +95,7 @@ def test_adapter_manifest_holds_only_lora_a_and_b_of_every_target_module(load: L
 
     tensors = loaded.manifest.tensors
 
-    assert len(tensors) == LAYERS * len(LORA.target_modules) * 2
+    assert len(tensors) == LAYERS * len(PROJECTIONS) * 2
     assert all(ADAPTER_NAME.match(t.name) for t in tensors)
     assert all(t.shape[0] == LORA.rank for t in tensors if ".lora_A." in t.name)
     assert all(t.shape[1] == LORA.rank for t in tensors if ".lora_B." in t.name)
@@ -116,7 +119,7 @@ def test_ffa_freezes_every_lora_a_and_trains_every_lora_b(load: Load) -> None:
 
     assert trainable
     assert all(".lora_B." in name for name in trainable)
-    assert len(trainable) == LAYERS * len(LORA.target_modules)
+    assert len(trainable) == LAYERS * len(PROJECTIONS)
 
 
 def test_full_with_ffa_is_rejected(make_run: Callable[..., RunSpec]) -> None:
@@ -228,7 +231,7 @@ def test_adapter_config_json_matches_what_peft_itself_writes(load: Load, tmp_pat
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     ours = json.loads(artifact_config_json(loaded))
 
-    assert sorted(written.pop("target_modules")) == ours.pop("target_modules") == sorted(LORA.target_modules)
+    assert sorted(written.pop("target_modules")) == ours.pop("target_modules") == sorted(loaded.adapted_modules)
     assert ours == written
 
 
@@ -242,3 +245,93 @@ def test_coordinator_written_full_model_loads_with_from_pretrained(load: Load, t
     stock = AutoModelForCausalLM.from_pretrained(tmp_path)
 
     torch.testing.assert_close(logits(stock, SAMPLE), logits(loaded.model, SAMPLE))
+
+
+def test_default_targets_adapt_every_linear_layer_of_the_blocks_but_not_the_output_head(load: Load) -> None:
+    loaded = load("lora")
+
+    adapted = loaded.adapted_modules
+
+    assert LORA.target_modules == ("all-linear",)
+    assert len(adapted) == LAYERS * len(PROJECTIONS)
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == set(PROJECTIONS)
+    assert all(name.startswith("model.layers.") for name in adapted)  # lm_head and embeddings stay frozen
+
+
+def test_all_linear_reaches_peft_as_its_shorthand_not_as_a_module_name() -> None:
+    assert lora_config(LoraSpec()).target_modules == "all-linear"
+
+
+def test_linear_layers_leave_out_the_output_head(tiny_base_model: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model, tie_word_embeddings=False)
+
+    found = linear_layers(model)
+
+    assert "lm_head" not in found
+    assert len(found) == LAYERS * len(PROJECTIONS)
+
+
+def test_targets_named_by_the_run_adapt_only_those_modules(load_tiny: Load) -> None:
+    loaded = load_tiny("lora", lora=LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")))
+
+    assert sorted({name.rsplit(".", 1)[-1] for name in loaded.adapted_modules}) == ["q_proj", "v_proj"]
+    assert len(loaded.manifest.tensors) == LAYERS * 2 * 2
+
+
+@pytest.mark.parametrize(
+    ("targets", "unmatched"),
+    [
+        (("c_attn", "c_fc"), "c_attn, c_fc"),  # GPT-2's names on a Llama: nothing matches
+        (("q_proj", "qkv_proj", "gate_up_proj"), "qkv_proj, gate_up_proj"),  # Phi-3's fused names: only part
+    ],
+)
+def test_targets_that_match_nothing_or_only_part_are_refused_naming_the_modules_found(
+    load_tiny: Load, targets: tuple[str, ...], unmatched: str
+) -> None:
+    spec = LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=targets)
+
+    with pytest.raises(TargetsMismatch) as refused:
+        load_tiny("lora", lora=spec)
+
+    message = str(refused.value)
+    assert message.startswith(f"lora.target_modules: {unmatched} match no module of ")
+    assert "its linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in message
+    assert "\n" not in message
+
+
+def test_a_target_that_is_no_layer_peft_can_adapt_is_refused_in_one_line(load_tiny: Load) -> None:
+    spec = LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=("mlp",))
+
+    with pytest.raises(TargetsMismatch, match=r"^lora\.target_modules: .*its linear layers are q_proj") as refused:
+        load_tiny("lora", lora=spec)
+
+    assert "\n" not in str(refused.value)
+
+
+def test_loading_logs_the_adapted_modules_and_the_trainable_fraction(load: Load) -> None:
+    with capture_logs() as logs:
+        loaded = load("lora")
+
+    (event,) = [e for e in logs if e["event"] == "model_loaded"]
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in loaded.model.parameters())
+    assert event["adapted_modules"] == list(PROJECTIONS)
+    assert event["adapted_count"] == LAYERS * len(PROJECTIONS)
+    assert event["trainable_parameters"] == trainable
+    assert event["trainable_fraction"] == pytest.approx(trainable / total, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (["all-linear", "q_proj"], "all-linear already adapts every linear layer"),
+        ([" "], "module names must not be empty"),
+    ],
+)
+def test_target_lists_that_cannot_mean_anything_are_rejected(targets: list[str], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        LoraSpec.model_validate({"target_modules": targets})
+
+
+def test_one_target_may_be_written_as_a_plain_string() -> None:
+    assert LoraSpec.model_validate({"target_modules": "c_attn"}).target_modules == ("c_attn",)

@@ -43,6 +43,7 @@ from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import (
     LoadedModel,
     SiteModel,
+    TargetsMismatch,
     artifact_config_json,
     global_state,
     load_model,
@@ -125,6 +126,8 @@ class Worker:
         """Take part until the run finishes. A coordinator that restarts or moves on is waited for and
         rejoined, whatever the phase; a failure of this site's own is told to the coordinator (WorkerFailed)."""
         spec = self._join()
+        if spec is not None:
+            self._load_at_join(spec)
         trained = 0
         while spec is not None and not self._stopping.is_set():
             try:
@@ -162,6 +165,20 @@ class Worker:
             log.info("joined", mode=spec.mode, rounds=spec.total_rounds, examples=self.num_examples)
             return spec
         return None
+
+    def _load_at_join(self, spec: RunSpec) -> None:
+        """Load the model as the run specifies it before any task, so a run this site's model does not fit
+        (TargetsMismatch: re-raised, exit 2) or a model that does not load is refused now, and the coordinator told why."""
+        try:
+            self._model(spec)
+        except Exception as exc:
+            mismatch = isinstance(exc, TargetsMismatch)
+            reason = str(exc) if mismatch else f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+            log.error("cannot_go_on", reason=reason)
+            self._client.leave(spec.run_id, reason)
+            if mismatch:
+                raise
+            raise WorkerFailed(reason) from exc
 
     def _do(self, spec: RunSpec, task: Task) -> int:
         """Carry out one task; 1 if it trained."""

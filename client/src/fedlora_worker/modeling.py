@@ -3,6 +3,10 @@
 The global state is what the federation averages: the LoRA adapter tensors (lora, qlora) or every
 parameter (full). It leaves and enters the model as float32 numpy arrays named and ordered by the
 manifest, so the coordinator never needs torch.
+
+Any causal LM: the default targets (``all-linear``) are every linear layer of the transformer blocks
+but the output head, whatever the family names them (Conv1D included: GPT-2). Targets named by the
+run must each match a module of this site's model, or loading refuses with `TargetsMismatch`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from pydantic import Field
 from transformers import (
     AutoModelForCausalLM,
@@ -24,22 +30,31 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from fedlora_common.manifest import Manifest, TensorSpec
-from fedlora_common.plans import LoraSpec, Mode, RunSpec
+from fedlora_common.plans import ALL_LINEAR, LoraSpec, Mode, RunSpec
 from fedlora_common.settings import StrictModel
 
 __all__ = [
     "LoadedModel",
     "SiteModel",
+    "TargetsMismatch",
     "artifact_config_json",
     "global_state",
+    "linear_layers",
     "load_model",
     "lora_config",
     "set_global_state",
 ]
 
 _ADAPTER = "default"
+log = structlog.get_logger()
+
+
+class TargetsMismatch(ValueError):
+    """The run's LoRA targets do not fit this site's base model; the message is one line naming the
+    modules the model has. The site refuses the run at join."""
 
 
 class SiteModel(StrictModel):
@@ -59,6 +74,8 @@ class LoadedModel:
     run: RunSpec
     site: SiteModel
     manifest: Manifest
+    adapted_modules: tuple[str, ...] = ()
+    """Full names of the modules that carry a LoRA adapter (none for mode full)."""
 
     @property
     def pad_id(self) -> int:
@@ -77,9 +94,46 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        # peft resolves the string "all-linear" itself; a list would be taken for module names.
+        target_modules=ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules),
         task_type="CAUSAL_LM",
     )
+
+
+def linear_layers(model: torch.nn.Module) -> list[str]:
+    """What all-linear adapts, as peft resolves it: every Linear or Conv1D module but the output head."""
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None  # type: ignore[no-untyped-call]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head
+    ]
+
+
+def _check_targets(model: torch.nn.Module, spec: LoraSpec, path: str) -> None:
+    """Every target the run names must match a module (as peft matches: the name, or its last parts)."""
+    names = [name for name, _ in model.named_modules()]
+    linear = linear_layers(model)
+    if spec.target_modules == (ALL_LINEAR,):
+        missing: list[str] = [] if linear else [ALL_LINEAR]
+    else:
+        missing = [t for t in spec.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise TargetsMismatch(
+            f"lora.target_modules: {', '.join(missing)} match no module of {path} ({type(model).__name__}); "
+            f"{_found(linear)}"
+        )
+
+
+def _found(linear: list[str]) -> str:
+    if not linear:
+        return "it has no linear layer to adapt"
+    return f"its linear layers are {', '.join(_leaves(linear))} ({ALL_LINEAR} adapts them all)"
+
+
+def _leaves(modules: list[str] | tuple[str, ...]) -> list[str]:
+    """Distinct last parts of module names, in order of first appearance: q_proj, not layers.0.self_attn.q_proj."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in modules))
 
 
 def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
@@ -98,18 +152,49 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
         site.path, dtype=dtype, quantization_config=quantization, device_map={"": site.device}
     )
+    adapted: tuple[str, ...] = ()
     if run.mode != "full":
+        _check_targets(model, run.lora, site.path)
         # Same seed, same A at every site (FFA-LoRA keeps it forever); the caller's RNG is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)
-            model = get_peft_model(model, lora_config(run.lora))
+            try:
+                model = get_peft_model(model, lora_config(run.lora))
+            except ValueError as exc:  # e.g. a named target that is not a layer peft can adapt
+                reason = " ".join(str(exc).split())[:300]
+                raise TargetsMismatch(f"lora.target_modules: {reason}; {_found(linear_layers(model))}") from None
         if run.aggregation == "ffa":
             for name, param in model.named_parameters():
                 if ".lora_A." in name:
                     param.requires_grad_(False)
+        adapted = tuple(name.removeprefix("base_model.model.") for name in _adapter_modules(model))
     tensors = _global_tensors(model, run.mode)
     manifest = Manifest(tuple(TensorSpec(name, tuple(t.shape)) for name, t in tensors.items()))
-    return LoadedModel(model=model, tokenizer=tokenizer, run=run, site=site, manifest=manifest)
+    _log_trainable(model, run, adapted)
+    return LoadedModel(model=model, tokenizer=tokenizer, run=run, site=site, manifest=manifest, adapted_modules=adapted)
+
+
+def _adapter_modules(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def _log_trainable(model: torch.nn.Module, run: RunSpec, adapted: tuple[str, ...]) -> None:
+    """Log what trains: the adapted modules (by last name, and how many) and the trainable fraction."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights unpacked
+    else:
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        trainable = total
+    log.info(
+        "model_loaded",
+        mode=run.mode,
+        targets=list(run.lora.target_modules) if run.mode != "full" else None,
+        adapted_modules=_leaves(adapted) if run.mode != "full" else None,
+        adapted_count=len(adapted),
+        trainable_parameters=trainable,
+        parameters=total,
+        trainable_fraction=round(trainable / total, 6) if total else 0.0,
+    )
 
 
 def _global_tensors(model: torch.nn.Module, mode: Mode) -> dict[str, torch.Tensor]:

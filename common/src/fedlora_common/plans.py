@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedlora_common.settings import StrictModel
 
 __all__ = [
+    "ALL_LINEAR",
     "Aggregation",
     "AuditPlan",
     "GoldfishPlan",
@@ -25,6 +26,9 @@ __all__ = [
     "TrainingPlan",
     "TrainingSettings",
 ]
+
+ALL_LINEAR = "all-linear"
+"""LoRA target shorthand: every linear layer of the transformer blocks except the output head (peft's)."""
 
 Mode = Literal["lora", "qlora", "full"]
 """lora: LoRA on a float base; qlora: LoRA on a 4-bit NF4 base; full: every weight (the baseline)."""
@@ -47,10 +51,27 @@ class LoraSpec(StrictModel):
     alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path during training")
     target_modules: tuple[str, ...] = Field(
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        (ALL_LINEAR,),
         min_length=1,
-        description="Module names (suffixes) to adapt; every attention and MLP projection, as in the paper",
+        description=(
+            "Module names (suffixes) to adapt, or all-linear: every linear layer of the transformer blocks "
+            "but the output head, whatever the family calls them (peft's all-linear)"
+        ),
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if ALL_LINEAR in value and len(value) > 1:
+            raise ValueError(f"{ALL_LINEAR} already adapts every linear layer; name modules or give {ALL_LINEAR} alone")
+        if any(not name.strip() for name in value):
+            raise ValueError("module names must not be empty")
+        return value
 
 
 class TrainingSettings(StrictModel):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fedlora_common.files import atomic_write
+from fedlora_server.artifacts import META_FILE
 from fedlora_server.config import RunSettings
 from fedlora_server.document import Align, Document, Figure, Table, figure_png, new_figure, write_document
 from fedlora_server.memorization import combine_reports
@@ -95,6 +96,7 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
             "rank": settings.lora.rank,
             "alpha": settings.lora.alpha,
             "targets": list(settings.lora.target_modules),
+            **_adapted(settings, store),
         },
         "workers": [
             {"id": w.worker_id, "num_examples": w.num_examples, "left": w.left_reason or None} for w in store.workers()
@@ -130,6 +132,27 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
     }
 
 
+def _adapted(settings: RunSettings, store: CoordinatorStore) -> dict[str, Any]:
+    """What the targets resolved to on the base model, read from the initial version's manifest (its
+    lora_A/lora_B tensor names): `adapted_modules` by last name (q_proj, c_attn...), and how many modules.
+    Both null before the initial version is committed (or when its manifest cannot be read)."""
+    unknown: dict[str, Any] = {"adapted_modules": None, "adapted_count": None}
+    artifacts = store.artifacts()
+    if not artifacts:
+        return unknown
+    stored = Path(artifacts[0].path)  # relative to state_dir, or (older stores) absolute
+    path = settings.state_dir / "artifacts" / stored.name if stored.is_absolute() else settings.state_dir / stored
+    try:
+        tensors = json.loads((path / META_FILE).read_text(encoding="utf-8"))["manifest"]
+    except (OSError, ValueError, KeyError):
+        return unknown
+    modules = dict.fromkeys(
+        name.rsplit(".lora_", 1)[0] for name in (t["name"] for t in tensors) if ".lora_A." in name or ".lora_B." in name
+    )
+    leaves = dict.fromkeys(module.rsplit(".", 1)[-1] for module in modules)
+    return {"adapted_modules": list(leaves), "adapted_count": len(modules)}
+
+
 def _memorization(reports: list[MetricsRecord]) -> dict[str, Any] | None:
     combined = combine_reports(reports)
     return None if combined is None else combined.to_json()
@@ -155,6 +178,11 @@ def _run_table(report: dict[str, Any]) -> Table:
         f"secure aggregation: **{'on' if report['secure_aggregation'] else 'off'}**",
         f"base model: `{report['base_model']}`"
         + (f"; LoRA rank {lora['rank']}, alpha {lora['alpha']}, targets {', '.join(lora['targets'])}" if lora else ""),
+        *(
+            [f"adapted: {', '.join(lora['adapted_modules'])} ({lora['adapted_count']} modules)"]
+            if lora and lora["adapted_modules"]
+            else []
+        ),
         f"workers: {', '.join(w['id'] for w in report['workers'])}",
         f"base model held-out loss: **{_fmt(report['base_eval_loss'])}**",
         f"final adapter: `{report['adapter_path']}`",
