@@ -59,3 +59,59 @@ def test_bad_configs_give_one_line_naming_the_field(
 def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(_Settings, ["--config", str(tmp_path / "nope.yaml")], environ={})
+
+
+class _Required(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDLORA_", env_nested_delimiter="__", extra="forbid")
+    base_model: str
+    lora: _Lora = _Lora()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "base_modle: tiny\n",
+            "base_modle: unknown setting (did you mean base_model?); base_model: Field required",
+        ),
+        ("base_model: tiny\nlora:\n  rnak: 2\n", "lora.rnak: unknown setting (did you mean rank?)"),
+        ("base_model: tiny\nzzz: 1\n", "zzz: unknown setting"),
+    ],
+)
+def test_an_unknown_key_is_named_first_with_the_closest_known_name_and_what_is_missing(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(_Required, ["--config", str(config)], environ={})
+
+    assert str(info.value) == message
+
+
+def test_no_arguments_at_all_asks_for_the_config_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_Required, [], environ={})
+
+    assert str(info.value) == "--config FILE is required"
+
+
+def test_settings_from_the_environment_alone_need_no_config_file() -> None:
+    loaded = load_settings(_Required, [], environ={"FEDLORA_BASE_MODEL": "tiny"})
+
+    assert loaded.base_model == "tiny"
+
+
+def test_flags_without_a_config_file_say_that_none_was_given() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_Required, ["--lora.rank", "4"], environ={})
+
+    assert str(info.value) == "base_model: Field required (no --config FILE was given)"
+
+
+def test_config_without_a_file_name_is_one_line_not_an_argparse_exit() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_Required, ["--config"], environ={})
+
+    assert str(info.value) == "argument --config: expected one argument"
