@@ -14,24 +14,30 @@ __all__ = ["DataSection", "RetrySettings", "TlsClientSettings", "WorkerSettings"
 
 
 class DataSection(StrictModel):
-    train: tuple[Path, ...] = Field(min_length=1)
-    eval: tuple[Path, ...] = ()
+    """This site's records (jsonl, csv or parquet; `text`, `prompt`/`completion` or chat `messages`)."""
+
+    train: tuple[Path, ...] = Field(min_length=1, description="Training records; they never leave the site")
+    eval: tuple[Path, ...] = Field((), description="Held-out records each new global model is evaluated on")
     canaries: tuple[Path, ...] = Field(
         (), description="Canary and control records (jsonl) this site audits each new global model with"
     )
 
 
 class TlsClientSettings(StrictModel):
-    ca: Path
+    """TLS to the coordinator; with cert and key, mutual TLS (the certificate's CN must be worker_id)."""
+
+    ca: Path = Field(description="CA certificate (PEM) the coordinator's certificate must be signed by")
     cert: Path | None = Field(None, description="Client certificate for mutual TLS")
-    key: Path | None = None
+    key: Path | None = Field(None, description="Private key of the client certificate (PEM)")
     server_name: str | None = Field(None, description="Override the name checked in the server certificate")
 
 
 class RetrySettings(StrictModel):
-    attempts: int = Field(8, ge=1)
-    initial_backoff_s: float = Field(0.5, gt=0)
-    max_backoff_s: float = Field(30.0, gt=0)
+    """How calls to the coordinator are retried after a transient failure (exponential backoff)."""
+
+    attempts: int = Field(8, ge=1, description="Tries per call before the worker gives up on it")
+    initial_backoff_s: float = Field(0.5, gt=0, description="Wait before the first retry; doubled each time")
+    max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between two tries")
 
 
 class WorkerSettings(BaseSettings):
@@ -39,19 +45,28 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDLORA_", env_nested_delimiter="__", extra="forbid")
 
-    config_version: Literal[1] = 1
-    worker_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    token: SecretStr | None = None
-    token_file: Path | None = None
-    coordinator: str = Field("127.0.0.1:50051", min_length=3)
-    tls: TlsClientSettings | None = None
+    config_version: Literal[1] = Field(1, description="Version of this file's format")
+    worker_id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="This site's id, as on the run's allow-list (workers[].id)",
+    )
+    token: SecretStr | None = Field(None, description="Bearer token (prefer token_file; set exactly one)")
+    token_file: Path | None = Field(
+        None, description="File holding the bearer token, whose SHA-256 is on the allow-list"
+    )
+    coordinator: str = Field("127.0.0.1:50051", min_length=3, description="host:port of the coordinator's gRPC port")
+    tls: TlsClientSettings | None = Field(None, description="TLS to the coordinator; absent means plaintext")
     base_model: str = Field(min_length=1, description="Local path (or hub id) of the run's base model")
-    data: DataSection
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1)
-    metrics_port: int | None = Field(None, ge=0, le=65535)
-    retry: RetrySettings = RetrySettings()
-    progress: bool = True
+    data: DataSection = Field(description="This site's records")
+    device: str = Field("cpu", description="torch device to train on: cpu, cuda, cuda:1, ...")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; by default torch's choice")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 picks one); absent: none"
+    )
+    retry: RetrySettings = Field(RetrySettings(), description="Retries of calls to the coordinator")
+    progress: bool = Field(True, description="Progress bars on a terminal (turn off in containers)")
     identity_key: Path | None = Field(
         None, description="File holding this site's Ed25519 identity key (hex), from `fedlora-worker keygen`"
     )

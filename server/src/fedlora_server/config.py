@@ -51,15 +51,30 @@ class WorkerEntry(StrictModel):
     """One admitted institution: its id, the SHA-256 of its bearer token (never the token), and the
     public half of its long-term Ed25519 identity key, which signs its secure-aggregation keys."""
 
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    identity_public: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="The worker's id: its worker.yaml worker_id, and the CN of its client certificate under mTLS",
+    )
+    token_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 (hex) of the worker's bearer token file, as `sha256sum` prints it (no trailing newline)",
+    )
+    identity_public: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Public half of the worker's Ed25519 identity key, as `fedlora-worker keygen` prints it; "
+        "required while secure aggregation is on",
+    )
 
 
 class SecureAggregationSection(StrictModel):
     """Bonawitz et al. (CCS 2017) secure aggregation; on unless a run turns it off."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="Mask every update so the coordinator learns only the sum; needs identity_public per worker"
+    )
     threshold_fraction: float = Field(
         2 / 3, gt=0, le=1, description="Survivors needed, as a fraction of a round's participants (at least 2)"
     )
@@ -77,10 +92,16 @@ class ClientDPSection(StrictModel):
     """
 
     clip_norm: float = Field(gt=0, description="L2 bound on each update; noise needs it")
-    noise_multiplier: float | None = Field(None, gt=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    placement: Literal["distributed", "central"] | None = None
+    noise_multiplier: float | None = Field(None, gt=0, description="Noise std as a multiple of clip_norm (z)")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Epsilon to reach after all rounds; the coordinator solves z for it before round 1"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="Delta the client-level epsilon is stated at")
+    placement: Literal["distributed", "central"] | None = Field(
+        None,
+        description="Who adds the noise: distributed (each worker, under secure aggregation; its default) "
+        "or central (the coordinator, only with secure aggregation off)",
+    )
     epsilon_budget: float | None = Field(None, gt=0, description="Stop before a round would spend more")
 
     @model_validator(mode="before")
@@ -116,16 +137,20 @@ class AuditSection(AuditPlan):
 
 
 class TlsServerSettings(StrictModel):
-    cert: Path
-    key: Path
+    """TLS on the coordinator's gRPC port (`fedlora-server certs` makes a CA and the certificates)."""
+
+    cert: Path = Field(description="Server certificate (PEM); its SANs must name the address workers dial")
+    key: Path = Field(description="Private key of the server certificate (PEM)")
     client_ca: Path | None = Field(None, description="Require client certificates signed by this CA (mTLS)")
 
 
 class ListenSettings(StrictModel):
+    """Where the coordinator serves gRPC and metrics, and how."""
+
     host: str = Field("127.0.0.1", description="Address to listen on; anything but loopback needs tls or insecure")
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     metrics_port: int | None = Field(9100, ge=0, le=65535, description="None turns metrics off")
-    tls: TlsServerSettings | None = None
+    tls: TlsServerSettings | None = Field(None, description="Serve TLS (and mTLS with client_ca)")
     insecure: bool = Field(
         False, description="Allow plaintext gRPC on a non-loopback address (bearer tokens then cross the network)"
     )
@@ -157,11 +182,13 @@ def is_loopback(host: str) -> bool:
 class TimeoutSettings(StrictModel):
     """Phase deadlines grow with the payload: large models stream for minutes, not seconds."""
 
-    admission_s: float = Field(600.0, gt=0)
-    phase_base_s: float = Field(120.0, gt=0)
-    phase_s_per_mib: float = Field(2.0, ge=0)
+    admission_s: float = Field(600.0, gt=0, description="How long the run waits for min_workers to join")
+    phase_base_s: float = Field(120.0, gt=0, description="Every phase's deadline before payload time is added")
+    phase_s_per_mib: float = Field(2.0, ge=0, description="Seconds added to a phase's deadline per MiB it streams")
     train_s: float = Field(1800.0, gt=0, description="Local training time allowed on top of streaming")
-    poll_wait_ms: int = Field(2000, ge=0, le=60000)
+    poll_wait_ms: int = Field(
+        2000, ge=0, le=60000, description="How long a worker's poll is held open waiting for a task (long polling)"
+    )
 
     def phase_deadline(self, payload_bytes: int, *, training: bool) -> timedelta:
         seconds = self.phase_base_s + self.phase_s_per_mib * payload_bytes / 2**20
@@ -208,17 +235,29 @@ class RunSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDLORA_", env_nested_delimiter="__", extra="forbid")
 
-    config_version: Literal[1] = CONFIG_VERSION
-    run_id: str = Field("fedlora-run", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    config_version: Literal[1] = Field(CONFIG_VERSION, description="Version of this file's format")
+    run_id: str = Field(
+        "fedlora-run",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Name of the run; a state_dir holding another run is refused",
+    )
     base_model: str = Field(min_length=1, description="Hub id or path the workers load (informational here)")
-    mode: Mode = "lora"
-    aggregation: Aggregation = "fedavg"
+    mode: Mode = Field(
+        "lora", description="lora: LoRA on a float base; qlora: LoRA on a 4-bit NF4 base; full: every weight"
+    )
+    aggregation: Aggregation = Field(
+        "fedavg", description="fedavg: A and B averaged separately; ffa: A frozen at the seeded init, only B travels"
+    )
     lora: LoraSpec = LoraSpec()
     training: TrainingSettings = TrainingSettings()
-    rounds: int = Field(3, ge=1)
-    min_workers: int = Field(2, ge=1)
-    workers: tuple[WorkerEntry, ...] = Field(min_length=1)
-    seed: int = Field(0, ge=0)
+    rounds: int = Field(3, ge=1, description="Rounds to commit before the run finishes")
+    min_workers: int = Field(
+        2, ge=1, description="Workers that must join before the run starts; below it a round fails and is retried"
+    )
+    workers: tuple[WorkerEntry, ...] = Field(min_length=1, description="The allow-list: who may join")
+    seed: int = Field(0, ge=0, description="Seeds the initial adapter and each round's batch order (not DP noise)")
     max_examples: int = Field(
         65536,
         ge=1,
@@ -231,7 +270,10 @@ class RunSettings(BaseSettings):
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     privacy: PrivacySection = PrivacySection()
     audit: AuditSection | None = None
-    state_dir: Path = Path("state")
+    state_dir: Path = Field(
+        Path("state"),
+        description="Where the coordinator keeps its SQLite state, artifacts and reports; a restart resumes from it",
+    )
     listen: ListenSettings = ListenSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     limits: LimitSettings = LimitSettings()
