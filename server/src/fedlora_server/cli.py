@@ -1,38 +1,192 @@
-"""`fedlora-server --config run.yaml [--rounds N ...]`: run one federation to its end."""
+"""`fedlora-server`: run one federation to its end, check a config, probe health, make certificates."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import structlog
 
 from fedlora_common.logs import configure_logging
-from fedlora_common.settings import ConfigError, load_settings
+from fedlora_common.settings import ConfigError, load_settings, settings_flags, settings_reference
 from fedlora_server.config import RunSettings
-from fedlora_server.server import CoordinatorServer
-from fedlora_server.store import StateError
 
 __all__ = ["main"]
 
-USAGE = "usage: fedlora-server --config run.yaml [--field value ...] (FEDLORA_* variables override the file)"
+REFERENCE = "docs/reference/settings.md"
+
+USAGE = """\
+usage: fedlora-server --config run.yaml [--SETTING VALUE ...]     run a federation to its end
+       fedlora-server check-config run.yaml [--SETTING VALUE ...]  check the settings and the files they name;
+                                                                  starts nothing (exit 0 valid, 2 not)
+       fedlora-server --check --config run.yaml                   health probe for containers: exit 0 when the
+                                                                  coordinator at listen.host:listen.port answers
+                                                                  SERVING on the gRPC health service, else 1
+       fedlora-server certs --out DIR --workers ID,ID [--san NAME,...] [--days N]
+                                                                  a CA (kept if DIR has one), the coordinator's
+                                                                  certificate (SANs: coordinator, localhost,
+                                                                  127.0.0.1 and each --san), and one client
+                                                                  certificate per worker (CN = worker id)
+       fedlora-server config-reference                            every run.yaml setting as markdown
+
+Settings come from the YAML file, then FEDLORA_* variables (a section's keys joined by __:
+FEDLORA_LORA__RANK=8), then flags (--lora.rank 8). A bad setting exits with code 2 and one line
+naming it. Every setting, its type, default and meaning: {reference} in the FedLoRA
+repository, or `fedlora-server config-reference`.
+
+settings:
+"""
+
+
+def _help() -> str:
+    rows = settings_flags(RunSettings)
+    width = max(len(flag) for flag, _, _ in rows) + 2
+    lines = [f"  {flag:<{width}}{kind} ({default.replace('*', '')})" for flag, kind, default in rows]
+    return USAGE.format(reference=REFERENCE) + "\n".join(lines) + "\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _config_error(exc: ConfigError | OSError) -> int:
+    sys.stderr.write(f"fedlora-server: config error: {exc}\n")
+    return 2
+
+
+def _readable(settings: RunSettings) -> None:
+    """The files the settings name must be readable now, not at the first connection."""
+    tls = settings.listen.tls
+    if tls is None:
+        return
+    for field, path in (("cert", tls.cert), ("key", tls.key), ("client_ca", tls.client_ca)):
+        if path is None:
+            continue
+        try:
+            with path.open("rb") as f:
+                head = f.read(64)
+        except OSError as exc:
+            raise ConfigError(f"listen.tls.{field}: {path}: {exc.strerror}") from None
+        if b"-----BEGIN" not in head:
+            raise ConfigError(f"listen.tls.{field}: {path} is not a PEM file")
+
+
+def check_config(argv: Sequence[str]) -> int:
+    """`check-config run.yaml [--SETTING VALUE ...]`: validate as the coordinator would at start; start nothing."""
+    args = list(argv)
+    if args and not args[0].startswith("-"):
+        args = ["--config", *args]
+    if "--config" not in args and not any(a.startswith("--config=") for a in args):
+        sys.stderr.write("fedlora-server check-config: usage: fedlora-server check-config run.yaml [--SETTING VALUE]\n")
+        return 2
+    try:
+        settings = load_settings(RunSettings, args)
+        _readable(settings)
+    except ConfigError as exc:
+        return _config_error(exc)
+    tls = settings.listen.tls
+    transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca else "TLS")
+    secure = "on" if settings.secure_aggregation.enabled else "off"
+    sys.stdout.write(
+        f"ok: run {settings.run_id}, {len(settings.workers)} workers allowed (min {settings.min_workers}), "
+        f"{settings.rounds} rounds, secure aggregation {secure}, {transport} on "
+        f"{settings.listen.host}:{settings.listen.port}\n"
+    )
+    return 0
+
+
+def check(argv: Sequence[str]) -> int:
+    """`--check --config run.yaml`: exit 0 when the coordinator answers SERVING, else 1 (2: bad settings)."""
+    from fedlora_server.probe import probe
+
+    try:
+        settings = load_settings(RunSettings, argv)
+    except ConfigError as exc:
+        return _config_error(exc)
+    if settings.listen.port == 0:
+        return _config_error(ConfigError("listen.port: 0 picks a port at start; --check needs it: --listen.port N"))
+    try:
+        result = probe(settings.listen)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"fedlora-server: check: {exc}\n")
+        return 1
+    (sys.stdout if result.serving else sys.stderr).write(f"fedlora-server: {result.line()}\n")
+    return 0 if result.serving else 1
+
+
+def certs(argv: Sequence[str]) -> int:
+    """`certs --out DIR --workers a,b [--san NAME,...] [--days N]`."""
+    from fedlora_server.certs import issue_certificates
+
+    parser = _Parser(prog="fedlora-server certs", description="Make the certificates for mutual TLS.")
+    parser.add_argument("--out", type=Path, required=True, help="directory for ca, coordinator and worker files")
+    parser.add_argument("--workers", required=True, help="comma-separated worker ids (each its certificate's CN)")
+    parser.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        help="comma-separated names or addresses workers dial (DNS:name, IP:address, or bare); repeatable",
+    )
+    parser.add_argument("--days", type=int, default=365, help="validity of the certificates (the CA: 3x)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad argument: _Parser has written its one line
+        return int(exc.code or 0)
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    sans = [s.strip() for group in args.san for s in group.split(",") if s.strip()]
+    try:
+        issued = issue_certificates(args.out, workers=workers, sans=sans, days=args.days)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"fedlora-server certs: {exc}\n")
+        return 2
+    sys.stdout.write(f"{'kept' if issued.reused_ca else 'wrote'} {issued.ca} (keep ca.key offline)\n")
+    sys.stdout.write(f"wrote {issued.coordinator} and its key\n")
+    for worker, path in issued.workers.items():
+        sys.stdout.write(f"wrote {path} and its key (CN={worker})\n")
+    return 0
+
+
+def config_reference(argv: Sequence[str]) -> int:
+    if argv:
+        sys.stderr.write("fedlora-server config-reference: takes no arguments\n")
+        return 2
+    sys.stdout.write(settings_reference(RunSettings, file="run.yaml", program="fedlora-server, the coordinator"))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE + "\n")
+    if "-h" in args or "--help" in args:
+        sys.stdout.write(_help())
         return 0
+    commands = {"check-config": check_config, "certs": certs, "config-reference": config_reference}
+    if args and args[0] in commands:
+        return commands[args[0]](args[1:])
+    if "--check" in args:
+        return check([a for a in args if a != "--check"])
+    return run(args)
+
+
+def run(args: Sequence[str]) -> int:
+    """Run the federation run.yaml describes until it finishes (0), fails (1) or is stopped by a signal (0)."""
     try:
         settings = load_settings(RunSettings, args)
     except ConfigError as exc:
-        sys.stderr.write(f"fedlora-server: config error: {exc}\n")
-        return 2
+        return _config_error(exc)
+    from fedlora_server.server import CoordinatorServer
+    from fedlora_server.store import StateError
+
     configure_logging(json=True)
     structlog.contextvars.bind_contextvars(run_id=settings.run_id, component="coordinator")
     try:

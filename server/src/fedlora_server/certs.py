@@ -1,0 +1,236 @@
+"""`fedlora-server certs`: a private CA, the coordinator's certificate and one client certificate per worker.
+
+Mutual TLS as the coordinator checks it: the coordinator's certificate names the addresses workers
+dial (its SANs), and each worker's client certificate carries the worker id as its common name, which
+must equal the id it authenticates as (`listen.tls.client_ca` turns the check on).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["DEFAULT_SANS", "IssuedCertificates", "issue_certificates", "parse_san"]
+
+DEFAULT_SANS = ("coordinator", "localhost", "127.0.0.1")
+"""Names the coordinator's certificate always carries: the compose/Kubernetes service name and loopback."""
+
+_WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_RESERVED = ("ca", "coordinator")
+_SKEW = timedelta(minutes=5)
+
+SubjectName = x509.DNSName | x509.IPAddress
+
+
+@dataclass(frozen=True)
+class IssuedCertificates:
+    """Where each certificate went; every key lies beside its certificate as NAME.key (mode 0600)."""
+
+    ca: Path
+    coordinator: Path
+    workers: dict[str, Path]
+    reused_ca: bool
+
+
+def parse_san(text: str) -> SubjectName:
+    """`DNS:name`, `IP:address`, or a bare name or address; ValueError names what is wrong."""
+    value, kind = text.strip(), ""
+    head, separator, rest = value.partition(":")
+    if separator and head.upper() in ("DNS", "IP"):
+        kind, value = head.upper(), rest.strip()
+    if not value:
+        raise ValueError(f"empty subject alternative name in {text!r}")
+    if kind in ("", "IP"):
+        try:
+            return x509.IPAddress(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            if kind == "IP":
+                raise ValueError(f"{value!r} is not an IP address") from None
+    if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.*-]{0,252})", value):
+        raise ValueError(f"{value!r} is not a DNS name")
+    return x509.DNSName(value)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedLoRA"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a key readable by its owner only, replacing any earlier file atomically."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    temporary.replace(path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.chmod(0o644)
+    temporary.replace(path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class _Authority:
+    def __init__(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+        self.key = key
+        self.certificate = certificate
+
+    @classmethod
+    def load(cls, out: Path) -> _Authority:
+        key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{out / 'ca.key'}: expected an EC private key")
+        return cls(key, x509.load_pem_x509_certificate((out / "ca.crt").read_bytes()))
+
+    @classmethod
+    def create(cls, now: datetime, days: int) -> _Authority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = _name("FedLoRA CA")
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _SKEW)
+            .not_valid_after(now + timedelta(days=3 * days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, certificate)
+
+    def issue(
+        self,
+        common_name: str,
+        *,
+        now: datetime,
+        days: int,
+        usages: Sequence[x509.ObjectIdentifier],
+        sans: Sequence[SubjectName] = (),
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _SKEW)
+            .not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        return key, builder.sign(self.key, hashes.SHA256())
+
+    def write(self, out: Path) -> None:
+        _write_private(out / "ca.key", _key_pem(self.key))
+        _write_public(out / "ca.crt", self.certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_certificates(
+    out: Path,
+    *,
+    workers: Sequence[str],
+    sans: Sequence[str] = (),
+    days: int = 365,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> IssuedCertificates:
+    """Write OUT/ca.{crt,key} (kept if there already), coordinator.{crt,key} and WORKER.{crt,key} for each worker.
+
+    The coordinator's certificate names DEFAULT_SANS and `sans` (the addresses workers dial) and is also
+    valid for client authentication, so a health check can present it to a coordinator that requires
+    mTLS. Each worker's certificate has CN = the worker id. ValueError names a bad argument.
+    """
+    if days < 1:
+        raise ValueError(f"days: must be at least 1, got {days}")
+    if not workers:
+        raise ValueError("workers: name at least one worker id")
+    for worker in workers:
+        if not _WORKER_ID.match(worker):
+            raise ValueError(f"worker id {worker!r} must match [A-Za-z0-9._-]{{1,128}}")
+        if worker in _RESERVED:
+            raise ValueError(f"worker id {worker!r} would overwrite the {worker} files")
+    if len(set(workers)) != len(workers):
+        raise ValueError("workers: each worker id once")
+    names: list[SubjectName] = []
+    for text in (*DEFAULT_SANS, *sans):
+        name = parse_san(text)
+        if name not in names:
+            names.append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    now = clock()
+    reused = (out / "ca.key").exists() and (out / "ca.crt").exists()
+    authority = _Authority.load(out) if reused else _Authority.create(now, days)
+    if not reused:
+        authority.write(out)
+
+    def write(name: str, issued: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> Path:
+        key, certificate = issued
+        _write_private(out / f"{name}.key", _key_pem(key))
+        _write_public(out / f"{name}.crt", certificate.public_bytes(serialization.Encoding.PEM))
+        return out / f"{name}.crt"
+
+    server_usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    coordinator = write(
+        "coordinator", authority.issue("coordinator", now=now, days=days, usages=server_usage, sans=names)
+    )
+    issued = {
+        worker: write(worker, authority.issue(worker, now=now, days=days, usages=[ExtendedKeyUsageOID.CLIENT_AUTH]))
+        for worker in workers
+    }
+    return IssuedCertificates(ca=out / "ca.crt", coordinator=coordinator, workers=issued, reused_ca=reused)
