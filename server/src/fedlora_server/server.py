@@ -59,6 +59,11 @@ class CoordinatorServer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        # NOT_SERVING from the first moment: grpc_health starts the whole server ("") at SERVING, and
+        # nothing may say so before the state below is restored and start() has looked at it.
+        self._health = health.HealthServicer()
+        self._serving: bool | None = None
+        self._set_serving(False)
         self.registry = registry or CollectorRegistry()
         self._store = store or SqliteStore(settings.state_dir / "coordinator.db")
         self.coordinator = Coordinator(
@@ -66,13 +71,11 @@ class CoordinatorServer:
         )
         self._tick = tick
         self._stopping = threading.Event()
-        self._health = health.HealthServicer()
         self._grpc: grpc.Server | None = None
         self._streams: StreamGuard | None = None
         self._metrics_http: Any = None
         self._ticker: threading.Thread | None = None
         self._reported = False
-        self._serving: bool | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -106,7 +109,8 @@ class CoordinatorServer:
         if s.listen.metrics_port is not None:
             self._metrics_http, _ = start_http_server(s.listen.metrics_port, s.listen.host, registry=self.registry)
             self.metrics_port = int(self._metrics_http.server_port)
-        self._set_serving(True)
+        # The state was restored in the constructor: a run that had already failed never reports SERVING.
+        self._set_serving(self.coordinator.failure is None)
         self._ticker = threading.Thread(target=self._run_clock, name="deadlines", daemon=True)
         self._ticker.start()
         log.info("coordinator_listening", port=self.port, metrics_port=self.metrics_port, run_id=s.run_id)
