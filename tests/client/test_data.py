@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
@@ -17,6 +19,7 @@ from fedlora_worker.data import (
     load_records,
     tokenize,
 )
+from fedlora_worker.datafiles import DataError, read_records
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -32,7 +35,7 @@ def tokenizer(tiny_base_model: Path) -> PreTrainedTokenizerBase:
     return loaded
 
 
-def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -59,19 +62,138 @@ def test_csv_text_column_that_looks_numeric_is_read_as_text(tmp_path: Path) -> N
     assert list(ds["text"]) == ["1234", "5678"]
 
 
-def test_unknown_suffix_is_rejected_naming_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "records.txt"
-    path.write_text("hello")
+CHAT = [
+    {"role": "system", "content": "kalo"},
+    {"role": "user", "content": "miren?"},
+    {"role": "assistant", "content": "tusa."},
+    {"role": "user", "content": "ka?"},
+    {"role": "assistant", "content": "lo."},
+]
 
-    with pytest.raises(ValueError, match=r"records\.txt"):
+
+def test_chat_records_load_from_jsonl_json_and_parquet_alike(tmp_path: Path) -> None:
+    records = [{"messages": CHAT, "id": "1"}, {"messages": CHAT[1:3]}]
+    write_jsonl(tmp_path / "a.jsonl", records)
+    (tmp_path / "b.json").write_text(json.dumps(records))
+    datasets.Dataset.from_list(records).to_parquet(tmp_path / "c.parquet")
+
+    loaded = [load_records([tmp_path / name]) for name in ["a.jsonl", "b.json", "c.parquet"]]
+
+    assert all(ds.column_names == ["messages"] for ds in loaded)
+    assert all(list(ds["messages"]) == [CHAT, CHAT[1:3]] for ds in loaded)
+
+
+def test_json_lines_in_a_json_file_are_read_as_json_lines(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "lines.json", [{"text": "ka"}, {"text": "lo"}])
+
+    assert list(load_records([path])["text"]) == ["ka", "lo"]
+
+
+def _parquet(path: Path, columns: dict[str, list[Any]]) -> bytes:
+    datasets.Dataset.from_dict(columns).to_parquet(path)
+    return path.read_bytes()
+
+
+BAD_FILES: list[tuple[str, bytes | None, str]] = [
+    ("empty.jsonl", b"", "empty.jsonl: empty file (no records)"),
+    ("blank.jsonl", b"\n \n", "blank.jsonl: empty file (no records)"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl row 2: not UTF-8 text (byte 0xe9"),
+    ("null.jsonl", b'{"text": "ok"}\n{"text": null}\n', "null.jsonl row 2: field 'text' is null"),
+    ("blank-text.jsonl", b'{"text": "ok"}\n{"text": "  "}\n', "blank-text.jsonl row 2: field 'text' is empty"),
+    ("number.jsonl", b'{"text": 42}\n', "number.jsonl row 1: field 'text' is a number, not a string"),
+    ("missing.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "missing.jsonl row 2: field 'text' is missing"),
+    ("broken.jsonl", b'{"text": "a"}\n{"text": \n', "broken.jsonl row 2: not valid JSON (Expecting value"),
+    ("list.jsonl", b'["a", "b"]\n', "list.jsonl row 1: not an object with named fields but a list"),
+    (
+        "other.jsonl",
+        b'{"body": "x", "id": 1}\n',
+        "other.jsonl row 1: no 'text', 'prompt'/'completion' or 'messages' field (fields: body, id)",
+    ),
+    ("half.jsonl", b'{"prompt": "only half"}\n', "half.jsonl row 1: field 'completion' is missing"),
+    ("chat-str.jsonl", b'{"messages": "hi"}\n', "chat-str.jsonl row 1: field 'messages' is a string, not a list"),
+    (
+        "chat-user.jsonl",
+        b'{"messages": [{"role": "user", "content": "hi"}]}\n',
+        "chat-user.jsonl row 1: 'messages' has no assistant turn (nothing to learn)",
+    ),
+    (
+        "chat-null.jsonl",
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n',
+        "chat-null.jsonl row 1: messages[1].content is null",
+    ),
+    (
+        "chat-role.jsonl",
+        b'{"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+        "chat-role.jsonl row 1: messages[0].role is missing",
+    ),
+    ("short.csv", b"prompt,completion\nq,a\nq2\n", "short.csv row 2: field 'completion' is missing"),
+    ("blank.csv", b'text\nka\n""\n', "blank.csv row 2: field 'text' is empty"),
+    ("header.csv", b"text\n", "header.csv: no records"),
+    ("latin1.csv", b"text\ncaf\xe9\n", "latin1.csv row 1: not UTF-8 text (byte 0xe9"),
+    ("object.json", b'{"text": "a", "more": "b"}', "object.json: expected a JSON array of records"),
+    ("bad.parquet", b"not parquet at all", "bad.parquet: not a readable parquet file"),
+    ("records.txt", b"hello", "records.txt: unknown suffix '.txt'; expected one of .jsonl, .json, .csv, .parquet"),
+    ("absent.jsonl", None, "absent.jsonl: no such file"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "fault"), BAD_FILES, ids=[name for name, _, _ in BAD_FILES])
+def test_an_unusable_file_is_refused_in_one_line_naming_the_file_the_row_and_the_fault(
+    tmp_path: Path, name: str, content: bytes | None, fault: str
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+
+    with pytest.raises(DataError) as refused:
+        load_records([path])
+
+    assert str(refused.value).startswith(str(tmp_path))
+    assert fault in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("columns", "fault"),
+    [
+        ({"text": [1, 2]}, "row 1: field 'text' is a number, not a string"),
+        ({"text": ["ka", None]}, "row 2: field 'text' is null"),
+    ],
+)
+def test_a_parquet_column_of_the_wrong_type_or_with_nulls_is_refused_by_row(
+    tmp_path: Path, columns: dict[str, list[Any]], fault: str
+) -> None:
+    path = tmp_path / "records.parquet"
+    _parquet(path, columns)
+
+    with pytest.raises(DataError, match=re.escape(f"{path} {fault}")):
         load_records([path])
 
 
-def test_records_without_text_or_prompt_and_completion_are_rejected(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "only half"}])
+def test_a_directory_is_refused_as_a_data_file(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").mkdir()
 
-    with pytest.raises(ValueError, match="'text' field or 'prompt' and 'completion'"):
-        load_records([path])
+    with pytest.raises(DataError, match=r"train\.jsonl: is a directory"):
+        load_records([tmp_path / "train.jsonl"])
+
+
+def test_files_of_one_data_set_share_one_record_shape(tmp_path: Path) -> None:
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "ka"}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+
+    with pytest.raises(DataError, match=r"chat\.jsonl: records are chat 'messages' but .*text\.jsonl holds 'text'"):
+        read_records([text, chat])
+
+
+def test_an_empty_system_turn_is_accepted_but_an_empty_assistant_turn_is_not(tmp_path: Path) -> None:
+    system = [{"role": "system", "content": ""}, *CHAT[1:3]]
+    silent = [*CHAT[1:2], {"role": "assistant", "content": ""}]
+
+    accepted = read_records([write_jsonl(tmp_path / "ok.jsonl", [{"messages": system}])])
+
+    assert accepted.rows == [{"messages": system}]
+    with pytest.raises(DataError, match=r"row 1: messages\[1\]\.content is empty"):
+        read_records([write_jsonl(tmp_path / "bad.jsonl", [{"messages": silent}])])
 
 
 def test_text_records_carry_loss_on_every_token_and_end_with_eos(
@@ -114,6 +236,51 @@ def test_chat_template_puts_the_loss_on_the_assistant_turn(tmp_path: Path, token
     assert tokenizer.decode(ids[:first_counted]) == "<s>user: kalo?</s><s>assistant: "
     assert tokenizer.decode(labels[first_counted:]) == "miren.</s>"
     assert labels.count(tokenizer.eos_token_id) == 1
+
+
+def test_chat_records_carry_loss_on_every_assistant_turn_and_nothing_else(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ds = load_records([write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])])
+
+    data = tokenize(ds, tokenizer, max_seq_len=128)
+    ids, labels = data.input_ids[0], data.labels[0]
+    counted = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    turns = [[counted[0]]]
+    for i in counted[1:]:
+        if i == turns[-1][-1] + 1:
+            turns[-1].append(i)
+        else:
+            turns.append([i])
+
+    rendered = "".join(f"<s>{m['role']}: {m['content']}</s>" for m in CHAT)
+    assert tokenizer.decode(ids) == rendered
+    assert [tokenizer.decode([ids[i] for i in turn]) for turn in turns] == ["tusa.</s>", "lo.</s>"]
+    assert all(labels[i] == ids[i] for i in counted)
+
+
+def test_chat_records_without_a_chat_template_are_refused_in_one_line(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    ds = load_records([write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])])
+
+    with pytest.raises(ValueError, match=r"chat template, and the tokenizer of .* has none") as refused:
+        tokenize(ds, tokenizer, max_seq_len=64)
+
+    assert "\n" not in str(refused.value)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_named_in_one_line(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    )
+    ds = load_records([write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])])
+
+    with pytest.raises(ValueError, match=r"chat template of .* refused a conversation: no system role"):
+        tokenize(ds, tokenizer, max_seq_len=64)
 
 
 def test_long_text_is_split_into_windows_that_keep_every_token(

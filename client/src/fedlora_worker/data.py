@@ -1,21 +1,23 @@
 """A site's records: read from files, tokenized with loss masks, and served as padded batches.
 
-Records carry either ``text`` (loss on every token) or ``prompt`` + ``completion`` (loss on the
-completion only). Raw text never leaves this module except as token ids.
+Records carry ``text`` (loss on every token), ``prompt`` + ``completion`` (loss on the completion
+only) or ``messages`` (a chat rendered with the tokenizer's chat template, loss on the assistant
+turns only); `fedlora_worker.datafiles` reads and checks the files. Raw text never leaves this
+module except as token ids.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from fedlora_worker.datafiles import RecordFormat, read_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -30,43 +32,23 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, padding); the value torch's cross entropy skips."""
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_STRING = datasets.Value("string")
+_FEATURES: dict[RecordFormat, datasets.Features] = {
+    "text": datasets.Features({"text": _STRING}),
+    "prompt_completion": datasets.Features({"prompt": _STRING, "completion": _STRING}),
+    "messages": datasets.Features({"messages": datasets.List({"role": _STRING, "content": _STRING})}),
+}
 
 
 def load_records(paths: Sequence[Path]) -> datasets.Dataset:
-    """Read records from jsonl/json, csv and parquet files into one dataset of string columns.
+    """Read and check jsonl/json, csv and parquet files into one in-memory dataset of the records' fields.
 
-    The files are parsed through a throw-away cache directory and kept in memory, so no second copy
-    of sensitive records is left behind in the Hugging Face cache.
+    A file that cannot be used raises `fedlora_worker.datafiles.DataError` (a ValueError) naming the
+    file, the row and the fault. Nothing is written to the Hugging Face cache, so no second copy of
+    sensitive records is left behind.
     """
-    if not paths:
-        raise ValueError("no data files given")
-    by_builder: dict[str, list[str]] = defaultdict(list)
-    for path in paths:
-        builder = _BUILDERS.get(Path(path).suffix.lower())
-        if builder is None:
-            raise ValueError(f"{path}: unknown data file suffix; expected one of {sorted(_BUILDERS)}")
-        by_builder[builder].append(str(path))
-    parts = []
-    with tempfile.TemporaryDirectory(prefix="fedlora-data-") as cache:
-        for builder, files in by_builder.items():
-            part = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, keep_in_memory=True)
-            parts.append(_select_fields(part, files))
-    return datasets.concatenate_datasets(parts)
-
-
-def _select_fields(ds: datasets.Dataset, files: Sequence[str]) -> datasets.Dataset:
-    columns = set(ds.column_names)
-    if {"prompt", "completion"} <= columns:
-        keep = ["prompt", "completion"]
-    elif "text" in columns:
-        keep = ["text"]
-    else:
-        raise ValueError(
-            f"{', '.join(files)}: records need a 'text' field or 'prompt' and 'completion'; found {sorted(columns)}"
-        )
-    strings = datasets.Features({name: datasets.Value("string") for name in keep})
-    return ds.select_columns(keep).cast(strings)
+    records = read_records(paths)
+    return datasets.Dataset.from_list(records.rows, features=_FEATURES[records.format])
 
 
 @dataclass(frozen=True)
@@ -85,25 +67,25 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_se
     """Tokenize records, end each with eos, and cut long ones into windows of at most max_seq_len.
 
     Without a chat template the completion directly follows the prompt (any separator belongs in the
-    data); with one, prompt and completion become a user and an assistant turn. Consecutive windows
-    overlap by one token, so every token after a record's first is predicted exactly once: nothing
-    is dropped. Windows with nothing to predict (all prompt, or a single token) are left out.
+    data); with one, prompt and completion become a user and an assistant turn. Chat records need a
+    chat template. Consecutive windows overlap by one token, so every token after a record's first
+    is predicted exactly once: nothing is dropped. Windows with nothing to predict (all prompt, or a
+    single token) are left out.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    if "messages" in ds.column_names and tokenizer.chat_template is None:
+        raise ValueError(
+            f"chat records ('messages') are rendered with the tokenizer's chat template, and the tokenizer of "
+            f"{tokenizer.name_or_path} has none; give it one (chat_template.jinja) or use 'text' or 'prompt'/'completion'"
+        )
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     for index, record in enumerate(ds):
         for field, value in record.items():
             if value is None:
                 raise ValueError(f"record {index}: field {field!r} is empty")
-        if "text" in record:
-            ids = _with_eos(tokenizer.encode(record["text"], add_special_tokens=True), tokenizer)
-            record_labels = list(ids)
-        else:
-            prompt, completion = _encode_pair(tokenizer, record["prompt"], record["completion"])
-            ids = prompt + completion
-            record_labels = [IGNORE_INDEX] * len(prompt) + completion
+        ids, record_labels = _encode(tokenizer, record)
         start = 0
         while True:
             window_labels = record_labels[start : start + max_seq_len]
@@ -116,23 +98,69 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_se
     return TokenizedData(input_ids=input_ids, labels=labels)
 
 
-def _encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """Prompt ids and completion ids (eos included), which concatenated give the training sequence."""
-    if tokenizer.chat_template is None:
-        prompt_ids: list[int] = tokenizer.encode(prompt, add_special_tokens=True)
-        return prompt_ids, _with_eos(tokenizer.encode(completion, add_special_tokens=False), tokenizer)
-    user = {"role": "user", "content": prompt}
-    assistant = {"role": "assistant", "content": completion}
-    # Split the rendered text, not the token ids: BPE merges across the boundary would shift it.
-    prompt_text = cast(str, tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False))
-    full_text = cast(str, tokenizer.apply_chat_template([user, assistant], tokenize=False))
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)  # the template has them
-    completion_ids: list[int] = tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
-    if tokenizer.eos_token_id in completion_ids:  # the template already closes the turn
-        return prompt_ids, completion_ids
-    return prompt_ids, _with_eos(completion_ids, tokenizer)
+def _encode(tokenizer: PreTrainedTokenizerBase, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """One record's token ids and labels (IGNORE_INDEX where a token carries no loss)."""
+    if "messages" in record:
+        return _encode_chat(tokenizer, record["messages"])
+    if "text" in record:
+        ids = _with_eos(tokenizer.encode(record["text"], add_special_tokens=True), tokenizer)
+        return ids, list(ids)
+    if tokenizer.chat_template is not None:
+        user = {"role": "user", "content": record["prompt"]}
+        return _encode_chat(tokenizer, [user, {"role": "assistant", "content": record["completion"]}])
+    prompt: list[int] = tokenizer.encode(record["prompt"], add_special_tokens=True)
+    completion = _with_eos(tokenizer.encode(record["completion"], add_special_tokens=False), tokenizer)
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+
+def _encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]
+) -> tuple[list[int], list[int]]:
+    """A conversation through the chat template, with loss on each assistant turn (and what closes it).
+
+    Each assistant turn is found as the text the template adds between the conversation before it
+    (with the generation prompt) and the conversation through it. The rendered text is split there
+    and each piece tokenized alone: BPE merges across a boundary would shift it.
+    """
+    full = _render(tokenizer, messages, prompt=False)
+    pieces: list[tuple[str, bool]] = []  # (text, carries loss)
+    done = 0
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:turn], prompt=True)
+        through = _render(tokenizer, messages[: turn + 1], prompt=False)
+        if len(before) < done or not through.startswith(before) or not full.startswith(through):
+            raise ValueError(
+                f"the chat template of {tokenizer.name_or_path} does not render a conversation as a prefix of its "
+                "continuation, so its assistant turns cannot be found"
+            )
+        pieces += [(full[done : len(before)], False), (full[len(before) : len(through)], True)]
+        done = len(through)
+    pieces.append((full[done:], False))
+    ids: list[int] = []
+    labels: list[int] = []
+    last_counted = 0
+    for text, counted in pieces:
+        piece: list[int] = tokenizer.encode(text, add_special_tokens=False) if text else []  # the template has them
+        if counted:
+            last_counted = len(ids) + len(piece)
+        ids += piece
+        labels += piece if counted else [IGNORE_INDEX] * len(piece)
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in labels:  # the template does not close the last turn with eos
+        ids.insert(last_counted, eos)
+        labels.insert(last_counted, eos)
+    return ids, labels
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], *, prompt: bool) -> str:
+    try:
+        text = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=prompt, tokenize=False)
+    except Exception as exc:  # jinja's TemplateError and whatever a template raises
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"the chat template of {tokenizer.name_or_path} refused a conversation: {reason}") from None
+    return cast(str, text)
 
 
 def _with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
