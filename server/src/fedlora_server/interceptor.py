@@ -1,5 +1,8 @@
 """Authentication at the door: each call's credentials are checked from its metadata before any
-handler runs and before any message of a stream is read. Handlers learn who called from `caller()`."""
+handler runs and before any message of a stream is read. Handlers learn who called from `caller()`.
+
+Bytes that do not decode as the method's request message are refused with INVALID_ARGUMENT (after
+the credentials, like any other input); left to gRPC they would be answered INTERNAL."""
 
 from __future__ import annotations
 
@@ -10,13 +13,47 @@ from typing import Any, cast
 import grpc
 
 from fedlora_server.auth import Authenticator
-from fedlora_server.errors import CoordinatorError
+from fedlora_server.errors import CoordinatorError, InvalidArgument
 from fedlora_server.status import abort_with
 
 __all__ = ["AuthInterceptor", "caller"]
 
 _CALLER: ContextVar[str] = ContextVar("fedlora_caller")
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+Deserializer = Callable[[bytes], Any]
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not decode."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
+    """Decode as `deserializer` does, but hand over an _Undecodable instead of raising."""
+    if deserializer is None:
+        return None
+    decode = deserializer
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as exc:
+            return _Undecodable(f"the request is not a valid message of this method ({type(exc).__name__})")
+
+    return tolerant
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(request.reason)
+    return request
+
+
+def _decoded_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _decoded(request)
 
 
 def caller() -> str:
@@ -50,8 +87,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         guard = self._guard_stream if handler.response_streaming else self._guard
         return make(
-            guard(cast(Behaviour, behaviour)),
-            request_deserializer=handler.request_deserializer,
+            guard(cast(Behaviour, behaviour), streaming=handler.request_streaming),
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -65,21 +102,30 @@ class AuthInterceptor(grpc.ServerInterceptor):
         except CoordinatorError as exc:
             abort_with(context, exc)
 
-    def _guard(self, behaviour: Behaviour) -> Behaviour:
+    def _checked(self, request: Any, context: grpc.ServicerContext, *, streaming: bool) -> Any:
+        """The request (or request stream) to hand to the handler; an undecodable unary request ends the call."""
+        if streaming:
+            return _decoded_stream(request)
+        try:
+            return _decoded(request)
+        except CoordinatorError as exc:
+            abort_with(context, exc)
+
+    def _guard(self, behaviour: Behaviour, *, streaming: bool) -> Behaviour:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             token = _CALLER.set(self._identify(context))
             try:
-                return behaviour(request, context)
+                return behaviour(self._checked(request, context, streaming=streaming), context)
             finally:
                 _CALLER.reset(token)
 
         return guarded
 
-    def _guard_stream(self, behaviour: Behaviour) -> Behaviour:
+    def _guard_stream(self, behaviour: Behaviour, *, streaming: bool) -> Behaviour:
         def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = _CALLER.set(self._identify(context))
             try:
-                yield from behaviour(request, context)
+                yield from behaviour(self._checked(request, context, streaming=streaming), context)
             finally:
                 _CALLER.reset(token)
 
