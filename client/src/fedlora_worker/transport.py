@@ -258,7 +258,10 @@ class CoordinatorClient:
 
     def report(self, report: MetricsReport) -> None:
         message = metrics_to_proto(report)
-        self._with_retry("report", lambda: self._stub.ReportMetrics(message, metadata=self._metadata, timeout=30))
+        self._with_retry(
+            "report",
+            lambda: _deduplicated(lambda: self._stub.ReportMetrics(message, metadata=self._metadata, timeout=30)),
+        )
 
 
 def _details(exc: grpc.RpcError | TransferError) -> str:

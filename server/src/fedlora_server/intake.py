@@ -20,12 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from fedlora_common.chunking import chunk_count
-from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE
+from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
 from fedlora_common.messages import UploadHeader, UploadKind
 from fedlora_server.errors import CoordinatorError, InvalidArgument, ResourceExhausted
 from fedlora_server.metrics import ServerMetrics
 
-__all__ = ["Received", "Spool", "UploadSink", "check_header", "receive", "wire_dtype"]
+__all__ = ["Received", "Spool", "UploadSink", "check_header", "check_initial_manifest", "receive", "wire_dtype"]
 
 READ_SLICE_BYTES = 4 * 2**20
 
@@ -63,6 +63,17 @@ def check_header(header: UploadHeader, *, chunk_bytes: int, max_update_bytes: in
         raise InvalidArgument("sha256 must be 32 bytes")
     if header.chunk_count < chunk_count(header.total_size, chunk_bytes):
         raise InvalidArgument(f"{header.chunk_count} chunks cannot carry {header.total_size} bytes")
+
+
+def check_initial_manifest(manifest: Manifest) -> None:
+    """The layout every later update and download follows: named float32 tensors, none of them empty."""
+    for tensor in manifest.tensors:
+        if not tensor.name:
+            raise InvalidArgument("every tensor of the manifest needs a name")
+        if tensor.dtype != WIRE_DTYPE:
+            raise InvalidArgument(f"tensor {tensor.name}: dtype {tensor.dtype!r}; the wire carries {WIRE_DTYPE}")
+        if any(d < 1 for d in tensor.shape):
+            raise InvalidArgument(f"tensor {tensor.name}: shape {tensor.shape} holds no values")
 
 
 def receive(

@@ -38,7 +38,7 @@ from fedlora_server.errors import (
     NotFound,
     PermissionDenied,
 )
-from fedlora_server.intake import Received, Spool, UploadSink, check_header, receive
+from fedlora_server.intake import Received, Spool, UploadSink, check_header, check_initial_manifest, receive
 from fedlora_server.ledger import RoundLedger
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.phases import Admission, Evaluation, Finished, Initialize, Phase, PhaseName, Training, round_of
@@ -50,7 +50,7 @@ from fedlora_server.store import (
     RunRecord,
     StateError,
 )
-from fedlora_server.versions import GlobalModel, Versions
+from fedlora_server.versions import GlobalModel, Versions, check_artifact_config
 
 __all__ = ["PhaseMachine"]
 
@@ -238,6 +238,8 @@ class PhaseMachine:
                 raise FailedPrecondition(f"version {report.version} is not the version under evaluation")
             if report.worker_id not in phase.participants:
                 raise PermissionDenied(f"{report.worker_id} is not evaluating round {phase.round}")
+            if report.worker_id in phase.done:  # taken once: a resend cannot rewrite what the round recorded
+                raise AlreadyExists(f"{report.worker_id} already reported on version {report.version}")
             self._ledger.metrics_reported(phase.round, report)
             phase.done.add(report.worker_id)
             self._advance()
@@ -280,6 +282,8 @@ class PhaseMachine:
                 raise PermissionDenied(f"{header.worker_id} was not asked to initialize the run")
             if header.manifest is None or not header.manifest.tensors or not header.artifact_config_json:
                 raise InvalidArgument("an initial upload needs a manifest and an artifact config")
+            check_initial_manifest(header.manifest)
+            check_artifact_config(header.artifact_config_json)
             if header.total_size != header.manifest.nbytes:
                 raise InvalidArgument(
                     f"total_size {header.total_size} != {header.manifest.nbytes} bytes the manifest needs"
