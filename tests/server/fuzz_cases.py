@@ -1,0 +1,799 @@
+"""The cases the coordinator is fuzzed with: every RPC, from any sender, broken in every way we know.
+
+A case is built from the moment of the run it is sent at (`Moment`): what the right message
+would be, who may still send it. Defects break that right form (a wrong tag, round or run; bytes
+of a wrong length; forged or foreign keys; chunk gaps; NaN or Inf; counts beyond 2^53; other
+workers' ids; oversize messages; bytes that do not decode). One defect at a moment that would
+take the right form has one precise answer (the tables below); otherwise any refusal DESIGN.md
+lists will do. A case whose right form would be taken is never built: it would change the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from hypothesis import strategies as st
+
+from fedlora_common.chunking import iter_chunks, sha256
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_common.secagg import SHARE_BYTES, Share
+from fedlora_common.serde import manifest_to_proto
+from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, WORKERS, initial_vector, token_of
+
+Code = grpc.StatusCode
+OK = Code.OK
+UNAUTH, DENIED, PRECONDITION = Code.UNAUTHENTICATED, Code.PERMISSION_DENIED, Code.FAILED_PRECONDITION
+INVALID, EXHAUSTED, EXISTS, NOT_FOUND = (
+    Code.INVALID_ARGUMENT,
+    Code.RESOURCE_EXHAUSTED,
+    Code.ALREADY_EXISTS,
+    Code.NOT_FOUND,
+)
+PRECISE = frozenset({OK, UNAUTH, DENIED, PRECONDITION, INVALID, EXHAUSTED, EXISTS, NOT_FOUND})
+"""The statuses DESIGN.md lists; any other answer (UNKNOWN, INTERNAL, ...) fails the test."""
+REFUSED = PRECISE - {OK}
+RUN = "test-run"
+STRANGER = "mallory"
+"""On the allow-list, never joins: authenticated, but a member of nothing."""
+ACTORS = (*WORKERS, STRANGER)
+CHUNK = 1024
+MAX_UPDATE = 64 * 1024
+GRPC_LIMIT = CHUNK + 2**16
+EXAMPLES_PER_RPC = 10
+CASES: Counter[str] = Counter()
+
+
+def metadata_of(worker: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token_of(worker)}"),)
+
+
+# ---- the moment a case is sent at ---------------------------------------------------------------
+
+
+@dataclass
+class Material:
+    """Real messages of the run so far, for replays and as the right form that mutations break."""
+
+    ads: dict[str, pb.Advertisement] = field(default_factory=dict)
+    stale_ads: dict[str, pb.Advertisement] = field(default_factory=dict)
+    shares: dict[str, list[pb.EncryptedShare]] = field(default_factory=dict)
+    masked: dict[str, bytes] = field(default_factory=dict)
+    reveals: dict[str, list[pb.RevealedShare]] = field(default_factory=dict)
+    deltas: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Moment:
+    """Where the run stands: what a right message would be, and who may still send one."""
+
+    label: str
+    stage: str
+    """admission | initialize | evaluate | advertise | share | upload (masked, or plain) | unmask | finished."""
+    joined: frozenset[str]
+    round: int = 0
+    tag: int = 0
+    version: int | None = None
+    members: frozenset[str] = frozenset()
+    """Who takes part in the stage (the initializer; the evaluators; the stage's secure members)."""
+    answered: frozenset[str] = frozenset()
+    material: Material = field(default_factory=Material)
+    secure: bool = True
+
+    def accepts(self, stage: str, worker: str | None) -> bool:
+        return self.stage == stage and worker in self.members and worker not in self.answered
+
+    def replays(self, stage: str, worker: str | None) -> bool:
+        return self.stage == stage and worker in self.answered
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sends a case: the token's owner (None: no valid credentials) and the id the request claims."""
+
+    owner: str | None
+    metadata: tuple[tuple[str, str], ...]
+    claim: str
+
+    def gate(self) -> frozenset[Code] | None:
+        """The answer credentials decide before anything else; None when they let the request through."""
+        if self.owner is None:
+            return frozenset({UNAUTH})
+        if self.claim != self.owner:
+            return frozenset({DENIED})
+        return None
+
+
+def senders() -> st.SearchStrategy[Sender]:
+    token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=24)
+    strangers = st.one_of(
+        st.just(()),
+        token.map(lambda t: (("authorization", f"Bearer {t}"),)),
+        token.map(lambda t: (("authorization", f"Basic {t}"),)),
+        st.sampled_from(WORKERS).map(lambda w: (("authorization", f"Bearer {token_of(w)}x"),)),
+    )
+    claims = st.one_of(st.sampled_from(ACTORS), st.text(max_size=12))
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Sender:
+        if draw(st.integers(0, 9)) == 0:
+            return Sender(None, draw(strangers), draw(claims))
+        owner = draw(st.sampled_from((*WORKERS, *WORKERS, STRANGER)))
+        claim = owner if draw(st.integers(0, 5)) else draw(claims)
+        return Sender(owner, metadata_of(owner), claim)
+
+    return build()
+
+
+def proper_senders(moment: Moment) -> st.SearchStrategy[Sender]:
+    """Members the moment still waits for, acting for themselves."""
+    return st.sampled_from(sorted(moment.members - moment.answered)).map(lambda w: Sender(w, metadata_of(w), w))
+
+
+def defect_lists(draw: st.DrawFn, kinds: Sequence[str], *, floor: int, focus: str | None) -> list[str]:
+    if focus is not None:
+        return [focus]
+    return draw(st.lists(st.sampled_from(sorted(kinds)), min_size=floor, max_size=2, unique=True))
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call: the method, the request (serialized bytes, or a stream of them), what may come back."""
+
+    rpc: str
+    sender: Sender
+    defects: tuple[str, ...]
+    expect: frozenset[Code]
+    request: bytes | tuple[bytes, ...] = field(default=b"", repr=False)
+    read: str = "all"
+    """DownloadGlobal: read all, only the header, or nothing before cancelling."""
+
+
+def expected(
+    sender: Sender,
+    defects: Sequence[str],
+    table: dict[str, Code],
+    *,
+    accepting: bool,
+    replay: bool,
+) -> frozenset[Code]:
+    """The answer to a case: credentials first, then (with one defect at an accepting moment) its status."""
+    if "oversize" in defects:
+        return frozenset({EXHAUSTED})
+    if sender.owner is None:
+        return frozenset({UNAUTH})
+    if "undecodable" in defects:
+        return frozenset({INVALID}) if len(defects) == 1 else REFUSED
+    if gate := sender.gate():
+        return gate
+    if accepting and len(defects) == 1:
+        return frozenset({table[defects[0]]})
+    if replay and not defects:
+        return frozenset({EXISTS})
+    return REFUSED
+
+
+def _index(worker: str) -> int:
+    """A participant's Shamir x: its place among the round's participants, from 1 (what shares sit at)."""
+    return WORKERS.index(worker) + 1 if worker in WORKERS else 1
+
+
+def _undecodable(draw: st.DrawFn) -> bytes:
+    return b"\xff" + draw(st.binary(max_size=16))
+
+
+def _other(draw: st.DrawFn, values: st.SearchStrategy[Any], right: Any) -> Any:
+    return draw(values.filter(lambda v: v != right))
+
+
+ANY_UINT32, ANY_UINT64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+BAD_COUNT = st.one_of(st.just(0), st.integers(2**53 + 1, 2**64 - 1))
+BAD_LOSS = st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 1e7, 1e308, -0.5])
+NOT_RUN = st.text(max_size=16).filter(lambda r: r != RUN)
+
+
+# -- Join, PollTask, Leave, DownloadGlobal -----------------------------------------------------------
+
+
+@st.composite
+def joins(draw: st.DrawFn, moment: Moment) -> Case:
+    sender = draw(senders())
+    if draw(st.integers(0, 9)) == 0:
+        return Case(
+            "Join",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    joined = sender.owner in moment.joined
+    # A right Join from a worker not yet in the run would (rightly) admit it: its count is always out of range.
+    examples = draw(st.one_of(BAD_COUNT, st.integers(1, 2**53))) if joined else draw(BAD_COUNT)
+    defects = () if 1 <= examples <= 2**53 else ("num_examples",)
+    request = pb.JoinRequest(worker_id=sender.claim, num_examples=examples, software_version=draw(st.text(max_size=8)))
+    expect = sender.gate() or frozenset({INVALID if defects else OK})
+    return Case("Join", sender, defects, expect, request.SerializeToString())
+
+
+@st.composite
+def polls(draw: st.DrawFn, moment: Moment) -> Case:
+    sender = draw(senders())
+    run_id = draw(st.one_of(st.just(RUN), NOT_RUN))
+    request = pb.PollTaskRequest(worker_id=sender.claim, run_id=run_id, wait_ms=draw(ANY_UINT32))
+    defects = () if run_id == RUN else ("run_id",)
+    expect = sender.gate() or frozenset({OK if sender.owner in moment.joined and not defects else PRECONDITION})
+    return Case("PollTask", sender, defects, expect, request.SerializeToString())
+
+
+@st.composite
+def leaves(draw: st.DrawFn, moment: Moment) -> Case:
+    sender = draw(senders())
+    kind = draw(st.sampled_from(["run_id", "run_id", "oversize", "undecodable"]))
+    if kind == "undecodable":
+        return Case(
+            "Leave", sender, (kind,), expected(sender, (kind,), {}, accepting=False, replay=False), _undecodable(draw)
+        )
+    # A Leave that would be honoured is never sent: a joined worker's names another run.
+    run_id = RUN if sender.owner not in moment.joined and draw(st.booleans()) else draw(NOT_RUN)
+    reason = "x" * (GRPC_LIMIT + 10) if kind == "oversize" else draw(st.text(max_size=600))
+    request = pb.LeaveRequest(worker_id=sender.claim, run_id=run_id, reason=reason)
+    expect = frozenset({EXHAUSTED}) if kind == "oversize" else sender.gate() or frozenset({PRECONDITION})
+    return Case("Leave", sender, (kind,), expect, request.SerializeToString())
+
+
+@st.composite
+def downloads(draw: st.DrawFn, moment: Moment) -> Case:
+    sender = draw(senders())
+    if draw(st.integers(0, 9)) == 0:
+        return Case(
+            "DownloadGlobal",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    run_id = draw(st.one_of(st.just(RUN), st.just(RUN), NOT_RUN))
+    version = draw(st.one_of(st.just(moment.version or 0), ANY_UINT32))
+    request = pb.DownloadRequest(worker_id=sender.claim, run_id=run_id, version=version)
+    if run_id != RUN or sender.owner not in moment.joined:
+        answer = PRECONDITION
+    else:
+        answer = OK if version == moment.version else NOT_FOUND
+    expect = sender.gate() or frozenset({answer})
+    # Hanging up before any answer is tried only where the answer would be a stream (else it races the refusal).
+    read = draw(st.sampled_from(["all", "header", "nothing"] if expect == {OK} else ["all", "header"]))
+    return Case("DownloadGlobal", sender, (), expect, request.SerializeToString(), read=read)
+
+
+# -- ReportMetrics ----------------------------------------------------------------------------------
+
+REPORT_DEFECTS = {
+    "run_id": PRECONDITION,
+    "round": PRECONDITION,
+    "version": PRECONDITION,
+    "eval_loss": INVALID,
+    "eval_tokens": INVALID,
+    "train_loss": INVALID,
+    "tokens_per_second": INVALID,
+    "record_epsilon": INVALID,
+    "rate": INVALID,
+    "exposure": INVALID,
+}
+
+
+@st.composite
+def reports(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+    sender = draw(proper_senders(moment) if focus else senders())
+    if focus is None and draw(st.integers(0, 12)) == 0:
+        return Case(
+            "ReportMetrics",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    accepting = moment.accepts("evaluate", sender.owner)
+    version = moment.version or 0
+    report = pb.MetricsReport(
+        worker_id=sender.claim,
+        run_id=RUN,
+        round=moment.round,
+        version=version,
+        eval_loss=draw(st.floats(0, 10)),
+        eval_tokens=draw(st.integers(0, 10**6)),
+        train_loss=draw(st.floats(0, 10)),
+        tokens_per_second=draw(st.floats(0, 1e6)),
+    )
+    if draw(st.booleans()):
+        report.record_epsilon = draw(st.floats(0, 100))
+    if draw(st.booleans()):
+        rates = pb.MemorizationRates(
+            count=draw(ANY_UINT32), exact_match_rate=draw(st.floats(0, 1)), mean_exposure=draw(st.floats(0, 64))
+        )
+        report.memorization.overall.CopyFrom(rates)
+        report.memorization.by_duplication[draw(st.text(max_size=6))].CopyFrom(rates)
+    defects = defect_lists(draw, REPORT_DEFECTS, floor=1 if accepting else 0, focus=focus)
+    for defect in defects:
+        if defect == "run_id":
+            report.run_id = draw(NOT_RUN)
+        elif defect == "round":
+            report.round = _other(draw, ANY_UINT32, moment.round)
+        elif defect == "version":
+            report.version = _other(draw, ANY_UINT32, version)
+        elif defect in ("eval_loss", "train_loss"):
+            setattr(report, defect, draw(BAD_LOSS))
+        elif defect == "eval_tokens":
+            report.eval_tokens = draw(st.integers(2**53 + 1, 2**64 - 1))
+        elif defect == "tokens_per_second":
+            report.tokens_per_second = draw(st.sampled_from([math.nan, math.inf, -1.0, 1e13]))
+        elif defect == "record_epsilon":
+            report.record_epsilon = draw(st.sampled_from([math.nan, math.inf, -1.0, 1e7]))
+        elif defect == "rate":
+            report.memorization.overall.token_accuracy = draw(st.sampled_from([math.nan, -0.1, 1.5, math.inf]))
+        elif defect == "exposure":
+            report.memorization.by_duplication["10x"].mean_exposure = draw(st.sampled_from([math.nan, -1.0, 1e4]))
+    expect = expected(
+        sender, defects, REPORT_DEFECTS, accepting=accepting, replay=moment.replays("evaluate", sender.owner)
+    )
+    return Case("ReportMetrics", sender, tuple(defects), expect, report.SerializeToString())
+
+
+# -- the secure-aggregation messages ----------------------------------------------------------------
+
+ADVERTISE_DEFECTS = {
+    "tag": PRECONDITION,
+    "run_id": PRECONDITION,
+    "keys_of_other": DENIED,
+    "mask_public_length": INVALID,
+    "enc_public_length": INVALID,
+    "commitment_length": INVALID,
+    "signature": DENIED,
+    "swapped_key": DENIED,
+    "stale_signature": DENIED,
+    "foreign_identity": DENIED,
+}
+
+
+@st.composite
+def advertisements(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+    sender = draw(proper_senders(moment) if focus else senders())
+    if focus is None and draw(st.integers(0, 12)) == 0:
+        return Case(
+            "AdvertiseKeys",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    material, owner = moment.material, sender.owner or WORKERS[0]
+    real = material.ads.get(owner)
+    keys = pb.Advertisement()
+    if real is not None:
+        keys.CopyFrom(real)
+    else:  # before this worker advertised: the shape of an advertisement, signed by nobody
+        keys.worker_id = sender.claim
+        keys.mask_public, keys.enc_public, keys.seed_commitment = (
+            draw(st.binary(min_size=32, max_size=32)) for _ in range(3)
+        )
+        keys.signature = draw(st.binary(min_size=64, max_size=64))
+    accepting = moment.accepts("advertise", sender.owner)
+    # Only a real advertisement can be right; an unsigned one is already wrong.
+    floor = 1 if accepting and real is not None else 0
+    kinds = [d for d in ADVERTISE_DEFECTS if material.stale_ads or d not in ("stale_signature", "foreign_identity")]
+    defects = defect_lists(draw, kinds, floor=floor, focus=focus)
+    if real is None and not defects:
+        defects = ["signature"]
+    run_id, tag = RUN, moment.tag
+    for defect in defects:
+        if defect == "tag":
+            tag = _other(draw, ANY_UINT64, moment.tag)
+        elif defect == "run_id":
+            run_id = draw(NOT_RUN)
+        elif defect == "keys_of_other":
+            keys.worker_id = _other(draw, st.sampled_from(ACTORS), sender.claim)
+        elif defect in ("mask_public_length", "enc_public_length", "commitment_length"):
+            name = {"mask_public_length": "mask_public", "enc_public_length": "enc_public"}.get(
+                defect, "seed_commitment"
+            )
+            setattr(keys, name, draw(st.binary(max_size=80).filter(lambda b: len(b) != 32)))
+        elif defect == "signature":
+            keys.signature = _other(draw, st.binary(max_size=96), keys.signature)
+        elif defect == "swapped_key":
+            keys.mask_public = _other(draw, st.binary(min_size=32, max_size=32), keys.mask_public)
+        elif defect == "stale_signature":
+            keys.CopyFrom(material.stale_ads[owner])
+        elif defect == "foreign_identity":
+            keys.CopyFrom(material.stale_ads[draw(st.sampled_from([w for w in WORKERS if w != owner]))])
+            keys.worker_id = sender.claim
+    request = pb.AdvertiseKeysRequest(worker_id=sender.claim, run_id=run_id, tag=tag, keys=keys)
+    replay = moment.replays("advertise", sender.owner) and real is not None
+    expect = expected(sender, defects, ADVERTISE_DEFECTS, accepting=accepting, replay=replay)
+    return Case("AdvertiseKeys", sender, tuple(defects), expect, request.SerializeToString())
+
+
+SHARE_DEFECTS = {
+    "tag": PRECONDITION,
+    "run_id": PRECONDITION,
+    "empty": INVALID,
+    "missing": INVALID,
+    "to_self": INVALID,
+    "to_stranger": INVALID,
+    "duplicate": INVALID,
+    "forged_sender": DENIED,
+    "oversize": EXHAUSTED,
+}
+
+
+@st.composite
+def key_shares(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+    sender = draw(proper_senders(moment) if focus else senders())
+    if focus is None and draw(st.integers(0, 12)) == 0:
+        return Case(
+            "ShareKeys",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    owner = sender.owner or WORKERS[0]
+    real = moment.material.shares.get(owner)
+    if real is not None:
+        shares = [pb.EncryptedShare.FromString(s.SerializeToString()) for s in real]
+    else:  # what a sealed share looks like from outside: one per peer, opaque bytes
+        shares = [
+            pb.EncryptedShare(sender=sender.claim, recipient=w, ciphertext=draw(st.binary(min_size=16, max_size=200)))
+            for w in WORKERS
+            if w != sender.claim
+        ]
+    accepting = moment.accepts("share", sender.owner)
+    defects = defect_lists(draw, SHARE_DEFECTS, floor=1 if accepting else 0, focus=focus)
+    run_id, tag = RUN, moment.tag
+    for defect in sorted(defects, key=lambda d: d == "oversize"):  # an oversize share outlives "empty"
+        if defect == "tag":
+            tag = _other(draw, ANY_UINT64, moment.tag)
+        elif defect == "run_id":
+            run_id = draw(NOT_RUN)
+        elif defect == "empty":
+            shares = []
+        elif defect == "missing" and shares:
+            del shares[draw(st.integers(0, len(shares) - 1))]
+        elif defect == "to_self":
+            shares.append(pb.EncryptedShare(sender=sender.claim, recipient=sender.claim, ciphertext=b"\0" * 60))
+        elif defect == "to_stranger":
+            shares.append(pb.EncryptedShare(sender=sender.claim, recipient=draw(st.text(max_size=8)), ciphertext=b"1"))
+        elif defect == "duplicate" and shares:  # (after "empty" there is nothing left to break)
+            shares.append(shares[draw(st.integers(0, len(shares) - 1))])
+        elif defect == "forged_sender" and shares:
+            shares[draw(st.integers(0, len(shares) - 1))].sender = _other(draw, st.sampled_from(ACTORS), sender.claim)
+        elif defect == "oversize":
+            shares.append(pb.EncryptedShare(sender=sender.claim, recipient="x", ciphertext=b"\0" * GRPC_LIMIT))
+    request = pb.ShareKeysRequest(worker_id=sender.claim, run_id=run_id, tag=tag, shares=shares)
+    replay = moment.replays("share", sender.owner) and real is not None
+    expect = expected(sender, defects, SHARE_DEFECTS, accepting=accepting, replay=replay)
+    return Case("ShareKeys", sender, tuple(defects), expect, request.SerializeToString())
+
+
+REVEAL_DEFECTS = {
+    "tag": PRECONDITION,
+    "run_id": PRECONDITION,
+    "empty": INVALID,
+    "missing": INVALID,
+    "duplicate": INVALID,
+    "unknown_kind": INVALID,
+    "swapped_kind": INVALID,
+    "share_length": INVALID,
+    "share_of_other": INVALID,
+    "off_field": INVALID,
+    "unknown_owner": INVALID,
+}
+
+
+@st.composite
+def reveals(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+    sender = draw(proper_senders(moment) if focus else senders())
+    if focus is None and draw(st.integers(0, 12)) == 0:
+        return Case(
+            "RevealShares",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    owner = sender.owner or WORKERS[0]
+    real = moment.material.reveals.get(owner)
+    if real is not None:
+        shares = [pb.RevealedShare.FromString(s.SerializeToString()) for s in real]
+    else:  # the shape of a reveal, at an x no participant holds
+        shares = [
+            pb.RevealedShare(owner=w, kind="self_seed", share=Share(200, draw(st.integers(0, 2**64))).to_bytes())
+            for w in WORKERS
+        ]
+    accepting = moment.accepts("unmask", sender.owner)
+    defects = defect_lists(draw, REVEAL_DEFECTS, floor=1 if accepting else 0, focus=focus)
+    run_id, tag = RUN, moment.tag
+    for defect in defects:
+        pick = draw(st.integers(0, len(shares) - 1)) if shares else 0
+        if defect == "tag":
+            tag = _other(draw, ANY_UINT64, moment.tag)
+        elif defect == "run_id":
+            run_id = draw(NOT_RUN)
+        elif defect == "empty":
+            shares = []
+        elif not shares:  # after "empty" there is nothing left to break
+            continue
+        elif defect == "missing":
+            del shares[pick]
+        elif defect == "duplicate":
+            shares.append(shares[pick])
+        elif defect == "unknown_kind":
+            shares[pick].kind = _other(draw, st.text(max_size=10), "self_seed").replace("mask_key", "mask-key")
+        elif defect == "swapped_kind":
+            shares[pick].kind = "mask_key" if shares[pick].kind == "self_seed" else "self_seed"
+        elif defect == "share_length":
+            shares[pick].share = draw(st.binary(max_size=80).filter(lambda b: len(b) != SHARE_BYTES))
+        elif defect == "share_of_other":  # a share sealed to another revealer (x is the revealer's index)
+            shares[pick].share = Share(_index(owner) % len(WORKERS) + 1, 5).to_bytes()
+        elif defect == "off_field":  # y beyond the field's prime
+            shares[pick].share = Share(_index(owner), 0).to_bytes()[:2] + b"\xff" * (SHARE_BYTES - 2)
+        elif defect == "unknown_owner":
+            shares[pick].owner = draw(st.text(max_size=8).filter(lambda o: o not in WORKERS))
+    if real is None and not defects:
+        defects = ["share_of_other"]  # the synthetic shares sit at an x nobody holds
+    request = pb.RevealSharesRequest(worker_id=sender.claim, run_id=run_id, tag=tag, shares=shares)
+    replay = moment.replays("unmask", sender.owner) and real is not None
+    expect = expected(sender, defects, REVEAL_DEFECTS, accepting=accepting, replay=replay)
+    return Case("RevealShares", sender, tuple(defects), expect, request.SerializeToString())
+
+
+# -- UploadUpdate -----------------------------------------------------------------------------------
+
+UPLOAD_DEFECTS = {
+    # header
+    "run_id": PRECONDITION,
+    "kind_other": PRECONDITION,
+    "kind_unknown": INVALID,
+    "dtype": INVALID,
+    "tag": PRECONDITION,
+    "round": PRECONDITION,
+    "base_version": PRECONDITION,
+    "num_examples": INVALID,
+    "train_loss": INVALID,
+    "total_size_huge": EXHAUSTED,
+    "total_size": INVALID,
+    "sha256_length": INVALID,
+    "sha256": INVALID,
+    "chunk_count": INVALID,
+    "manifest_duplicate_names": INVALID,
+    "manifest_absent": INVALID,
+    "manifest_size": INVALID,
+    "manifest_dtype": INVALID,
+    "manifest_empty_tensor": INVALID,
+    "config_json": INVALID,
+    # stream
+    "no_header": INVALID,
+    "garbage_first": INVALID,
+    "garbage_later": INVALID,
+    "blank_message": INVALID,
+    "header_twice": INVALID,
+    "gap": INVALID,
+    "duplicate_chunk": INVALID,
+    "swapped_chunks": INVALID,
+    "chunk_too_big": EXHAUSTED,
+    "chunk_over_grpc_limit": EXHAUSTED,
+    "partial_value": INVALID,
+    "extra_chunk": INVALID,
+    "flipped_byte": INVALID,
+    "nan": INVALID,
+    "no_chunks": INVALID,
+}
+BEFORE_CLAIM = frozenset({"kind_unknown", "manifest_duplicate_names", "no_header", "garbage_first", "blank_message"})
+"""Defects the servicer meets before it knows whom the upload claims to be from."""
+
+
+def right_upload(moment: Moment, worker: str) -> tuple[pb.UploadHeader, bytes]:
+    """What `worker` would rightly upload at this moment (or the nearest thing when nothing is right)."""
+    header = pb.UploadHeader(worker_id=worker, run_id=RUN, round=moment.round, num_examples=100, train_loss=1.0)
+    if moment.stage == "initialize":
+        payload = initial_vector().tobytes()
+        header.kind, header.dtype = pb.UPLOAD_KIND_INITIAL, "float32"
+        header.manifest.CopyFrom(manifest_to_proto(MANIFEST))
+        header.artifact_config_json = ADAPTER_CONFIG
+    elif moment.secure:
+        payload = moment.material.masked.get(worker, b"\0" * (MANIFEST.numel + 1) * 4)
+        header.kind, header.dtype, header.tag = pb.UPLOAD_KIND_MASKED, "uint32", moment.tag
+    else:
+        payload = moment.material.deltas.get(worker, b"\0" * MANIFEST.numel * 4)
+        header.kind, header.dtype, header.base_version = pb.UPLOAD_KIND_DELTA, "float32", moment.version or 0
+    header.total_size = len(payload)
+    header.chunk_count = -(-len(payload) // CHUNK)
+    header.sha256 = sha256(payload)
+    return header, payload
+
+
+def _upload_defects(moment: Moment) -> list[str]:
+    """The defects that make an upload wrong at this moment (a plain round ignores tags, a secure one versions)."""
+    floats = moment.stage == "initialize" or not moment.secure
+    out = [d for d in UPLOAD_DEFECTS if not d.startswith(("manifest_", "config_"))]
+    if moment.stage == "initialize":
+        out += [d for d in UPLOAD_DEFECTS if d.startswith(("manifest_", "config_"))]
+        out = [d for d in out if d not in ("tag", "round", "base_version")]
+    elif moment.secure:
+        out.remove("base_version")
+    else:
+        out.remove("tag")
+    if not floats:
+        out.remove("nan")
+    return out
+
+
+@st.composite
+def uploads(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+    sender = draw(proper_senders(moment) if focus else senders())
+    owner = sender.owner or WORKERS[0]
+    header, payload = right_upload(moment, owner)
+    header.worker_id = sender.claim
+    accepting = moment.accepts("initialize" if moment.stage == "initialize" else "upload", sender.owner)
+    defects = defect_lists(draw, _upload_defects(moment), floor=1 if accepting else 0, focus=focus)
+    floats = header.dtype == "float32"
+    for defect in defects:  # header defects; stream defects below
+        if defect == "run_id":
+            header.run_id = draw(NOT_RUN)
+        elif defect == "kind_other":
+            kinds = [
+                k for k in (pb.UPLOAD_KIND_INITIAL, pb.UPLOAD_KIND_DELTA, pb.UPLOAD_KIND_MASKED) if k != header.kind
+            ]
+            header.kind = draw(st.sampled_from(kinds))
+            header.dtype = "uint32" if header.kind == pb.UPLOAD_KIND_MASKED else "float32"
+        elif defect == "kind_unknown":
+            header.kind = draw(st.one_of(st.just(0), st.integers(4, 2**31 - 1)))
+        elif defect == "dtype":
+            header.dtype = _other(
+                draw, st.sampled_from(["float64", "int8", "", "float16", "uint32", "float32"]), header.dtype
+            )
+        elif defect == "tag":
+            header.tag = _other(draw, ANY_UINT64, header.tag)
+        elif defect == "round":
+            header.round = _other(draw, ANY_UINT32, header.round)
+        elif defect == "base_version":
+            header.base_version = _other(draw, ANY_UINT32, header.base_version)
+        elif defect == "num_examples":
+            header.num_examples = draw(BAD_COUNT)
+        elif defect == "train_loss":
+            header.train_loss = draw(BAD_LOSS)
+        elif defect == "total_size_huge":
+            header.total_size = draw(st.integers(MAX_UPDATE + 1, 2**64 - 1))
+        elif defect == "total_size":
+            header.total_size = _other(draw, st.integers(0, MAX_UPDATE), header.total_size)
+        elif defect == "sha256_length":
+            header.sha256 = draw(st.binary(max_size=64).filter(lambda b: len(b) != 32))
+        elif defect == "sha256":
+            header.sha256 = _other(draw, st.binary(min_size=32, max_size=32), header.sha256)
+        elif defect == "chunk_count":
+            header.chunk_count = _other(draw, ANY_UINT32, header.chunk_count)
+        elif defect == "manifest_duplicate_names":
+            header.manifest.tensors.append(header.manifest.tensors[0])
+        elif defect == "manifest_absent":
+            header.ClearField("manifest")
+        elif defect == "manifest_size":
+            header.manifest.tensors[0].shape[0] = _other(
+                draw, st.integers(0, 2**40), header.manifest.tensors[0].shape[0]
+            )
+        elif defect == "manifest_dtype":
+            header.manifest.tensors[1].dtype = _other(draw, st.text(max_size=8), "float32")
+        elif defect == "manifest_empty_tensor":
+            header.manifest.tensors.append(
+                pb.TensorSpec(name="base_model.empty", shape=[draw(st.integers(0, 3)), 0], dtype="float32")
+            )
+        elif defect == "config_json":
+            header.artifact_config_json = draw(st.sampled_from(["", "{", "[1, 2]", "null", '"adapter"', '{"r": ']))
+    if "nan" in defects and floats:
+        values = np.frombuffer(payload, dtype=np.float32).copy()
+        values[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        payload = values.tobytes()
+        if "sha256" not in defects and "sha256_length" not in defects:
+            header.sha256 = sha256(payload)  # a stream true to its header, with values no update may hold
+    chunks = [bytes(c) for c in iter_chunks(payload, CHUNK)]
+    messages = [pb.UploadMessage(chunk=pb.Chunk(seq=i, data=c)).SerializeToString() for i, c in enumerate(chunks)]
+    head = pb.UploadMessage(header=header).SerializeToString()
+    pick = draw(st.integers(0, max(0, len(messages) - 1)))
+    if "no_chunks" in defects:
+        messages = []
+    for defect in defects:
+        pick = min(pick, len(messages) - 1)
+        if pick < 0:  # nothing left to break
+            break
+        if defect == "gap":
+            del messages[pick]
+        elif defect == "duplicate_chunk":
+            messages.insert(pick, messages[pick])
+        elif defect == "swapped_chunks":
+            messages[pick], messages[(pick + 1) % len(messages)] = messages[(pick + 1) % len(messages)], messages[pick]
+        elif defect == "chunk_too_big":
+            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=b"\0" * (CHUNK + 4))).SerializeToString()
+        elif defect == "chunk_over_grpc_limit":
+            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=b"\0" * GRPC_LIMIT)).SerializeToString()
+        elif defect == "partial_value":
+            data = chunks[min(pick, len(chunks) - 1)][:-1]
+            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=data)).SerializeToString()
+        elif defect == "extra_chunk":
+            messages.append(pb.UploadMessage(chunk=pb.Chunk(seq=len(messages), data=b"\0" * 4)).SerializeToString())
+        elif defect == "flipped_byte":
+            data = bytearray(chunks[min(pick, len(chunks) - 1)])
+            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=bytes(data))).SerializeToString()
+        elif defect == "header_twice":
+            messages.insert(pick, head)
+        elif defect == "garbage_later":
+            messages.insert(pick, _undecodable(draw))
+    if "no_header" in defects:
+        stream = tuple(messages)
+    elif "garbage_first" in defects:
+        stream = (_undecodable(draw), head, *messages)
+    elif "blank_message" in defects:
+        stream = (pb.UploadMessage().SerializeToString(), head, *messages)
+    else:
+        stream = (head, *messages)
+    if not stream:
+        stream = (pb.UploadMessage().SerializeToString(),)
+    replay = moment.replays("upload", sender.owner) and not defects
+    expect = _upload_expectation(sender, defects, accepting=accepting, replay=replay)
+    return Case("UploadUpdate", sender, tuple(defects), expect, stream)
+
+
+def _upload_expectation(sender: Sender, defects: Sequence[str], *, accepting: bool, replay: bool) -> frozenset[Code]:
+    if sender.owner is None:
+        return frozenset({UNAUTH})  # credentials are checked before the first message is read
+    first = set(defects) & BEFORE_CLAIM
+    if first:
+        return frozenset({UPLOAD_DEFECTS[first.pop()]}) if len(defects) == 1 else REFUSED
+    if sender.claim != sender.owner:
+        return frozenset({DENIED}) if not defects else REFUSED | {DENIED}
+    if accepting and len(defects) == 1:
+        return frozenset({UPLOAD_DEFECTS[defects[0]]})
+    if replay:
+        return frozenset({EXISTS})
+    return REFUSED
+
+
+# ---- sending and checking -------------------------------------------------------------------------
+
+STRATEGIES = {
+    "Join": joins,
+    "PollTask": polls,
+    "Leave": leaves,
+    "DownloadGlobal": downloads,
+    "ReportMetrics": reports,
+    "AdvertiseKeys": advertisements,
+    "ShareKeys": key_shares,
+    "RevealShares": reveals,
+    "UploadUpdate": uploads,
+}
+
+
+FOCUSED: dict[str, tuple[str, Callable[[Moment], list[str]]]] = {
+    # rpc: (the stage at which its right form is taken, the defects that break it there)
+    "ReportMetrics": ("evaluate", lambda m: sorted(REPORT_DEFECTS)),
+    "AdvertiseKeys": ("advertise", lambda m: sorted(ADVERTISE_DEFECTS)),
+    "ShareKeys": ("share", lambda m: sorted(SHARE_DEFECTS)),
+    "RevealShares": ("unmask", lambda m: sorted(REVEAL_DEFECTS)),
+    "UploadUpdate": ("upload", _upload_defects),
+}
+
+
+def plan_of(moment: Moment, examples: int) -> list[tuple[str, st.SearchStrategy[Case], int]]:
+    """What to send at a moment: every RPC at random, and each single defect of the message the moment takes."""
+    plan = [(rpc, make(moment), examples) for rpc, make in STRATEGIES.items()]
+    for rpc, (stage, defects) in FOCUSED.items():
+        taking = moment.stage == stage or (stage == "upload" and moment.stage == "initialize")
+        if taking and moment.members - moment.answered:
+            make = STRATEGIES[rpc]
+            plan += [(f"{rpc}:{d}", make(moment, focus=d), 2) for d in defects(moment)]  # type: ignore[call-arg]
+    return plan
