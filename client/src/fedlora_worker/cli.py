@@ -1,33 +1,76 @@
-"""`fedlora-worker --config worker.yaml`: take part in a federation until it finishes."""
+"""`fedlora-worker`: take part in a federation, check a configuration, probe the coordinator, make a key.
+
+Everything a site can get wrong on its own (settings, data files, base model) is checked before the
+worker joins, with one line and exit code 2. torch, transformers and the daemon are imported only
+after that, so `check-config` and `--help` answer at once.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-import grpc
-import structlog
-import torch
-from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import BaseModel
 
-from fedlora_common.logs import configure_logging
 from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import ConfigError, load_settings
+from fedlora_worker.check import SiteError, check_site, coordinator_health
 from fedlora_worker.config import WorkerSettings
-from fedlora_worker.daemon import Worker, WorkerFailed
-from fedlora_worker.metrics import WorkerMetrics
-from fedlora_worker.transport import CoordinatorClient
+from fedlora_worker.datafiles import DataError
 
-__all__ = ["main"]
+__all__ = ["SETTINGS_REFERENCE", "main", "usage"]
 
-USAGE = (
-    "usage: fedlora-worker --config worker.yaml [--field value ...] (FEDLORA_* variables override the file)\n"
-    "       fedlora-worker keygen --out FILE   (writes an Ed25519 identity key, prints its public half)"
+SETTINGS_REFERENCE = "docs/reference/settings.md"
+"""The page that documents every setting (type, default, meaning), generated from WorkerSettings."""
+
+_COMMANDS = (
+    ("--config worker.yaml", "take part in the coordinator's run until it finishes"),
+    ("check-config worker.yaml", "check the settings, every data file and the base model; start nothing"),
+    ("--check --config worker.yaml", "health probe: exit 0 if the coordinator answers SERVING, else 1"),
+    ("keygen --out FILE", "write a new Ed25519 identity key (mode 0600), print its public half"),
 )
+
+
+def usage() -> str:
+    """The help text: commands, every setting as a flag (from WorkerSettings), exit codes, the reference page."""
+    lines = ["usage: fedlora-worker " + _COMMANDS[0][0] + " [--SETTING VALUE ...]"]
+    lines += [f"       fedlora-worker {command}" for command, _ in _COMMANDS[1:]]
+    lines += ["", "commands:"]
+    lines += [f"  {command:<30} {what}" for command, what in _COMMANDS]
+    lines += [
+        "",
+        "settings: keys of worker.yaml, overridden by FEDLORA_* variables (nested with __, e.g.",
+        "FEDLORA_RETRY__ATTEMPTS=3), then by flags (--retry.attempts 3):",
+    ]
+    lines += [f"  --{name:<28} {description}" for name, description in _flags(WorkerSettings)]
+    lines += [
+        "",
+        f"Every setting, its type and default: {SETTINGS_REFERENCE}",
+        "exit codes: 0 the run finished (or the check passed); 1 the run failed, the coordinator refused, or",
+        "the health check failed; 2 a bad setting, data file or base model, or a run this model cannot take",
+        "(one line naming it)",
+    ]
+    return "\n".join(lines)
+
+
+def _flags(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for name, field in model.model_fields.items():
+        section = next(
+            (t for t in (field.annotation, *getattr(field.annotation, "__args__", ())) if _is_section(t)), None
+        )
+        if section is not None:
+            yield from _flags(section, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field.description or ""
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def keygen(argv: Sequence[str]) -> int:
@@ -47,22 +90,93 @@ def keygen(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE + "\n")
-        return 0
-    if args and args[0] == "keygen":
-        return keygen(args[1:])
+def _settings(argv: Sequence[str]) -> WorkerSettings:
+    """The settings from --config, FEDLORA_* and flags, with the token readable; ConfigError otherwise."""
     try:
-        settings = load_settings(WorkerSettings, args)
-        token = settings.bearer_token()
+        settings = load_settings(WorkerSettings, argv)
+        settings.bearer_token()
+    except OSError as exc:
+        raise ConfigError(f"token_file: {exc.strerror}") from None
+    return settings
+
+
+def check_config(argv: Sequence[str]) -> int:
+    """`check-config worker.yaml [--SETTING VALUE ...]`: everything checked before a join, nothing started."""
+    args = list(argv)
+    if args and not args[0].startswith("-"):
+        args = ["--config", *args]
+    if "--config" not in args:
+        sys.stderr.write("fedlora-worker check-config: usage: fedlora-worker check-config worker.yaml\n")
+        return 2
+    try:
+        settings = _settings(args)
+        checked = check_site(settings)
     except ConfigError as exc:
         sys.stderr.write(f"fedlora-worker: config error: {exc}\n")
         return 2
-    except OSError as exc:
-        sys.stderr.write(f"fedlora-worker: config error: token_file: {exc.strerror}\n")
+    except (SiteError, DataError) as exc:
+        sys.stderr.write(f"fedlora-worker: {exc}\n")
         return 2
+    config = args[args.index("--config") + 1]
+    sys.stdout.write(f"{config}: ok\n")
+    for line in checked.summary():
+        sys.stdout.write(f"  {line}\n")
+    tls = "TLS" if settings.tls else "plaintext"
+    sys.stdout.write(f"  coordinator: {settings.coordinator} ({tls}; not contacted: --check probes it)\n")
+    return 0
+
+
+def health(argv: Sequence[str]) -> int:
+    """`--check --config worker.yaml`: 0 if the coordinator is SERVING, else 1 (container health checks: never 2)."""
+    try:
+        settings = load_settings(WorkerSettings, argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"fedlora-worker: config error: {exc}\n")
+        return 1
+    problem = coordinator_health(settings.coordinator, settings.tls)
+    if problem is not None:
+        sys.stderr.write(f"fedlora-worker: {problem}\n")
+        return 1
+    sys.stdout.write(f"coordinator {settings.coordinator}: SERVING\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(usage() + "\n")
+        return 0
+    if args and args[0] == "keygen":
+        return keygen(args[1:])
+    if args and args[0] == "check-config":
+        return check_config(args[1:])
+    if "--check" in args:
+        return health([a for a in args if a != "--check"])
+    try:
+        settings = _settings(args)
+        check_site(settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"fedlora-worker: config error: {exc}\n")
+        return 2
+    except (SiteError, DataError) as exc:
+        sys.stderr.write(f"fedlora-worker: {exc}\n")
+        return 2
+    return run(settings)
+
+
+def run(settings: WorkerSettings) -> int:
+    """Join and take part until the run finishes; torch and the daemon load only now."""
+    import grpc
+    import structlog
+    import torch
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from fedlora_common.logs import configure_logging
+    from fedlora_worker.daemon import Worker, WorkerFailed
+    from fedlora_worker.metrics import WorkerMetrics
+    from fedlora_worker.modeling import TargetsMismatch
+    from fedlora_worker.transport import CoordinatorClient
+
     configure_logging(json=True)
     structlog.contextvars.bind_contextvars(worker_id=settings.worker_id, component="worker")
     log = structlog.get_logger()
@@ -76,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = CoordinatorClient(
         target=settings.coordinator,
         worker_id=settings.worker_id,
-        token=token,
+        token=settings.bearer_token(),
         retry=settings.retry,
         tls=settings.tls,
         on_retry=metrics.retries.inc,
@@ -95,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with worker:
         try:
             outcome = worker.run()
+        except TargetsMismatch as exc:
+            sys.stderr.write(f"fedlora-worker: this site refuses the run: {exc}\n")
+            return 2
         except WorkerFailed as exc:
             sys.stderr.write(f"fedlora-worker: cannot go on: {exc}\n")
             return 1
