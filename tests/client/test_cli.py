@@ -20,10 +20,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedlora_server.certs import issue_certificates
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker import cli
 from fedlora_worker.cli import main
+from tests.server.conftest import run_settings
 
 GOOD = "worker_id: clinical\ntoken: s3cret\nbase_model: /models/base\ndata:\n  train: [{train}]\n"
 WORKER = "worker_id: clinical\ntoken: s3cret\nbase_model: {base}\ncoordinator: {coordinator}\nprogress: false\n"
@@ -374,6 +376,46 @@ def test_check_exits_1_in_one_line_when_nothing_answers(tmp_path: Path, capsys: 
     assert code == 1
     assert err.startswith(f"fedlora-worker: coordinator 127.0.0.1:{port}: UNAVAILABLE")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("tls", "code"),
+    [
+        ("tls: {{ca: {d}/ca.crt, cert: {d}/clinical.crt, key: {d}/clinical.key}}\n", 0),
+        ("tls: {{ca: {d}/ca.crt}}\n", 1),  # no client certificate for a coordinator that requires one
+        ("", 1),  # plaintext to a TLS port
+    ],
+    ids=["mutual-tls", "no-client-cert", "plaintext"],
+)
+def test_check_speaks_to_the_coordinator_with_the_workers_tls_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tls: str, code: int
+) -> None:
+    # Prepare: a coordinator that requires mutual TLS, and this worker's certificate from the same CA.
+    certs = tmp_path / "tls"
+    issue_certificates(certs, workers=["clinical"])
+    listen = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": None,
+        "tls": {"cert": certs / "coordinator.crt", "key": certs / "coordinator.key", "client_ca": certs / "ca.crt"},
+    }
+    with CoordinatorServer(settings=run_settings(tmp_path / "state", listen=listen)) as server:
+        config = worker_yaml(
+            tmp_path, "/models/base", [tmp_path / "train.jsonl"], coordinator=f"localhost:{server.port}"
+        )
+        config.write_text(config.read_text() + tls.format(d=certs))
+
+        # Execute
+        exit_code = main(["--check", "--config", str(config)])
+
+    # Assert
+    streams = capsys.readouterr()
+    assert exit_code == code
+    if code == 0:
+        assert streams.out.endswith(f"\ncoordinator localhost:{server.port}: SERVING\n")
+    else:
+        assert streams.err.startswith(f"fedlora-worker: coordinator localhost:{server.port}: UNAVAILABLE")
+        assert streams.err.count("\n") == 1
 
 
 # ---- refusal at join ----------------------------------------------------------------------
