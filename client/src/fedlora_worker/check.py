@@ -215,7 +215,9 @@ def _hub(name: str, cached: Path | None) -> BaseModelSource:
             f"{label} is gated on the Hugging Face Hub and this site has no access; accept its license and set HF_TOKEN"
         ) from None
     except RepositoryNotFoundError:
-        raise SiteError(f"{label}: no such model on the Hugging Face Hub (or it is private: set HF_TOKEN)") from None
+        raise SiteError(
+            f"{label}: no such directory, nor a model on the Hugging Face Hub (if it is private: set HF_TOKEN)"
+        ) from None
     except HfHubHTTPError as exc:
         raise SiteError(f"{label}: the Hugging Face Hub answered {_first_line(exc)}") from None
     except Exception as exc:  # the connection: httpx's errors, OSError, timeouts
