@@ -39,7 +39,15 @@ __all__ = ["CoordinatorClient"]
 
 T = TypeVar("T")
 TRANSIENT = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.DATA_LOSS}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DATA_LOSS,
+        # The worker never cancels its own calls: a cancelled one was ended by the coordinator (a stream idle or
+        # slower than its limits allow, e.g. behind a stalled link) or by the network; it is tried again.
+        grpc.StatusCode.CANCELLED,
+    }
 )
 STALE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 """What a coordinator answers a worker whose task it no longer holds (it restarted, or the round moved on)."""
@@ -62,6 +70,19 @@ def _channel(target: str, tls: TlsClientSettings | None, chunk_bytes: int) -> gr
         certificate_chain=tls.cert.read_bytes() if tls.cert else None,
     )
     return grpc.secure_channel(target, credentials, options=options)
+
+
+class _Progress:
+    """Reports bytes past the furthest point any attempt of one transfer reached, so a retried one counts once."""
+
+    def __init__(self, on_bytes: Callable[[int], None]) -> None:
+        self._on_bytes = on_bytes
+        self._furthest = 0
+
+    def reached(self, offset: int) -> None:
+        if offset > self._furthest:
+            self._on_bytes(offset - self._furthest)
+            self._furthest = offset
 
 
 class CoordinatorClient:
@@ -134,10 +155,11 @@ class CoordinatorClient:
     ) -> DownloadedModel:
         """Stream a global version and verify its size, chunk sequence and digest."""
         request = pb.DownloadRequest(worker_id=self.worker_id, run_id=run_id, version=version.version)
-        return self._with_retry("download", lambda: self._download_once(request, version, on_bytes))
+        progress = _Progress(on_bytes)
+        return self._with_retry("download", lambda: self._download_once(request, version, progress))
 
     def _download_once(
-        self, request: pb.DownloadRequest, expected: ModelVersion, on_bytes: Callable[[int], None]
+        self, request: pb.DownloadRequest, expected: ModelVersion, progress: _Progress
     ) -> DownloadedModel:
         stream = self._stub.DownloadGlobal(
             request, metadata=self._metadata, timeout=_stream_timeout(expected.size_bytes)
@@ -160,7 +182,7 @@ class CoordinatorClient:
             buffer[offset : offset + len(data)] = data
             digest.update(data)
             offset += len(data)
-            on_bytes(len(data))
+            progress.reached(offset)
         if offset != declared.size_bytes or digest.digest() != declared.sha256:
             raise TransferError("download is incomplete or its digest does not match")
         vector = np.frombuffer(buffer, dtype=np.float32)
@@ -181,7 +203,7 @@ class CoordinatorClient:
         artifact_config_json: str = "",
         on_bytes: Callable[[int], None] = lambda n: None,
     ) -> int:
-        """Stream one vector; a retry resends it whole. Returns the bytes the coordinator acknowledged."""
+        """Stream one vector; a retry resends it whole (`on_bytes` counts it once). Returns the bytes acknowledged."""
         dtype = MASKED_DTYPE if kind is UploadKind.MASKED else WIRE_DTYPE
         payload = as_bytes(vector.astype(dtype, copy=False))
         header = UploadHeader(
@@ -201,11 +223,15 @@ class CoordinatorClient:
             tag=tag,
         )
 
+        progress = _Progress(on_bytes)
+
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=upload_header_to_proto(header))
+            sent = 0
             for seq, piece in enumerate(iter_chunks(payload, self._chunk_bytes)):
                 yield pb.UploadMessage(chunk=pb.Chunk(seq=seq, data=piece.tobytes()))
-                on_bytes(len(piece))
+                sent += len(piece)
+                progress.reached(sent)
 
         def send() -> int:
             try:
@@ -215,6 +241,7 @@ class CoordinatorClient:
             except grpc.RpcError as exc:
                 if exc.code() is grpc.StatusCode.ALREADY_EXISTS:
                     log.info("upload_already_received", round=round_)
+                    progress.reached(len(payload))
                     return len(payload)
                 raise
             return int(receipt.bytes_received)
