@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "Aborted",
     "AlreadyExists",
     "CoordinatorError",
     "FailedPrecondition",
@@ -41,6 +42,10 @@ class ResourceExhausted(CoordinatorError):
 
 class AlreadyExists(CoordinatorError):
     pass
+
+
+class Aborted(CoordinatorError):
+    """Collides with a call still in flight (a resend racing the stream it replaces): try again shortly."""
 
 
 class NotFound(CoordinatorError):

@@ -5,7 +5,9 @@ arrives (sequence, size, whole values, NaN/Inf for floats), hashed and handed to
 digest is checked at the end. Where the bytes go is the sink's business: a spool file for float
 uploads (folded once verified: folding floats cannot be undone exactly), or straight into the
 secure round's modular sum for masked ones (undone exactly if the stream turns out bad).
-On any fault the sink is aborted and the stream refused whole.
+On any fault the sink is aborted and the stream refused whole. Bytes count as received once the
+upload is taken (fedlora_received_bytes_total holds one copy of each update however often it was
+resent); those of a stream refused or cut off count as discarded.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Received:
 
     size_bytes: int
     sha256: bytes
+    chunks: int = 0
 
 
 def wire_dtype(kind: UploadKind) -> str:
@@ -88,11 +91,10 @@ def receive(
     dtype = np.dtype(wire_dtype(header.kind))
     floats = dtype.kind == "f"
     digest = hashlib.sha256()
-    received = next_seq = 0
+    received = next_seq = read = 0
     try:
         for seq, data in chunks:
-            metrics.received_chunks.inc()
-            metrics.received_bytes.inc(len(data))
+            read += len(data)
             if seq != next_seq:
                 raise InvalidArgument(f"chunk sequence gap: expected {next_seq}, got {seq}")
             if len(data) > chunk_bytes:
@@ -117,11 +119,13 @@ def receive(
     except CoordinatorError as exc:
         sink.abort()
         metrics.rejected_uploads.labels(reason=type(exc).__name__).inc()
+        metrics.discarded_bytes.inc(read)
         raise
     except BaseException:
         sink.abort()
+        metrics.discarded_bytes.inc(read)
         raise
-    return Received(received, digest.digest())
+    return Received(received, digest.digest(), next_seq)
 
 
 class Spool:

@@ -31,6 +31,7 @@ from fedlora_server.aggregation import (
 from fedlora_server.bounds import check_count, check_report, check_upload_numbers
 from fedlora_server.config import RunSettings
 from fedlora_server.errors import (
+    Aborted,
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
@@ -192,7 +193,8 @@ class PhaseMachine:
             check_header(header, chunk_bytes=limits.chunk_bytes, max_update_bytes=limits.max_update_bytes)
             check_upload_numbers(header)
             if header.worker_id in self._uploading:
-                raise AlreadyExists(f"{header.worker_id} is already uploading")
+                # Not ALREADY_EXISTS, which tells a resend its update is in: this one may yet be refused.
+                raise Aborted(f"{header.worker_id} is still uploading on another stream; retry once it ended")
             with self._blame(header.worker_id):
                 upload = self._open_upload(header)
             opened_in = self._state_key()
@@ -213,7 +215,10 @@ class PhaseMachine:
                     upload.accept(received)
             except BaseException:
                 upload.sink.abort()
+                self._metrics.discarded_bytes.inc(received.size_bytes)
                 raise
+            self._metrics.received_bytes.inc(received.size_bytes)
+            self._metrics.received_chunks.inc(received.chunks)
             return header.round
 
     def secure_message(self, worker_id: str, tag: int, message: SecureMessage) -> None:

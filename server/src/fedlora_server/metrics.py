@@ -32,9 +32,20 @@ class ServerMetrics:
             "fedlora_workers_left_total", "Workers that left the run saying they could not go on", registry=registry
         )
         self.current_round = Gauge("fedlora_current_round", "Round in progress", registry=registry)
-        self.received_bytes = Counter("fedlora_received_bytes_total", "Update bytes received", registry=registry)
+        self.received_bytes = Counter(
+            "fedlora_received_bytes_total",
+            "Bytes of uploads taken (verified and accepted): one copy of each update, however often it was resent",
+            registry=registry,
+        )
         self.sent_bytes = Counter("fedlora_sent_bytes_total", "Model bytes sent", registry=registry)
-        self.received_chunks = Counter("fedlora_received_chunks_total", "Update chunks received", registry=registry)
+        self.received_chunks = Counter(
+            "fedlora_received_chunks_total", "Chunks of uploads taken (verified and accepted)", registry=registry
+        )
+        self.discarded_bytes = Counter(
+            "fedlora_discarded_bytes_total",
+            "Bytes of upload streams refused or cut off before their end (a resend brings them again)",
+            registry=registry,
+        )
         self.sent_chunks = Counter("fedlora_sent_chunks_total", "Model chunks sent", registry=registry)
         self.aggregation_seconds = Histogram(
             "fedlora_aggregation_seconds",

@@ -157,6 +157,8 @@ class CoordinatorServer:
             self._streams.shutdown()
         if self._ticker is not None:
             self._ticker.join()
+        if self.coordinator.finished.is_set() and not self._reported:  # finished between two ticks
+            self.write_report()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self._store.close()

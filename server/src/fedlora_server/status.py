@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from fedlora_server.errors import (
+    Aborted,
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
@@ -33,6 +34,7 @@ STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    Aborted: grpc.StatusCode.ABORTED,
 }
 
 
