@@ -28,65 +28,14 @@ RUN groupadd --system --gid 10001 fedlora \
  && install -d -m 0755 /etc/fedlora
 COPY --from=build /opt/venv /opt/venv
 
-# Health check against the coordinator's gRPC health service (grpc.health.v1, from fedlora-common's
-# grpcio-health-checking). Exit 0 only on SERVING. Plaintext by default; when the coordinator serves TLS,
-# set HEALTHCHECK_TLS_CA (and, for mTLS, HEALTHCHECK_TLS_CERT/HEALTHCHECK_TLS_KEY: the coordinator's own
-# certificate from deploy/tls/make-certs.sh is also valid as a client certificate).
-COPY --chmod=0755 <<'EOF' /usr/local/bin/fedlora-healthcheck
-#!/opt/venv/bin/python
-"""Exit 0 when the gRPC health service at HEALTHCHECK_ADDR (default localhost:50051) reports SERVING."""
-
-import os
-import sys
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-
-def _read(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def main() -> int:
-    env = os.environ.get
-    address = env("HEALTHCHECK_ADDR", "localhost:50051")
-    service = env("HEALTHCHECK_SERVICE", "")
-    ca = env("HEALTHCHECK_TLS_CA")
-    if ca:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(ca),
-            private_key=_read(env("HEALTHCHECK_TLS_KEY")),
-            certificate_chain=_read(env("HEALTHCHECK_TLS_CERT")),
-        )
-        name = env("HEALTHCHECK_TLS_SERVER_NAME")
-        options = [("grpc.ssl_target_name_override", name)] if name else []
-        channel = grpc.secure_channel(address, credentials, options=options)
-    else:
-        channel = grpc.insecure_channel(address)
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=float(env("HEALTHCHECK_TIMEOUT_S", "3")),
-            )
-        except grpc.RpcError as exc:
-            print(f"{address}: {exc.code().name}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{address}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-EOF
-
+# Health check: `fedlora-server --check` asks the gRPC health service of the coordinator that the config
+# describes (listen.host/port; TLS and mTLS as listen.tls says, presenting the coordinator's own
+# certificate, which `fedlora-server certs` makes valid for client authentication too). Exit 0 only on
+# SERVING: NOT_SERVING until the state is restored and the server started, and after a failed run.
 USER 10001:10001
 WORKDIR /var/lib/fedlora
 EXPOSE 50051 9100
-HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["fedlora-healthcheck"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --start-interval=2s --retries=3 \
+    CMD ["fedlora-server", "--check", "--config", "/etc/fedlora/run.yaml"]
 ENTRYPOINT ["fedlora-server"]
 CMD ["--config", "/etc/fedlora/run.yaml"]

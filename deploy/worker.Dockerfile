@@ -41,10 +41,11 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 fedlora \
  && useradd --system --uid 10001 --gid fedlora --home-dir /home/fedlora --create-home --shell /usr/sbin/nologin fedlora \
  && install -d -o fedlora -g fedlora -m 0750 /data /home/fedlora/.cache \
- && install -d -m 0755 /etc/fedlora
+ && install -d -o fedlora -g fedlora -m 0755 /etc/fedlora
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
-# /data is owned by the fedlora user, so a fresh named volume mounted there is writable (compose's init).
+# /data and /etc/fedlora are owned by the fedlora user, so fresh named volumes mounted there are writable
+# (compose's init writes the lab data to one, identities, certificates and configs to the other).
 WORKDIR /data
 EXPOSE 9101
 ENTRYPOINT ["fedlora-worker"]

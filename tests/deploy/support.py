@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -47,3 +50,42 @@ def run_program(
     return subprocess.run(
         list(argv), cwd=cwd, env=program_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def entrypoint(dockerfile: Path) -> list[str]:
+    """The ENTRYPOINT of a Dockerfile (exec form)."""
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        if line.startswith("ENTRYPOINT "):
+            argv: list[str] = json.loads(line.removeprefix("ENTRYPOINT "))
+            return argv
+    raise AssertionError(f"{dockerfile} has no ENTRYPOINT")
+
+
+def coordinator_command(config: str | Path) -> list[str]:
+    """How the coordinator is started, in the process tests as in the images (ENTRYPOINT + command)."""
+    return ["fedlora-server", "--config", str(config)]
+
+
+def worker_command(config: str | Path) -> list[str]:
+    """How a worker is started, in the process tests as in the images (ENTRYPOINT + command)."""
+    return ["fedlora-worker", "--config", str(config)]
+
+
+def paths_named(settings: BaseModel) -> list[Path]:
+    """Every path a settings object names, however deep (files its program will open)."""
+    found: list[Path] = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        values = value if isinstance(value, tuple) else (value,)
+        for item in values:
+            if isinstance(item, Path):
+                found.append(item)
+            elif isinstance(item, BaseModel):
+                found += paths_named(item)
+    return found
+
+
+def identity_public_of(key_file: Path) -> str:
+    """The public half of an identity key file `fedlora-worker keygen` wrote."""
+    private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(key_file.read_text(encoding="utf-8").strip()))
+    return private.public_key().public_bytes_raw().hex()
