@@ -31,7 +31,7 @@ from fedlora_lab.datagen import DOMAINS, DataSpec, Domain, generate_site, write_
 from fedlora_server.config import RunSettings, WorkerEntry, token_digest
 from fedlora_worker.config import DataSection, WorkerSettings
 
-__all__ = ["FederationPlan", "FederationResult", "LocalFederation", "run_settings", "site_names"]
+__all__ = ["FederationPlan", "FederationResult", "LocalFederation", "run_settings", "site_names", "write_settings"]
 
 log = structlog.get_logger()
 
@@ -96,7 +96,7 @@ def run_settings(
     return RunSettings.model_validate(merge(run, plan.run))
 
 
-def _write_yaml(path: Path, settings: BaseModel) -> None:
+def write_settings(path: Path, settings: BaseModel) -> None:
     """A settings model as the YAML its program loads: only what differs from the defaults."""
     dumped = settings.model_dump(mode="json", exclude_defaults=True)
     path.write_text(yaml.safe_dump(dumped, sort_keys=False), encoding="utf-8")
@@ -117,7 +117,15 @@ class LocalFederation:
         """
         p = self._plan
         out = p.out_dir.resolve()
-        for stale in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "artifacts", "adapter", "spool"):
+        for stale in (
+            "coordinator.db",
+            "coordinator.db-wal",
+            "coordinator.db-shm",
+            "artifacts",
+            "adapter",
+            "spool",
+            "report.json",
+        ):
             target = out / stale
             if target.is_symlink() or target.is_file():
                 target.unlink()
@@ -160,7 +168,7 @@ class LocalFederation:
                 }
             )
         run_yaml = out / "run.yaml"
-        _write_yaml(run_yaml, run_settings(p, base_model=str(base), state_dir=out, workers=allow))
+        write_settings(run_yaml, run_settings(p, base_model=str(base), state_dir=out, workers=allow))
         return run_yaml, workers
 
     def run(self) -> FederationResult:
@@ -172,7 +180,7 @@ class LocalFederation:
             ready = _read_ready(server, deadline)
             log.info("coordinator_ready", port=ready["port"], metrics_port=ready["metrics_port"])
             for path, settings in workers.items():
-                _write_yaml(path, settings.model_copy(update={"coordinator": f"127.0.0.1:{ready['port']}"}))
+                write_settings(path, settings.model_copy(update={"coordinator": f"127.0.0.1:{ready['port']}"}))
                 self._start(settings.worker_id, [sys.executable, "-m", "fedlora_worker", "--config", str(path)])
             codes = self._wait_all(deadline)
         finally:

@@ -1,0 +1,100 @@
+"""The simulation engine: sites checked like the coordinator's door, deadlines for turns, a whole run in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedlora_common.plans import RunSpec
+from fedlora_common.settings import load_settings
+from fedlora_lab.model_factory import MadeModel
+from fedlora_lab.simulation import Simulation, SimulationError, check_sites, stretched
+from fedlora_server.config import RunSettings
+from fedlora_worker.config import WorkerSettings
+from fedlora_worker.modeling import LoadedModel, SiteModel, load_model
+from tests.lab.simulation.conftest import small_plan, written
+
+
+def _configs(tmp_path: Path, base: Path, **run: object) -> tuple[RunSettings, list[WorkerSettings]]:
+    run_yaml, sites = written(small_plan(tmp_path / "out", base, **run))
+    settings = load_settings(RunSettings, ["--config", str(run_yaml)], environ={})
+    return settings, [load_settings(WorkerSettings, ["--config", str(p)], environ={}) for p in sites]
+
+
+@pytest.fixture
+def fake_base(tmp_path: Path) -> Path:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}", encoding="utf-8")
+    return base
+
+
+def test_sites_must_be_distinct_enough_and_admitted_by_the_run(tmp_path: Path, fake_base: Path) -> None:
+    settings, sites = _configs(tmp_path, fake_base)
+    stranger = sites[0].model_copy(update={"token": None, "token_file": tmp_path / "stranger"})
+    (tmp_path / "stranger").write_text("not-on-the-list", encoding="utf-8")
+    elsewhere = sites[1].model_copy(update={"base_model": str(tmp_path / "other-base")})
+
+    with pytest.raises(SimulationError, match="repeated: clinical"):
+        check_sites(settings, [sites[0], sites[0], sites[2]])
+    with pytest.raises(SimulationError, match="2 given, the run needs min_workers 3"):
+        check_sites(settings, sites[:2])
+    with pytest.raises(SimulationError, match="site clinical: not admitted"):
+        check_sites(settings, [stranger, *sites[1:]])
+    with pytest.raises(SimulationError, match="must name the same one"):
+        check_sites(settings, [sites[0], elsewhere, sites[2]])
+    check_sites(settings, sites)
+
+
+def test_deadlines_stretch_by_the_number_of_clients_and_nothing_else_changes(tmp_path: Path, fake_base: Path) -> None:
+    settings, _ = _configs(tmp_path, fake_base)
+
+    longer = stretched(settings, 3)
+
+    assert longer.timeouts.train_s == 3 * settings.timeouts.train_s
+    assert longer.timeouts.phase_base_s == 3 * settings.timeouts.phase_base_s
+    assert longer.timeouts.poll_wait_ms == settings.timeouts.poll_wait_ms
+    assert longer.model_dump(exclude={"timeouts"}) == settings.model_dump(exclude={"timeouts"})
+
+
+def test_a_run_trains_every_site_on_one_loaded_model_and_leaves_a_process_runs_files(
+    tmp_path: Path, lab_model: MadeModel
+) -> None:
+    settings, sites = _configs(tmp_path, lab_model.path, rounds=2)
+    loads: list[SiteModel] = []
+
+    def load(run: RunSpec, site: SiteModel) -> LoadedModel:
+        loads.append(site)
+        return load_model(run, site)
+
+    outcome = Simulation(settings=settings, sites=sites, load=load).run()
+
+    out = settings.state_dir
+    assert len(loads) == 1
+    assert outcome.failure is None
+    assert outcome.exit_codes == {"coordinator": 0, "clinical": 0, "legal": 0, "finance": 0}
+    assert all(s.outcome is not None and s.outcome.rounds_trained == 2 for s in outcome.sites.values())
+    assert [r["round"] for r in outcome.report["rounds"]] == [1, 2]
+    assert all(sorted(r["participants"]) == ["clinical", "finance", "legal"] for r in outcome.report["rounds"])
+    assert {p.name for p in outcome.report_paths} >= {"report.json", "report.md", "report.html"}
+    assert (out / "coordinator.db").exists()
+    base = AutoModelForCausalLM.from_pretrained(lab_model.path)
+    PeftModel.from_pretrained(base, out / "adapter")  # the committed adapter loads as peft's
+
+
+def test_sites_that_all_end_before_the_run_can_start_end_the_simulation_with_their_reasons(
+    tmp_path: Path, fake_base: Path
+) -> None:
+    # A process federation would wait at admission until its timeout; here every site's thread is seen to end.
+    settings, sites = _configs(tmp_path, fake_base)
+
+    def broken(run: RunSpec, site: SiteModel) -> LoadedModel:
+        raise OSError(f"{site.path}: no weights")
+
+    with pytest.raises(RuntimeError, match="every site ended before the run finished") as ended:
+        Simulation(settings=settings, sites=sites, load=broken).run()
+
+    assert all(f"{worker}: WorkerFailed: OSError" in str(ended.value) for worker in ("clinical", "legal", "finance"))
