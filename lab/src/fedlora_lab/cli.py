@@ -1,4 +1,4 @@
-"""`fedlora-lab`: make a base model and site data from nothing, and run a local federation."""
+"""`fedlora-lab`: make a base model and site data from nothing, and run a local federation (processes or simulated)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ from fedlora_common.memorization import AuditRates, AuditSummary, audit_summary_
 from fedlora_common.plans import AuditPlan
 from fedlora_common.settings import ConfigError, describe
 from fedlora_lab.datagen import DOMAINS, DataSpec, generate_site, write_site
-from fedlora_lab.federation import FederationPlan, LocalFederation
+from fedlora_lab.engines import ENGINES, run_federation
+from fedlora_lab.federation import FederationPlan
 from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
+from fedlora_lab.simulation import command as simulate_command
+from fedlora_lab.simulation.command import SUMMARY, add_simulate_arguments, simulate
 
 __all__ = ["main"]
 
@@ -123,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=_positive, default=3)
     demo.add_argument("--workers", type=_positive, default=3)
     demo.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
+    demo.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="processes",
+        help="processes: a coordinator and a worker per site over gRPC; simulation: all in this process",
+    )
     demo.add_argument("--aggregation", choices=("fedavg", "ffa"), default="fedavg")
     demo.add_argument(
         "--secagg",
@@ -151,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=1,
         help="audit the global model every N rounds (0: never; the last always)",
+    )
+
+    add_simulate_arguments(
+        sub.add_parser(
+            "simulate",
+            help=SUMMARY,
+            description=simulate_command.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     )
 
     experiment = sub.add_parser("experiment", help="run an experiment config (methods x seeds), audit, report")
@@ -195,9 +213,11 @@ def _demo(args: argparse.Namespace) -> int:
         },
         timeout=timedelta(minutes=60),
     )
-    sys.stderr.write(f"running {args.workers} workers x {args.rounds} rounds ({args.mode}); logs in {args.out}/logs\n")
+    sys.stderr.write(
+        f"running {args.workers} workers x {args.rounds} rounds ({args.mode}, {args.engine}); logs in {args.out}/logs\n"
+    )
     try:
-        result = LocalFederation(plan).run()
+        result = run_federation(plan, engine=args.engine)
     except ValidationError as exc:
         sys.stderr.write(f"fedlora-lab demo: error: run.yaml {describe(exc)}\n")
         return 2
@@ -304,8 +324,13 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "simulate":  # only simulate passes flags on (to run.yaml)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(json=False, level="warning")
+    if args.command == "simulate":
+        return simulate(args, rest)
     if args.command == "make-model":
         made = make_model(args.dir, _model_config(args.size), progress=_progress("pre-training"))
         sys.stdout.write(

@@ -1,0 +1,27 @@
+"""Two engines, one code: which one runs a lab federation (`FederationPlan`).
+
+``processes`` (the deployment engine): a coordinator and one worker per site, each an OS process,
+over gRPC on 127.0.0.1 (`LocalFederation`). ``simulation``: the same coordinator and worker code in
+one `fedlora-lab simulate` process, the sites taking turns on one loaded base model with every
+thread it is given (`SimulatedFederation`). Both leave the same files and report.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final, Literal
+
+from fedlora_lab.federation import FederationPlan, FederationResult, LocalFederation
+from fedlora_lab.simulation.federation import SimulatedFederation
+
+__all__ = ["ENGINES", "Engine", "run_federation"]
+
+Engine = Literal["simulation", "processes"]
+ENGINES: Final[tuple[Engine, ...]] = ("simulation", "processes")
+
+
+def run_federation(plan: FederationPlan, *, engine: Engine, threads: int | None = None) -> FederationResult:
+    """Run `plan` on `engine`; `threads` is the simulation's torch threads (default: every core)."""
+    if engine == "processes":
+        return LocalFederation(plan).run()
+    return SimulatedFederation(plan).run_in_child(threads=threads or max(1, os.cpu_count() or 1))
