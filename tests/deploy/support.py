@@ -45,10 +45,16 @@ def program_env(**extra: str) -> dict[str, str]:
 
 
 def run_program(
-    argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 60
+    argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 60, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        list(argv), cwd=cwd, env=program_env(), capture_output=True, text=True, timeout=timeout, check=False
+        list(argv),
+        cwd=cwd,
+        env=program_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -12,16 +12,13 @@ from typing import Any
 import pytest
 
 from fedlora_common.settings import load_settings
-from fedlora_lab.datagen import DataSpec, generate_site, write_site
 from fedlora_lab.model_factory import MadeModel
 from fedlora_server.config import RunSettings
 from fedlora_worker.config import WorkerSettings
+from tests.deploy.example import SITES, prepare_example
 from tests.deploy.processes import Processes, listening
 from tests.deploy.prometheus import Prometheus
-from tests.deploy.support import REPO, coordinator_command, free_port, run_program, worker_command
-
-EXAMPLE = REPO / "examples" / "two-sites"
-SITES = {"site-a": ("worker-a.yaml", "clinical"), "site-b": ("worker-b.yaml", "legal")}
+from tests.deploy.support import coordinator_command, free_port, worker_command
 
 
 @dataclass(frozen=True)
@@ -32,17 +29,6 @@ class ExampleRun:
     report: dict[str, Any]
     rounds_completed: list[dict[str, Any]]
     training_steps: list[dict[str, Any]]
-
-
-def prepare_example(out: Path, lab_model: MadeModel) -> str:
-    """The example's directory as setup.sh leaves it, with the session's tiny model and small site data."""
-    (out / "base-model").symlink_to(lab_model.path, target_is_directory=True)
-    for seed, (site, (_, domain)) in enumerate(SITES.items()):
-        spec = DataSpec(n_train=24, n_eval=4, n_canaries=2, n_controls=2, seed=seed)
-        write_site(out / "data" / site, generate_site(domain, spec))
-    setup = run_program(["sh", str(EXAMPLE / "setup.sh"), str(out)], timeout=300)
-    assert setup.returncode == 0, setup.stderr
-    return setup.stdout
 
 
 @pytest.fixture(scope="module")
