@@ -16,6 +16,7 @@ from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_server.certs import issue_certificates
 from fedlora_server.cli import main
 from fedlora_server.server import CoordinatorServer
+from tests.deploy.support import REPO, run_program
 from tests.server.conftest import run_settings, token_of
 
 
@@ -131,3 +132,16 @@ def test_the_coordinator_admits_a_worker_only_with_its_own_client_certificate(tm
 
     assert own == grpc.StatusCode.OK
     assert borrowed == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_old_make_certs_script_makes_the_same_files_through_fedlora_server_certs(tmp_path: Path) -> None:
+    script = REPO / "deploy" / "tls" / "make-certs.sh"
+
+    result = run_program(["sh", str(script), str(tmp_path), "clinical", "legal"], env={"EXTRA_SANS": "IP:10.0.0.5"})
+
+    coordinator = _load(tmp_path / "coordinator.crt")
+    names = coordinator.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert result.returncode == 0, result.stderr
+    assert ipaddress.ip_address("10.0.0.5") in names.get_values_for_type(x509.IPAddress)
+    assert _cn(_load(tmp_path / "legal.crt")) == "legal"
+    _load(tmp_path / "legal.crt").verify_directly_issued_by(_load(tmp_path / "ca.crt"))
