@@ -23,6 +23,7 @@ from fedlora_lab.experiment import (
     summarize,
     write_experiment_report,
 )
+from fedlora_lab.experiment.execute import simulation_threads
 
 REPO = Path(__file__).resolve().parents[2]
 T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
@@ -91,6 +92,31 @@ def test_method_privacy_is_checked_by_the_run_schema(tmp_path: Path, capsys: pyt
 def test_repeated_method_names_are_refused() -> None:
     with pytest.raises(ValueError, match="repeated: lora"):
         ExperimentConfig.model_validate({**SMALL, "methods": [{"name": "lora"}, {"name": "lora"}]})
+
+
+def test_runs_are_simulated_unless_the_config_asks_for_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = ExperimentConfig.model_validate(SMALL)
+    processes = ExperimentConfig.model_validate({**SMALL, "engine": "processes"})
+    method = default.methods[0]
+
+    code, err = _run_cli(tmp_path, {**SMALL, "engine": "threads"}, capsys)
+
+    assert default.engine == "simulation"
+    assert processes.engine == "processes"
+    assert default.fingerprint(method, 0) != processes.fingerprint(method, 0)  # a stored result is redone
+    assert code == 2
+    assert "engine" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_simulated_runs_side_by_side_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+
+    threads = [simulation_threads(ExperimentConfig.model_validate({**SMALL, "parallel": n})) for n in (1, 2, 3, 16)]
+
+    assert threads == [8, 4, 2, 1]
 
 
 def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from fedlora_common.plans import AuditPlan, LoraSpec, Mode
 from fedlora_common.settings import ConfigError, StrictModel, describe, merge, read_yaml_mapping
 from fedlora_lab.datagen import DataSpec
+from fedlora_lab.engines import Engine
 from fedlora_lab.federation import FederationPlan, run_settings, site_names
 from fedlora_server.config import WorkerEntry
 
@@ -126,7 +127,12 @@ class ExperimentConfig(StrictModel):
     data: DataSection = DataSection()
     federation: FederationSection = FederationSection()
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
-    parallel: int = Field(2, ge=1)
+    engine: Engine = Field(
+        "simulation",
+        description="simulation: each run one process, its sites taking turns on one model; "
+        "processes: a coordinator and a worker per site, each a process, over gRPC",
+    )
+    parallel: int = Field(2, ge=1, description="Runs side by side (simulation: the cores are split among them)")
     audit: AuditSection = AuditSection()
     methods: tuple[MethodConfig, ...] = Field(min_length=1)
 
@@ -175,6 +181,7 @@ class ExperimentConfig(StrictModel):
             "model": self.model.model_dump(),
             "data": self.data.model_dump(),
             "federation": self.federation.model_dump(),
+            "engine": self.engine,
             "audit": self.audit.model_dump(),
             "method": method.model_dump(exclude={"label"}),
             "seed": seed,

@@ -1,4 +1,4 @@
-"""One run of an experiment: a local federation for one (method, seed), then the audit of its final model.
+"""One run of an experiment: a federation for one (method, seed) on its engine, then the audit of its final model.
 
 A run never raises: whatever happens is in the result it returns, which is what ``result.json``
 and ``results.json`` hold for it.
@@ -7,6 +7,7 @@ and ``results.json`` hold for it.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import time
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from fedlora_common.memorization import combine_summaries
+from fedlora_lab.engines import run_federation
 from fedlora_lab.experiment.audit import audit_site, with_tokenizer
 from fedlora_lab.experiment.config import ExperimentConfig, MethodConfig, federation_plan
-from fedlora_lab.federation import LocalFederation, site_names
+from fedlora_lab.federation import site_names
 
-__all__ = ["PlannedRun", "execute_run"]
+__all__ = ["PlannedRun", "execute_run", "simulation_threads"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class PlannedRun:
     @property
     def key(self) -> str:
         return f"{self.method.name}/seed-{self.seed}"
+
+
+def simulation_threads(config: ExperimentConfig) -> int:
+    """Torch threads of one simulated run: the cores shared by the runs that go side by side."""
+    return max(1, (os.cpu_count() or 1) // config.parallel)
 
 
 def _final(rounds: Sequence[Mapping[str, Any]], key: str) -> Any:
@@ -102,7 +109,7 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
     started = time.monotonic()
     deadline = started + plan.timeout.total_seconds() * 2
     try:
-        federation = LocalFederation(plan).run()
+        federation = run_federation(plan, engine=config.engine, threads=simulation_threads(config))
     except Exception as exc:  # a failed run is recorded, the experiment goes on
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["duration_s"] = time.monotonic() - started

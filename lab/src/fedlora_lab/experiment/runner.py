@@ -1,7 +1,8 @@
 """`fedlora-lab experiment`: the paper's comparison (methods x seeds) in one command.
 
-Every (method, seed) pair is an independent local federation in ``OUT/runs/<method>/seed-<s>/``
-(``execute_run``); ``parallel`` of them run side by side, each worker on one thread. Each run leaves
+Every (method, seed) pair is an independent federation in ``OUT/runs/<method>/seed-<s>/``
+(``execute_run``) on the config's ``engine``; ``parallel`` of them run side by side (simulation: each
+run one process with its share of the cores; processes: each worker on one thread). Each run leaves
 ``result.json``; a run whose result exists (for the same settings) is not redone, so an
 interrupted experiment resumes where it stopped. Finally ``OUT/results.json`` gathers the runs and
 ``report`` turns it into ``report.md`` and ``report.html``.
