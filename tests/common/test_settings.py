@@ -115,3 +115,16 @@ def test_config_without_a_file_name_is_one_line_not_an_argparse_exit() -> None:
         load_settings(_Required, ["--config"], environ={})
 
     assert str(info.value) == "argument --config: expected one argument"
+
+
+def test_a_file_of_the_other_program_is_named_as_such_in_one_short_line(tmp_path: Path) -> None:
+    config = tmp_path / "worker.yaml"
+    config.write_text("worker_id: a\ntoken_file: t\ncoordinator: c:1\ndata: {}\ndevice: cpu\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(_Required, ["--config", str(config)], environ={})
+
+    assert str(info.value) == (
+        "worker_id: unknown setting; token_file: unknown setting; coordinator: unknown setting; "
+        "2 more unknown settings (is this the other program's file?); base_model: Field required"
+    )

@@ -108,6 +108,9 @@ def _unknown(loc: Sequence[int | str], model: type[BaseModel] | None) -> str:
     return f"{_name(loc)}: unknown setting{hint}"
 
 
+_MAX_UNKNOWN = 3
+
+
 def describe(error: ValidationError, model: type[BaseModel] | None = None) -> str:
     """One readable line naming the offending field.
 
@@ -118,8 +121,11 @@ def describe(error: ValidationError, model: type[BaseModel] | None = None) -> st
     errors = error.errors()
     unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
+        named = [_unknown(loc, model) for loc in unknown[:_MAX_UNKNOWN]]
+        if len(unknown) > _MAX_UNKNOWN:
+            named.append(f"{len(unknown) - _MAX_UNKNOWN} more unknown settings (is this the other program's file?)")
         missing = [f"{_name(e['loc'])}: Field required" for e in errors if e["type"] == "missing"]
-        return "; ".join([*(_unknown(loc, model) for loc in unknown), *missing])
+        return "; ".join([*named, *missing])
     first = errors[0]
     message = str(first["msg"]).removeprefix("Value error, ")
     if not first["loc"]:
