@@ -35,7 +35,7 @@ COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /var/lib/fedlora
 EXPOSE 50051 9100
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --start-interval=2s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
     CMD ["fedlora-server", "--check", "--config", "/etc/fedlora/run.yaml"]
 ENTRYPOINT ["fedlora-server"]
 CMD ["--config", "/etc/fedlora/run.yaml"]
