@@ -14,7 +14,7 @@ __all__ = ["DataSection", "RetrySettings", "TlsClientSettings", "WorkerSettings"
 
 
 class DataSection(StrictModel):
-    """This site's records (jsonl, csv or parquet; `text`, `prompt`/`completion` or chat `messages`)."""
+    """This site's records (.jsonl, .json, .csv or .parquet; `text`, `prompt`/`completion` or chat `messages`)."""
 
     train: tuple[Path, ...] = Field(min_length=1, description="Training records; they never leave the site")
     eval: tuple[Path, ...] = Field((), description="Held-out records each new global model is evaluated on")
