@@ -90,6 +90,32 @@ def test_privacy_plans_and_audit_round_trip() -> None:
         assert task_from_proto(task_to_proto(task)) == task
 
 
+def test_gpu_training_settings_and_the_schedule_round_trip() -> None:
+    rng = random.Random(19)
+    for _ in range(8):
+        batch_size = rng.randint(1, 64)
+        local_steps = rng.randint(1, 50)
+        rounds = rng.randint(1, 20)
+        start = rng.randrange(rounds) * local_steps
+        plan = TrainingPlan(
+            local_steps=local_steps,
+            batch_size=batch_size,
+            micro_batch_size=rng.choice([None, rng.randint(1, batch_size)]),
+            gradient_checkpointing=rng.random() < 0.5,
+            packing=rng.random() < 0.5,
+            lr_schedule=rng.choice(["constant", "linear", "cosine"]),
+            warmup_steps=rng.randint(0, 100),
+            min_lr_ratio=rng.choice([0.0, 0.1, 0.5, 1.0]),
+            precision=rng.choice(["auto", "bf16", "fp32"]),
+            seed=rng.randint(0, 2**40),
+            schedule_start=start,
+            schedule_steps=rounds * local_steps,
+        )
+        task = Task(TaskKind.TRAIN, round=start // local_steps + 1, training=plan)
+
+        assert task_from_proto(task_to_proto(task)) == task
+
+
 def test_waiting_task_without_version_round_trips() -> None:
     task = Task(TaskKind.WAIT, round=3, retry_after_ms=250)
 

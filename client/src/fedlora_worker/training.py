@@ -5,22 +5,28 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from fedlora_common.plans import GoldfishPlan, RecordDPPlan, TrainingPlan
 from fedlora_worker.data import IGNORE_INDEX, Batch, TokenizedData, batches, collate
 from fedlora_worker.dp_sgd import dp_optimizer, draw_records, merge_grad_samples, record_windows, secret_generator
 from fedlora_worker.goldfish import goldfish_mask
+from fedlora_worker.packing import pack
 
 __all__ = [
     "EvalResult",
+    "Replicas",
     "TrainResult",
     "causal_lm_loss",
+    "check_plan",
     "evaluate",
+    "learning_rate_at",
     "token_losses",
     "train_locally",
 ]
@@ -31,7 +37,8 @@ class TrainResult:
     """mean_loss is token-weighted; tokens counts the non-padding tokens the model processed.
 
     sample_rate is the Poisson rate q of DP-SGD (0 without DP): with steps and the noise multiplier
-    it is what a record-level privacy accountant needs.
+    it is what a record-level privacy accountant needs. peak_memory_bytes is the most GPU memory
+    torch had allocated at once while training (the largest over this site's devices), 0 on a CPU.
     """
 
     mean_loss: float
@@ -39,6 +46,7 @@ class TrainResult:
     tokens: int
     seconds: float
     sample_rate: float = 0.0
+    peak_memory_bytes: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -91,6 +99,59 @@ class _Step:
     tokens: int
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """The processes that train one site together (`fedlora_worker.distributed`).
+
+    Every process draws the same batches; process `rank` takes rows rank, rank + world_size, ...
+    of each, and `model` (DistributedDataParallel around the trained model) averages the
+    gradients, which each process scales so the average is the gradient of the whole batch.
+    """
+
+    model: Any
+    rank: int
+    world_size: int
+
+
+def check_plan(plan: TrainingPlan, *, world_size: int = 1) -> None:
+    """Refuse what cannot train as the plan says, in one line naming the settings."""
+    if plan.record_dp is not None and plan.packing:
+        raise ValueError(
+            "training.packing with privacy.record_dp: a packed window holds several records, so DP-SGD could "
+            "not clip each record's gradient; turn packing off"
+        )
+    if plan.record_dp is not None and plan.gradient_checkpointing:
+        raise ValueError(
+            "training.gradient_checkpointing with privacy.record_dp: Opacus' per-record gradients need the "
+            "activations it would recompute; turn checkpointing off (micro_batch_size bounds memory instead)"
+        )
+    if plan.record_dp is not None and world_size > 1:
+        raise ValueError(
+            f"privacy.record_dp trains one process per site, not {world_size}: run this site without torchrun"
+        )
+    if plan.batch_size < world_size:
+        raise ValueError(
+            f"training.batch_size {plan.batch_size} leaves some of this site's {world_size} processes idle"
+        )
+
+
+def learning_rate_at(plan: TrainingPlan, step: int) -> float:
+    """The learning rate of the run's optimizer step `step` (from 0) on the plan's schedule.
+
+    Warmup rises linearly over warmup_steps to learning_rate (its first step at 1/warmup_steps);
+    then constant, or linear or cosine decay to min_lr_ratio x learning_rate over the remaining
+    steps of the run (schedule_steps, else this round's local_steps).
+    """
+    total = plan.schedule_steps or plan.local_steps
+    if step < plan.warmup_steps:
+        return plan.learning_rate * (step + 1) / plan.warmup_steps
+    progress = (step - plan.warmup_steps) / max(1, total - plan.warmup_steps)
+    if plan.lr_schedule == "constant":
+        return plan.learning_rate
+    left = 1.0 - progress if plan.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return plan.learning_rate * (plan.min_lr_ratio + (1.0 - plan.min_lr_ratio) * max(0.0, left))
+
+
 def train_locally(
     model: torch.nn.Module,
     data: TokenizedData,
@@ -99,25 +160,35 @@ def train_locally(
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
     dp_generator: torch.Generator | None = None,
+    replicas: Replicas | None = None,
 ) -> TrainResult:
     """Take plan.local_steps AdamW steps on the trainable parameters; on_step(step, loss) after each.
 
     The optimizer is fresh each call (a round starts from the new global state) and has no weight
-    decay, which would pull the update towards zero rather than towards the site's data. Batch order
-    and dropout are seeded from plan.seed without touching the caller's random state. plan.goldfish
-    leaves a hashed 1/k of the tokens out of the loss. plan.record_dp switches to record-level
-    DP-SGD: batch_size becomes the expected number of records per Poisson draw, and each record's
-    gradient is clipped to record_dp.max_grad_norm in place of grad_clip_norm on the batch's. The
-    Poisson draws and the noise come from dp_generator, by default seeded from the OS (never from
-    plan.seed, see dp_sgd.secret_generator); an empty draw reports a loss of nan.
+    decay, which would pull the update towards zero rather than towards the site's data. Its
+    learning rate follows the run's schedule (learning_rate_at). Batch order and dropout are
+    seeded from plan.seed without touching the caller's random state. Each step's batch is cut into
+    micro-batches of micro_batch_size whose gradients add up to the batch's; with replicas, the
+    processes of the site share each batch. plan.packing fills windows with whole short records;
+    plan.gradient_checkpointing recomputes activations in the backward pass; plan.precision picks
+    bf16 autocast. plan.goldfish leaves a hashed 1/k of the tokens out of the loss. plan.record_dp
+    switches to record-level DP-SGD: batch_size becomes the expected number of records per Poisson
+    draw, and each record's gradient is clipped to record_dp.max_grad_norm in place of
+    grad_clip_norm on the batch's. The Poisson draws and the noise come from dp_generator, by
+    default seeded from the OS (never from plan.seed, see dp_sgd.secret_generator); an empty draw
+    reports a loss of nan.
     """
+    world = replicas.world_size if replicas is not None else 1
+    check_plan(plan, world_size=world)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    device = params[0].device
+    device = _input_device(model)
+    if plan.packing:
+        data = pack(data, plan.max_seq_len)
     sample_rate = 0.0
     if plan.record_dp is None:
-        steps = _plain_steps(model, data, plan, params, pad_id=pad_id)
+        steps = _plain_steps(model, data, plan, params, pad_id=pad_id, replicas=replicas)
     else:
         records = record_windows(data)
         if plan.batch_size > len(records):
@@ -128,10 +199,12 @@ def train_locally(
             model, data, records, sample_rate, plan, plan.record_dp, params, pad_id=pad_id, generator=generator
         )
     loss_sum, loss_tokens, tokens = 0.0, 0, 0
+    _reset_peak_memory(model)
     started = time.perf_counter()
     model.train()
     rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
-    with rng, contextlib.closing(steps):  # closing: Opacus lets go of the model even if on_step raises
+    # closing: Opacus lets go of the model even if on_step raises
+    with rng, _checkpointing(model, plan.gradient_checkpointing), contextlib.closing(steps):
         torch.manual_seed(plan.seed)
         for number, step in enumerate(steps, start=1):
             loss_sum += step.loss * step.counted if step.counted else 0.0
@@ -146,32 +219,51 @@ def train_locally(
         tokens=tokens,
         seconds=time.perf_counter() - started,
         sample_rate=sample_rate,
+        peak_memory_bytes=_peak_memory(model, replicas),
     )
 
 
-def _checked(loss: torch.Tensor, step: int) -> float:
-    value = loss.item()
+def _checked(loss: torch.Tensor | float, step: int) -> float:
+    value = loss.item() if isinstance(loss, torch.Tensor) else loss
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at step {step}")
     return value
 
 
 def _plain_steps(
-    model: torch.nn.Module, data: TokenizedData, plan: TrainingPlan, params: list[torch.nn.Parameter], *, pad_id: int
+    model: torch.nn.Module,
+    data: TokenizedData,
+    plan: TrainingPlan,
+    params: list[torch.nn.Parameter],
+    *,
+    pad_id: int,
+    replicas: Replicas | None,
 ) -> Generator[_Step]:
-    """Shuffled full batches; the batch's token-mean loss; its gradient clipped to grad_clip_norm."""
+    """Shuffled full batches; the batch's token-mean loss, summed over micro-batches (and processes) so
+    that their gradients add up to the batch's; that gradient clipped to grad_clip_norm."""
+    forward, rank, world = (model, 0, 1) if replicas is None else (replicas.model, replicas.rank, replicas.world_size)
+    device = _input_device(model)
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     stream = batches(
         data, batch_size=plan.batch_size, generator=torch.Generator().manual_seed(plan.seed), pad_id=pad_id
     )
     for step in range(1, plan.local_steps + 1):
-        batch = next(stream).to(params[0].device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, counted = causal_lm_loss(logits, batch.labels, loss_mask=_loss_mask(batch, plan.goldfish))
-        value = _checked(loss, step)
+        batch = next(stream)  # the whole batch, drawn alike in every process
+        loss_mask = _loss_mask(batch, plan.goldfish)
+        counted = _counted(batch, loss_mask)  # the denominator of the batch's token-mean loss
+        micro_batches = _micro_batches(batch, loss_mask, range(rank, len(batch.input_ids), world), plan)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss_sum = torch.zeros((), device=device)
+        for i, (micro, micro_mask) in enumerate(micro_batches):
+            micro = micro.to(device)
+            with _synced(replicas, last=i == len(micro_batches) - 1), _autocast(plan, device):
+                logits = forward(input_ids=micro.input_ids, attention_mask=micro.attention_mask, use_cache=False).logits
+                losses, _ = token_losses(logits, micro.labels, loss_mask=micro_mask)
+                (losses.sum() * (world / max(counted, 1))).backward()  # type: ignore[no-untyped-call]
+            loss_sum += losses.detach().sum()
+        value = _checked(_summed(loss_sum, world) / max(counted, 1), step)
         torch.nn.utils.clip_grad_norm_(params, plan.grad_clip_norm)
+        _set_learning_rate(optimizer, learning_rate_at(plan, plan.schedule_start + step - 1))
         optimizer.step()
         yield _Step(value, counted, int(batch.attention_mask.sum()))
 
@@ -190,10 +282,12 @@ def _private_steps(
 ) -> Generator[_Step]:
     """DP-SGD: Poisson-drawn records, each record's own token-mean loss, per-record clip, noise.
 
-    Raises if the parameters did not move, the symptom of Opacus hooks on modules other than the
-    ones holding the optimizer's parameters (a fingerprint, so full fine-tuning needs no copy).
+    The draw is cut into micro-batches of micro_batch_size records (all of a record's windows in
+    one); each is clipped and summed by Opacus, which adds the noise once, after the last. Raises if
+    the parameters did not move, the symptom of Opacus hooks on modules other than the ones holding
+    the optimizer's parameters (a fingerprint, so full fine-tuning needs no copy).
     """
-    device = params[0].device
+    device = _input_device(model)
     before = _fingerprint(params)
     with dp_optimizer(
         model,
@@ -205,30 +299,133 @@ def _private_steps(
     ) as optimizer:
         for step in range(1, plan.local_steps + 1):
             chosen = draw_records(len(records), sample_rate, generator)
-            rows = [window for record in chosen for window in records[record]]
-            owner = torch.tensor(
-                [i for i, record in enumerate(chosen) for _ in records[record]], dtype=torch.long, device=device
-            )
-            optimizer.zero_grad(set_to_none=True)
-            result = _Step(math.nan, 0, 0)
-            if rows:
-                batch = collate(data, rows, pad_id=pad_id).to(device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                losses, counted = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, plan.goldfish))
-                per_record = torch.zeros(len(chosen), device=device)
-                sums = per_record.index_add(0, owner, losses.sum(dim=1))
-                counts = per_record.index_add(0, owner, counted.sum(dim=1).float())
-                result = _Step(
-                    _checked(sums.sum() / counts.sum().clamp(min=1), step),
-                    int(counts.sum()),
-                    int(batch.attention_mask.sum()),
+            size = plan.micro_batch_size or max(len(chosen), 1)
+            parts = [chosen[i : i + size] for i in range(0, len(chosen), size)] or [[]]
+            loss_sum, counted, tokens = 0.0, 0, 0
+            for i, part in enumerate(parts):
+                rows = [window for record in part for window in records[record]]
+                owner = torch.tensor(
+                    [j for j, record in enumerate(part) for _ in records[record]], dtype=torch.long, device=device
                 )
-                (sums / counts.clamp(min=1)).sum().backward()  # type: ignore[no-untyped-call]
-            merge_grad_samples(params, owner, len(chosen))
-            optimizer.step()
-            yield result
+                optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum of the parts before
+                if rows:
+                    batch = collate(data, rows, pad_id=pad_id).to(device)
+                    with _autocast(plan, device):
+                        logits = model(
+                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                        ).logits
+                    losses, mask = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, plan.goldfish))
+                    per_record = torch.zeros(len(part), device=device)
+                    sums = per_record.index_add(0, owner, losses.sum(dim=1))
+                    counts = per_record.index_add(0, owner, mask.sum(dim=1).float())
+                    loss_sum += _checked(sums.sum(), step)
+                    counted += int(counts.sum())
+                    tokens += int(batch.attention_mask.sum())
+                    (sums / counts.clamp(min=1)).sum().backward()  # type: ignore[no-untyped-call]
+                merge_grad_samples(params, owner, len(part))
+                optimizer.signal_skip_step(do_skip=i < len(parts) - 1)
+                _set_learning_rate(optimizer, learning_rate_at(plan, plan.schedule_start + step - 1))
+                optimizer.step()
+            yield _Step(loss_sum / counted if counted else math.nan, counted, tokens)
     if torch.equal(_fingerprint(params), before):
         raise RuntimeError("DP-SGD left the trainable parameters unchanged: per-sample gradients missed them")
+
+
+def _counted(batch: Batch, loss_mask: torch.Tensor | None) -> int:
+    """Targets the batch's loss averages over: labels after the first, not IGNORE_INDEX, not masked out."""
+    counted = batch.labels[:, 1:] != IGNORE_INDEX
+    if loss_mask is not None:
+        counted &= loss_mask[:, 1:].to(torch.bool)
+    return int(counted.sum())
+
+
+def _micro_batches(
+    batch: Batch, loss_mask: torch.Tensor | None, rows: Sequence[int], plan: TrainingPlan
+) -> list[tuple[Batch, torch.Tensor | None]]:
+    """This process's rows of the batch in runs of micro_batch_size, each cut to its longest row."""
+    rows = list(rows)
+    size = plan.micro_batch_size or plan.batch_size
+    out = []
+    for start in range(0, len(rows), size):
+        index = torch.tensor(rows[start : start + size])
+        width = int(batch.attention_mask[index].sum(dim=1).max())
+        part = Batch(*(t[index, :width] for t in (batch.input_ids, batch.attention_mask, batch.labels)))
+        out.append((part, None if loss_mask is None else loss_mask[index, :width]))
+    return out
+
+
+def _synced(replicas: Replicas | None, *, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP averages the gradients across processes in the backward of the step's last micro-batch only."""
+    if replicas is None or last:
+        return contextlib.nullcontext()
+    no_sync: contextlib.AbstractContextManager[Any] = replicas.model.no_sync()
+    return no_sync
+
+
+def _summed(value: torch.Tensor, world: int) -> float:
+    """A sum over this site's processes (the value itself in a single process)."""
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return float(value)
+
+
+def _autocast(plan: TrainingPlan, device: torch.device) -> torch.autocast:
+    """bf16 autocast as plan.precision asks; auto: on CUDA devices that support bf16."""
+    on = plan.precision == "bf16" or (
+        plan.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+
+
+@contextlib.contextmanager
+def _checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
+    """transformers' activation checkpointing (non-reentrant: frozen inputs need no grad), for one call."""
+    if not on:
+        yield
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    disable = getattr(model, "gradient_checkpointing_disable", None)
+    if enable is None or disable is None:
+        raise ValueError(f"training.gradient_checkpointing: {type(model).__name__} cannot checkpoint activations")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        disable()
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where a batch goes: the input embeddings' device (with device_map="auto", the first of several)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, torch.nn.Module):
+        return next(embeddings.parameters()).device
+    return next(model.parameters()).device
+
+
+def _gpus(model: torch.nn.Module) -> list[torch.device]:
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+
+
+def _reset_peak_memory(model: torch.nn.Module) -> None:
+    for device in _gpus(model):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(model: torch.nn.Module, replicas: Replicas | None) -> int:
+    """The most memory torch allocated at once on any of this site's GPUs since the reset; 0 without one."""
+    peak = max((torch.cuda.max_memory_allocated(device) for device in _gpus(model)), default=0)
+    if replicas is not None and replicas.world_size > 1:
+        value = torch.tensor(peak, dtype=torch.int64, device=_input_device(model))
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        peak = int(value)
+    return peak
 
 
 def _fingerprint(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -239,7 +436,7 @@ def evaluate(model: torch.nn.Module, data: TokenizedData, *, batch_size: int, pa
     """Token-weighted mean loss over every window, in order, without gradients."""
     if not data.input_ids:
         raise ValueError("no token windows to evaluate")
-    device = next(model.parameters()).device
+    device = _input_device(model)
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.inference_mode():

@@ -20,7 +20,9 @@ __all__ = [
     "AuditPlan",
     "GoldfishPlan",
     "LoraSpec",
+    "LrSchedule",
     "Mode",
+    "Precision",
     "RecordDPPlan",
     "RunSpec",
     "TrainingPlan",
@@ -74,15 +76,80 @@ class LoraSpec(StrictModel):
         return value
 
 
+LrSchedule = Literal["constant", "linear", "cosine"]
+"""How the learning rate moves over the run's optimizer steps, after the warmup."""
+
+Precision = Literal["auto", "bf16", "fp32"]
+"""auto: bf16 autocast on a CUDA device that supports it, float32 elsewhere; bf16: autocast everywhere; fp32: never."""
+
+
 class TrainingSettings(StrictModel):
     """Local training each round (run.yaml `training:`)."""
 
     local_steps: int = Field(20, ge=1, description="Optimizer steps per round at each site")
-    batch_size: int = Field(8, ge=1, description="Windows per optimizer step (records per draw under DP-SGD)")
-    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Windows per optimizer step, over all of a site's processes (records per draw under DP-SGD); "
+            "micro_batch_size splits it"
+        ),
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Windows per forward pass in each of a site's processes (records under DP-SGD); each step adds up "
+            "the gradients of its micro-batches into the batch's. Absent: the whole batch at once"
+        ),
+    )
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate (the peak, with a schedule)")
+    lr_schedule: LrSchedule = Field(
+        "constant",
+        description=(
+            "After warmup_steps, the learning rate stays (constant) or decays linearly or along a cosine to "
+            "min_lr_ratio x learning_rate over the run's steps (rounds x local_steps), continuing from round to round"
+        ),
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Run-wide optimizer steps over which the learning rate rises linearly to learning_rate"
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Where linear and cosine decay end, as a fraction of learning_rate"
+    )
     max_seq_len: int = Field(256, ge=8, description="Tokens per training window")
+    packing: bool = Field(
+        False,
+        description=(
+            "Fill each window with whole short records (eos-separated; attention spans them) instead of padding "
+            "each alone; every token is still predicted once. Not with record-level DP-SGD"
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "Recompute each block's activations in the backward pass: less GPU memory, about 1/3 more compute. "
+            "Not with record-level DP-SGD"
+        ),
+    )
+    precision: Precision = Field(
+        "auto",
+        description=(
+            "auto: bf16 autocast on CUDA devices that support it, float32 elsewhere; bf16: autocast everywhere; "
+            "fp32: never autocast"
+        ),
+    )
     grad_clip_norm: float = Field(1.0, gt=0, description="L2 clip of each step's gradient")
     update_clip_norm: float = Field(0.0, ge=0, description="L2 bound on each update; 0 leaves it unbounded")
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> TrainingSettings:
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"micro_batch_size: {self.micro_batch_size} exceeds batch_size {self.batch_size}; "
+                "a micro-batch is a part of the step's batch"
+            )
+        return self
 
 
 class GoldfishPlan(StrictModel):
@@ -110,12 +177,27 @@ class TrainingPlan(TrainingSettings):
     """One round's training, as the coordinator hands it out: the settings plus what it derives.
 
     seed fixes batch order and dropout (it changes every round); update_clip_norm is the client-DP
-    clip when client-level DP is on.
+    clip when client-level DP is on. schedule_start and schedule_steps place the round's steps on the
+    run's learning-rate schedule; they follow from the round number alone, so a retried attempt of a
+    round trains on the same stretch of the schedule.
     """
 
     seed: int = Field(0, ge=0)
     goldfish: GoldfishPlan | None = None
     record_dp: RecordDPPlan | None = None
+    schedule_start: int = Field(0, ge=0, description="Optimizer steps the run took before this round")
+    schedule_steps: int = Field(
+        0, ge=0, description="Optimizer steps of the whole run (rounds x local_steps); 0: this round's local_steps"
+    )
+
+    @model_validator(mode="after")
+    def _round_within_schedule(self) -> TrainingPlan:
+        if self.schedule_steps and self.schedule_start + self.local_steps > self.schedule_steps:
+            raise ValueError(
+                f"schedule_start: steps {self.schedule_start}..{self.schedule_start + self.local_steps} "
+                f"run past the schedule's {self.schedule_steps}"
+            )
+        return self
 
 
 class AuditPlan(StrictModel):

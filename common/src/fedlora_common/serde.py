@@ -141,6 +141,15 @@ def _plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
         grad_clip_norm=plan.grad_clip_norm,
         update_clip_norm=plan.update_clip_norm,
         seed=plan.seed,
+        micro_batch_size=plan.micro_batch_size or 0,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        packing=plan.packing,
+        lr_schedule=plan.lr_schedule,
+        warmup_steps=plan.warmup_steps,
+        min_lr_ratio=plan.min_lr_ratio,
+        precision=plan.precision,
+        schedule_start=plan.schedule_start,
+        schedule_steps=plan.schedule_steps,
     )
     if plan.goldfish is not None:
         g = plan.goldfish
@@ -164,6 +173,15 @@ def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
         grad_clip_norm=msg.grad_clip_norm,
         update_clip_norm=msg.update_clip_norm,
         seed=msg.seed,
+        micro_batch_size=msg.micro_batch_size or None,
+        gradient_checkpointing=msg.gradient_checkpointing,
+        packing=msg.packing,
+        lr_schedule=msg.lr_schedule,
+        warmup_steps=msg.warmup_steps,
+        min_lr_ratio=msg.min_lr_ratio,
+        precision=msg.precision,
+        schedule_start=msg.schedule_start,
+        schedule_steps=msg.schedule_steps,
         goldfish=_validated(GoldfishPlan, k=g.k, h=g.h, seed=g.seed) if msg.HasField("goldfish") else None,
         record_dp=(
             _validated(RecordDPPlan, noise_multiplier=d.noise_multiplier, max_grad_norm=d.max_grad_norm, delta=d.delta)

@@ -643,6 +643,15 @@ class TrainingPlan(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     GOLDFISH_FIELD_NUMBER: _builtins.int
     RECORD_DP_FIELD_NUMBER: _builtins.int
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    PACKING_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    MIN_LR_RATIO_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    SCHEDULE_START_FIELD_NUMBER: _builtins.int
+    SCHEDULE_STEPS_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -651,6 +660,22 @@ class TrainingPlan(_message.Message):
     update_clip_norm: _builtins.float
     """L2 bound each update is clipped to before it leaves the site; 0 = no bound."""
     seed: _builtins.int
+    micro_batch_size: _builtins.int
+    """Windows per forward pass in each process; gradients accumulate to batch_size. 0 = batch_size."""
+    gradient_checkpointing: _builtins.bool
+    packing: _builtins.bool
+    """Whole short records share a window."""
+    lr_schedule: _builtins.str
+    """"constant" | "linear" | "cosine" """
+    warmup_steps: _builtins.int
+    min_lr_ratio: _builtins.float
+    precision: _builtins.str
+    """"auto" | "bf16" | "fp32" """
+    schedule_start: _builtins.int
+    """The run's optimizer steps before this round, and in all (0 = this round's local_steps):
+    the round's place on the learning-rate schedule.
+    """
+    schedule_steps: _builtins.int
     @_builtins.property
     def goldfish(self) -> Global___GoldfishPlan:
         """Set when the run trains with Goldfish loss."""
@@ -671,10 +696,19 @@ class TrainingPlan(_message.Message):
         seed: _builtins.int = ...,
         goldfish: Global___GoldfishPlan | None = ...,
         record_dp: Global___RecordDpPlan | None = ...,
+        micro_batch_size: _builtins.int = ...,
+        gradient_checkpointing: _builtins.bool = ...,
+        packing: _builtins.bool = ...,
+        lr_schedule: _builtins.str = ...,
+        warmup_steps: _builtins.int = ...,
+        min_lr_ratio: _builtins.float = ...,
+        precision: _builtins.str = ...,
+        schedule_start: _builtins.int = ...,
+        schedule_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["goldfish", b"goldfish", "record_dp", b"record_dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "goldfish", b"goldfish", "grad_clip_norm", b"grad_clip_norm", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "max_seq_len", b"max_seq_len", "record_dp", b"record_dp", "seed", b"seed", "update_clip_norm", b"update_clip_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "goldfish", b"goldfish", "grad_clip_norm", b"grad_clip_norm", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lr_schedule", b"lr_schedule", "max_seq_len", b"max_seq_len", "micro_batch_size", b"micro_batch_size", "min_lr_ratio", b"min_lr_ratio", "packing", b"packing", "precision", b"precision", "record_dp", b"record_dp", "schedule_start", b"schedule_start", "schedule_steps", b"schedule_steps", "seed", b"seed", "update_clip_norm", b"update_clip_norm", "warmup_steps", b"warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
