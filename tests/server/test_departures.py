@@ -207,3 +207,22 @@ def test_health_turns_not_serving_when_the_run_fails(tmp_path: Path) -> None:
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     report = json.loads((tmp_path / "report.json").read_text())
     assert "cannot load the base model" in report["failure"]
+
+
+def test_a_failed_run_stays_failed_when_the_coordinator_restarts(tmp_path: Path) -> None:
+    coordinator, store = _coordinator(tmp_path, min_workers=2)
+    initialized(coordinator)
+    for w in ("legal", "finance"):
+        coordinator.leave(w, "out of memory")
+
+    restarted = Coordinator(
+        settings=run_settings(tmp_path, min_workers=2),
+        store=store,
+        metrics=ServerMetrics(CollectorRegistry()),
+        clock=Clock(),
+    )
+    restarted.join("clinical", 100)
+
+    assert restarted.finished.is_set()
+    assert restarted.failure == coordinator.failure
+    assert restarted.poll("clinical").kind is TaskKind.FINISHED

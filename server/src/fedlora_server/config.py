@@ -21,7 +21,6 @@ from fedlora_common.plans import (
     RunSpec,
     TrainingSettings,
 )
-from fedlora_common.privacy import gaussian_epsilon
 from fedlora_common.settings import StrictModel
 
 __all__ = [
@@ -311,6 +310,9 @@ class RunSettings(BaseSettings):
         if dp.placement == "distributed" and not secure:
             raise ValueError("privacy.client_dp.placement: distributed noise needs secure_aggregation.enabled: true")
         if dp.epsilon_budget is not None and dp.noise_multiplier is not None:
+            # Imported here: the accountant pulls in dp-accounting and SciPy, which a config check need not pay for.
+            from fedlora_common.privacy import gaussian_epsilon
+
             first = gaussian_epsilon(dp.noise_multiplier, steps=1, delta=dp.delta)
             if first > dp.epsilon_budget:
                 raise ValueError(
