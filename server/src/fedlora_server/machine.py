@@ -485,3 +485,7 @@ class PhaseMachine:
         if existing is not None:
             latest = self._versions.restore()
             log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
+            if existing.failure:  # a failed run stays failed: its report and its last committed round stand
+                self._phase = Finished(0 if latest is None else latest.round, existing.failure)
+                self._finished.set()
+                log.error("run_failed_before_restart", reason=existing.failure)
