@@ -277,7 +277,7 @@ def test_activation_checkpointing_is_off_again_after_training(load: Load, repeat
 
     train_locally(loaded.model, repeated, plan, pad_id=loaded.pad_id)
 
-    assert not loaded.model.base_model.model.is_gradient_checkpointing
+    assert not loaded.model.base_model.model.is_activation_checkpointing
 
 
 @pytest.mark.parametrize(

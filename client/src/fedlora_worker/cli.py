@@ -165,23 +165,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(settings: WorkerSettings) -> int:
-    """Join and take part until the run finishes; torch and the daemon load only now."""
-    import grpc
+    """Join and take part until the run finishes; torch and the daemon load only now.
+
+    Under torchrun (WORLD_SIZE > 1) only rank 0 joins; the other ranks train with it (SiteGroup).
+    """
     import structlog
     import torch
-    from prometheus_client import CollectorRegistry, start_http_server
 
     from fedlora_common.logs import configure_logging
+    from fedlora_worker.distributed import Launch, SiteGroup, site_model
+
+    configure_logging(json=True)
+    structlog.contextvars.bind_contextvars(worker_id=settings.worker_id, component="worker")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    launch = Launch.from_environment()
+    group = SiteGroup(launch, site_model(settings, launch)) if launch.distributed else None
+    if group is not None:
+        structlog.contextvars.bind_contextvars(rank=launch.rank)
+        if launch.rank > 0:
+            try:
+                group.follow(settings)
+            finally:
+                group.close()
+            return 0
+    try:
+        return _take_part(settings, group.worker_hooks() if group else {})
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
+    """The daemon's life: join, do the coordinator's tasks, leave; hooks are a multi-process site's."""
+    import grpc
+    import structlog
+    from prometheus_client import CollectorRegistry, start_http_server
+
     from fedlora_worker.daemon import Worker, WorkerFailed
     from fedlora_worker.metrics import WorkerMetrics
     from fedlora_worker.modeling import TargetsMismatch
     from fedlora_worker.transport import CoordinatorClient
 
-    configure_logging(json=True)
-    structlog.contextvars.bind_contextvars(worker_id=settings.worker_id, component="worker")
     log = structlog.get_logger()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     if settings.metrics_port is not None:
@@ -196,7 +222,7 @@ def run(settings: WorkerSettings) -> int:
         on_retry=metrics.retries.inc,
     )
     try:
-        worker = Worker(settings=settings, client=client, metrics=metrics)
+        worker = Worker(settings=settings, client=client, metrics=metrics, **hooks)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"fedlora-worker: data: {exc}\n")
         return 2

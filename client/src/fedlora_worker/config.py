@@ -10,7 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedlora_common.settings import StrictModel
 
-__all__ = ["DataSection", "RetrySettings", "TlsClientSettings", "WorkerSettings"]
+__all__ = ["DataSection", "DeviceMap", "RetrySettings", "TlsClientSettings", "WorkerSettings"]
+
+DeviceMap = Literal["device", "auto"]
+"""device: the whole model on `device`; auto: the base spread over GPUs (accelerate's device_map="auto")."""
 
 
 class DataSection(StrictModel):
@@ -60,7 +63,34 @@ class WorkerSettings(BaseSettings):
     tls: TlsClientSettings | None = Field(None, description="TLS to the coordinator; absent means plaintext")
     base_model: str = Field(min_length=1, description="Local path (or hub id) of the run's base model")
     data: DataSection = Field(description="This site's records")
-    device: str = Field("cpu", description="torch device to train on: cpu, cuda, cuda:1, ...")
+    device: str = Field(
+        "cpu",
+        description=(
+            "torch device to train on: cpu, cuda, cuda:1, ...; under torchrun, cuda is each process's LOCAL_RANK GPU"
+        ),
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "The base model's dtype (qlora: its compute dtype); auto: bfloat16 for lora and qlora on a CUDA GPU "
+            "that supports it, float32 otherwise (and for full fine-tuning)"
+        ),
+    )
+    device_map: DeviceMap = Field(
+        "device",
+        description=(
+            "device: the whole model on `device`; auto: a base larger than one GPU spread over the GPUs "
+            "(accelerate's device_map=auto; under torchrun, over each process's equal share of the node's GPUs)"
+        ),
+    )
+    max_memory_per_gpu: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?\s*(GiB|GB|MiB|MB)$",
+        description=(
+            "With device_map auto: place at most this much of the base on each GPU (e.g. 60GiB), leaving room "
+            "for activations; absent: each GPU's free memory"
+        ),
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; by default torch's choice")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 picks one); absent: none"

@@ -39,6 +39,7 @@ from fedlora_worker.audit import audit_model, load_canaries
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined, StaleTask, TransferError, Unreachable
 from fedlora_worker.data import TokenizedData, load_records, tokenize
+from fedlora_worker.distributed import Trainer, site_model, train_in_process
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import (
     LoadedModel,
@@ -50,7 +51,7 @@ from fedlora_worker.modeling import (
     set_global_state,
 )
 from fedlora_worker.secagg_session import WorkerSession
-from fedlora_worker.training import evaluate, train_locally
+from fedlora_worker.training import evaluate
 
 __all__ = ["Worker", "WorkerFailed", "WorkerOutcome"]
 
@@ -97,6 +98,8 @@ class Worker:
         metrics: WorkerMetrics,
         idle: Callable[[float], bool] | None = None,
         load: Callable[[RunSpec, SiteModel], LoadedModel] = load_model,
+        site: SiteModel | None = None,
+        train: Trainer = train_in_process,
     ) -> None:
         self._settings = settings
         self._client = client
@@ -104,7 +107,8 @@ class Worker:
         self._stopping = threading.Event()
         self._idle = idle or self._stopping.wait
         self._load = load
-        self._site = SiteModel(path=settings.base_model, device=settings.device)
+        self._train_round = train  # this process alone, or every process of the site (distributed.SiteGroup)
+        self._site = site or site_model(settings)
         self._records = load_records(list(settings.data.train))
         self._eval_records = load_records(list(settings.data.eval)) if settings.data.eval else None
         self._canaries = load_canaries(settings.data.canaries)
@@ -280,12 +284,15 @@ class Worker:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self._metrics.training_steps.inc()
 
-            result = train_locally(loaded.model, data, plan, pad_id=loaded.pad_id, on_step=on_step)
+            result = self._train_round(loaded, data, plan, on_step=on_step)
         if plan.record_dp is not None:  # every step trained counts, even if this round attempt later fails
             self._private_steps += result.steps
             self._sample_rate = result.sample_rate
         self._metrics.train_loss.set(result.mean_loss)
         self._metrics.tokens_per_second.set(result.tokens_per_second)
+        self._metrics.training_tokens.inc(result.tokens)
+        if result.peak_memory_bytes:
+            self._metrics.gpu_peak_memory.set(result.peak_memory_bytes)
         sent = update_manifest(loaded.manifest, spec.aggregation)
         assert self._held is not None
         start = unflatten(loaded.manifest, self._held.vector)
@@ -295,6 +302,7 @@ class Worker:
             steps=result.steps,
             loss=round(result.mean_loss, 4),
             tokens_per_s=round(result.tokens_per_second, 1),
+            gpu_peak_memory_bytes=result.peak_memory_bytes,
             delta_norm=round(float(np.linalg.norm(delta)), 5),
         )
         return _Trained(key, delta, result.mean_loss)

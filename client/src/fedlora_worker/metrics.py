@@ -19,6 +19,16 @@ class WorkerMetrics:
             "fedlora_worker_tokens_per_second", "Training throughput of the last round", registry=registry
         )
         self.training_steps = Counter("fedlora_worker_training_steps_total", "Optimizer steps", registry=registry)
+        self.training_tokens = Counter(
+            "fedlora_worker_training_tokens_total",
+            "Tokens trained on (padding excluded), over all of this site's processes",
+            registry=registry,
+        )
+        self.gpu_peak_memory = Gauge(
+            "fedlora_worker_gpu_peak_memory_bytes",
+            "Most GPU memory torch had allocated at once while training the last round (largest over the site's GPUs)",
+            registry=registry,
+        )
         self.uploaded_bytes = Counter("fedlora_worker_uploaded_bytes_total", "Update bytes sent", registry=registry)
         self.downloaded_bytes = Counter(
             "fedlora_worker_downloaded_bytes_total", "Global model bytes received", registry=registry

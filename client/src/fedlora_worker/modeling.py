@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.plans import ALL_LINEAR, LoraSpec, Mode, RunSpec
 from fedlora_common.settings import StrictModel
+from fedlora_worker.config import DeviceMap
 
 __all__ = [
     "LoadedModel",
@@ -45,6 +46,7 @@ __all__ = [
     "linear_layers",
     "load_model",
     "lora_config",
+    "resolved_dtype",
     "set_global_state",
 ]
 
@@ -62,7 +64,16 @@ class SiteModel(StrictModel):
 
     path: str = Field(min_length=1, description="Local path (or hub id) of this site's copy of the base model")
     device: str = Field("cpu", min_length=1)
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Base weights and compute (qlora: compute)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Base weights and compute (qlora: compute); auto: bfloat16 for lora and qlora on a CUDA device that "
+            "supports it, float32 otherwise"
+        ),
+    )
+    device_map: DeviceMap = Field("device", description="device: all on `device`; auto: the base spread over GPUs")
+    gpus: tuple[int, ...] = Field((), description="GPUs device_map auto may use; empty: every visible one")
+    max_memory_per_gpu: str | None = Field(None, description="device_map auto: at most this much per GPU (20GiB)")
 
 
 @dataclass
@@ -142,16 +153,19 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     The adapter is attached only once the model is on its device: peft (and Opacus after it) must see
     the final parameters, or the trained update can silently stay zero.
     """
-    dtype = getattr(torch, site.dtype)
+    dtype = resolved_dtype(site, run.mode)
     quantization = None
     if run.mode == "qlora":
         quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     tokenizer = AutoTokenizer.from_pretrained(site.path)
+    device_map, max_memory = _placement(site)
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-        site.path, dtype=dtype, quantization_config=quantization, device_map={"": site.device}
+        site.path, dtype=dtype, quantization_config=quantization, device_map=device_map, max_memory=max_memory
     )
+    if site.device_map == "auto":
+        log.info("base_model_placed", devices=sorted({str(p.device) for p in model.parameters()}))
     adapted: tuple[str, ...] = ()
     if run.mode != "full":
         _check_targets(model, run.lora, site.path)
@@ -172,6 +186,30 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     manifest = Manifest(tuple(TensorSpec(name, tuple(t.shape)) for name, t in tensors.items()))
     _log_trainable(model, run, adapted)
     return LoadedModel(model=model, tokenizer=tokenizer, run=run, site=site, manifest=manifest, adapted_modules=adapted)
+
+
+def resolved_dtype(site: SiteModel, mode: Mode) -> torch.dtype:
+    """The base's dtype: as the site says, or for auto bfloat16 under (Q)LoRA on a GPU with bf16, else float32.
+
+    Full fine-tuning stays float32 under auto: AdamW steps on bfloat16 weights round away.
+    """
+    if site.dtype != "auto":
+        return cast(torch.dtype, getattr(torch, site.dtype))
+    on_gpu = site.device.startswith("cuda") or (site.device_map == "auto" and torch.cuda.is_available())
+    if on_gpu and mode != "full" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _placement(site: SiteModel) -> tuple[str | dict[str, str], dict[int | str, int | str] | None]:
+    """from_pretrained's device_map and max_memory: one device, or accelerate's spread over the site's GPUs."""
+    if site.device_map == "device":
+        return {"": site.device}, None
+    gpus = site.gpus or tuple(range(torch.cuda.device_count()))
+    if not gpus:  # no GPU: accelerate keeps it all on the CPU
+        return "auto", None
+    limit = site.max_memory_per_gpu
+    return "auto", {gpu: limit if limit is not None else torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}
 
 
 def _adapter_modules(model: torch.nn.Module) -> list[str]:

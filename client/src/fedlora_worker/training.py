@@ -380,15 +380,15 @@ def _autocast(plan: TrainingPlan, device: torch.device) -> torch.autocast:
 
 @contextlib.contextmanager
 def _checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
-    """transformers' activation checkpointing (non-reentrant: frozen inputs need no grad), for one call."""
+    """transformers' activation checkpointing of every block (non-reentrant: frozen inputs need no grad), for one call."""
     if not on:
         yield
         return
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    disable = getattr(model, "gradient_checkpointing_disable", None)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
     if enable is None or disable is None:
         raise ValueError(f"training.gradient_checkpointing: {type(model).__name__} cannot checkpoint activations")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
     finally:
