@@ -199,6 +199,7 @@ class PhaseMachine:
                 upload = self._open_upload(header)
             opened_in = self._state_key()
             self._uploading.add(header.worker_id)
+            log.info("upload_opened", worker_id=header.worker_id, round=header.round, kind=header.kind.name.lower())
         try:
             received = receive(header, chunks, upload.sink, chunk_bytes=limits.chunk_bytes, metrics=self._metrics)
         except CoordinatorError as exc:
@@ -230,6 +231,7 @@ class PhaseMachine:
                 raise FailedPrecondition(f"no secure aggregation is open (phase {phase.name})")
             with self._blame(worker_id):
                 phase.aggregation.receive(worker_id, tag, message)
+            log.info("secagg_received", worker_id=worker_id, message=type(message).__name__, round=phase.record.round)
             self._advance()
 
     def report_metrics(self, report: MetricsReport) -> None:
@@ -247,6 +249,7 @@ class PhaseMachine:
                 raise AlreadyExists(f"{report.worker_id} already reported on version {report.version}")
             self._ledger.metrics_reported(phase.round, report)
             phase.done.add(report.worker_id)
+            log.info("metrics_reported", worker_id=report.worker_id, round=phase.round)
             self._advance()
 
     def leave(self, worker_id: str, reason: str) -> None:

@@ -76,6 +76,8 @@ class CoordinatorServer:
         self._metrics_http: Any = None
         self._ticker: threading.Thread | None = None
         self._reported = False
+        self._report_paths: list[Path] = []
+        self._report_lock = threading.Lock()
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -138,10 +140,14 @@ class CoordinatorServer:
                 self.write_report()
 
     def write_report(self) -> list[Path]:
-        paths = write_reports(build_report(self._settings, self._store), self._settings.state_dir)
-        self._reported = True
-        log.info("report_written", path=str(paths[0]))
-        return paths
+        """Write report.json/md/html; once the run finished they cannot change, so they are written once."""
+        with self._report_lock:  # the deadline clock and the program's main thread may both ask
+            if self._reported and self.coordinator.finished.is_set():
+                return self._report_paths
+            self._report_paths = write_reports(build_report(self._settings, self._store), self._settings.state_dir)
+            self._reported = self.coordinator.finished.is_set()
+            log.info("report_written", path=str(self._report_paths[0]))
+            return self._report_paths
 
     def wait_finished(self, timeout: timedelta | None = None) -> bool:
         return self.coordinator.finished.wait(None if timeout is None else timeout.total_seconds())

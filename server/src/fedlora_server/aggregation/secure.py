@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from fedlora_common.messages import SecAggTask, TaskKind, UploadHeader, UploadKind
 from fedlora_common.privacy import plan_distributed_noise
@@ -44,6 +45,7 @@ from fedlora_server.secure_round import RoundFailed, SecureRound
 __all__ = ["SecureAggregator"]
 
 ITEM = np.dtype(np.uint32).itemsize
+log = structlog.get_logger()
 
 
 class SecureAggregator(Aggregator):
@@ -256,6 +258,9 @@ class SecureRoundAggregation(RoundAggregation):
             raise AggregationFailed(str(exc)) from None
         after = {"share": secure.u1, "masked": secure.u2, "unmask": secure.u3}[secure.stage]
         self._record_stage(stage, now, dropouts=len(members) - len(after))
+        log.info(
+            "secagg_stage", round=self.plan.round, attempt=self.plan.attempt, stage=secure.stage, members=len(after)
+        )
         self._deadline_at = now + self.plan.stage_deadline_s
         self._stage_started = now
         return None
