@@ -7,9 +7,11 @@ them, plus gRPC's 5-byte length prefix per message. HTTP/2 framing (9 bytes per 
 most 16 KiB, about 0.06%) and TCP/IP headers are below this layer and not counted.
 
 The small Llama is measured: loaded through fedlora_worker.modeling.load_model, its real state
-is chunked into real messages and each one is sized. The published Llama shapes are computed:
-built on the meta device (no weights), their manifests are exact and the message sizes come from
-the same framing function, with chunk counts derived instead of 70B floats allocated.
+is chunked into real messages and each one is sized. The published Llama shapes are computed by
+the capacity planner (fedlora_lab.plan, `fedlora-lab plan`): built on the meta device (no
+weights), their manifests are exact and the message sizes come from the same framing functions
+this script checks against the built messages, with chunk counts derived instead of 70B floats
+allocated. tests/lab/test_plan.py checks that the planner's bytes equal this script's measured ones.
 
 Usage: python bench/comm.py [--quick]
 """
@@ -19,35 +21,33 @@ from __future__ import annotations
 import argparse
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from google.protobuf.message import Message
-from peft import get_peft_model, get_peft_model_state_dict
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count, iter_chunks, sha256
-from fedlora_common.manifest import WIRE_DTYPE, Manifest, TensorSpec, flatten
-from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
+from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, iter_chunks, sha256
+from fedlora_common.manifest import flatten
 from fedlora_common.plans import LoraSpec, Mode, RunSpec
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
-from fedlora_common.serde import model_version_to_proto, upload_header_to_proto
-from fedlora_worker.modeling import (
-    LoadedModel,
-    SiteModel,
-    artifact_config_json,
-    global_state,
-    load_model,
-    lora_config,
+from fedlora_lab.plan import (
+    PUBLISHED,
+    ChunkWrapper,
+    capacity,
+    download_chunk,
+    download_header,
+    framed,
+    stream_wire_bytes,
+    upload_chunk,
+    upload_header,
 )
+from fedlora_worker.modeling import SiteModel, artifact_config_json, global_state, load_model
 
-GRPC_PREFIX_BYTES = 5  # compressed flag + 4-byte message length, before every message of a stream
-FLOAT_BYTES = np.dtype(WIRE_DTYPE).itemsize
 LORA = LoraSpec(rank=16, alpha=32)
 MB = 1e6
 PAPER_RATIO_3B = 130
@@ -61,108 +61,6 @@ SMALL_LLAMA = LlamaConfig(
     num_key_value_heads=4,
     tie_word_embeddings=True,
 )
-# The published configurations (Hugging Face meta-llama/*/config.json), shapes only.
-PUBLISHED: dict[str, LlamaConfig] = {
-    "Llama-3.2-3B": LlamaConfig(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    "Llama-3.1-8B": LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-    "Llama-3.1-70B": LlamaConfig(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-}
-
-ChunkWrapper = Callable[[pb.Chunk], Message]
-
-
-def _upload_chunk(chunk: pb.Chunk) -> Message:
-    return pb.UploadMessage(chunk=chunk)
-
-
-def _download_chunk(chunk: pb.Chunk) -> Message:
-    return pb.DownloadChunk(chunk=chunk)
-
-
-# ---- framing --------------------------------------------------------------------------
-
-
-def framed(message: Message) -> int:
-    """Bytes one message of a stream takes on the wire: its serialization plus gRPC's prefix."""
-    return message.ByteSize() + GRPC_PREFIX_BYTES
-
-
-def stream_wire_bytes(head: Message, payload_bytes: int, chunk_bytes: int, wrap: ChunkWrapper) -> int:
-    """Wire bytes of a header message followed by the payload in chunks, without building the payload.
-
-    A chunk message's size depends only on its data length and on the varint width of its seq
-    (proto3 omits seq 0), so one probe per (width, length) class sizes every chunk exactly.
-    """
-    count = chunk_count(payload_bytes, chunk_bytes)
-    last_len = payload_bytes - (count - 1) * chunk_bytes
-
-    def size(seq: int, length: int) -> int:
-        return framed(wrap(pb.Chunk(seq=seq, data=bytes(length))))
-
-    total = framed(head)
-    start = 0
-    for stop in (1, 2**7, 2**14, 2**21, 2**28, 2**32):  # seq 0 (omitted), then 1..5-byte varints (uint32)
-        if start < count:
-            total += (min(stop, count) - start) * size(start, chunk_bytes)
-        start = stop
-    return total - size(count - 1, chunk_bytes) + size(count - 1, last_len)
-
-
-# ---- the messages of one round, as the real client and servicer build them ----------------
-
-
-def upload_header(digest: bytes, payload_bytes: int, chunk_bytes: int) -> pb.UploadMessage:
-    """The header CoordinatorClient.upload sends before a round-1 delta."""
-    header = UploadHeader(
-        worker_id="clinical",
-        run_id="fedlora-run",
-        round=1,
-        kind=UploadKind.DELTA,
-        base_version=0,
-        num_examples=1000,
-        total_size=payload_bytes,
-        chunk_count=chunk_count(payload_bytes, chunk_bytes),
-        sha256=digest,
-        dtype=WIRE_DTYPE,
-        train_loss=1.0,
-    )
-    return pb.UploadMessage(header=upload_header_to_proto(header))
-
-
-def download_header(manifest: Manifest, config_json: str, digest: bytes, chunk_bytes: int) -> pb.DownloadChunk:
-    """The header CoordinatorServicer.DownloadGlobal sends before version 1 of the global model."""
-    version = ModelVersion(version=1, size_bytes=manifest.nbytes, sha256=digest, manifest=manifest)
-    return pb.DownloadChunk(
-        header=pb.DownloadHeader(
-            model=model_version_to_proto(version),
-            chunk_count=chunk_count(manifest.nbytes, chunk_bytes),
-            artifact_config_json=config_json,
-        )
-    )
 
 
 def chunk_messages(payload: memoryview, chunk_bytes: int, wrap: ChunkWrapper) -> Iterator[Message]:
@@ -208,37 +106,24 @@ def measured_row(base_dir: Path, mode: Mode, chunk_bytes: int) -> Row:
     digest = sha256(payload)
     up_head = upload_header(digest, len(payload), chunk_bytes)
     down_head = download_header(loaded.manifest, artifact_config_json(loaded), digest, chunk_bytes)
-    up = framed(up_head) + sum(framed(m) for m in chunk_messages(payload, chunk_bytes, _upload_chunk))
-    down = framed(down_head) + sum(framed(m) for m in chunk_messages(payload, chunk_bytes, _download_chunk))
+    up = framed(up_head) + sum(framed(m) for m in chunk_messages(payload, chunk_bytes, upload_chunk))
+    down = framed(down_head) + sum(framed(m) for m in chunk_messages(payload, chunk_bytes, download_chunk))
     if (up, down) != (
-        stream_wire_bytes(up_head, len(payload), chunk_bytes, _upload_chunk),
-        stream_wire_bytes(down_head, len(payload), chunk_bytes, _download_chunk),
+        stream_wire_bytes(up_head, len(payload), chunk_bytes, upload_chunk),
+        stream_wire_bytes(down_head, len(payload), chunk_bytes, download_chunk),
     ):
         raise AssertionError("the analytic framing disagrees with the built messages")
     return Row("small Llama", mode, "measured", loaded.manifest.numel, loaded.manifest.nbytes, up, down)
 
 
-def computed_rows(name: str, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, chunk_bytes: int) -> list[Row]:
-    """Both modes of a published shape, from manifests of a weightless (meta) model."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    full_manifest = Manifest(tuple(TensorSpec(n, tuple(p.shape)) for n, p in model.named_parameters()))
-    peft_model = get_peft_model(model, lora_config(LORA))
-    adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    lora_manifest = Manifest(tuple(TensorSpec(n, tuple(t.shape)) for n, t in adapter.items()))
-    lora_loaded = LoadedModel(peft_model, tokenizer, _run(name, "lora"), SiteModel(path=name), lora_manifest)
-    configs: dict[Mode, tuple[Manifest, str]] = {
-        "lora": (lora_manifest, artifact_config_json(lora_loaded)),
-        "full": (full_manifest, config.to_json_string()),
-    }
+def computed_rows(name: str, chunk_bytes: int) -> list[Row]:
+    """Both modes of a published shape, as the capacity planner counts them from a weightless (meta) model."""
     rows = []
-    digest = bytes(32)  # a SHA-256 is 32 bytes whatever its value
-    for mode, (manifest, config_json) in configs.items():
-        up_head = upload_header(digest, manifest.nbytes, chunk_bytes)
-        down_head = download_header(manifest, config_json, digest, chunk_bytes)
-        up = stream_wire_bytes(up_head, manifest.nbytes, chunk_bytes, _upload_chunk)
-        down = stream_wire_bytes(down_head, manifest.nbytes, chunk_bytes, _download_chunk)
-        rows.append(Row(name, mode, "computed", manifest.numel, manifest.nbytes, up, down))
+    for mode in ("lora", "full"):
+        plan = capacity(name, mode=mode, lora=LORA, chunk_bytes=chunk_bytes)
+        rows.append(
+            Row(name, mode, "computed", plan.trainable, 4 * plan.trainable, plan.up_plain_bytes, plan.down_bytes)
+        )
     return rows
 
 
@@ -290,10 +175,10 @@ def main() -> None:
         torch.manual_seed(0)
         LlamaForCausalLM(SMALL_LLAMA).save_pretrained(base_dir)
         rows += [measured_row(base_dir, mode, args.chunk_bytes) for mode in ("lora", "full")]
-    for name, config in PUBLISHED.items():
+    for name in PUBLISHED:
         if args.quick and name == "Llama-3.1-70B":
             continue
-        rows += computed_rows(name, config, tokenizer, args.chunk_bytes)
+        rows += computed_rows(name, args.chunk_bytes)
     print_table(rows)
 
 

@@ -22,6 +22,7 @@ from fedlora_lab.datagen import DOMAINS, DataSpec, generate_site, write_site
 from fedlora_lab.engines import ENGINES, run_federation
 from fedlora_lab.federation import FederationPlan
 from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
+from fedlora_lab.plan import add_plan_arguments, plan_command
 from fedlora_lab.simulation import command as simulate_command
 from fedlora_lab.simulation.command import SUMMARY, add_simulate_arguments, simulate
 
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
             description=simulate_command.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+    )
+
+    add_plan_arguments(
+        sub.add_parser("plan", help="bytes, GPU memory and secure-aggregation cost per site and round, from a config")
     )
 
     experiment = sub.add_parser("experiment", help="run an experiment config (methods x seeds), audit, report")
@@ -342,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_site(args.dir, generate_site(args.domain, DataSpec(n_train=args.records, seed=args.seed)))
         sys.stdout.write(f"{paths.root}: train, eval, canaries and controls written\n")
         return 0
+    if args.command == "plan":
+        return plan_command(args)
     if args.command == "experiment":
         return _experiment(args)
     if args.command == "audit":

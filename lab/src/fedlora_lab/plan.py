@@ -1,0 +1,727 @@
+"""`fedlora-lab plan`: what one site and the coordinator need per round, from the model's config alone.
+
+The model is built on the meta device from its config (a model directory, a config.json, or one of
+the published Llama shapes in `PUBLISHED`): no weights are read or allocated. From it:
+
+* **Parameters**: the base's (each tensor once, tied embeddings included once) and the trainable
+  ones (the LoRA adapter as peft builds it; every parameter for mode full; B only is trained and
+  sent under FFA-LoRA).
+* **Bytes on the wire** per site and round, counted exactly as `bench/comm.py` counts them (the
+  functions below are the ones it uses): the serialized protobuf messages of a stream (header,
+  then 1 MiB chunks) plus gRPC's 5-byte prefix per message. Down: the global version (the whole
+  adapter). Up: the delta as float32 (plain) or masked as uint32 with one more coordinate, the
+  weight. Secure aggregation also moves the round's keys and shares, sized from a real exchange
+  between `--sites` worker sessions.
+* **GPU memory** per training process, in bytes:
+  - weights: lora, float base in bf16 (2 bytes a parameter); qlora, NF4 blocks of 64 (0.5 byte a
+    weight plus a float32 absmax per block: 0.5625) for every linear layer but the output head,
+    bf16 for the rest; full, float32 (4).
+  - adapter 4 bytes a LoRA parameter (float32); gradients 4 and AdamW state 8 (two float32
+    moments) a trainable parameter.
+  - activations, what autograd keeps from the forward of one micro-batch of T = micro-batch x
+    seq-len tokens under bf16 autocast, as Korthikanti et al. (2022), "Reducing Activation
+    Recomputation in Large Transformer Models", Sec. 4.1, count them (sbh(34 + 5as/h) for a GPT
+    block with 16-bit activations), recounted for transformers' Llama-style block (gated MLP,
+    grouped-query attention, SDPA: no s x s scores are kept) and peft's LoRA: the coefficients
+    are autograd's saved tensors, counted with saved-tensor hooks (tests/lab/test_plan.py counts
+    them again), per layer
+        (Q)LoRA:  T x [12h + 6i + 4kv + sum over adapted modules ((2 + d) in + 2r)]
+        full:     T x (30h + 8i + 4kv)
+    (h hidden, i MLP width, kv key/value width, r rank, `in` a module's input width, d the bytes
+    a dropout mask keeps per element: 1 on CUDA, a bool; 4 on a CPU; 0 without dropout), plus
+    (4V + 4h)T for the float32 log-probabilities of the loss (V vocabulary) and the final norm
+    and head (full: (4V + 15h)T), and autocast's bf16 copies of float32 weights, kept for the
+    backward: 2 bytes a LoRA parameter (full: a weight of every linear layer and the head). With
+    activation checkpointing every block keeps only its input (2hT; full: 4hT), and in the
+    backward one block's activations live again while it is recomputed.
+  - transients: the loss's logits, their float32 copy and gradients (10VT beyond the 4VT kept), and
+    under qlora one dequantized weight (bf16) of the largest linear layer.
+  The sum is the estimated peak; CUDA's own context and the allocator's fragmentation come on
+  top (`bench/gpu_smoke.py` prints the ratio to torch.cuda.max_memory_allocated on a GPU).
+* **Secure aggregation** at N sites: each worker masks its vector with N AES-256-CTR keystreams
+  (its self mask and N - 1 pairwise) and the coordinator removes the N self masks (plus N - d
+  pairwise ones for each of d sites that drop after masking), at the keystream rate measured with
+  `bench/secagg_keystream.py` (mask_vector, adds included) or given with --keystream-mbps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from google.protobuf.message import Message
+from peft import get_peft_model, get_peft_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from transformers.utils import logging as hf_logging
+
+from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count
+from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, TensorSpec, update_manifest
+from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
+from fedlora_common.plans import ALL_LINEAR, Aggregation, LoraSpec, Mode, RunSpec
+from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
+from fedlora_common.secagg import SecAggParams, identity_keypair, mask_vector, max_bits, round_tag
+from fedlora_common.serde import (
+    advertisement_to_proto,
+    encrypted_share_to_proto,
+    model_version_to_proto,
+    revealed_share_to_proto,
+    upload_header_to_proto,
+)
+from fedlora_worker.modeling import LoadedModel, SiteModel, artifact_config_json, linear_layers, lora_config
+from fedlora_worker.secagg_session import WorkerSession
+
+__all__ = [
+    "GRPC_PREFIX_BYTES",
+    "KEYSTREAM_MB_S",
+    "PUBLISHED",
+    "Capacity",
+    "ChunkWrapper",
+    "add_plan_arguments",
+    "capacity",
+    "download_chunk",
+    "download_header",
+    "framed",
+    "measure_keystream",
+    "model_config",
+    "plan_command",
+    "render",
+    "stream_wire_bytes",
+    "upload_chunk",
+    "upload_header",
+]
+
+GRPC_PREFIX_BYTES = 5
+"""gRPC's length prefix before every message of a stream (compressed flag and 4-byte length)."""
+
+KEYSTREAM_MB_S = 2500.0
+"""mask_vector's keystream rate, adds included, on the 2-core development box (bench/README.md, planner)."""
+
+GIB = 2**30
+MB = 1e6
+SITE_IDS = "site-{:03d}"
+"""Site ids in the key exchange that sizes the secure-aggregation messages: 8 characters each."""
+
+# The published configurations (Hugging Face meta-llama/*/config.json), shapes only.
+PUBLISHED: dict[str, LlamaConfig] = {
+    "Llama-3.2-3B": LlamaConfig(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "Llama-3.1-8B": LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "Llama-3.1-70B": LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+# ---- bytes on the wire (bench/comm.py counts with these too) -----------------------------------
+
+ChunkWrapper = Callable[[pb.Chunk], Message]
+
+
+def upload_chunk(chunk: pb.Chunk) -> Message:
+    return pb.UploadMessage(chunk=chunk)
+
+
+def download_chunk(chunk: pb.Chunk) -> Message:
+    return pb.DownloadChunk(chunk=chunk)
+
+
+def framed(message: Message) -> int:
+    """Bytes one message of a stream takes on the wire: its serialization plus gRPC's prefix."""
+    return message.ByteSize() + GRPC_PREFIX_BYTES
+
+
+def stream_wire_bytes(head: Message, payload_bytes: int, chunk_bytes: int, wrap: ChunkWrapper) -> int:
+    """Wire bytes of a header message followed by the payload in chunks, without building the payload.
+
+    A chunk message's size depends only on its data length and on the varint width of its seq
+    (proto3 omits seq 0), so one probe per (width, length) class sizes every chunk exactly.
+    """
+    count = chunk_count(payload_bytes, chunk_bytes)
+    last_len = payload_bytes - (count - 1) * chunk_bytes
+
+    def size(seq: int, length: int) -> int:
+        return framed(wrap(pb.Chunk(seq=seq, data=bytes(length))))
+
+    total = framed(head)
+    start = 0
+    for stop in (1, 2**7, 2**14, 2**21, 2**28, 2**32):  # seq 0 (omitted), then 1..5-byte varints (uint32)
+        if start < count:
+            total += (min(stop, count) - start) * size(start, chunk_bytes)
+        start = stop
+    return total - size(count - 1, chunk_bytes) + size(count - 1, last_len)
+
+
+def upload_header(
+    digest: bytes, payload_bytes: int, chunk_bytes: int, *, kind: UploadKind = UploadKind.DELTA, tag: int = 0
+) -> pb.UploadMessage:
+    """The header CoordinatorClient.upload sends before a round-1 delta (or masked update)."""
+    header = UploadHeader(
+        worker_id="clinical",
+        run_id="fedlora-run",
+        round=1,
+        kind=kind,
+        base_version=0,
+        num_examples=1000,
+        total_size=payload_bytes,
+        chunk_count=chunk_count(payload_bytes, chunk_bytes),
+        sha256=digest,
+        dtype=MASKED_DTYPE if kind is UploadKind.MASKED else WIRE_DTYPE,
+        train_loss=1.0,
+        tag=tag,
+    )
+    return pb.UploadMessage(header=upload_header_to_proto(header))
+
+
+def download_header(manifest: Manifest, config_json: str, digest: bytes, chunk_bytes: int) -> pb.DownloadChunk:
+    """The header CoordinatorServicer.DownloadGlobal sends before version 1 of the global model."""
+    version = ModelVersion(version=1, size_bytes=manifest.nbytes, sha256=digest, manifest=manifest)
+    return pb.DownloadChunk(
+        header=pb.DownloadHeader(
+            model=model_version_to_proto(version),
+            chunk_count=chunk_count(manifest.nbytes, chunk_bytes),
+            artifact_config_json=config_json,
+        )
+    )
+
+
+# ---- the model, on the meta device ------------------------------------------------------------
+
+
+def model_config(model: str) -> tuple[str, PretrainedConfig]:
+    """A name and config for --model: a published shape (`Llama-3.1-8B`, also as `meta-llama/...`), a model
+    directory holding config.json, or a config.json file. ValueError in one line otherwise."""
+    published = {name.lower(): name for name in PUBLISHED}
+    key = model.removeprefix("meta-llama/").lower()
+    if key in published:
+        name = published[key]
+        return name, PUBLISHED[name]
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():
+        return model, cast(PretrainedConfig, AutoConfig.from_pretrained(path))
+    if path.is_file():
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            kind = values.pop("model_type")
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ValueError(f"--model {model}: not a config.json with a model_type ({exc})") from None
+        return model, AutoConfig.for_model(kind, **values)
+    known = ", ".join(PUBLISHED)
+    raise ValueError(f"--model {model}: neither a model directory with config.json, a config.json, nor one of {known}")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the memory formulas need of a config (names as transformers' configs spell them)."""
+
+    architecture: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_width: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> Shapes:
+        hidden = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        intermediate = next(
+            (
+                getattr(config, name)
+                for name in ("intermediate_size", "ffn_dim", "n_inner")
+                if getattr(config, name, None)
+            ),
+            4 * hidden,
+        )
+        return cls(
+            architecture=(config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0],
+            layers=int(config.num_hidden_layers),
+            hidden=hidden,
+            intermediate=int(intermediate),
+            heads=heads,
+            kv_width=int(kv_heads) * int(head_dim),
+            vocab=int(config.vocab_size),
+        )
+
+
+@dataclass(frozen=True)
+class MetaModel:
+    """Counts and manifests of the base and its adapter, from a weightless model."""
+
+    shapes: Shapes
+    parameters: int
+    linear_weights: int
+    """Elements of the linear layers' weights but the output head's: what NF4 quantizes."""
+    largest_linear: int
+    global_manifest: Manifest
+    """The global state that is downloaded: the adapter, or every parameter under mode full."""
+    update_manifest: Manifest
+    """What a site trains and uploads: the global state, or B alone under FFA."""
+    config_json: str
+    adapter_inputs: tuple[int, ...]
+    """Input width of each module one block adapts (LoRA), for the activation formula."""
+
+
+def meta_model(name: str, config: PretrainedConfig, mode: Mode, lora: LoraSpec, aggregation: Aggregation) -> MetaModel:
+    """Build the model on the meta device, wrap it in the run's LoRA adapter (unless full), and count."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    unique = {id(p): p for p in model.parameters()}.values()
+    modules = dict(model.named_modules())
+    linear = [modules[n] for n in linear_layers(model)]
+    weights = [cast(torch.Tensor, m.weight).numel() for m in linear]
+    inputs: tuple[int, ...] = ()
+    if mode == "full":
+        manifest = Manifest(tuple(TensorSpec(n, tuple(p.shape)) for n, p in model.named_parameters()))
+        config_json = model.config.to_json_string()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's and transformers' deprecation notices
+            peft_model = get_peft_model(model, lora_config(lora))
+        adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+        manifest = Manifest(tuple(TensorSpec(n, tuple(t.shape)) for n, t in adapter.items()))
+        run = RunSpec(
+            run_id="plan", mode=mode, aggregation=aggregation, base_model=name, lora=lora, total_rounds=1, seed=0
+        )
+        # artifact_config_json reads the adapter's config and the base's path, never the tokenizer.
+        loaded = LoadedModel(peft_model, cast(Any, None), run, SiteModel(path=name), manifest)
+        config_json = artifact_config_json(loaded)
+        inputs = _adapted_inputs(manifest)
+    return MetaModel(
+        shapes=Shapes.of(config),
+        parameters=sum(p.numel() for p in unique),
+        linear_weights=sum(weights),
+        largest_linear=max(weights, default=0),
+        global_manifest=manifest,
+        update_manifest=update_manifest(manifest, aggregation),
+        config_json=config_json,
+        adapter_inputs=inputs,
+    )
+
+
+def _adapted_inputs(manifest: Manifest) -> tuple[int, ...]:
+    """The input widths of the modules the first block adapts (`...layers.0.`, `...h.0.`: up to its number)."""
+    names = [spec for spec in manifest.tensors if ".lora_A." in spec.name]
+    block = re.match(r"^(.*?\.\d+\.)", names[0].name) if names else None
+    first = [spec for spec in names if block is not None and spec.name.startswith(block.group(1))]
+    return tuple(int(spec.shape[1]) for spec in first)
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on one training process's GPU(s)."""
+
+    weights: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+    """What autograd keeps from one micro-batch's forward for its backward."""
+    activations_checkpointed: int
+    """The same with activation checkpointing: each block's input."""
+    recomputed: int
+    """With checkpointing, the activations of the block being recomputed in the backward."""
+    transient: int
+    peak: int
+    peak_checkpointed: int
+
+
+def memory(
+    meta: MetaModel, mode: Mode, lora: LoraSpec, *, seq_len: int, micro_batch: int, dropout_mask_bytes: int = 1
+) -> Memory:
+    """The estimate of the module docstring, for micro-batches of micro_batch x seq_len tokens.
+
+    dropout_mask_bytes: what LoRA dropout keeps per input element; CUDA's fused dropout keeps a
+    bool mask (1), the CPU's a float32 one (4).
+    """
+    s = meta.shapes
+    tokens = seq_len * micro_batch
+    trainable = meta.update_manifest.numel
+    adapter = 0 if mode == "full" else 4 * meta.global_manifest.numel
+    if mode == "full":
+        weights = 4 * meta.parameters
+    elif mode == "qlora":
+        weights = math.ceil(meta.linear_weights * (0.5 + 4 / 64)) + 2 * (meta.parameters - meta.linear_weights)
+    else:
+        weights = 2 * meta.parameters
+    # autocast's bf16 copies of float32 weights, kept for the backward: in the blocks (dropped with
+    # them under checkpointing) and of the head
+    if mode == "full":
+        block = 30 * s.hidden + 8 * s.intermediate + 4 * s.kv_width
+        kept_input, head = 4 * s.hidden, 15 * s.hidden
+        block_copies, head_copy = 2 * meta.linear_weights, 2 * s.vocab * s.hidden
+    else:
+        mask = dropout_mask_bytes if lora.dropout > 0 else 0
+        lora_terms = sum((2 + mask) * width + 2 * lora.rank for width in meta.adapter_inputs)
+        block = 12 * s.hidden + 6 * s.intermediate + 4 * s.kv_width + lora_terms
+        kept_input, head = 2 * s.hidden, 4 * s.hidden
+        block_copies, head_copy = 2 * meta.global_manifest.numel, 0
+    rest = (head + 4 * s.vocab) * tokens + head_copy  # final norm and head input; the loss's log-probabilities
+    activations = s.layers * block * tokens + block_copies + rest
+    checkpointed = s.layers * kept_input * tokens + rest
+    recomputed = block * tokens + block_copies // s.layers
+    transient = 10 * s.vocab * tokens + (2 * meta.largest_linear if mode == "qlora" else 0)
+    fixed = weights + adapter + 4 * trainable + 8 * trainable
+    return Memory(
+        weights=weights,
+        adapter=adapter,
+        gradients=4 * trainable,
+        optimizer=8 * trainable,
+        activations=activations,
+        activations_checkpointed=checkpointed,
+        recomputed=recomputed,
+        transient=transient,
+        peak=fixed + activations + transient,
+        peak_checkpointed=fixed + checkpointed + recomputed + transient,
+    )
+
+
+# ---- secure aggregation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    sites: int
+    threshold: int
+    keystreams_per_site: int
+    masking_s: float
+    """Each site's masking: its N keystreams over the masked vector."""
+    unmasking_s: float
+    """The coordinator's unmasking with no dropout: the N self masks."""
+    unmasking_per_dropout_s: float
+    """What each site that drops after masking adds: N - 1 pairwise masks (an upper bound)."""
+    keys_up_bytes: int
+    """Per site and round: its advertisement, sealed shares and revealed shares."""
+    keys_down_bytes: int
+    """Per site and round: the key roster and its inbox of shares, as the coordinator relays them."""
+    keystream_mb_s: float
+
+
+def secure_aggregation(sites: int, masked_bytes: int, keystream_mb_s: float) -> SecureAggregation:
+    """Cost at `sites`: keystream seconds at the given rate, message bytes from a real exchange of that size."""
+    up, down, threshold = _key_traffic(sites)
+    seconds = masked_bytes / (keystream_mb_s * MB)
+    return SecureAggregation(
+        sites=sites,
+        threshold=threshold,
+        keystreams_per_site=sites,
+        masking_s=sites * seconds,
+        unmasking_s=sites * seconds,
+        unmasking_per_dropout_s=(sites - 1) * seconds,
+        keys_up_bytes=up,
+        keys_down_bytes=down,
+        keystream_mb_s=keystream_mb_s,
+    )
+
+
+def _key_traffic(sites: int) -> tuple[int, int, int]:
+    """One site's key and share messages when `sites` take part and none drops: (up, down, threshold).
+
+    Real worker sessions advertise, share and mask, so each message is built from the round's
+    actual objects (as bench/secagg.py sizes them)."""
+    ids = tuple(SITE_IDS.format(i) for i in range(sites))
+    identities = {w: identity_keypair() for w in ids}
+    public = {w: k.public for w, k in identities.items()}
+    tag = round_tag(1, 1)
+    params = SecAggParams(
+        run_id="fedlora-run",
+        tag=tag,
+        participants=ids,
+        threshold=SecAggParams.threshold_for(sites, 2 / 3),
+        bits=max_bits(sites),
+        clip_range=0.05,
+        max_examples=65536,
+    )
+    sessions = {
+        w: WorkerSession(worker_id=w, params=params, identity_private=identities[w].private, peer_identities=public)
+        for w in ids
+    }
+    roster = [session.advertise() for session in sessions.values()]
+    shares = {w: session.share_keys(roster) for w, session in sessions.items()}
+    me = ids[0]
+    inbox = [share for w in ids if w != me for share in shares[w] if share.recipient == me]
+    sessions[me].mask_seeds(inbox, ids)
+    revealed = sessions[me].reveal(ids, ())
+    run_id = params.run_id
+    up = (
+        framed(pb.AdvertiseKeysRequest(worker_id=me, run_id=run_id, tag=tag, keys=advertisement_to_proto(roster[0])))
+        + framed(
+            pb.ShareKeysRequest(
+                worker_id=me, run_id=run_id, tag=tag, shares=[encrypted_share_to_proto(s) for s in shares[me]]
+            )
+        )
+        + framed(
+            pb.RevealSharesRequest(
+                worker_id=me, run_id=run_id, tag=tag, shares=[revealed_share_to_proto(r) for r in revealed]
+            )
+        )
+    )
+    down = framed(pb.SecAggPlan(roster=[advertisement_to_proto(a) for a in roster])) + framed(
+        pb.SecAggPlan(inbox=[encrypted_share_to_proto(s) for s in inbox])
+    )
+    return up, down, params.threshold
+
+
+def measure_keystream(megabytes: int = 32, repeats: int = 3) -> float:
+    """mask_vector's rate here, in MB of keystream per second (self mask and 4 pairwise, adds included)."""
+    values = np.zeros(megabytes * 2**20 // 4, dtype=np.uint32)
+    pairwise = [(os.urandom(32), 1 if i % 2 else -1) for i in range(4)]
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mask_vector(values, self_seed=os.urandom(32), pairwise=pairwise)
+        best = min(best, time.perf_counter() - started)
+    return 5 * values.nbytes / best / MB
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Per site and per round; JSON as `--json` prints it."""
+
+    model: str
+    architecture: str
+    mode: Mode
+    aggregation: Aggregation
+    rank: int
+    targets: tuple[str, ...]
+    adapted_per_block: int
+    seq_len: int
+    micro_batch: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    parameters: int
+    trainable: int
+    trainable_fraction: float
+    down_bytes: int
+    up_plain_bytes: int
+    up_masked_bytes: int
+    memory: Memory
+    secure_aggregation: SecureAggregation
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def capacity(
+    model: str,
+    *,
+    mode: Mode = "lora",
+    lora: LoraSpec | None = None,
+    aggregation: Aggregation = "fedavg",
+    seq_len: int = 2048,
+    micro_batch: int = 1,
+    sites: int = 3,
+    keystream_mb_s: float = KEYSTREAM_MB_S,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Capacity:
+    """The plan for `model` (see model_config) as fedlora-lab plan prints it."""
+    lora = lora or LoraSpec()
+    name, config = model_config(model)
+    meta = meta_model(name, config, mode, lora, aggregation)
+    digest = bytes(32)  # a SHA-256 is 32 bytes whatever its value
+    sent = meta.update_manifest
+    down = stream_wire_bytes(
+        download_header(meta.global_manifest, meta.config_json, digest, chunk_bytes),
+        meta.global_manifest.nbytes,
+        chunk_bytes,
+        download_chunk,
+    )
+    up_plain = stream_wire_bytes(
+        upload_header(digest, sent.nbytes, chunk_bytes), sent.nbytes, chunk_bytes, upload_chunk
+    )
+    masked = (sent.numel + 1) * 4
+    tag = round_tag(1, 1)
+    up_masked = stream_wire_bytes(
+        upload_header(digest, masked, chunk_bytes, kind=UploadKind.MASKED, tag=tag), masked, chunk_bytes, upload_chunk
+    )
+    return Capacity(
+        model=name,
+        architecture=meta.shapes.architecture,
+        mode=mode,
+        aggregation=aggregation,
+        rank=lora.rank,
+        targets=lora.target_modules,
+        adapted_per_block=len(meta.adapter_inputs),
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        layers=meta.shapes.layers,
+        hidden=meta.shapes.hidden,
+        intermediate=meta.shapes.intermediate,
+        vocab=meta.shapes.vocab,
+        parameters=meta.parameters,
+        trainable=sent.numel,
+        trainable_fraction=sent.numel / meta.parameters,
+        down_bytes=down,
+        up_plain_bytes=up_plain,
+        up_masked_bytes=up_masked,
+        memory=memory(meta, mode, lora, seq_len=seq_len, micro_batch=micro_batch),
+        secure_aggregation=secure_aggregation(sites, masked, keystream_mb_s),
+    )
+
+
+def render(plan: Capacity) -> str:
+    """The human-readable table."""
+    m, sa = plan.memory, plan.secure_aggregation
+    weights = {"lora": "bf16", "qlora": "NF4 linear layers, bf16 rest", "full": "float32"}[plan.mode]
+    adapted = f", LoRA rank {plan.rank} on {', '.join(plan.targets)} ({plan.adapted_per_block} modules a block)"
+    transients = "logits and loss" + (", a dequantized weight" if plan.mode == "qlora" else "")
+
+    def row(label: str, value: str) -> str:
+        return f"  {label:<50}{value:>16}"
+
+    def gib(value: int) -> str:
+        return f"{value / GIB:,.2f} GiB"
+
+    def mb(value: int) -> str:
+        return f"{value / MB:,.2f} MB"
+
+    lines = [
+        f"{plan.model}: {plan.architecture}, {plan.layers} layers, hidden {plan.hidden}, MLP {plan.intermediate}, "
+        f"vocab {plan.vocab}",
+        f"mode {plan.mode}, aggregation {plan.aggregation}" + (adapted if plan.mode != "full" else ""),
+        f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens per forward; {sa.sites} sites",
+        "",
+        row("parameters", f"{plan.parameters:,}"),
+        row(f"trainable ({100 * plan.trainable_fraction:.3f}%)", f"{plan.trainable:,}"),
+        "",
+        "per site and round, on the wire (MB = 1e6 bytes)",
+        row(f"down: global {'adapter' if plan.mode != 'full' else 'model'}", mb(plan.down_bytes)),
+        row("up: update, plain (float32)", mb(plan.up_plain_bytes)),
+        row("up: update, masked (uint32)", mb(plan.up_masked_bytes)),
+        row("up: keys and shares (secure aggregation)", f"{sa.keys_up_bytes:,} B"),
+        row("down: key roster and shares", f"{sa.keys_down_bytes:,} B"),
+        "",
+        "GPU memory of each training process (GiB = 2^30 bytes)",
+        row(f"base weights ({weights})", gib(m.weights)),
+        row("adapter (float32)", gib(m.adapter)),
+        row("gradients (float32)", gib(m.gradients)),
+        row("AdamW state (2 x float32)", gib(m.optimizer)),
+        row("activations kept for the backward", gib(m.activations)),
+        row("  with activation checkpointing", gib(m.activations_checkpointed)),
+        row("  and one block recomputed in the backward", gib(m.recomputed)),
+        row(f"transients ({transients})", gib(m.transient)),
+        row("peak estimate", gib(m.peak)),
+        row("  with activation checkpointing", gib(m.peak_checkpointed)),
+        "",
+        f"secure aggregation at {sa.sites} sites (threshold {sa.threshold}; keystream {sa.keystream_mb_s:,.0f} MB/s)",
+        row(f"masking, each site ({sa.keystreams_per_site} keystreams)", f"{sa.masking_s:,.2f} s"),
+        row(f"unmasking, coordinator ({sa.sites} self masks)", f"{sa.unmasking_s:,.2f} s"),
+        row("  each site dropping after masking adds", f"{sa.unmasking_per_dropout_s:,.2f} s"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _targets(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(part for value in values for part in value.split(",") if part)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help=f"a model directory, a config.json, or one of {', '.join(PUBLISHED)}"
+    )
+    parser.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
+    parser.add_argument("--rank", type=_positive, default=LoraSpec().rank, help="LoRA rank")
+    parser.add_argument("--alpha", type=_positive, default=None, help="LoRA alpha (default 2 x rank)")
+    parser.add_argument("--dropout", type=float, default=LoraSpec().dropout, help="LoRA dropout")
+    parser.add_argument("--targets", nargs="+", default=[ALL_LINEAR], help="LoRA target modules (default all-linear)")
+    parser.add_argument("--aggregation", choices=("fedavg", "ffa"), default="fedavg")
+    parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per training window")
+    parser.add_argument("--micro-batch", type=_positive, default=1, help="windows per forward pass")
+    parser.add_argument("--sites", type=_positive, default=3, help="sites taking part in a round")
+    parser.add_argument(
+        "--keystream-mbps", type=float, default=None, help=f"keystream rate in MB/s (default {KEYSTREAM_MB_S:g})"
+    )
+    parser.add_argument("--measure-keystream", action="store_true", help="time the keystream on this machine instead")
+    parser.add_argument("--chunk-bytes", type=_positive, default=DEFAULT_CHUNK_BYTES)
+    parser.add_argument("--json", action="store_true", help="print JSON for tools")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """`fedlora-lab plan`: exit 2 with one line on a bad argument."""
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        if args.sites < 2:
+            raise ValueError("--sites: secure aggregation needs at least 2 sites")
+        if args.mode == "full" and args.aggregation == "ffa":
+            raise ValueError("--aggregation: ffa applies to LoRA adapters, not to mode full")
+        lora = LoraSpec(
+            rank=args.rank,
+            alpha=args.alpha or 2 * args.rank,
+            dropout=args.dropout,
+            target_modules=_targets(args.targets),
+        )
+        rate = measure_keystream() if args.measure_keystream else (args.keystream_mbps or KEYSTREAM_MB_S)
+        plan = capacity(
+            args.model,
+            mode=args.mode,
+            lora=lora,
+            aggregation=args.aggregation,
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
+            sites=args.sites,
+            keystream_mb_s=rate,
+            chunk_bytes=args.chunk_bytes,
+        )
+    except ValueError as exc:
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"fedlora-lab plan: error: {message}\n")
+        return 2
+    sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n" if args.json else render(plan))
+    return 0
