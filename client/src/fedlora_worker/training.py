@@ -256,9 +256,8 @@ def _plain_steps(
         loss_sum = torch.zeros((), device=device)
         for i, (micro, micro_mask) in enumerate(micro_batches):
             micro = micro.to(device)
-            with _synced(replicas, last=i == len(micro_batches) - 1), _autocast(plan, device):
-                logits = forward(input_ids=micro.input_ids, attention_mask=micro.attention_mask, use_cache=False).logits
-                losses, _ = token_losses(logits, micro.labels, loss_mask=micro_mask)
+            with _synced(replicas, last=i == len(micro_batches) - 1):
+                losses, _ = _forward(forward, micro, micro_mask, plan)
                 (losses.sum() * (world / max(counted, 1))).backward()  # type: ignore[no-untyped-call]
             loss_sum += losses.detach().sum()
         value = _checked(_summed(loss_sum, world) / max(counted, 1), step)
@@ -310,11 +309,7 @@ def _private_steps(
                 optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum of the parts before
                 if rows:
                     batch = collate(data, rows, pad_id=pad_id).to(device)
-                    with _autocast(plan, device):
-                        logits = model(
-                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                        ).logits
-                    losses, mask = token_losses(logits, batch.labels, loss_mask=_loss_mask(batch, plan.goldfish))
+                    losses, mask = _forward(model, batch, _loss_mask(batch, plan.goldfish), plan)
                     per_record = torch.zeros(len(part), device=device)
                     sums = per_record.index_add(0, owner, losses.sum(dim=1))
                     counts = per_record.index_add(0, owner, mask.sum(dim=1).float())
@@ -329,6 +324,16 @@ def _private_steps(
             yield _Step(loss_sum / counted if counted else math.nan, counted, tokens)
     if torch.equal(_fingerprint(params), before):
         raise RuntimeError("DP-SGD left the trainable parameters unchanged: per-sample gradients missed them")
+
+
+def _forward(
+    model: torch.nn.Module, batch: Batch, loss_mask: torch.Tensor | None, plan: TrainingPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_losses of a training forward (autocast as the plan says). The logits, a vocabulary-wide
+    tensor no backward needs, are let go on return rather than held through the next forward."""
+    with _autocast(plan, batch.input_ids.device):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return token_losses(logits, batch.labels, loss_mask=loss_mask)
 
 
 def _counted(batch: Batch, loss_mask: torch.Tensor | None) -> int:
