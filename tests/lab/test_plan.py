@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -210,3 +211,25 @@ def test_a_wrong_argument_is_one_line_and_exit_2(
     assert err.startswith("fedlora-lab plan: error: ")
     assert named in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_gpu_smoke_script_runs_on_a_cpu_with_the_tiny_model(lab_cache: Path) -> None:
+    smoke = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--cache-dir", str(lab_cache), "--local-steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+    assert smoke.returncode == 0, smoke.stderr[-3000:]
+    rows = [line.split() for line in smoke.stdout.splitlines() if line.startswith(("clinical ", "legal "))]
+    assert sorted((row[0], row[1]) for row in rows) == [
+        ("clinical", "1"),
+        ("clinical", "2"),
+        ("legal", "1"),
+        ("legal", "2"),
+    ]
+    assert all(float(row[2].replace(",", "")) > 0 and row[3] == "n/a" and float(row[4]) > 0 for row in rows)
+    assert "2 rounds committed" in smoke.stdout

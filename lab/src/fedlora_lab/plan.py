@@ -37,7 +37,9 @@ the published Llama shapes in `PUBLISHED`): no weights are read or allocated. Fr
   - transients: the loss's logits, their float32 copy and gradients (10VT beyond the 4VT kept), and
     under qlora one dequantized weight (bf16) of the largest linear layer.
   The sum is the estimated peak; CUDA's own context and the allocator's fragmentation come on
-  top (`bench/gpu_smoke.py` prints the ratio to torch.cuda.max_memory_allocated on a GPU).
+  top (`bench/gpu_smoke.py` prints the ratio to torch.cuda.max_memory_allocated on a GPU). A
+  process that spreads the base over G GPUs (device_map auto) holds about 1/G of it on each:
+  accelerate places whole blocks, so one GPU may carry a block more.
 * **Secure aggregation** at N sites: each worker masks its vector with N AES-256-CTR keystreams
   (its self mask and N - 1 pairwise) and the coordinator removes the N self masks (plus N - d
   pairwise ones for each of d sites that drop after masking), at the keystream rate measured with
@@ -540,6 +542,8 @@ class Capacity:
     up_plain_bytes: int
     up_masked_bytes: int
     memory: Memory
+    gpus_per_process: int
+    """GPUs one training process spreads the base over (device_map auto); 1: one GPU a process."""
     secure_aggregation: SecureAggregation
 
     def to_json(self) -> dict[str, Any]:
@@ -555,6 +559,7 @@ def capacity(
     seq_len: int = 2048,
     micro_batch: int = 1,
     sites: int = 3,
+    gpus_per_process: int = 1,
     keystream_mb_s: float = KEYSTREAM_MB_S,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Capacity:
@@ -599,6 +604,7 @@ def capacity(
         up_plain_bytes=up_plain,
         up_masked_bytes=up_masked,
         memory=memory(meta, mode, lora, seq_len=seq_len, micro_batch=micro_batch),
+        gpus_per_process=gpus_per_process,
         secure_aggregation=secure_aggregation(sites, masked, keystream_mb_s),
     )
 
@@ -606,6 +612,7 @@ def capacity(
 def render(plan: Capacity) -> str:
     """The human-readable table."""
     m, sa = plan.memory, plan.secure_aggregation
+    per_gpu = math.ceil(m.peak_checkpointed / plan.gpus_per_process)
     weights = {"lora": "bf16", "qlora": "NF4 linear layers, bf16 rest", "full": "float32"}[plan.mode]
     adapted = f", LoRA rank {plan.rank} on {', '.join(plan.targets)} ({plan.adapted_per_block} modules a block)"
     transients = "logits and loss" + (", a dequantized weight" if plan.mode == "qlora" else "")
@@ -646,6 +653,13 @@ def render(plan: Capacity) -> str:
         row(f"transients ({transients})", gib(m.transient)),
         row("peak estimate", gib(m.peak)),
         row("  with activation checkpointing", gib(m.peak_checkpointed)),
+        *(
+            [
+                row(f"  each of {plan.gpus_per_process} GPUs (device_map auto), checkpointing", gib(per_gpu)),
+            ]
+            if plan.gpus_per_process > 1
+            else []
+        ),
         "",
         f"secure aggregation at {sa.sites} sites (threshold {sa.threshold}; keystream {sa.keystream_mb_s:,.0f} MB/s)",
         row(f"masking, each site ({sa.keystreams_per_site} keystreams)", f"{sa.masking_s:,.2f} s"),
@@ -684,6 +698,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregation", choices=("fedavg", "ffa"), default="fedavg")
     parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per training window")
     parser.add_argument("--micro-batch", type=_positive, default=1, help="windows per forward pass")
+    parser.add_argument(
+        "--gpus-per-process",
+        type=_positive,
+        default=1,
+        help="GPUs one process spreads the base over (worker.yaml device_map: auto); the peak is split evenly",
+    )
     parser.add_argument("--sites", type=_positive, default=3, help="sites taking part in a round")
     parser.add_argument(
         "--keystream-mbps", type=float, default=None, help=f"keystream rate in MB/s (default {KEYSTREAM_MB_S:g})"
@@ -715,6 +735,7 @@ def plan_command(args: argparse.Namespace) -> int:
             aggregation=args.aggregation,
             seq_len=args.seq_len,
             micro_batch=args.micro_batch,
+            gpus_per_process=args.gpus_per_process,
             sites=args.sites,
             keystream_mb_s=rate,
             chunk_bytes=args.chunk_bytes,
