@@ -151,11 +151,13 @@ def test_torchrun_environment_places_each_process_on_its_own_gpu(tmp_path: Path)
     launch = Launch.from_environment(environ)
     alone = Launch.from_environment({})
     on_gpu = site_model(settings.model_copy(update={"device": "cuda"}), launch)
+    one_per_node = site_model(settings.model_copy(update={"device": "cuda"}), Launch(1, 2, 0, 1))
 
     assert launch == Launch(rank=3, world_size=4, local_rank=1, local_world_size=2)
     assert launch.distributed
     assert not alone.distributed
     assert on_gpu.device == "cuda:1"
+    assert one_per_node.device == "cuda:0"
     assert site_model(settings, launch).device == "cpu"
 
 

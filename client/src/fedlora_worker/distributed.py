@@ -83,8 +83,8 @@ class Launch:
 def site_model(settings: WorkerSettings, launch: Launch | None = None) -> SiteModel:
     """This process's share of the site's hardware.
 
-    With several processes on a node, `device: cuda` is the local rank's GPU, and `device_map: auto`
-    spreads the base over the local rank's equal slice of the node's GPUs.
+    With several processes, `device: cuda` is the local rank's GPU, and with several on a node
+    `device_map: auto` spreads the base over the local rank's equal slice of the node's GPUs.
     """
     launch = launch or Launch()
     device = settings.device
@@ -97,7 +97,7 @@ def site_model(settings: WorkerSettings, launch: Launch | None = None) -> SiteMo
                 f"{torch.cuda.device_count()} GPU(s) leaves a process without one"
             )
         gpus = tuple(range(launch.local_rank * per_process, (launch.local_rank + 1) * per_process))
-    elif launch.local_world_size > 1 and device == "cuda":
+    elif launch.distributed and device == "cuda":
         device = f"cuda:{launch.local_rank}"
     return SiteModel(
         path=settings.base_model,
@@ -137,8 +137,9 @@ class SiteGroup:
         self.launch = launch
         self.site = site
         on_gpu = site.device.startswith("cuda") or (site.device_map == "auto" and torch.cuda.is_available())
-        if on_gpu and site.device_map == "device":
-            torch.cuda.set_device(torch.device(site.device))
+        first_gpu = site.gpus[0] if site.gpus else torch.device(site.device).index
+        if on_gpu and first_gpu is not None:  # NCCL's collectives run on the current device
+            torch.cuda.set_device(first_gpu)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if on_gpu else "gloo")
         self._control = dist.new_group(backend="gloo", timeout=idle_timeout)
