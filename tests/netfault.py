@@ -57,6 +57,16 @@ class FaultyProxy:
 
     # ---- faults -----------------------------------------------------------------------
 
+    def retarget(self, upstream: tuple[str, int]) -> None:
+        """Send new connections to another upstream (a coordinator restarted on another port)."""
+        with self._lock:
+            self._upstream = upstream
+
+    def clear(self) -> None:
+        """No more faults: no delay, no stall, no cut waiting."""
+        with self._lock:
+            self._rules = _Rules()
+
     def delay(self, seconds: float) -> None:
         """Hold every forwarded block this long (0 ends the delay)."""
         with self._lock:
@@ -74,6 +84,13 @@ class FaultyProxy:
         """Let `nbytes` more pass in `direction`, then close that connection from both ends (once)."""
         with self._lock:
             self._rules.cut_left[direction] = nbytes
+
+    def drop(self) -> None:
+        """Close every connection now: what the proxy still holds never arrives (the sending host died with it)."""
+        with self._lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            _close(sock)
 
     def armed(self) -> bool:
         """Whether a cut is still waiting for its bytes."""
@@ -123,8 +140,10 @@ class FaultyProxy:
                 continue
             except OSError:
                 break
+            with self._lock:
+                upstream = self._upstream
             try:
-                server = socket.create_connection(self._upstream, timeout=5)
+                server = socket.create_connection(upstream, timeout=5)
             except OSError:
                 _close(client)
                 continue

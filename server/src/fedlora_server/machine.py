@@ -431,6 +431,7 @@ class PhaseMachine:
         now = self._clock()
         participants = tuple(sorted(self._joined))
         self._phase = Evaluation(model.round, record, participants, now, now + self._deadline(training=True), model)
+        log.info("evaluation_started", round=model.round, version=model.number, participants=len(participants))
 
     def _close_evaluation(self, phase: Evaluation) -> None:
         eval_loss = self._ledger.evaluated(
