@@ -296,10 +296,8 @@ def test_activation_checkpointing_is_off_again_after_training(load: Load, repeat
 def test_combinations_that_cannot_train_exactly_are_refused_naming_the_settings(
     settings: dict[str, Any], world_size: int, named: str
 ) -> None:
-    plan = TrainingPlan.model_validate({"seed": 0, **settings})
-
-    with pytest.raises(ValueError, match=rf"^{re.escape(named)}"):
-        check_plan(plan, world_size=world_size)
+    with pytest.raises(ValueError, match=re.escape(named)):  # by the plan's own rules, or the site's
+        check_plan(TrainingPlan.model_validate({"seed": 0, **settings}), world_size=world_size)
 
 
 def test_a_micro_batch_larger_than_the_batch_is_refused_naming_the_field() -> None:

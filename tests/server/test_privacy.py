@@ -113,3 +113,19 @@ def test_impossible_privacy_settings_are_refused_naming_the_field(
     with pytest.raises(ConfigError, match=field) as caught:
         load_settings(RunSettings, ["--config", str(path)])
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("setting", ["packing", "gradient_checkpointing"])
+def test_record_dp_with_packing_or_checkpointing_is_refused_at_load(tmp_path: Path, setting: str) -> None:
+    path = tmp_path / "run.yaml"
+    config = {
+        "base_model": "m",
+        "workers": [{"id": w, "token_sha256": "0" * 63 + str(i)} for i, w in enumerate(WORKERS)],
+        "secure_aggregation": {"enabled": False},
+        "training": {setting: True},
+        "privacy": {"record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}},
+    }
+    path.write_text(json.dumps(config))
+
+    with pytest.raises(ConfigError, match=f"training.{setting}: not with privacy.record_dp"):
+        load_settings(RunSettings, ["--config", str(path)])

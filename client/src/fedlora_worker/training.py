@@ -114,17 +114,7 @@ class Replicas:
 
 
 def check_plan(plan: TrainingPlan, *, world_size: int = 1) -> None:
-    """Refuse what cannot train as the plan says, in one line naming the settings."""
-    if plan.record_dp is not None and plan.packing:
-        raise ValueError(
-            "training.packing with privacy.record_dp: a packed window holds several records, so DP-SGD could "
-            "not clip each record's gradient; turn packing off"
-        )
-    if plan.record_dp is not None and plan.gradient_checkpointing:
-        raise ValueError(
-            "training.gradient_checkpointing with privacy.record_dp: Opacus' per-record gradients need the "
-            "activations it would recompute; turn checkpointing off (micro_batch_size bounds memory instead)"
-        )
+    """Refuse what this site cannot train as the plan says, in one line (the plan's own rules hold already)."""
     if plan.record_dp is not None and world_size > 1:
         raise ValueError(
             f"privacy.record_dp trains one process per site, not {world_size}: run this site without torchrun"

@@ -199,6 +199,21 @@ class TrainingPlan(TrainingSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _record_dp_trainable(self) -> TrainingPlan:
+        """DP-SGD clips each record's own gradient: windows that mix records, or recomputed activations, cannot."""
+        if self.record_dp is not None and self.packing:
+            raise ValueError(
+                "training.packing: not with privacy.record_dp (a packed window holds several records, so DP-SGD "
+                "could not clip each record's gradient); turn packing off"
+            )
+        if self.record_dp is not None and self.gradient_checkpointing:
+            raise ValueError(
+                "training.gradient_checkpointing: not with privacy.record_dp (Opacus' per-record gradients need "
+                "the activations it would recompute); micro_batch_size bounds memory instead"
+            )
+        return self
+
 
 class AuditPlan(StrictModel):
     """The canary audit a worker runs on a new global model; only aggregate rates leave a site."""

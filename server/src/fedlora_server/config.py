@@ -19,6 +19,7 @@ from fedlora_common.plans import (
     Mode,
     RecordDPPlan,
     RunSpec,
+    TrainingPlan,
     TrainingSettings,
 )
 from fedlora_common.settings import StrictModel
@@ -285,6 +286,8 @@ class RunSettings(BaseSettings):
         ids = [w.id for w in self.workers]
         if len(set(ids)) != len(ids):
             raise ValueError("workers: worker ids must be unique")
+        # What every round's plan must satisfy (TrainingPlan's own rules), checked before the run starts.
+        TrainingPlan(**self.training.model_dump(), goldfish=self.privacy.goldfish, record_dp=self.privacy.record_dp)
         if self.secure_aggregation.enabled:
             missing = [w.id for w in self.workers if w.identity_public is None]
             if missing:
