@@ -282,14 +282,8 @@ def test_the_audit_never_logs_or_summarises_record_text_or_secrets(
     records = [_record(i, g, make_sentences) for i, g in enumerate(THREE_GROUPS)]
     model = MemorisingModel([tokenizer(r["text"])["input_ids"] for r in records], _junk(tokenizer))
 
-    # Another test's CLI may have left a warning-level filter configured; capture from the defaults.
-    saved = structlog.get_config()
-    structlog.reset_defaults()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            summary = json.dumps(run_audit(model, tokenizer, records, plan=AuditPlan(prefixes=(10,))).summary())
-    finally:
-        structlog.configure(**saved)
+    with structlog.testing.capture_logs() as logs:
+        summary = json.dumps(run_audit(model, tokenizer, records, plan=AuditPlan(prefixes=(10,))).summary())
 
     assert logs  # the audit does log, only not the records
     emitted = json.dumps(logs, default=str) + summary

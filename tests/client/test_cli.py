@@ -412,7 +412,7 @@ def test_check_speaks_to_the_coordinator_with_the_workers_tls_settings(
     streams = capsys.readouterr()
     assert exit_code == code
     if code == 0:
-        assert streams.out.endswith(f"\ncoordinator localhost:{server.port}: SERVING\n")
+        assert streams.out.splitlines()[-1] == f"coordinator localhost:{server.port}: SERVING"
     else:
         assert streams.err.startswith(f"fedlora-worker: coordinator localhost:{server.port}: UNAVAILABLE")
         assert streams.err.count("\n") == 1
