@@ -62,7 +62,9 @@ class ScoringOnly:
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
         self.prompts: list[list[int]] = []
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, frequency_penalty: float
+    ) -> list[list[int]]:
         self.prompts += [list(p) for p in prompts]
         return [[self.pad_id] * max_new_tokens for _ in prompts]
 

@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,7 +77,9 @@ class MemorisingModel:
                     return tail + [self.junk] * (count - len(tail))
         return [self.junk] * count
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, frequency_penalty: float
+    ) -> list[list[int]]:
         return [self._continue(p, max_new_tokens) for p in prompts]
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
@@ -85,17 +88,47 @@ class MemorisingModel:
 
 
 class RecordingModel:
-    """A stub that keeps every sequence it was asked to score, with its flags, and scores them all 0."""
+    """A stub that keeps every sequence it was asked to score, with its flags, and every decoding
+    penalty it was given; it decodes token 0 and scores everything 0."""
 
     def __init__(self) -> None:
         self.scored: list[tuple[list[int], list[bool]]] = []
+        self.penalties: list[float] = []
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, frequency_penalty: float
+    ) -> list[list[int]]:
+        self.penalties.append(frequency_penalty)
         return [[0] * max_new_tokens for _ in prompts]
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
         self.scored += [(list(s), list(f)) for s, f in zip(sequences, scored, strict=True)]
         return [0.0 for _ in sequences]
+
+
+class FixedLogits(torch.nn.Module):
+    """A causal-LM stub whose next-token logits are the same after any tokens: plain greedy decoding
+    repeats its favourite token forever."""
+
+    def __init__(self, logits: Sequence[float]) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(list(logits)), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1), cache=None)
+
+
+def _penalised_greedy(logits: Sequence[float], penalty: float, steps: int) -> list[int]:
+    """The frequency penalty's definition, one scalar at a time: for a model whose logits ignore the
+    context, the prompt can only matter through the counts, and it does not enter them."""
+    counts = [0] * len(logits)
+    tokens = []
+    for _ in range(steps):
+        scores = [logit - penalty * count for logit, count in zip(logits, counts, strict=True)]
+        token = scores.index(max(scores))
+        counts[token] += 1
+        tokens.append(token)
+    return tokens
 
 
 class ScriptedModel:
@@ -104,7 +137,9 @@ class ScriptedModel:
     def __init__(self, continuation: Sequence[int]) -> None:
         self.continuation = list(continuation)
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, frequency_penalty: float
+    ) -> list[list[int]]:
         return [self.continuation[:max_new_tokens] for _ in prompts]
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
@@ -292,6 +327,19 @@ def test_the_audit_never_logs_or_summarises_record_text_or_secrets(
         assert all(line[:20] not in emitted for line in record["text"].splitlines() if len(line) >= 20)
 
 
+def test_the_audit_decodes_with_the_plans_frequency_penalty_and_says_so_in_its_summary(
+    tokenizer: PreTrainedTokenizerBase, make_sentences: Callable[[int, int], list[str]]
+) -> None:
+    records = [_record(i, g, make_sentences) for i, g in enumerate(THREE_GROUPS)]
+    model = RecordingModel()
+
+    report = run_audit(model, tokenizer, records, plan=AuditPlan(prefixes=(10,), frequency_penalty=1.0))
+
+    assert model.penalties
+    assert set(model.penalties) == {1.0}
+    assert report.summary()["config"]["frequency_penalty"] == 1.0
+
+
 def test_exposure_scores_the_secret_at_its_first_occurrence_given_only_the_text_before_it(
     tokenizer: PreTrainedTokenizerBase, make_sentences: Callable[[int, int], list[str]]
 ) -> None:
@@ -331,6 +379,40 @@ def test_load_canaries_names_the_file_and_line_of_a_bad_record(tmp_path: Path) -
     assert load_canaries([path]) == [good]
 
 
+# --------------------------------------------------------------------------- the frequency penalty
+
+LOGITS = (0.0, 3.0, 1.5, 0.25)  # binary fractions: every penalised score below is exact, no two tie
+
+
+def test_without_a_penalty_greedy_decoding_repeats_the_favourite_token() -> None:
+    model = FixedLogits(LOGITS)
+
+    plain = greedy_decode(model, [[3]], max_new_tokens=6, pad_id=0)
+    zero = greedy_decode(model, [[3]], max_new_tokens=6, pad_id=0, frequency_penalty=0.0)
+
+    assert plain == zero == [[1] * 6]
+
+
+def test_a_frequency_penalty_moves_greedy_decoding_off_a_repeated_token() -> None:
+    model = FixedLogits(LOGITS)
+
+    decoded = greedy_decode(model, [[3]], max_new_tokens=6, pad_id=0, frequency_penalty=1.0)[0]
+
+    # Token 1 leads token 2 by 3.0 - 1.5: after two picks its score 3.0 - 2 * 1.0 falls below 1.5.
+    assert decoded[:3] == [1, 1, 2]
+    assert decoded == _penalised_greedy(LOGITS, 1.0, 6)
+
+
+def test_the_frequency_penalty_counts_generated_tokens_not_the_prompt_or_its_padding() -> None:
+    model = FixedLogits(LOGITS)
+    prompts = [[1, 1, 1, 1], [3], [2, 1, 2]]  # the favourite four times, never, once; padded with it
+
+    decoded = greedy_decode(model, prompts, max_new_tokens=6, pad_id=1, batch_size=3, frequency_penalty=1.0)
+
+    # Had the prompt's four 1s counted, the first prompt would start with 2 (3.0 - 4.0 < 1.5).
+    assert decoded == [_penalised_greedy(LOGITS, 1.0, 6)] * 3
+
+
 # --------------------------------------------------------------------------- the real tiny model
 
 
@@ -351,6 +433,30 @@ def test_batched_greedy_decoding_with_left_padding_matches_decoding_one_by_one(
         for _ in range(12):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     assert alone[-1] == ids[len(prompts[-1]) :]
+
+
+@pytest.mark.usefixtures("single_threaded_torch")
+def test_penalised_batched_decoding_matches_the_penalty_applied_token_by_token_without_the_cache(
+    tiny_base_model: Path, tokenizer: PreTrainedTokenizerBase, make_sentences: Callable[[int, int], list[str]]
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model)  # in eval mode
+    prompts = [tokenizer(text)["input_ids"][: 3 + 7 * i] for i, text in enumerate(make_sentences(6, 5))]
+    pad = tokenizer.pad_token_id
+
+    plain = greedy_decode(model, prompts, max_new_tokens=12, pad_id=pad, batch_size=4)
+    zero = greedy_decode(model, prompts, max_new_tokens=12, pad_id=pad, batch_size=4, frequency_penalty=0.0)
+    penalised = greedy_decode(model, prompts, max_new_tokens=12, pad_id=pad, batch_size=4, frequency_penalty=1.0)
+
+    assert zero == plain
+    assert penalised != plain  # the untrained model repeats itself, so the penalty has work to do
+    with torch.inference_mode():
+        for prompt, tokens in zip(prompts, penalised, strict=True):
+            ids, counts = list(prompt), torch.zeros(model.config.vocab_size)
+            for _ in range(12):
+                token = int((model(input_ids=torch.tensor([ids])).logits[0, -1] - 1.0 * counts).argmax())
+                counts[token] += 1
+                ids.append(token)
+            assert tokens == ids[len(prompt) :]
 
 
 @pytest.mark.usefixtures("single_threaded_torch")
@@ -441,13 +547,14 @@ def test_the_cli_audits_a_saved_model_and_adapter(
     argv = ["audit", "--base", str(tiny_base_model), "--adapter", str(adapter), "--out", str(out)]
     argv += ["--records", str(site / "canaries.jsonl"), "--records", str(site / "controls.jsonl")]
 
-    code = lab_main([*argv, "--prefixes", "10,50", "--candidates", "8"])
+    code = lab_main([*argv, "--prefixes", "10,50", "--candidates", "8", "--frequency-penalty", "1.0"])
 
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
     assert code == 0
     assert summary["records"] == {"control": 1, "1x": 1, "10x": 1}
     assert set(summary["by_prefix"]) == {"10", "50"}
+    assert summary["config"]["frequency_penalty"] == 1.0
     assert printed.splitlines()[0].split()[:3] == ["group", "prefix", "n"]
     assert len(printed.splitlines()) == 1 + 3 * 3
     for record in load_canaries([site / "canaries.jsonl", site / "controls.jsonl"]):
@@ -461,6 +568,8 @@ def test_the_cli_audits_a_saved_model_and_adapter(
         ({"--records": "/nonexistent/canaries.jsonl"}, "--records /nonexistent/canaries.jsonl"),
         ({"--adapter": "/nonexistent/adapter"}, "--adapter /nonexistent/adapter"),
         ({"--prefixes": "10,x"}, "--prefixes"),
+        ({"--frequency-penalty": "-1"}, "--frequency-penalty"),
+        ({"--frequency-penalty": "11"}, "frequency_penalty"),
     ],
 )
 def test_the_cli_exits_2_with_one_line_on_a_bad_path_or_argument(

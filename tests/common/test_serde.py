@@ -83,7 +83,10 @@ def test_privacy_plans_and_audit_round_trip() -> None:
             record_dp=RecordDPPlan(noise_multiplier=_floats(rng), max_grad_norm=_floats(rng), delta=1e-5),
         )
         audit = AuditPlan(
-            prefixes=tuple(rng.sample(range(1, 600), 3)), suffix_tokens=50, exposure_candidates=rng.randint(2, 1000)
+            prefixes=tuple(rng.sample(range(1, 600), 3)),
+            suffix_tokens=50,
+            exposure_candidates=rng.randint(2, 1000),
+            frequency_penalty=rng.uniform(0.0, 10.0),
         )
         task = Task(TaskKind.EVALUATE, round=rng.randint(1, 9), training=plan, audit=audit)
 

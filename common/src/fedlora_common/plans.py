@@ -223,6 +223,15 @@ class AuditPlan(StrictModel):
     )
     suffix_tokens: int = Field(50, ge=1, description="Tokens decoded and compared after each prefix")
     exposure_candidates: int = Field(128, ge=2, description="Random candidates the secret is ranked among")
+    frequency_penalty: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "Subtracted from a token's logit once per time the continuation already holds it, before each "
+            "greedy pick (OpenAI's frequency_penalty; Bossy et al. decode with 1.0); 0 decodes plain argmax"
+        ),
+    )
 
     @model_validator(mode="after")
     def _positive_prefixes(self) -> AuditPlan:

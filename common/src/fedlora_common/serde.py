@@ -316,7 +316,10 @@ def task_to_proto(task: Task) -> pb.Task:
         a = task.audit
         msg.audit.CopyFrom(
             pb.AuditPlan(
-                prefixes=list(a.prefixes), suffix_tokens=a.suffix_tokens, exposure_candidates=a.exposure_candidates
+                prefixes=list(a.prefixes),
+                suffix_tokens=a.suffix_tokens,
+                exposure_candidates=a.exposure_candidates,
+                frequency_penalty=a.frequency_penalty,
             )
         )
     return msg
@@ -339,6 +342,7 @@ def task_from_proto(msg: pb.Task, *, run_id: str = "") -> Task:
                 prefixes=tuple(msg.audit.prefixes),
                 suffix_tokens=msg.audit.suffix_tokens,
                 exposure_candidates=msg.audit.exposure_candidates,
+                frequency_penalty=msg.audit.frequency_penalty,
             )
             if msg.HasField("audit")
             else None

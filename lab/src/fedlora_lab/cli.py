@@ -57,6 +57,7 @@ def _bounded(kind: Callable[[str], _N], low: _N, *, strict: bool = False) -> Cal
 _positive = _bounded(int, 1)
 _non_negative = _bounded(int, 0)
 _positive_float = _bounded(float, 0.0, strict=True)
+_non_negative_float = _bounded(float, 0.0)
 
 
 def _prefix_list(text: str) -> tuple[int, ...]:
@@ -188,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--prefixes", type=_prefix_list, default=None, help="prompt lengths in tokens, e.g. 10,50")
     audit.add_argument("--candidates", type=_positive, default=None, help="|R| for exposure (default 128)")
+    audit.add_argument(
+        "--frequency-penalty",
+        type=_non_negative_float,
+        default=None,
+        help="lower each token's logit by this times its count in the continuation so far (default 0: argmax)",
+    )
     audit.add_argument("--batch-size", type=_positive, default=64)
     audit.add_argument("--seed", type=int, default=0, help="seeds the exposure candidates")
     audit.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
@@ -308,8 +315,16 @@ def _audit(args: argparse.Namespace) -> int:
     if problem is not None:
         sys.stderr.write(f"fedlora-lab audit: error: {problem}\n")
         return 2
-    given = {"prefixes": args.prefixes, "exposure_candidates": args.candidates}
-    plan = AuditPlan.model_validate({name: value for name, value in given.items() if value is not None})
+    given = {
+        "prefixes": args.prefixes,
+        "exposure_candidates": args.candidates,
+        "frequency_penalty": args.frequency_penalty,
+    }
+    try:
+        plan = AuditPlan.model_validate({name: value for name, value in given.items() if value is not None})
+    except ValidationError as exc:
+        sys.stderr.write(f"fedlora-lab audit: error: {describe(exc)}\n")
+        return 2
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(args.base)
     if args.adapter is not None:

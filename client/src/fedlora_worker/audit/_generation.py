@@ -27,6 +27,19 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def _pick(logits: torch.Tensor, counts: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Each row's argmax; with ``counts`` (tokens generated so far, per row) the penalised argmax, counted in.
+
+    Without counts this is the plain argmax on the logits as they are, so penalty 0 decodes exactly
+    as before the penalty existed.
+    """
+    if counts is None:
+        return logits.argmax(-1)
+    tokens = (logits.float() - penalty * counts).argmax(-1)
+    counts[torch.arange(len(tokens), device=counts.device), tokens] += 1
+    return tokens
+
+
 @torch.inference_mode()
 def greedy_decode(
     model: torch.nn.Module,
@@ -35,11 +48,14 @@ def greedy_decode(
     max_new_tokens: int,
     pad_id: int,
     batch_size: int = 64,
+    frequency_penalty: float = 0.0,
 ) -> list[list[int]]:
     """Exactly ``max_new_tokens`` argmax tokens after each prompt, reusing the KV cache.
 
     End-of-sequence is not special: the audit compares fixed-length continuations, and a model that
-    would stop early simply got those tokens wrong.
+    would stop early simply got those tokens wrong. A ``frequency_penalty`` lowers each token's logit
+    by the penalty times its count in the continuation so far (the prompt does not count), as
+    OpenAI's and vLLM's ``frequency_penalty`` do (Bossy et al.'s released code decodes with 1.0).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
@@ -56,7 +72,9 @@ def greedy_decode(
             mask[row, width - len(prompts[i]) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        steps = [result.logits[:, -1].argmax(-1)]
+        logits = result.logits[:, -1]
+        counts = torch.zeros(logits.shape, device=device) if frequency_penalty else None
+        steps = [_pick(logits, counts, frequency_penalty)]
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
             positions = positions[:, -1:] + 1
@@ -67,7 +85,7 @@ def greedy_decode(
                 cache=result.cache,
                 use_cache=True,
             )
-            steps.append(result.logits[:, -1].argmax(-1))
+            steps.append(_pick(result.logits[:, -1], counts, frequency_penalty))
         tokens = torch.stack(steps, dim=1).tolist()
         for row, i in enumerate(batch):
             out[i] = tokens[row]

@@ -2,8 +2,9 @@
 
 Three measurements per record, each also made on the control group (same format, never trained on):
 
-The run decides what is measured (``AuditPlan``: prefixes, suffix_tokens, exposure_candidates);
-the site decides how (``AuditOptions``: BLEU threshold, batch size, seed, the secret exposure ranks).
+The run decides what is measured (``AuditPlan``: prefixes, suffix_tokens, exposure_candidates and
+the decoding's frequency_penalty); the site decides how (``AuditOptions``: BLEU threshold, batch
+size, seed, the secret exposure ranks).
 
 * Continuation. The record's last ``suffix_tokens`` tokens are the target; for each prefix length
   ``p`` with at least ``p + suffix_tokens`` tokens in the record, the prompt is the ``p`` tokens
@@ -92,8 +93,11 @@ class AuditOptions(StrictModel):
 class TokenModel(Protocol):
     """The two things the audit asks of a language model, over token ids."""
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """``max_new_tokens`` greedy tokens after each prompt."""
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, frequency_penalty: float
+    ) -> list[list[int]]:
+        """``max_new_tokens`` greedy tokens after each prompt, each token's logit lowered by
+        ``frequency_penalty`` times its count in the continuation so far (0: plain argmax)."""
         ...
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
@@ -220,6 +224,7 @@ class AuditReport:
                 "suffix_tokens": self.plan.suffix_tokens,
                 "bleu_threshold": self.options.bleu_threshold,
                 "exposure_candidates": self.plan.exposure_candidates,
+                "frequency_penalty": self.plan.frequency_penalty,
                 "exposure_secret": self.options.exposure_secret,
             },
             "records": {g: sum(x == g for x in self.groups) for g in _GROUPS},
@@ -359,7 +364,8 @@ def run_audit(
     decoded: list[list[int]] = [[] for _ in unique]
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
-        for i, tokens in zip(part, lm.greedy([unique[i] for i in part], suffix), strict=True):
+        generated = lm.greedy([unique[i] for i in part], suffix, frequency_penalty=plan.frequency_penalty)
+        for i, tokens in zip(part, generated, strict=True):
             decoded[i] = tokens
         if progress is not None:
             progress(min(start + chunk, len(order)), len(order))
@@ -417,9 +423,16 @@ class _TorchTokenModel:
     pad_id: int
     batch_size: int
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, frequency_penalty: float
+    ) -> list[list[int]]:
         return greedy_decode(
-            self.model, prompts, max_new_tokens=max_new_tokens, pad_id=self.pad_id, batch_size=self.batch_size
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            pad_id=self.pad_id,
+            batch_size=self.batch_size,
+            frequency_penalty=frequency_penalty,
         )
 
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:

@@ -44,6 +44,7 @@ def audit_site(
             argv += ["--records", str(site_dir / name)]
     plan = audit.plan()
     argv += ["--prefixes", ",".join(str(p) for p in plan.prefixes), "--candidates", str(plan.exposure_candidates)]
+    argv += ["--frequency-penalty", str(plan.frequency_penalty)]
     argv += ["--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with (run_dir / "logs" / f"audit-{site}.log").open("wb") as log_file:

@@ -775,8 +775,11 @@ class AuditPlan(_message.Message):
     PREFIXES_FIELD_NUMBER: _builtins.int
     SUFFIX_TOKENS_FIELD_NUMBER: _builtins.int
     EXPOSURE_CANDIDATES_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     suffix_tokens: _builtins.int
     exposure_candidates: _builtins.int
+    frequency_penalty: _builtins.float
+    """0 (or unsent): plain argmax"""
     @_builtins.property
     def prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -785,10 +788,11 @@ class AuditPlan(_message.Message):
         prefixes: _abc.Iterable[_builtins.int] | None = ...,
         suffix_tokens: _builtins.int = ...,
         exposure_candidates: _builtins.int = ...,
+        frequency_penalty: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposure_candidates", b"exposure_candidates", "prefixes", b"prefixes", "suffix_tokens", b"suffix_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposure_candidates", b"exposure_candidates", "frequency_penalty", b"frequency_penalty", "prefixes", b"prefixes", "suffix_tokens", b"suffix_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
