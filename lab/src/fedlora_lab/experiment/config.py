@@ -14,12 +14,12 @@ from typing import Any, Final, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fedlora_common.plans import AuditPlan, LoraSpec, Mode
+from fedlora_common.plans import Aggregation, AuditPlan, LoraSpec, Mode
 from fedlora_common.settings import ConfigError, StrictModel, describe, merge, read_yaml_mapping
 from fedlora_lab.datagen import DataSpec
 from fedlora_lab.engines import Engine
 from fedlora_lab.federation import FederationPlan, run_settings, site_names
-from fedlora_server.config import WorkerEntry
+from fedlora_server.config import RunSettings, WorkerEntry
 
 __all__ = [
     "AuditSection",
@@ -28,6 +28,8 @@ __all__ = [
     "FederationSection",
     "MethodConfig",
     "ModelSection",
+    "SecaggCheckSection",
+    "coordinator_settings",
     "federation_plan",
     "load_experiment_config",
 ]
@@ -77,10 +79,16 @@ class FederationSection(StrictModel):
 
 
 class AuditSection(StrictModel):
-    """The audit of each run's final model, at every site."""
+    """The canary audit: of each run's final model at every site, and of the global model every `every` rounds."""
 
     prefixes: tuple[int, ...] = Field((10, 50, 100, 200), min_length=1)
     candidates: int = Field(128, ge=2, description="Random secrets each true secret is ranked among (exposure)")
+    frequency_penalty: float = Field(
+        0.0, ge=0, le=10, description="Greedy decoding's frequency penalty (the paper's released code uses 1.0)"
+    )
+    every: int | None = Field(
+        1, ge=1, description="The federation audits its global model every N rounds (the per-round curves); None: off"
+    )
 
     @field_validator("prefixes")
     @classmethod
@@ -91,7 +99,15 @@ class AuditSection(StrictModel):
 
     def plan(self) -> AuditPlan:
         """The audit as the worker's vocabulary states it."""
-        return AuditPlan(prefixes=self.prefixes, exposure_candidates=self.candidates)
+        return AuditPlan(
+            prefixes=self.prefixes, exposure_candidates=self.candidates, frequency_penalty=self.frequency_penalty
+        )
+
+    def run_section(self) -> dict[str, Any] | None:
+        """run.yaml's `audit:` for the per-round audit inside the federation (the same plan as the final one)."""
+        if self.every is None:
+            return None
+        return {**self.plan().model_dump(mode="json"), "every": self.every}
 
 
 class MethodConfig(StrictModel):
@@ -100,6 +116,10 @@ class MethodConfig(StrictModel):
     name: str = Field(min_length=1, max_length=64, pattern=_NAME_PATTERN)
     label: str | None = Field(None, description="Shown in the report; the name when absent")
     mode: Mode = "lora"
+    aggregation: Aggregation = Field(
+        "fedavg",
+        description="fedavg: A and B averaged separately; ffa: FFA-LoRA, A frozen, only B trained and averaged",
+    )
     learning_rate: float = Field(3e-3, gt=0, lt=1)
     lora: dict[str, Any] | None = Field(None, description="run.yaml `lora:` overrides (rank, alpha, ...)")
     secure_aggregation: bool = False
@@ -115,6 +135,17 @@ class MethodConfig(StrictModel):
         if self.mode == "full":
             return None
         return LoraSpec.model_validate(self.lora or {}).rank
+
+
+class SecaggCheckSection(StrictModel):
+    """Secure aggregation changes who sees updates, not what is learned: one method at one seed, a few rounds,
+    run in the clear and masked; the two committed adapters must agree within the quantization bound."""
+
+    method: str = Field(min_length=1, description="The method (by name) run both ways")
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(
+        1, ge=1, description="Rounds of each run; after the first, the runs train from slightly different models"
+    )
 
 
 class ExperimentConfig(StrictModel):
@@ -135,6 +166,7 @@ class ExperimentConfig(StrictModel):
     parallel: int = Field(2, ge=1, description="Runs side by side (simulation: the cores are split among them)")
     audit: AuditSection = AuditSection()
     methods: tuple[MethodConfig, ...] = Field(min_length=1)
+    secagg_check: SecaggCheckSection | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -158,17 +190,27 @@ class ExperimentConfig(StrictModel):
     def _runs_are_valid(self) -> ExperimentConfig:
         """Every method's run.yaml must pass the coordinator's own schema, checked before anything runs."""
         probe = Path("probe")
-        workers = [
-            WorkerEntry(id=worker_id, token_sha256="0" * 64, identity_public="0" * 64)
-            for worker_id, _ in site_names(self.federation.sites)
-        ]
         for index, method in enumerate(self.methods):
             plan = federation_plan(self, method, self.seeds[0], out_dir=probe, base_model=probe)
             try:
-                run_settings(plan, base_model=str(probe), state_dir=probe, workers=workers)
+                coordinator_settings(plan)
             except ValidationError as exc:
                 raise ValueError(f"methods.{index} ({method.name}): run.yaml {describe(exc)}") from None
         return self
+
+    @model_validator(mode="after")
+    def _check_names_a_method(self) -> ExperimentConfig:
+        check = self.secagg_check
+        if check is not None:
+            method = next((m for m in self.methods if m.name == check.method), None)
+            if method is None:
+                raise ValueError(f"secagg_check.method: no method named {check.method!r}")
+            if method.secure_aggregation:
+                raise ValueError(f"secagg_check.method: {check.method!r} already runs with secure aggregation")
+        return self
+
+    def method(self, name: str) -> MethodConfig:
+        return next(m for m in self.methods if m.name == name)
 
     def varies_rank(self) -> bool:
         ranks = {m.lora_rank for m in self.methods if m.lora_rank is not None}
@@ -201,12 +243,16 @@ def federation_plan(
         "learning_rate": method.learning_rate,
     }
     run: dict[str, Any] = {"training": training, "lora": method.lora or {}, "privacy": method.privacy or {}}
+    audit = config.audit.run_section()
+    if audit is not None:
+        run["audit"] = audit
     return FederationPlan(
         out_dir=out_dir,
         base_model=base_model,
         workers=fed.sites,
         rounds=fed.rounds,
         mode=method.mode,
+        aggregation=method.aggregation,
         seed=seed,
         data=config.data.spec(seed),
         run=merge(run, method.run),
@@ -215,6 +261,15 @@ def federation_plan(
         threads_per_worker=1,
         timeout=timedelta(minutes=fed.timeout_minutes),
     )
+
+
+def coordinator_settings(plan: FederationPlan) -> RunSettings:
+    """The run.yaml a federation plan gives its coordinator (placeholder worker keys); ValidationError if bad."""
+    workers = [
+        WorkerEntry(id=worker_id, token_sha256="0" * 64, identity_public="0" * 64)
+        for worker_id, _ in site_names(plan.workers)
+    ]
+    return run_settings(plan, base_model=str(plan.base_model), state_dir=plan.out_dir, workers=workers)
 
 
 def load_experiment_config(path: Path) -> ExperimentConfig:

@@ -5,7 +5,8 @@ Every (method, seed) pair is an independent federation in ``OUT/runs/<method>/se
 run one process with its share of the cores; processes: each worker on one thread). Each run leaves
 ``result.json``; a run whose result exists (for the same settings) is not redone, so an
 interrupted experiment resumes where it stopped. Finally ``OUT/results.json`` gathers the runs and
-``report`` turns it into ``report.md`` and ``report.html``.
+``report`` turns it into ``report.md`` and ``report.html``. A ``secagg_check`` (one method at one seed,
+in the clear and masked) runs last and is stored beside the runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fedlora_common.files import atomic_write
 from fedlora_lab.experiment.config import ExperimentConfig
 from fedlora_lab.experiment.execute import PlannedRun, execute_run
 from fedlora_lab.experiment.report import write_experiment_report
+from fedlora_lab.experiment.secagg_check import run_secagg_check
 from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model
 
 __all__ = ["ExperimentOutcome", "plan_runs", "run_experiment"]
@@ -68,6 +70,26 @@ def _stored_result(run: PlannedRun, fingerprint: str) -> dict[str, Any] | None:
     if stored.get("status") != "ok" or stored.get("fingerprint") != fingerprint:
         return None
     return stored
+
+
+def _secagg_check(config: ExperimentConfig, out_dir: Path, base_model: Path) -> dict[str, Any] | None:
+    """The stored check when its settings are unchanged, else a new one; a failed check is recorded, not raised."""
+    check = config.secagg_check
+    if check is None:
+        return None
+    check_dir = out_dir / "secagg-check"
+    fingerprint = f"{config.fingerprint(config.method(check.method), check.seed)}-{check.rounds}"
+    stored = _stored_result(PlannedRun(config.method(check.method), check.seed, check_dir), fingerprint)
+    if stored is not None:
+        return stored
+    try:
+        result = {**run_secagg_check(config, check_dir, base_model), "status": "ok"}
+    except (RuntimeError, ValueError, OSError) as exc:
+        result = {"method": check.method, "seed": check.seed, "status": "failed", "error": str(exc)}
+    result["fingerprint"] = fingerprint
+    check_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(check_dir / "result.json", result)
+    return result
 
 
 def _resolve_base(config: ExperimentConfig, cache_dir: Path, progress: ProgressFn | None) -> Path:
@@ -142,6 +164,7 @@ def run_experiment(
                 bar.update(1)
     finally:
         bar.close()
+    secagg_check = _secagg_check(config, out_dir, base_model)
     payload = {
         "results_version": RESULTS_VERSION,
         "experiment": config.name,
@@ -154,6 +177,7 @@ def run_experiment(
                 "name": m.name,
                 "label": m.display,
                 "mode": m.mode,
+                "aggregation": m.aggregation,
                 "lora_rank": m.lora_rank,
                 "learning_rate": m.learning_rate,
                 "secure_aggregation": m.secure_aggregation,
@@ -164,6 +188,7 @@ def run_experiment(
         "seeds": list(config.seeds),
         "wall_time_s": time.monotonic() - started,
         "runs": [results[run.key] for run in runs],
+        "secagg_check": secagg_check,
     }
     _write_json(out_dir / "results.json", payload)
     paths = write_experiment_report(payload, out_dir)
