@@ -27,6 +27,13 @@ from fedlora_lab.experiment.execute import simulation_threads
 
 REPO = Path(__file__).resolve().parents[2]
 T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
+ROUND_FIELDS = ("exact_match_10x", "approx_match_10x", "exposure_10x", "exposure_control")
+PLOTS = (
+    "memorization_vs_duplication.png",
+    "memorization_vs_rank.png",
+    "utility_vs_memorization.png",
+    "memorization_vs_loss_by_round.png",
+)
 
 SMALL: dict[str, Any] = {
     "name": "small",
@@ -218,12 +225,25 @@ def _synthetic_run(method: str, seed: int, rank: int | None, exact_10x: float, o
         }
         for group, rate in (("control", 0.0), ("1x", 0.0), ("10x", exact_10x))
     }
+    curve = [  # round 1 not audited, round 2 audited
+        {"round": 1, "eval_loss": 2.4 + 0.1 * seed, **dict.fromkeys(ROUND_FIELDS)},
+        {
+            "round": 2,
+            "eval_loss": 2.0 + 0.1 * seed,
+            "exact_match_10x": exact_10x,
+            "approx_match_10x": exact_10x,
+            "exposure_10x": 1.0 + 4 * exact_10x,
+            "exposure_control": 1.0,
+        },
+    ]
     return {
         "method": method,
         "seed": seed,
         "status": "ok" if ok else "failed",
         "error": None if ok else "processes failed: {'legal': 1}",
         "lora_rank": rank,
+        "aggregation": "fedavg",
+        "trainable_fraction": 1.0 if rank is None else rank / 1000,
         "eval_loss": 2.0 + 0.1 * seed,
         "perplexity": math.exp(2.0 + 0.1 * seed),
         "base_eval_loss": 2.5,
@@ -231,6 +251,7 @@ def _synthetic_run(method: str, seed: int, rank: int | None, exact_10x: float, o
         "upload_bytes": 2**20,
         "download_bytes": 2**21,
         "duration_s": 60.0,
+        "rounds": curve if ok else [],
         "memorization": {"by_duplication": groups, "by_prefix": {"10": groups, "50": groups}} if ok else None,
     }
 
@@ -245,9 +266,9 @@ def _synthetic_results() -> dict[str, Any]:
         "seeds": [0, 1, 2],
         "varies_rank": True,
         "methods": [
-            {"name": "full", "label": "Full fine-tuning", "lora_rank": None},
-            {"name": "lora-r4", "label": "LoRA r=4", "lora_rank": 4},
-            {"name": "lora-r16", "label": "LoRA r=16", "lora_rank": 16},
+            {"name": "full", "label": "Full fine-tuning", "mode": "full", "lora_rank": None},
+            {"name": "lora-r4", "label": "LoRA r=4", "mode": "lora", "lora_rank": 4},
+            {"name": "lora-r16", "label": "LoRA r=16", "mode": "lora", "lora_rank": 16},
         ],
         "runs": runs,
     }
@@ -270,14 +291,8 @@ def test_report_from_synthetic_results_has_the_tables_and_the_plots(tmp_path: Pa
 
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert {p.name for p in written} == {
-        "memorization_vs_duplication.png",
-        "memorization_vs_rank.png",
-        "utility_vs_memorization.png",
-        "report.md",
-        "report.html",
-    }
-    for png in ("memorization_vs_duplication.png", "memorization_vs_rank.png", "utility_vs_memorization.png"):
+    assert {p.name for p in written} == {*PLOTS, "report.md", "report.html"}
+    for png in PLOTS:
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
         assert f"]({png})" in markdown
     assert "| method | control | 1x | 10x |" in markdown
@@ -286,7 +301,7 @@ def test_report_from_synthetic_results_has_the_tables_and_the_plots(tmp_path: Pa
     assert "lora-r16 seed 1: processes failed" in markdown
     assert "<table>" in page
     assert "<th>10x</th>" in page
-    assert page.count("<img") == 3
+    assert page.count("<img") == len(PLOTS)
     assert f"<td>{expected_full_10x}</td>" in page
 
 
@@ -334,6 +349,13 @@ def test_small_experiment_runs_end_to_end(tmp_path: Path, lab_cache: Path, capsy
         assert set(run["memorization_by_site"]) == {"clinical", "legal"}
         assert set(run["memorization"]["by_duplication"]) == {"control", "1x", "10x"}
         assert run["memorization"]["by_duplication"]["10x"]["count"] == 2 * 2
+        assert [r["round"] for r in run["rounds"]] == [1]
+        assert run["rounds"][0]["eval_loss"] == run["eval_loss"]
+        assert run["aggregation"] == "fedavg"
+    full, lora = results["runs"]
+    assert full["trainable_parameters"] == full["total_parameters"]
+    assert 0 < lora["trainable_parameters"] < lora["total_parameters"] == full["total_parameters"]
+    assert lora["trainable_fraction"] == lora["trainable_parameters"] / lora["total_parameters"]
     assert (out / "runs" / "lora" / "seed-0" / "result.json").exists()
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "## Utility and cost" in markdown

@@ -14,13 +14,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from fedlora_common.memorization import combine_summaries
+from fedlora_common.plans import LoraSpec
 from fedlora_lab.engines import run_federation
 from fedlora_lab.experiment.audit import audit_site, with_tokenizer
 from fedlora_lab.experiment.config import ExperimentConfig, MethodConfig, federation_plan
 from fedlora_lab.federation import site_names
+from fedlora_lab.plan import capacity
 
 __all__ = ["PlannedRun", "execute_run", "simulation_threads"]
 
@@ -55,12 +57,33 @@ def _perplexity(loss: float | None) -> float | None:
     return math.exp(loss) if loss is not None and loss < 700 else None
 
 
+_ROUND_MEMORIZATION: Final = {
+    "exact_match_10x": ("10x", "exact_match_rate"),
+    "approx_match_10x": ("10x", "approx_match_rate"),
+    "exposure_10x": ("10x", "mean_exposure"),
+    "exposure_control": ("control", "mean_exposure"),
+}
+"""A round's curve fields: (duplication group, rate) of the round's audit (report.json's combined sites)."""
+
+
+def _round_curve(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One round's held-out loss and audit, kept so the report can compare methods at equal loss."""
+    groups = (record.get("memorization") or {}).get("by_duplication") or {}
+    return {
+        "round": record["round"],
+        "eval_loss": record.get("eval_loss"),
+        **{key: (groups.get(group) or {}).get(rate) for key, (group, rate) in _ROUND_MEMORIZATION.items()},
+    }
+
+
 def _summarize_report(report: Mapping[str, Any]) -> dict[str, Any]:
     """What a run's result keeps of its federation's report.json."""
     rounds = [r for r in report.get("rounds", []) if r.get("round", 1) >= 1]
     eval_loss = _final(rounds, "eval_loss")
     return {
+        "aggregation": report.get("aggregation"),
         "rounds_completed": len(rounds),
+        "rounds": [_round_curve(r) for r in rounds],
         "eval_loss": eval_loss,
         "perplexity": _perplexity(eval_loss),
         "base_eval_loss": report.get("base_eval_loss"),
@@ -71,6 +94,20 @@ def _summarize_report(report: Mapping[str, Any]) -> dict[str, Any]:
         "upload_bytes": sum(int(r.get("upload_bytes") or 0) for r in report.get("rounds", [])),
         "download_bytes": sum(int(r.get("download_bytes") or 0) for r in report.get("rounds", [])),
         "adapter_path": report.get("adapter_path"),
+    }
+
+
+def _parameter_counts(report: Mapping[str, Any], base_model: Path) -> dict[str, Any]:
+    """Trainable and total parameters as `fedlora-lab plan` counts them, for what the coordinator ran (its
+    report's mode, aggregation and LoRA): every parameter under mode full, the adapter (B alone under
+    FFA) otherwise; the total is the base's, so the fraction is the planner's."""
+    lora = report.get("lora")
+    spec = None if not lora else LoraSpec(rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["targets"])
+    plan = capacity(str(base_model), mode=report["mode"], lora=spec, aggregation=report["aggregation"])
+    return {
+        "trainable_parameters": plan.trainable,
+        "total_parameters": plan.parameters,
+        "trainable_fraction": plan.trainable_fraction,
     }
 
 
@@ -117,6 +154,7 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
     result["duration_s"] = time.monotonic() - started
     result["exit_codes"] = federation.exit_codes
     result.update(_summarize_report(federation.report))
+    result.update(_parameter_counts(federation.report, base_model))
     failed = {name: code for name, code in federation.exit_codes.items() if code != 0}
     if failed:
         result["error"] = f"processes failed: {failed}"

@@ -1,4 +1,5 @@
-"""The experiment's plots: memorization by duplication, by LoRA rank, and utility against memorization."""
+"""The experiment's plots: memorization by duplication, by LoRA rank, utility against memorization, and
+memorization against held-out loss round by round."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
-from fedlora_lab.experiment.summary import GROUPS, Interval, MethodSummary
+from fedlora_lab.experiment.summary import GROUPS, Interval, MethodSummary, RoundCurve, mean_ci
 from fedlora_server.document import figure_png, new_figure
 
-__all__ = ["plot_duplication", "plot_rank", "plot_utility"]
+__all__ = ["plot_duplication", "plot_rank", "plot_rounds", "plot_utility"]
 
 
 def _mean(interval: Interval) -> float:
@@ -90,4 +91,34 @@ def plot_utility(summaries: Sequence[MethodSummary]) -> bytes:
         title="Utility vs memorization",
     )
     ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+_ROUND_PANELS: Final = (
+    ("exact_match_10x", "exact match rate, 10x canaries"),
+    ("exposure_10x", "mean exposure of 10x canaries (bits)"),
+)
+
+
+def plot_rounds(curves: Sequence[RoundCurve]) -> bytes:
+    """Memorization of the 10x canaries against held-out loss, one marker per round, a line per method.
+
+    Each point is the mean over seeds at that round; the loss axis is reversed so training runs to
+    the right, and methods are compared at equal loss rather than at equal round.
+    """
+    fig = new_figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    for ax, (key, title) in zip(axes, _ROUND_PANELS, strict=True):
+        for curve in curves:
+            points = [(p.eval_loss, getattr(p, key)) for p in curve.points]
+            measured = [(x, y) for x, y in points if x is not None and y is not None]
+            if measured:
+                ax.plot([x for x, _ in measured], [y for _, y in measured], marker="o", label=curve.label)
+        ax.invert_xaxis()
+        ax.set(title=title, xlabel="held-out loss, nats/token (lower to the right)")
+    controls = mean_ci([p.exposure_control for c in curves for p in c.points]).mean
+    if controls is not None:
+        axes[1].axhline(controls, color="grey", linestyle="--", label="controls (mean)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Memorization vs held-out loss, round by round (mean over seeds)")
     return figure_png(fig)

@@ -1,7 +1,8 @@
 """The experiment's report: results.json -> report.md and report.html with PNG plots.
 
-The tables (mean ± 95% confidence interval across seeds) and plots of ``summary`` and ``plots``,
-as one ``fedlora_server.document.Document``; failed runs are listed, never averaged in.
+The tables (mean ± 95% confidence interval across seeds; each method's reduction factor against
+full fine-tuning, with a bootstrap interval) and plots of ``summary`` and ``plots``, as one
+``fedlora_server.document.Document``; failed runs are listed, never averaged in.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from fedlora_lab.experiment.plots import plot_duplication, plot_rank, plot_utility
+from fedlora_lab.experiment.plots import plot_duplication, plot_rank, plot_rounds, plot_utility
 from fedlora_lab.experiment.summary import (
+    BOOTSTRAP_RESAMPLES,
+    FACTOR_METRICS,
     GROUPS,
     MEMORIZATION_METRICS,
     Interval,
     MethodSummary,
     audited_prefixes,
+    format_factor,
     format_interval,
     mean_ci,
+    reduction_factors,
+    round_curves,
     summarize,
 )
 from fedlora_server.document import Document, Figure, Table, write_document
@@ -38,10 +44,81 @@ def _base_loss(results: Mapping[str, Any], *, exp: bool = False) -> str:
     return format_interval(mean_ci(values), 2 if exp else 3)
 
 
+def _percent(interval: Interval) -> str:
+    """A run's trainable share of the base, the same at every seed: its mean alone."""
+    return "—" if interval.mean is None else f"{100 * interval.mean:.3g}%"
+
+
+def _main_table(summaries: list[MethodSummary]) -> Table:
+    """The comparison at a glance: what each method trains and how, what it memorizes, what it costs in utility."""
+    rows = tuple(
+        (
+            s.label,
+            s.aggregation or "—",
+            _percent(s.metrics.get("trainable_fraction", Interval(None, None, 0))),
+            f"{s.ok}/{s.runs}",
+            _cell(s, "exact_match_rate.10x"),
+            _cell(s, "approx_match_rate.10x"),
+            _cell(s, "exact_match_rate.control"),
+            _cell(s, "mean_exposure.10x", 2),
+            _cell(s, "mean_exposure.control", 2),
+            _cell(s, "eval_loss"),
+            _cell(s, "epsilon", 2),
+        )
+        for s in summaries
+    )
+    columns = (
+        "method",
+        "aggregation",
+        "trainable %",
+        "runs ok",
+        "exact match 10x",
+        "approx match 10x",
+        "exact match control",
+        "exposure 10x (bits)",
+        "exposure control (bits)",
+        "held-out loss",
+        "epsilon",
+    )
+    return Table(title="Main results", columns=columns, rows=rows)
+
+
+def _factor_table(results: Mapping[str, Any]) -> Table | None:
+    """Each method's reduction factor against full fine-tuning; None without a full fine-tuning method."""
+    factors = reduction_factors(results)
+    if not factors:
+        return None
+    notes = (
+        f"How many times fewer 10x canaries a method gives back than {factors[0].reference}: the reference's "
+        "mean rate over its seeds divided by the method's. In brackets a 95% percentile bootstrap interval "
+        f"({BOOTSTRAP_RESAMPLES:,} resamples of each method's seeds, with replacement and independently, "
+        "from a fixed seed); ∞ where resamples of the method extracted nothing. 'n=1': a single seed on one "
+        "side, no interval.",
+        "'> X (0 of N)': the method extracted none of the N 10x canaries audited over its seeds, so the "
+        "factor is unbounded; X is the factor against 3/N, the rule of three's 95% upper bound on its rate.",
+    )
+    rows = tuple(
+        (
+            f.label,
+            f"{f.factors[FACTOR_METRICS[0][0]].n_reference}, {f.factors[FACTOR_METRICS[0][0]].n_method}",
+            *(format_factor(f.factors[metric]) for metric, _ in FACTOR_METRICS),
+        )
+        for f in factors
+    )
+    return Table(
+        title="Reduction factor (full / method)",
+        columns=("method", "seeds (full, method)", *(title for _, title in FACTOR_METRICS)),
+        rows=rows,
+        notes=notes,
+    )
+
+
 def tables(results: Mapping[str, Any]) -> list[Table]:
-    """Utility and cost, each memorization metric by duplication, and exposure and exact match by prefix."""
+    """The main table, reduction factors, utility and cost, each memorization metric by duplication, and
+    exposure and exact match by prefix."""
     summaries = summarize(results)
     prefixes = audited_prefixes(results)
+    factor = _factor_table(results)
     utility = [
         (
             s.label,
@@ -56,11 +133,13 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
     ]
     utility.append(("base model (not fine-tuned)", "", _base_loss(results), _base_loss(results, exp=True), "", "", ""))
     out = [
+        _main_table(summaries),
+        *([factor] if factor else []),
         Table(
             title="Utility and cost",
             columns=("method", "runs ok", "held-out loss", "perplexity", "epsilon", "MiB moved", "minutes"),
             rows=tuple(utility),
-        )
+        ),
     ]
     for metric, title, digits in MEMORIZATION_METRICS:
         rows = tuple((s.label, *(_cell(s, f"{metric}.{g}", digits) for g in GROUPS)) for s in summaries)
@@ -103,13 +182,47 @@ _PREAMBLE: Final = (
 )
 
 
-def _figures(results: Mapping[str, Any], summaries: list[MethodSummary]) -> list[Figure]:
-    figures = [
+def _secagg_check(results: Mapping[str, Any]) -> Table | None:
+    """results.json's ``secagg_check``, when the experiment made one, as it is."""
+    check = results.get("secagg_check")
+    if not isinstance(check, Mapping):
+        return None
+
+    def cell(key: str) -> str:
+        value = check.get(key)
+        if value is None:
+            return "—"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    keys = ("method", "seed", "rounds_compared", "max_abs_diff", "bound", "within_bound")
+    return Table(
+        title="Secure aggregation check",
+        columns=("method", "seed", "rounds compared", "max abs difference", "bound", "within bound"),
+        rows=(tuple(cell(key) for key in keys),),
+    )
+
+
+_ROUNDS_NOTE: Final = (
+    "Each marker is one round (mean over seeds), placed at that round's held-out loss; training runs to the "
+    "right. Compare methods at equal held-out loss: at the same utility, the lower curve memorizes less."
+)
+
+
+def _figures(results: Mapping[str, Any], summaries: list[MethodSummary]) -> list[Table | Figure]:
+    figures: list[Table | Figure] = [
         Figure("Memorization vs duplication by method", "memorization_vs_duplication.png", plot_duplication(summaries))
     ]
     if results.get("varies_rank") and sum(s.lora_rank is not None for s in summaries) > 1:
         figures.append(Figure("Memorization vs LoRA rank", "memorization_vs_rank.png", plot_rank(summaries)))
     figures.append(Figure("Utility vs memorization", "utility_vs_memorization.png", plot_utility(summaries)))
+    curves = round_curves(results)
+    if any(p.eval_loss is not None and p.exact_match_10x is not None for c in curves for p in c.points):
+        figures += [
+            Table(title="Memorization vs held-out loss, round by round", notes=(_ROUNDS_NOTE,)),
+            Figure("Memorization vs held-out loss by round", "memorization_vs_loss_by_round.png", plot_rounds(curves)),
+        ]
     return figures
 
 
@@ -119,7 +232,12 @@ def experiment_document(results: Mapping[str, Any]) -> Document:
     seeds = ", ".join(str(s) for s in results.get("seeds", []))
     intro += [f"- base model: `{results.get('base_model')}`; seeds: {seeds}", _PREAMBLE]
     failures = _failures(results)
-    blocks: list[Table | Figure] = [*tables(results), *_figures(results, summarize(results))]
+    check = _secagg_check(results)
+    blocks: list[Table | Figure] = [
+        *tables(results),
+        *([check] if check else []),
+        *_figures(results, summarize(results)),
+    ]
     if failures:
         blocks.append(Table(title="Failed runs", notes=tuple(failures)))
     return Document(
