@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlora_lab.datagen import DOMAINS, pretraining_corpus
-from fedlora_lab.model_factory import LAB_MODEL_FILE, LabModelConfig, MadeModel, cached_model, make_model
+from fedlora_lab.model_factory import LAB_MODEL_FILE, LAB_SIZES, LabModelConfig, MadeModel, cached_model, make_model
 from fedlora_lab.tokenizer import train_tokenizer
 
 TINY = LabModelConfig.tiny()
@@ -172,3 +172,13 @@ def test_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path: Path) -
 def test_tokenizer_rejects_a_vocabulary_smaller_than_the_bytes() -> None:
     with pytest.raises(ValueError, match=r"^vocab_size:"):
         train_tokenizer(["text"], vocab_size=100)
+
+
+def test_each_named_size_is_its_own_model_and_small_is_narrower_than_default() -> None:
+    configs = {size: LabModelConfig.named(size) for size in LAB_SIZES}
+
+    assert configs["default"] == LabModelConfig()
+    assert configs["tiny"] == LabModelConfig.tiny()
+    assert len({c.fingerprint() for c in configs.values()}) == len(LAB_SIZES)
+    assert configs["small"].hidden_size < configs["default"].hidden_size
+    assert configs["small"].num_layers == configs["default"].num_layers

@@ -21,7 +21,7 @@ from fedlora_common.settings import ConfigError, describe
 from fedlora_lab.datagen import DOMAINS, DataSpec, generate_site, write_site
 from fedlora_lab.engines import ENGINES, run_federation
 from fedlora_lab.federation import FederationPlan
-from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model, make_model
+from fedlora_lab.model_factory import LAB_SIZES, LabModelConfig, LabSize, ProgressFn, cached_model, make_model
 from fedlora_lab.plan import add_plan_arguments, plan_command
 from fedlora_lab.simulation import command as simulate_command
 from fedlora_lab.simulation.command import SUMMARY, add_simulate_arguments, simulate
@@ -94,8 +94,8 @@ def _default_cache() -> Path:
     return Path(os.environ.get("FEDLORA_CACHE_DIR", Path.home() / ".cache" / "fedlora"))
 
 
-def _model_config(size: str) -> LabModelConfig:
-    return LabModelConfig.tiny() if size == "tiny" else LabModelConfig()
+def _model_config(size: LabSize) -> LabModelConfig:
+    return LabModelConfig.named(size)
 
 
 def _progress(label: str) -> ProgressFn:
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     make = sub.add_parser("make-model", help="build and pre-train the tiny lab base model into DIR")
     make.add_argument("dir", type=Path)
-    make.add_argument("--size", choices=("default", "tiny"), default="default")
+    make.add_argument("--size", choices=LAB_SIZES, default="default")
 
     data = sub.add_parser("make-data", help="generate one site's records, canaries, controls and eval split")
     data.add_argument("dir", type=Path)
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--canaries", type=_non_negative, default=DataSpec().n_canaries, help="canaries per site")
     demo.add_argument("--controls", type=_non_negative, default=DataSpec().n_controls, help="never-trained controls")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--model-size", choices=("default", "tiny"), default="default")
+    demo.add_argument("--model-size", choices=LAB_SIZES, default="default")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where built base models are kept")
     privacy = demo.add_argument_group("privacy (each off unless given)")
     noise = privacy.add_mutually_exclusive_group()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, get_args
 
 import structlog
 import torch
@@ -28,10 +28,22 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from fedlora_lab.datagen import DOMAINS, DataSpec, Domain, generate_site, pretraining_corpus
 from fedlora_lab.tokenizer import train_tokenizer
 
-__all__ = ["LAB_MODEL_FILE", "LabModelConfig", "MadeModel", "ProgressFn", "cached_model", "make_model"]
+__all__ = [
+    "LAB_MODEL_FILE",
+    "LAB_SIZES",
+    "LabModelConfig",
+    "LabSize",
+    "MadeModel",
+    "ProgressFn",
+    "cached_model",
+    "make_model",
+]
 
 ProgressFn = Callable[[int, int, float], None]
 """Called after every pre-training step with (step, total_steps, loss)."""
+
+LabSize = Literal["default", "small", "tiny"]
+LAB_SIZES: Final[tuple[LabSize, ...]] = get_args(LabSize)
 
 LAB_MODEL_FILE: Final = "lab_model.json"
 # Bump when the corpus, the tokenizer or the training loop changes, so caches are rebuilt.
@@ -80,6 +92,18 @@ class LabModelConfig:
             raise ValueError(f"num_heads: must divide hidden_size {self.hidden_size}, got {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads: must divide num_heads {self.num_heads}, got {self.num_kv_heads}")
+
+    @classmethod
+    def named(cls, size: LabSize) -> LabModelConfig:
+        """The lab's model sizes by name: default, small (a quarter of default's compute a token), tiny."""
+        if size == "small":
+            return cls.small()
+        return cls.tiny() if size == "tiny" else cls()
+
+    @classmethod
+    def small(cls) -> LabModelConfig:
+        """Half the width of the default: ~3x the tokens a second, for experiments that need many epochs."""
+        return cls(hidden_size=128, intermediate_size=344)
 
     @classmethod
     def tiny(cls) -> LabModelConfig:

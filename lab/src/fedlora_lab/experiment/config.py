@@ -19,6 +19,7 @@ from fedlora_common.settings import ConfigError, StrictModel, describe, merge, r
 from fedlora_lab.datagen import DataSpec
 from fedlora_lab.engines import Engine
 from fedlora_lab.federation import FederationPlan, run_settings, site_names
+from fedlora_lab.model_factory import LabSize
 from fedlora_server.config import RunSettings, WorkerEntry
 
 __all__ = [
@@ -42,7 +43,7 @@ _DATA_DEFAULTS: Final = DataSpec()
 class ModelSection(StrictModel):
     """The base model: a lab model built (and cached) here, or an existing model directory or hub id."""
 
-    lab: Literal["default", "tiny"] | None = "default"
+    lab: LabSize | None = "default"
     path: str | None = Field(None, min_length=1, description="A model directory or hub id; replaces `lab`")
 
     @model_validator(mode="after")
@@ -50,7 +51,7 @@ class ModelSection(StrictModel):
         if self.path is not None and self.lab is not None and "lab" in self.model_fields_set:
             raise ValueError("give either lab or path, not both")
         if self.path is None and self.lab is None:
-            raise ValueError("give lab (default|tiny) or path")
+            raise ValueError("give lab (default|small|tiny) or path")
         return self
 
 

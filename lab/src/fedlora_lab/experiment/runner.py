@@ -101,7 +101,7 @@ def _resolve_base(config: ExperimentConfig, cache_dir: Path, progress: ProgressF
         from huggingface_hub import snapshot_download  # only for a hub id (the GPU config)
 
         return Path(snapshot_download(config.model.path))
-    lab = LabModelConfig.tiny() if config.model.lab == "tiny" else LabModelConfig()
+    lab = LabModelConfig.named(config.model.lab or "default")
     return cached_model(cache_dir, lab, progress=progress).path
 
 
