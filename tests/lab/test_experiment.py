@@ -131,16 +131,19 @@ def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:
     rank = load_experiment_config(REPO / "experiments" / "rank.yaml")
     gpu = load_experiment_config(REPO / "experiments" / "paper-gpu.yaml")
 
-    assert len(paper.seeds) >= 3
+    assert len(paper.seeds) >= 5
     assert len(rank.seeds) >= 3
     assert len(gpu.seeds) >= 3
-    assert [m.name for m in paper.methods if m.secure_aggregation] == ["lora-secagg"]
+    assert not any(m.secure_aggregation for m in paper.methods)  # secure aggregation is the one-seed check
+    assert paper.secagg_check is not None and paper.secagg_check.method == "lora"
     assert {m.mode for m in paper.methods} == {"full", "lora"}
+    assert {m.aggregation for m in paper.methods} == {"fedavg", "ffa"}
+    assert {(m.lora_rank, (m.lora or {}).get("alpha")) for m in paper.methods if m.mode == "lora"} == {(16, 8)}
     assert {m.mode for m in gpu.methods} == {"full", "qlora"}
-    assert [m.lora_rank for m in rank.methods] == [4, 8, 16, 64]
+    assert [m.lora_rank for m in rank.methods if m.mode == "lora"] == [4, 8, 16, 64]
     assert rank.varies_rank()
     assert not paper.varies_rank()
-    assert paper.federation.sites == 3
+    assert rank.federation == paper.federation and rank.data == paper.data and rank.model == paper.model
 
 
 # --------------------------------------------------------------------------- statistics
