@@ -103,17 +103,29 @@ _ROUND_PANELS: Final = (
 def plot_rounds(curves: Sequence[RoundCurve]) -> bytes:
     """Memorization of the 10x canaries against held-out loss, one marker per round, a line per method.
 
-    Each point is the mean over seeds at that round; the loss axis is reversed so training runs to
-    the right, and methods are compared at equal loss rather than at equal round.
+    Each point is the mean over seeds at that round, labelled with the round's number (a method that
+    overfits moves to higher loss as it trains); lower loss is to the right, and methods are compared
+    at equal loss rather than at equal round.
     """
     fig = new_figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     for ax, (key, title) in zip(axes, _ROUND_PANELS, strict=True):
         for curve in curves:
-            points = [(p.eval_loss, getattr(p, key)) for p in curve.points]
-            measured = [(x, y) for x, y in points if x is not None and y is not None]
+            points = [(p.round, p.eval_loss, getattr(p, key)) for p in curve.points]
+            measured = [(r, x, y) for r, x, y in points if x is not None and y is not None]
             if measured:
-                ax.plot([x for x, _ in measured], [y for _, y in measured], marker="o", label=curve.label)
+                (line,) = ax.plot(
+                    [x for _, x, _ in measured], [y for _, _, y in measured], marker="o", label=curve.label
+                )
+                for number, x, y in measured:
+                    ax.annotate(
+                        str(number),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=line.get_color(),
+                    )
         ax.invert_xaxis()
         ax.set(title=title, xlabel="held-out loss, nats/token (lower to the right)")
     controls = mean_ci([p.exposure_control for c in curves for p in c.points]).mean

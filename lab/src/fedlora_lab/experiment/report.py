@@ -205,8 +205,9 @@ def _secagg_check(results: Mapping[str, Any]) -> Table | None:
 
 
 _ROUNDS_NOTE: Final = (
-    "Each marker is one round (mean over seeds), placed at that round's held-out loss; training runs to the "
-    "right. Compare methods at equal held-out loss: at the same utility, the lower curve memorizes less."
+    "Each marker is one audited round (mean over seeds), labelled with its number and placed at that round's "
+    "held-out loss (lower to the right; a method that overfits moves left as it trains). Compare methods at "
+    "equal held-out loss: at the same utility, the lower curve memorizes less."
 )
 
 
