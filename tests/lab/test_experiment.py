@@ -23,6 +23,7 @@ from fedlora_lab.experiment import (
     summarize,
     write_experiment_report,
 )
+from fedlora_lab.experiment.config import coordinator_settings, federation_plan
 from fedlora_lab.experiment.execute import simulation_threads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +102,25 @@ def test_repeated_method_names_are_refused() -> None:
         ExperimentConfig.model_validate({**SMALL, "methods": [{"name": "lora"}, {"name": "lora"}]})
 
 
+@pytest.mark.parametrize("every", [2, None])
+def test_a_methods_aggregation_and_the_audit_reach_the_coordinators_settings(tmp_path: Path, every: int | None) -> None:
+    audit = {"prefixes": [10, 50], "candidates": 8, "frequency_penalty": 1.0, "every": every}
+    method = {**SMALL["methods"][1], "aggregation": "ffa"}
+    config = ExperimentConfig.model_validate({**SMALL, "audit": audit, "methods": [method]})
+
+    plan = federation_plan(config, config.methods[0], 0, out_dir=tmp_path, base_model=tmp_path)
+    settings = coordinator_settings(plan)
+
+    assert settings.aggregation == "ffa"
+    if every is None:
+        assert settings.audit is None
+    else:
+        assert settings.audit is not None
+        assert settings.audit.every == every
+        assert settings.audit.plan() == config.audit.plan()
+        assert settings.audit.plan().frequency_penalty == 1.0
+
+
 def test_runs_are_simulated_unless_the_config_asks_for_processes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -135,7 +155,8 @@ def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:
     assert len(rank.seeds) >= 3
     assert len(gpu.seeds) >= 3
     assert not any(m.secure_aggregation for m in paper.methods)  # secure aggregation is the one-seed check
-    assert paper.secagg_check is not None and paper.secagg_check.method == "lora"
+    assert paper.secagg_check is not None
+    assert paper.secagg_check.method == "lora"
     assert {m.mode for m in paper.methods} == {"full", "lora"}
     assert {m.aggregation for m in paper.methods} == {"fedavg", "ffa"}
     assert {(m.lora_rank, (m.lora or {}).get("alpha")) for m in paper.methods if m.mode == "lora"} == {(16, 8)}
@@ -143,7 +164,7 @@ def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:
     assert [m.lora_rank for m in rank.methods if m.mode == "lora"] == [4, 8, 16, 64]
     assert rank.varies_rank()
     assert not paper.varies_rank()
-    assert rank.federation == paper.federation and rank.data == paper.data and rank.model == paper.model
+    assert (rank.federation, rank.data, rank.model) == (paper.federation, paper.data, paper.model)
 
 
 # --------------------------------------------------------------------------- statistics
