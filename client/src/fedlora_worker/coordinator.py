@@ -13,8 +13,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fedlora_common.manifest import Manifest
-from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadKind
+from fedlora_common.chunking import as_bytes, chunk_count, sha256
+from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
+from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadHeader, UploadKind
 from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
 
 __all__ = ["Coordinator", "DownloadedModel", "NotJoined", "StaleTask", "TransferError", "Unreachable"]
@@ -94,3 +95,40 @@ class Coordinator(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def prepare_upload(
+    *,
+    worker_id: str,
+    chunk_bytes: int,
+    run_id: str,
+    round_: int,
+    kind: UploadKind,
+    base_version: int,
+    num_examples: int,
+    vector: npt.NDArray[np.float32] | npt.NDArray[np.uint32],
+    train_loss: float,
+    tag: int,
+    manifest: Manifest | None,
+    artifact_config_json: str,
+) -> tuple[UploadHeader, memoryview]:
+    """What `Coordinator.upload` sends, whatever carries it: the header and the payload it describes."""
+    dtype = MASKED_DTYPE if kind is UploadKind.MASKED else WIRE_DTYPE
+    payload = as_bytes(vector.astype(dtype, copy=False))
+    header = UploadHeader(
+        worker_id=worker_id,
+        run_id=run_id,
+        round=round_,
+        kind=kind,
+        base_version=base_version,
+        num_examples=num_examples,
+        total_size=len(payload),
+        chunk_count=chunk_count(len(payload), chunk_bytes),
+        sha256=sha256(payload),
+        dtype=dtype,
+        manifest=manifest,
+        artifact_config_json=artifact_config_json,
+        train_loss=train_loss,
+        tag=tag,
+    )
+    return header, payload

@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks, sha256
-from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
-from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadHeader, UploadKind
+from fedlora_common.chunking import iter_chunks
+from fedlora_common.manifest import Manifest
+from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadKind
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
@@ -33,7 +33,14 @@ from fedlora_common.serde import (
     upload_header_to_proto,
 )
 from fedlora_worker.config import RetrySettings, TlsClientSettings
-from fedlora_worker.coordinator import DownloadedModel, NotJoined, StaleTask, TransferError, Unreachable
+from fedlora_worker.coordinator import (
+    DownloadedModel,
+    NotJoined,
+    StaleTask,
+    TransferError,
+    Unreachable,
+    prepare_upload,
+)
 
 __all__ = ["CoordinatorClient"]
 
@@ -204,23 +211,19 @@ class CoordinatorClient:
         on_bytes: Callable[[int], None] = lambda n: None,
     ) -> int:
         """Stream one vector; a retry resends it whole (`on_bytes` counts it once). Returns the bytes acknowledged."""
-        dtype = MASKED_DTYPE if kind is UploadKind.MASKED else WIRE_DTYPE
-        payload = as_bytes(vector.astype(dtype, copy=False))
-        header = UploadHeader(
+        header, payload = prepare_upload(
             worker_id=self.worker_id,
+            chunk_bytes=self._chunk_bytes,
             run_id=run_id,
-            round=round_,
+            round_=round_,
             kind=kind,
             base_version=base_version,
             num_examples=num_examples,
-            total_size=len(payload),
-            chunk_count=chunk_count(len(payload), self._chunk_bytes),
-            sha256=sha256(payload),
-            dtype=dtype,
-            manifest=manifest,
-            artifact_config_json=artifact_config_json,
+            vector=vector,
             train_loss=train_loss,
             tag=tag,
+            manifest=manifest,
+            artifact_config_json=artifact_config_json,
         )
 
         progress = _Progress(on_bytes)

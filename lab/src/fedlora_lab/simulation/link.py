@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks, sha256
-from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
-from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, TaskKind, UploadHeader, UploadKind
+from fedlora_common.chunking import as_bytes, iter_chunks
+from fedlora_common.manifest import Manifest
+from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, TaskKind, UploadKind
 from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
 from fedlora_common.serde import (
     advertisement_from_proto,
@@ -51,7 +51,14 @@ from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
 from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound
-from fedlora_worker.coordinator import DownloadedModel, NotJoined, StaleTask, TransferError, Unreachable
+from fedlora_worker.coordinator import (
+    DownloadedModel,
+    NotJoined,
+    StaleTask,
+    TransferError,
+    Unreachable,
+    prepare_upload,
+)
 
 __all__ = ["InProcessClient"]
 
@@ -166,23 +173,19 @@ class InProcessClient:
         on_bytes: Callable[[int], None] = lambda n: None,
     ) -> int:
         """One vector in sequence-numbered chunks after its header; a duplicate counts as received."""
-        dtype = MASKED_DTYPE if kind is UploadKind.MASKED else WIRE_DTYPE
-        payload = as_bytes(vector.astype(dtype, copy=False))
-        header = UploadHeader(
+        header, payload = prepare_upload(
             worker_id=self.worker_id,
+            chunk_bytes=self._chunk_bytes,
             run_id=run_id,
-            round=round_,
+            round_=round_,
             kind=kind,
             base_version=base_version,
             num_examples=num_examples,
-            total_size=len(payload),
-            chunk_count=chunk_count(len(payload), self._chunk_bytes),
-            sha256=sha256(payload),
-            dtype=dtype,
-            manifest=manifest,
-            artifact_config_json=artifact_config_json,
+            vector=vector,
             train_loss=train_loss,
             tag=tag,
+            manifest=manifest,
+            artifact_config_json=artifact_config_json,
         )
 
         def chunks() -> Iterator[tuple[int, bytes]]:
