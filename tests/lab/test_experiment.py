@@ -16,6 +16,7 @@ from fedlora_lab.experiment import (
     ExperimentConfig,
     MethodConfig,
     PlannedRun,
+    execute,
     format_interval,
     load_experiment_config,
     mean_ci,
@@ -25,6 +26,7 @@ from fedlora_lab.experiment import (
 )
 from fedlora_lab.experiment.config import coordinator_settings, federation_plan
 from fedlora_lab.experiment.execute import simulation_threads
+from fedlora_lab.federation import FederationResult
 
 REPO = Path(__file__).resolve().parents[2]
 T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
@@ -386,3 +388,17 @@ def test_small_experiment_runs_end_to_end(tmp_path: Path, lab_cache: Path, capsy
     assert "| lora | 1/1 |" in markdown
     assert "<table>" in (out / "report.html").read_text(encoding="utf-8")
     assert MethodConfig.model_validate(SMALL["methods"][1]).lora_rank == 4
+
+
+def test_a_federation_that_fails_early_is_a_failed_run_not_an_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ExperimentConfig.model_validate(SMALL)
+    failed = FederationResult(out_dir=tmp_path, report={}, exit_codes={"coordinator": 1})
+    monkeypatch.setattr(execute, "run_federation", lambda *args, **kwargs: failed)
+
+    result = execute.execute_run(config, PlannedRun(config.methods[0], 0, tmp_path / "run"), tmp_path)
+
+    assert result["status"] == "failed"
+    assert result["error"] == "processes failed: {'coordinator': 1}"
+    assert "trainable_parameters" not in result

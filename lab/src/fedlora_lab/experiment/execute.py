@@ -154,7 +154,6 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
     result["duration_s"] = time.monotonic() - started
     result["exit_codes"] = federation.exit_codes
     result.update(_summarize_report(federation.report))
-    result.update(_parameter_counts(federation.report, base_model))
     failed = {name: code for name, code in federation.exit_codes.items() if code != 0}
     if failed:
         result["error"] = f"processes failed: {failed}"
@@ -163,6 +162,10 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
     if not adapter_path:
         result["error"] = "the report names no final model (adapter_path)"
         return result
+    try:
+        result.update(_parameter_counts(federation.report, base_model))
+    except (KeyError, ValueError, OSError) as exc:  # the counts are context; the run's outcome stands
+        result["parameter_count_error"] = f"{type(exc).__name__}: {exc}"
     final_model, base_dir = Path(adapter_path), run.out_dir / "base-model"
     if method.mode == "full":
         base, adapter = with_tokenizer(final_model, base_dir, run.out_dir / "audit" / "final-model"), None
