@@ -22,7 +22,7 @@ from fedlora_lab.datagen import DOMAINS, DataSpec, generate_site, write_site
 from fedlora_lab.engines import ENGINES, run_federation
 from fedlora_lab.federation import FederationPlan
 from fedlora_lab.model_factory import LAB_SIZES, LabModelConfig, LabSize, ProgressFn, cached_model, make_model
-from fedlora_lab.plan import add_plan_arguments, plan_command
+from fedlora_lab.plan_command import add_plan_arguments, plan_command
 from fedlora_lab.simulation import command as simulate_command
 from fedlora_lab.simulation.command import SUMMARY, add_simulate_arguments, simulate
 

@@ -1,4 +1,5 @@
-"""`fedlora-lab plan`: what one site and the coordinator need per round, from the model's config alone.
+"""The capacity planner behind `fedlora-lab plan` (`plan_command`): what one site and the coordinator
+need per round, from the model's config alone.
 
 The model is built on the meta device from its config (a model directory, a config.json, or one of
 the published Llama shapes in `PUBLISHED`): no weights are read or allocated. From it:
@@ -48,15 +49,13 @@ the published Llama shapes in `PUBLISHED`): no weights are read or allocated. Fr
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -66,12 +65,11 @@ import torch
 from google.protobuf.message import Message
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
-from transformers.utils import logging as hf_logging
 
 from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count
 from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, TensorSpec, update_manifest
 from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
-from fedlora_common.plans import ALL_LINEAR, Aggregation, LoraSpec, Mode, RunSpec
+from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.secagg import SecAggParams, identity_keypair, mask_vector, max_bits, round_tag
 from fedlora_common.serde import (
@@ -85,20 +83,19 @@ from fedlora_worker.modeling import LoadedModel, SiteModel, artifact_config_json
 from fedlora_worker.secagg_session import WorkerSession
 
 __all__ = [
+    "GIB",
     "GRPC_PREFIX_BYTES",
     "KEYSTREAM_MB_S",
+    "MB",
     "PUBLISHED",
     "Capacity",
     "ChunkWrapper",
-    "add_plan_arguments",
     "capacity",
     "download_chunk",
     "download_header",
     "framed",
     "measure_keystream",
     "model_config",
-    "plan_command",
-    "render",
     "stream_wire_bytes",
     "upload_chunk",
     "upload_header",
@@ -607,142 +604,3 @@ def capacity(
         gpus_per_process=gpus_per_process,
         secure_aggregation=secure_aggregation(sites, masked, keystream_mb_s),
     )
-
-
-def render(plan: Capacity) -> str:
-    """The human-readable table."""
-    m, sa = plan.memory, plan.secure_aggregation
-    per_gpu = math.ceil(m.peak_checkpointed / plan.gpus_per_process)
-    weights = {"lora": "bf16", "qlora": "NF4 linear layers, bf16 rest", "full": "float32"}[plan.mode]
-    adapted = f", LoRA rank {plan.rank} on {', '.join(plan.targets)} ({plan.adapted_per_block} modules a block)"
-    transients = "logits and loss" + (", a dequantized weight" if plan.mode == "qlora" else "")
-
-    def row(label: str, value: str) -> str:
-        return f"  {label:<50}{value:>16}"
-
-    def gib(value: int) -> str:
-        return f"{value / GIB:,.2f} GiB"
-
-    def mb(value: int) -> str:
-        return f"{value / MB:,.2f} MB"
-
-    lines = [
-        f"{plan.model}: {plan.architecture}, {plan.layers} layers, hidden {plan.hidden}, MLP {plan.intermediate}, "
-        f"vocab {plan.vocab}",
-        f"mode {plan.mode}, aggregation {plan.aggregation}" + (adapted if plan.mode != "full" else ""),
-        f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens per forward; {sa.sites} sites",
-        "",
-        row("parameters", f"{plan.parameters:,}"),
-        row(f"trainable ({100 * plan.trainable_fraction:.3f}%)", f"{plan.trainable:,}"),
-        "",
-        "per site and round, on the wire (MB = 1e6 bytes)",
-        row(f"down: global {'adapter' if plan.mode != 'full' else 'model'}", mb(plan.down_bytes)),
-        row("up: update, plain (float32)", mb(plan.up_plain_bytes)),
-        row("up: update, masked (uint32)", mb(plan.up_masked_bytes)),
-        row("up: keys and shares (secure aggregation)", f"{sa.keys_up_bytes:,} B"),
-        row("down: key roster and shares", f"{sa.keys_down_bytes:,} B"),
-        "",
-        "GPU memory of each training process (GiB = 2^30 bytes)",
-        row(f"base weights ({weights})", gib(m.weights)),
-        row("adapter (float32)", gib(m.adapter)),
-        row("gradients (float32)", gib(m.gradients)),
-        row("AdamW state (2 x float32)", gib(m.optimizer)),
-        row("activations kept for the backward", gib(m.activations)),
-        row("  with activation checkpointing", gib(m.activations_checkpointed)),
-        row("  and one block recomputed in the backward", gib(m.recomputed)),
-        row(f"transients ({transients})", gib(m.transient)),
-        row("peak estimate", gib(m.peak)),
-        row("  with activation checkpointing", gib(m.peak_checkpointed)),
-        *(
-            [
-                row(f"  each of {plan.gpus_per_process} GPUs (device_map auto), checkpointing", gib(per_gpu)),
-            ]
-            if plan.gpus_per_process > 1
-            else []
-        ),
-        "",
-        f"secure aggregation at {sa.sites} sites (threshold {sa.threshold}; keystream {sa.keystream_mb_s:,.0f} MB/s)",
-        row(f"masking, each site ({sa.keystreams_per_site} keystreams)", f"{sa.masking_s:,.2f} s"),
-        row(f"unmasking, coordinator ({sa.sites} self masks)", f"{sa.unmasking_s:,.2f} s"),
-        row("  each site dropping after masking adds", f"{sa.unmasking_per_dropout_s:,.2f} s"),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-# ---- the command -------------------------------------------------------------------------------
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _targets(values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(part for value in values for part in value.split(",") if part)
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help=f"a model directory, a config.json, or one of {', '.join(PUBLISHED)}"
-    )
-    parser.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
-    parser.add_argument("--rank", type=_positive, default=LoraSpec().rank, help="LoRA rank")
-    parser.add_argument("--alpha", type=_positive, default=None, help="LoRA alpha (default 2 x rank)")
-    parser.add_argument("--dropout", type=float, default=LoraSpec().dropout, help="LoRA dropout")
-    parser.add_argument("--targets", nargs="+", default=[ALL_LINEAR], help="LoRA target modules (default all-linear)")
-    parser.add_argument("--aggregation", choices=("fedavg", "ffa"), default="fedavg")
-    parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per training window")
-    parser.add_argument("--micro-batch", type=_positive, default=1, help="windows per forward pass")
-    parser.add_argument(
-        "--gpus-per-process",
-        type=_positive,
-        default=1,
-        help="GPUs one process spreads the base over (worker.yaml device_map: auto); the peak is split evenly",
-    )
-    parser.add_argument("--sites", type=_positive, default=3, help="sites taking part in a round")
-    parser.add_argument(
-        "--keystream-mbps", type=float, default=None, help=f"keystream rate in MB/s (default {KEYSTREAM_MB_S:g})"
-    )
-    parser.add_argument("--measure-keystream", action="store_true", help="time the keystream on this machine instead")
-    parser.add_argument("--chunk-bytes", type=_positive, default=DEFAULT_CHUNK_BYTES)
-    parser.add_argument("--json", action="store_true", help="print JSON for tools")
-
-
-def plan_command(args: argparse.Namespace) -> int:
-    """`fedlora-lab plan`: exit 2 with one line on a bad argument."""
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    try:
-        if args.sites < 2:
-            raise ValueError("--sites: secure aggregation needs at least 2 sites")
-        if args.mode == "full" and args.aggregation == "ffa":
-            raise ValueError("--aggregation: ffa applies to LoRA adapters, not to mode full")
-        lora = LoraSpec(
-            rank=args.rank,
-            alpha=args.alpha or 2 * args.rank,
-            dropout=args.dropout,
-            target_modules=_targets(args.targets),
-        )
-        rate = measure_keystream() if args.measure_keystream else (args.keystream_mbps or KEYSTREAM_MB_S)
-        plan = capacity(
-            args.model,
-            mode=args.mode,
-            lora=lora,
-            aggregation=args.aggregation,
-            seq_len=args.seq_len,
-            micro_batch=args.micro_batch,
-            gpus_per_process=args.gpus_per_process,
-            sites=args.sites,
-            keystream_mb_s=rate,
-            chunk_bytes=args.chunk_bytes,
-        )
-    except ValueError as exc:
-        message = " ".join(str(exc).split())
-        sys.stderr.write(f"fedlora-lab plan: error: {message}\n")
-        return 2
-    sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n" if args.json else render(plan))
-    return 0
