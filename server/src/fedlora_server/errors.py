@@ -13,6 +13,7 @@ __all__ = [
     "ResourceExhausted",
     "StreamCancelled",
     "Unauthenticated",
+    "Unavailable",
 ]
 
 
@@ -58,3 +59,9 @@ class StreamCancelled(CoordinatorError):
     def __init__(self, message: str, *, overdue: bool) -> None:
         super().__init__(message)
         self.overdue = overdue
+
+
+class Unavailable(CoordinatorError):
+    """The coordinator cannot take this now through a fault of its own (its disk, its database): retry later.
+
+    Never the caller's fault: nobody is excluded for it."""

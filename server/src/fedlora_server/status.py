@@ -20,6 +20,7 @@ from fedlora_server.errors import (
     ResourceExhausted,
     StreamCancelled,
     Unauthenticated,
+    Unavailable,
 )
 
 __all__ = ["STATUS_OF", "abort_with", "answering"]
@@ -35,6 +36,7 @@ STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Aborted: grpc.StatusCode.ABORTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
