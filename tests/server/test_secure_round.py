@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from fedlora_common.secagg import (
+    SEALED_SHARE_BYTES,
     Advertisement,
     EncryptedShare,
     SecAggParams,
@@ -20,7 +21,7 @@ from fedlora_common.secagg import (
     quantize,
     round_tag,
 )
-from fedlora_server.errors import FailedPrecondition
+from fedlora_server.errors import FailedPrecondition, InvalidArgument
 from fedlora_server.secure_round import RoundFailed, SecureRound
 from fedlora_worker.secagg_session import WorkerSession
 
@@ -317,3 +318,20 @@ def test_every_invalid_coordinator_stage_transition_is_refused(stage: str, step:
 def test_the_threshold_tolerates_a_third_of_the_workers() -> None:
     assert [SecAggParams.threshold_for(n, 2 / 3) for n in (3, 5, 10, 30)] == [2, 4, 7, 20]
     assert all(n - SecAggParams.threshold_for(n, 2 / 3) >= math.floor(n / 3) for n in range(3, 50))
+
+
+@pytest.mark.parametrize("length", [0, 1, 59, SEALED_SHARE_BYTES - 1, SEALED_SHARE_BYTES + 1])
+def test_a_sealed_share_of_the_wrong_length_is_refused_where_it_arrives(length: int) -> None:
+    # Prepare: w00's real shares, one of them cut (or padded) to `length` bytes.
+    fed = Federation(3)
+    fed.advertise_all()
+    shares = fed.sessions["w00"].share_keys(fed.server.roster())
+    cut = shares[0].ciphertext[:length].ljust(length, b"\0")
+    broken = [EncryptedShare(shares[0].sender, shares[0].recipient, cut), *shares[1:]]
+
+    # Execute / Assert: refused, naming the recipient it would have silenced; w00 has not shared.
+    with pytest.raises(InvalidArgument, match=f"sealed shares for {shares[0].recipient} are not"):
+        fed.server.submit_shares("w00", broken)
+    assert not fed.server.has_shared("w00")
+    fed.server.submit_shares("w00", shares)
+    assert fed.server.has_shared("w00")

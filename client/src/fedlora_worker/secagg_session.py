@@ -25,10 +25,10 @@ from fedlora_common.secagg import (
     StageError,
     agree,
     new_x25519,
-    open_sealed,
+    open_share_pair,
     pairwise_sign,
     round_keys_message,
-    seal,
+    seal_share_pair,
     seed_commitment,
     session_id,
     share_associated_data,
@@ -41,7 +41,6 @@ from fedlora_worker.protect import MaskSeeds, mask
 __all__ = ["WorkerSession"]
 
 Stage = Literal["new", "advertised", "shared", "masked", "revealed"]
-SHARE_BYTES = len(Share(1, 0).to_bytes())
 
 
 class WorkerSession:
@@ -127,10 +126,11 @@ class WorkerSession:
                 self._own_shares = pair
                 continue
             key = agree(self._enc_keys.private, by_id[peer].enc_public, session=self._session, purpose=b"shares")
-            sealed = seal(
+            sealed = seal_share_pair(
                 key,
-                pair[0].to_bytes() + pair[1].to_bytes(),
+                *pair,
                 associated_data=share_associated_data(self.worker_id, peer, self.params.tag, self._session),
+                random_bytes=self._random,
             )
             out.append(EncryptedShare(self.worker_id, peer, sealed))
         self.stage = "shared"
@@ -152,7 +152,7 @@ class WorkerSession:
                 raise StageError(f"a share from {item.sender}, which is not a peer in this session")
             key = agree(self._enc_keys.private, sender.enc_public, session=self._session, purpose=b"shares")
             try:
-                plain = open_sealed(
+                self._held[item.sender] = open_share_pair(
                     key,
                     item.ciphertext,
                     associated_data=share_associated_data(item.sender, self.worker_id, self.params.tag, self._session),
@@ -161,7 +161,6 @@ class WorkerSession:
                 raise StageError(
                     f"the share from {item.sender} does not open: replayed, altered or misaddressed"
                 ) from None
-            self._held[item.sender] = (Share.from_bytes(plain[:SHARE_BYTES]), Share.from_bytes(plain[SHARE_BYTES:]))
         missing = sorted(alive - self._held.keys() - {self.worker_id})
         if missing:
             raise StageError(f"no shares from {', '.join(missing)}, which the coordinator counts as survivors")

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from fedlora_common.secagg import (
     KEY_BYTES,
+    SEALED_SHARE_BYTES,
     SEED_BYTES,
     Advertisement,
     EncryptedShare,
@@ -112,6 +113,11 @@ class SecureRound:
             raise PermissionDenied(f"{worker} sent a share in another worker's name")
         if sorted(recipients) != sorted(set(self.u1) - {worker}):
             raise InvalidArgument("exactly one sealed share for every other worker that advertised keys is required")
+        short = sorted(s.recipient for s in shares if len(s.ciphertext) != SEALED_SHARE_BYTES)
+        if short:  # relayed, it would make its recipient drop out while the sender stayed above suspicion
+            raise InvalidArgument(
+                f"the sealed shares for {', '.join(short)} are not {SEALED_SHARE_BYTES} bytes: no recipient could open them"
+            )
         self._shares[worker] = list(shares)
 
     def inbox(self, worker: str) -> list[EncryptedShare]:

@@ -31,6 +31,7 @@ from fedlora_common.secagg.protocol import (
     round_tag,
 )
 from fedlora_common.secagg.quantize import dequantize_sum, max_bits, quantization_step, quantize
+from fedlora_common.secagg.sealed import SEALED_SHARE_BYTES, open_share_pair, seal_share_pair
 from fedlora_common.secagg.shamir import (
     MAX_SECRET_BYTES,
     PRIME,
@@ -46,6 +47,7 @@ __all__ = [
     "KEY_BYTES",
     "MAX_SECRET_BYTES",
     "PRIME",
+    "SEALED_SHARE_BYTES",
     "SEED_BYTES",
     "SHARE_BYTES",
     "Advertisement",
@@ -67,12 +69,14 @@ __all__ = [
     "max_bits",
     "new_x25519",
     "open_sealed",
+    "open_share_pair",
     "pairwise_sign",
     "quantization_step",
     "quantize",
     "round_keys_message",
     "round_tag",
     "seal",
+    "seal_share_pair",
     "seed_commitment",
     "session_id",
     "share_associated_data",

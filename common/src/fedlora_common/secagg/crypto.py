@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "KEY_BYTES",
+    "SEAL_OVERHEAD",
     "KeyPair",
     "agree",
     "identity_keypair",
@@ -39,6 +40,9 @@ __all__ = [
 KEY_BYTES = 32
 _RAW = serialization.Encoding.Raw
 _NONCE = 12
+_GCM_TAG = 16
+SEAL_OVERHEAD = _NONCE + _GCM_TAG
+"""What `seal` adds to a plaintext: the nonce in front, the authentication tag behind."""
 _TAG = b"fedlora/secagg/"
 
 
