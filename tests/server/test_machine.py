@@ -126,3 +126,66 @@ def test_a_restarted_machine_resumes_at_the_last_committed_version(tmp_path: Pat
     assert task.global_version is not None
     assert task.global_version.version == 0
     np.testing.assert_array_equal(second.global_model("legal", 0).vector, initial_vector())
+
+
+def test_a_round_that_keeps_failing_backs_off_longer_each_time_and_fails_the_run_at_its_last_attempt(
+    tmp_path: Path, clock: Clock
+) -> None:
+    # Prepare: nobody ever uploads, so every attempt of round 1 fails at its deadline.
+    registry = CollectorRegistry()
+    timeouts = {"poll_wait_ms": 2000, "retry_backoff_s": 4.0, "retry_backoff_max_s": 10.0, "attempts_per_round": 5}
+    coordinator = Coordinator(
+        settings=run_settings(tmp_path, min_workers=2, timeouts=timeouts),
+        store=MemoryStore(),
+        metrics=ServerMetrics(registry),
+        clock=clock,
+    )
+    initialized(coordinator)
+    waits: list[float] = []
+
+    # Execute: let each attempt run out; measure how long the machine holds the round before the next.
+    for _ in range(4):
+        assert coordinator.phase == "train"
+        clock.now += 10**6
+        coordinator.tick()
+        started = clock.now
+        while coordinator.phase == "backoff":
+            task = coordinator.poll("legal")
+            assert task.kind is TaskKind.WAIT
+            assert 0 < task.retry_after_ms <= 2000
+            assert registry.get_sample_value("fedlora_round_backoff") == 1
+            clock.now += 0.5
+            coordinator.tick()
+        waits.append(clock.now - started)
+    clock.now += 10**6
+    coordinator.tick()
+
+    # Assert: at once, then 4 s, 8 s, then capped at 10 s; the fifth failure ends the run with its reason.
+    assert waits == [0.0, 4.0, 8.0, 10.0]
+    assert coordinator.phase == "finished"
+    assert coordinator.failure is not None
+    assert coordinator.failure.startswith("round 1 failed all 5 attempts; the last: ")
+    assert coordinator.poll("legal").kind is TaskKind.FINISHED
+    assert registry.get_sample_value("fedlora_round_attempt") == 5
+    assert registry.get_sample_value("fedlora_round_backoff") == 0
+    assert registry.get_sample_value("fedlora_rounds_failed_total") == 5
+
+
+def test_a_worker_leaving_during_a_backoff_below_min_workers_fails_the_run(tmp_path: Path, clock: Clock) -> None:
+    coordinator = Coordinator(
+        settings=run_settings(tmp_path, min_workers=3, timeouts={"retry_backoff_s": 30.0}),
+        store=MemoryStore(),
+        metrics=ServerMetrics(CollectorRegistry()),
+        clock=clock,
+    )
+    initialized(coordinator)
+    for _ in range(2):
+        clock.now += 10**6
+        coordinator.tick()
+    assert coordinator.phase == "backoff"
+
+    coordinator.leave("finance", "disk failed")
+
+    assert coordinator.phase == "finished"
+    assert coordinator.failure is not None
+    assert "finance: disk failed" in coordinator.failure

@@ -14,7 +14,9 @@ from fedlora_common.secagg import (
     SEALED_SHARE_BYTES,
     Advertisement,
     EncryptedShare,
+    RevealedShare,
     SecAggParams,
+    Share,
     StageError,
     identity_keypair,
     max_bits,
@@ -335,3 +337,71 @@ def test_a_sealed_share_of_the_wrong_length_is_refused_where_it_arrives(length: 
     assert not fed.server.has_shared("w00")
     fed.server.submit_shares("w00", shares)
     assert fed.server.has_shared("w00")
+
+
+def _lie_about(fed: Federation, liar: str, owner: str, kind: str) -> None:
+    """Replace `liar`'s revealed share of `owner`'s secret by one at the right x with a wrong y."""
+    revealed = fed.sessions[liar].reveal(fed.server.u3, fed.server.dropped)
+    lied = [
+        RevealedShare(r.owner, r.kind, Share(Share.from_bytes(r.share).x, 12345).to_bytes())
+        if (r.owner, r.kind) == (owner, kind)
+        else r
+        for r in revealed
+    ]
+    fed.server.submit_reveal(liar, lied)
+
+
+@pytest.mark.parametrize(("n", "dropped"), [(3, 0), (5, 0), (6, 1), (10, 2)])
+def test_a_revealer_lying_about_a_share_is_named_and_the_honest_shares_still_unmask_the_exact_sum(
+    n: int, dropped: int
+) -> None:
+    # Prepare: the last `dropped` workers drop out after sharing keys; the first survivor lies about the
+    # share it holds of another survivor's self-mask seed (and of a dropped worker's mask key, when one dropped).
+    fed = Federation(n, seed=n)
+    fed.advertise_all()
+    fed.share_all()
+    alive = fed.ids[: n - dropped]
+    for w in alive:
+        masked = fed.sessions[w].mask(fed.server.inbox(w), fed.server.u2, fed.plain[w])
+        fed.server.add_masked(w, masked, 0)
+        fed.server.close_masked_upload(w)
+    fed.server.close_masked()
+    liar, victim = alive[0], alive[1]
+    if dropped:
+        revealed = fed.sessions[liar].reveal(fed.server.u3, fed.server.dropped)
+        gone = fed.server.dropped[0]
+        lied = [
+            RevealedShare(r.owner, r.kind, Share(Share.from_bytes(r.share).x, 99).to_bytes())
+            if r.owner in (victim, gone)
+            else r
+            for r in revealed
+        ]
+        fed.server.submit_reveal(liar, lied)
+    else:
+        _lie_about(fed, liar, victim, "self_seed")
+    for w in alive[1:]:
+        fed.server.submit_reveal(w, fed.sessions[w].reveal(fed.server.u3, fed.server.dropped))
+
+    # Execute
+    total = fed.server.finish()
+
+    # Assert: the survivors' exact sum, and only the liar is named.
+    np.testing.assert_array_equal(total, _plain_sum(fed, alive))
+    assert list(fed.server.liars) == [liar]
+    assert victim in fed.server.liars[liar]
+
+
+def test_with_no_share_to_spare_a_lie_fails_the_attempt_without_naming_anyone() -> None:
+    # Prepare: two workers, threshold two: each secret has exactly the two shares it needs.
+    fed = Federation(2)
+    fed.advertise_all()
+    fed.share_all()
+    fed.mask_all()
+    _lie_about(fed, "w00", "w01", "self_seed")
+    fed.server.submit_reveal("w01", fed.sessions["w01"].reveal(fed.server.u3, ()))
+
+    # Execute / Assert: the committed seed cannot be rebuilt, and nothing tells whose share lies.
+    with pytest.raises(RoundFailed, match="whose shares lie cannot be told") as failed:
+        fed.server.finish()
+    assert failed.value.offenders == ()
+    assert fed.server.stage == "failed"

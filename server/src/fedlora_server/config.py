@@ -186,9 +186,25 @@ class TimeoutSettings(StrictModel):
     phase_base_s: float = Field(120.0, gt=0, description="Every phase's deadline before payload time is added")
     phase_s_per_mib: float = Field(2.0, ge=0, description="Seconds added to a phase's deadline per MiB it streams")
     train_s: float = Field(1800.0, gt=0, description="Local training time allowed on top of streaming")
+    retry_backoff_s: float = Field(
+        1.0,
+        ge=0,
+        description="A failed round attempt is retried at once the first time, then after this long, "
+        "doubling with each further failure of the same round",
+    )
+    retry_backoff_max_s: float = Field(60.0, ge=0, description="The longest wait between two attempts of a round")
+    attempts_per_round: int = Field(
+        10, ge=1, description="Attempts a round may take; when the last fails too, the run fails with its reason"
+    )
     poll_wait_ms: int = Field(
         2000, ge=0, le=60000, description="How long a worker's poll is held open waiting for a task (long polling)"
     )
+
+    def retry_delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after the `failed_attempts`-th failure of one round before its next attempt."""
+        if failed_attempts <= 1:
+            return 0.0
+        return float(min(self.retry_backoff_s * 2 ** (failed_attempts - 2), self.retry_backoff_max_s))
 
     def phase_deadline(self, payload_bytes: int, *, training: bool) -> timedelta:
         seconds = self.phase_base_s + self.phase_s_per_mib * payload_bytes / 2**20

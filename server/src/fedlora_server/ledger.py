@@ -103,6 +103,8 @@ class RoundLedger:
         self._store.save_round(record)
         self._metrics.rounds_started.inc()
         self._metrics.current_round.set(round_)
+        self._metrics.round_attempt.set(record.attempt)
+        self._metrics.round_backoff.set(0)
         return record
 
     def upload_accepted(self, record: RoundRecord, header: UploadHeader, weight: int, received: Received) -> None:
@@ -121,9 +123,15 @@ class RoundLedger:
             raise AlreadyExists(str(exc)) from None
 
     def committed(
-        self, record: RoundRecord, *, dropped: tuple[str, ...], secagg: dict[str, object] | None
+        self,
+        record: RoundRecord,
+        *,
+        dropped: tuple[str, ...],
+        secagg: dict[str, object] | None,
+        excluded: tuple[str, ...] = (),
     ) -> RoundRecord:
-        """The attempt's new version is committed: its train loss (weighted as uploads were recorded) and bytes."""
+        """The attempt's new version is committed: its train loss (weighted as uploads were recorded), bytes,
+        and the participants it showed to have lied though it completed without them."""
         uploads = self._store.uploads(record.round, record.attempt)
         weights = np.array([u.num_examples for u in uploads], dtype=np.float64)
         train_loss = float(np.average([u.train_loss for u in uploads], weights=weights)) if uploads else None
@@ -134,8 +142,10 @@ class RoundLedger:
             secagg=json.dumps(secagg) if secagg is not None else "",
             train_loss=train_loss,
             upload_bytes=sum(u.size_bytes for u in uploads),
+            excluded=excluded,
         )
         self._store.save_round(committed)
+        self._metrics.excluded_workers.inc(len(excluded))
         if train_loss is not None:
             self._metrics.train_loss.set(train_loss)
         if self._privacy is not None:

@@ -42,7 +42,17 @@ from fedlora_server.errors import (
 from fedlora_server.intake import Received, Spool, UploadSink, check_header, check_initial_manifest, receive
 from fedlora_server.ledger import RoundLedger
 from fedlora_server.metrics import ServerMetrics
-from fedlora_server.phases import Admission, Evaluation, Finished, Initialize, Phase, PhaseName, Training, round_of
+from fedlora_server.phases import (
+    Admission,
+    Backoff,
+    Evaluation,
+    Finished,
+    Initialize,
+    Phase,
+    PhaseName,
+    Training,
+    round_of,
+)
 from fedlora_server.planning import RoundPlans
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import (
@@ -139,6 +149,9 @@ class PhaseMachine:
             wait = Task(TaskKind.WAIT, round=round_of(phase), retry_after_ms=self._settings.timeouts.poll_wait_ms)
             if isinstance(phase, Finished):
                 return Task(TaskKind.FINISHED, round=phase.round)
+            if isinstance(phase, Backoff):
+                resume_ms = max(0, round((phase.resume_at - now) * 1000))
+                return Task(TaskKind.WAIT, round=phase.round, retry_after_ms=min(wait.retry_after_ms, resume_ms))
             if worker_id in self._uploading:
                 return wait
             if isinstance(phase, Initialize) and worker_id == phase.initializer:
@@ -343,6 +356,8 @@ class PhaseMachine:
                 phase.deadline_at = now + self._settings.timeouts.admission_s
         elif isinstance(phase, Initialize) and now >= phase.deadline_at:
             self._start_initialize(exclude={phase.initializer})
+        elif isinstance(phase, Backoff) and now >= phase.resume_at:
+            self._start_train(phase.round, phase.base)
         elif isinstance(phase, Training):
             try:
                 result = phase.aggregation.step(now)
@@ -397,7 +412,9 @@ class PhaseMachine:
         record, started = phase.record, time.perf_counter()
         model = self._versions.commit_update(phase.base, result.mean, record.round)
         self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
-        committed = self._ledger.committed(record, dropped=phase.aggregation.missing, secagg=result.secagg)
+        committed = self._ledger.committed(
+            record, dropped=phase.aggregation.missing, secagg=result.secagg, excluded=result.excluded
+        )
         phase.aggregation.discard()
         log.info(
             "round_committed", round=record.round, updates=len(result.contributors), train_loss=committed.train_loss
@@ -405,13 +422,26 @@ class PhaseMachine:
         self._start_evaluate(model, record=committed)
 
     def _fail_attempt(self, phase: Training, reason: str, *, offenders: tuple[str, ...]) -> None:
-        """Nothing of the attempt is kept; the round is retried without the workers shown at fault."""
+        """Nothing of the attempt is kept; the round is retried without the workers shown at fault, after a
+        wait that grows with each failure of the round, until it has used its attempts and the run fails."""
         record = phase.record
         self._ledger.failed(record, dropped=phase.aggregation.missing, excluded=offenders, reason=reason)
         self._excluded.setdefault(record.round, set()).update(offenders)
         phase.aggregation.discard()
         log.warning("round_failed", round=record.round, attempt=record.attempt, reason=reason, excluded=offenders)
-        self._start_train(record.round, phase.base)
+        timeouts = self._settings.timeouts
+        if record.attempt >= timeouts.attempts_per_round:
+            self._give_up(
+                record.round, f"round {record.round} failed all {record.attempt} attempts; the last: {reason}"
+            )
+            return
+        delay = timeouts.retry_delay(record.attempt)
+        if delay <= 0:
+            self._start_train(record.round, phase.base)
+            return
+        self._phase = Backoff(record.round, phase.base, self._clock() + delay, reason)
+        self._metrics.round_backoff.set(1)
+        log.info("round_backoff", round=record.round, next_attempt=record.attempt + 1, wait_s=delay)
 
     @contextmanager
     def _blame(self, worker_id: str) -> Iterator[None]:
@@ -448,8 +478,13 @@ class PhaseMachine:
         if isinstance(phase, Training):
             self._ledger.failed(phase.record, dropped=phase.aggregation.missing, excluded=(), reason=failure)
             phase.aggregation.discard()
+        self._give_up(round_of(phase), failure)
+
+    def _give_up(self, round_: int, failure: str) -> None:
+        """The run ends without finishing its rounds; its last committed round stands."""
         self._ledger.run_failed(failure)
-        self._phase = Finished(round_of(phase), failure)
+        self._metrics.round_backoff.set(0)
+        self._phase = Finished(round_, failure)
         self._finished.set()
         log.error("run_failed", reason=failure)
 

@@ -32,6 +32,17 @@ class ServerMetrics:
             "fedlora_workers_left_total", "Workers that left the run saying they could not go on", registry=registry
         )
         self.current_round = Gauge("fedlora_current_round", "Round in progress", registry=registry)
+        self.round_attempt = Gauge(
+            "fedlora_round_attempt",
+            "Attempt of the round in progress (above 1: the round is being retried, fedlora_round_backoff shows "
+            "whether it is waiting to)",
+            registry=registry,
+        )
+        self.round_backoff = Gauge(
+            "fedlora_round_backoff",
+            "1 while a failed round waits before its next attempt, else 0",
+            registry=registry,
+        )
         self.received_bytes = Counter(
             "fedlora_received_bytes_total",
             "Bytes of uploads taken (verified and accepted): one copy of each update, however often it was resent",

@@ -9,9 +9,19 @@ from fedlora_server.aggregation import RoundAggregation
 from fedlora_server.store import RoundRecord
 from fedlora_server.versions import GlobalModel
 
-__all__ = ["Admission", "Evaluation", "Finished", "Initialize", "Phase", "PhaseName", "Training", "round_of"]
+__all__ = [
+    "Admission",
+    "Backoff",
+    "Evaluation",
+    "Finished",
+    "Initialize",
+    "Phase",
+    "PhaseName",
+    "Training",
+    "round_of",
+]
 
-PhaseName = Literal["admission", "initialize", "train", "evaluate", "finished"]
+PhaseName = Literal["admission", "initialize", "train", "backoff", "evaluate", "finished"]
 
 
 @dataclass
@@ -37,6 +47,19 @@ class Training:
 
 
 @dataclass
+class Backoff:
+    """A round whose attempt failed waits before the next one, longer after each failure: a fault that
+    repeats (a liar, a full disk) slows the retries down instead of spinning them."""
+
+    round: int
+    base: GlobalModel
+    resume_at: float
+    reason: str
+    """Why the last attempt failed."""
+    name: PhaseName = "backoff"
+
+
+@dataclass
 class Evaluation:
     round: int
     record: RoundRecord | None
@@ -57,7 +80,7 @@ class Finished:
     name: PhaseName = "finished"
 
 
-Phase = Admission | Initialize | Training | Evaluation | Finished
+Phase = Admission | Initialize | Training | Backoff | Evaluation | Finished
 
 
 def round_of(phase: Phase) -> int:
@@ -65,7 +88,7 @@ def round_of(phase: Phase) -> int:
     match phase:
         case Training(record=record):
             return record.round
-        case Evaluation(round=round_) | Finished(round=round_):
+        case Backoff(round=round_) | Evaluation(round=round_) | Finished(round=round_):
             return round_
         case _:
             return 0

@@ -27,10 +27,9 @@ from fedlora_common.secagg import (
     Share,
     ShareKind,
     agree,
-    combine_shares,
     consistent,
-    inconsistent_shares,
     pairwise_sign,
+    recover_secret,
     round_keys_message,
     seed_commitment,
     session_id,
@@ -75,6 +74,8 @@ class SecureRound:
         self.u1: tuple[str, ...] = ()
         self.u2: tuple[str, ...] = ()
         self.u3: tuple[str, ...] = ()
+        self.liars: dict[str, str] = {}
+        """Revealers whose shares lay off the polynomial of a secret reconstructed without them, and why."""
 
     # ---- what each stage accepts ------------------------------------------------------
 
@@ -239,26 +240,30 @@ class SecureRound:
     def _reconstruct(
         self, owner: str, kind: str, revealed: list[tuple[str, Share]], valid: Callable[[bytes], bool]
     ) -> bytes:
-        """The secret the revealed shares give, checked; RoundFailed naming whoever broke it, if that can be told."""
+        """The secret the revealed shares give, from any `threshold` of them consistent with what `owner`
+        committed to; revealers of shares off its polynomial are added to `liars`. RoundFailed naming whoever
+        broke it, if that can be told, when no `threshold` shares agree on the committed secret."""
         t = self.params.threshold
         shares = [share for _, share in revealed]
         try:
-            secret = combine_shares(shares, threshold=t)
+            recovered = recover_secret(shares, threshold=t, valid=valid)
         except ValueError:
-            secret = None
-        if secret is not None and valid(secret):
-            return secret
-        bad = inconsistent_shares(shares, threshold=t)
-        if bad:
-            offenders = tuple(revealed[i][0] for i in bad)
-            why = f"{', '.join(offenders)} revealed a share off the polynomial"
-        elif consistent(shares, threshold=t):
-            offenders = (owner,)  # every revealer agrees: the owner dealt shares of something else
-            why = f"{owner} dealt shares of a {kind} that is not the one it advertised"
-        else:
-            offenders, why = (), "the shares disagree and too few were revealed to tell whose"
-        self.stage = "failed"
-        raise RoundFailed(f"the {kind} of {owner} cannot be reconstructed: {why}", offenders=offenders)
+            self.stage = "failed"
+            # Every revealer agrees (and there is a share to spare, so agreeing means something): the owner
+            # dealt shares of something else.
+            if len(shares) > t and consistent(shares, threshold=t):
+                raise RoundFailed(
+                    f"the {kind} of {owner} cannot be reconstructed: {owner} dealt shares of a {kind} that is not "
+                    "the one it advertised",
+                    offenders=(owner,),
+                ) from None
+            raise RoundFailed(
+                f"the {kind} of {owner} cannot be reconstructed: the {len(shares)} revealed shares disagree and "
+                f"no {t} of them give the committed {kind}, so whose shares lie cannot be told"
+            ) from None
+        for index in recovered.off_polynomial:
+            self.liars.setdefault(revealed[index][0], f"revealed a share of {owner}'s {kind} off its polynomial")
+        return recovered.secret
 
     def finish(self) -> npt.NDArray[np.uint32]:
         """Reconstruct the seeds and keys, strip every mask, return the survivors' plain sum."""

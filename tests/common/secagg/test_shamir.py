@@ -12,7 +12,7 @@ from fedlora_common.secagg import (
     Share,
     combine_shares,
     consistent,
-    inconsistent_shares,
+    recover_secret,
     split_secret,
 )
 
@@ -144,30 +144,74 @@ def test_coefficients_come_from_the_random_source_passed_in() -> None:
     assert same_a != fresh
 
 
-@settings(max_examples=30, deadline=None)
+def _lie(shares: list[Share], liars: list[int], rng: random.Random) -> list[Share]:
+    """The same shares, with a wrong y (right x) at each index in `liars`."""
+    return [Share(s.x, (s.y + rng.randrange(1, PRIME)) % PRIME) if i in liars else s for i, s in enumerate(shares)]
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     secret=st.binary(min_size=1, max_size=32),
-    threshold=st.integers(min_value=2, max_value=5),
-    extra=st.integers(min_value=2, max_value=4),
+    threshold=st.integers(min_value=2, max_value=6),
+    extra=st.integers(min_value=0, max_value=8),
     data=st.data(),
 )
-def test_one_altered_share_among_threshold_plus_two_is_singled_out(
+def test_the_secret_is_recovered_and_every_liar_named_while_the_honest_shares_can_tell(
     secret: bytes, threshold: int, extra: int, data: st.DataObject
 ) -> None:
-    shares = split_secret(secret, threshold=threshold, shares=threshold + extra)
-    bad = data.draw(st.integers(min_value=0, max_value=len(shares) - 1))
-    altered = list(shares)
-    altered[bad] = Share(shares[bad].x, (shares[bad].y + 1) % PRIME)
+    # Prepare: n = t + extra shares, of which up to max(1, extra // 2) lie (one liar needs one share to spare,
+    # found by trying subsets; more liars are corrected by decoding), placed anywhere, the first t included.
+    n = threshold + extra
+    shares = split_secret(secret, threshold=threshold, shares=n)
+    count = data.draw(st.integers(0, max(1, extra // 2) if extra else 0))
+    liars = sorted(data.draw(st.lists(st.integers(0, n - 1), min_size=count, max_size=count, unique=True)))
+    lied = _lie(shares, liars, random.Random(data.draw(st.integers(0, 2**32))))
 
-    assert consistent(shares, threshold=threshold)
-    assert not consistent(altered, threshold=threshold)
-    assert inconsistent_shares(altered, threshold=threshold) == [bad]
-    assert inconsistent_shares(shares, threshold=threshold) == []
+    # Execute: the owner's commitment is all the coordinator checks a candidate against.
+    recovered = recover_secret(lied, threshold=threshold, valid=lambda s: s == secret)
+
+    # Assert
+    assert recovered.secret == secret
+    assert list(recovered.off_polynomial) == liars
 
 
-def test_with_only_one_share_to_spare_a_bad_share_is_detected_but_not_named() -> None:
+def test_decoding_corrects_more_liars_than_any_subset_search_would_reach() -> None:
+    # Prepare: 40 revealers, threshold 20, 10 liars: C(40, 20) subsets, of which almost none is honest.
+    shares = split_secret(b"k" * 32, threshold=20, shares=40)
+    liars = list(range(0, 40, 4))
+    lied = _lie(shares, liars, random.Random(3))
+
+    # Execute: no subset search at all; decoding alone must find it.
+    recovered = recover_secret(lied, threshold=20, valid=lambda s: s == b"k" * 32, max_subsets=0)
+
+    # Assert
+    assert recovered.secret == b"k" * 32
+    assert list(recovered.off_polynomial) == liars
+
+
+def test_a_lying_share_cannot_pass_off_another_secret() -> None:
+    # Prepare: t = n = 2, so the two shares always define some polynomial; one lies.
+    shares = split_secret(b"seed", threshold=2, shares=2)
+    lied = _lie(shares, [1], random.Random(5))
+
+    # Execute / Assert: its secret is not the committed one, and with no share to spare nobody can be named.
+    with pytest.raises(ValueError, match="no 2 of the 2 shares reconstruct a valid secret"):
+        recover_secret(lied, threshold=2, valid=lambda s: s == b"seed")
+
+
+def test_shares_of_another_secret_are_consistent_but_invalid() -> None:
+    # Prepare: the owner dealt shares of a secret other than the one it committed to.
+    shares = split_secret(b"other", threshold=3, shares=5)
+
+    # Execute / Assert: the shares agree with each other, so the fault is the dealer's, not a revealer's.
+    assert consistent(shares, threshold=3)
+    with pytest.raises(ValueError, match="valid secret"):
+        recover_secret(shares, threshold=3, valid=lambda s: s == b"committed")
+
+
+def test_with_only_one_share_to_spare_a_bad_share_is_detected() -> None:
     shares = split_secret(b"seed", threshold=3, shares=4)
     altered = [*shares[:3], Share(shares[3].x, (shares[3].y + 7) % PRIME)]
 
+    assert consistent(shares, threshold=3)
     assert not consistent(altered, threshold=3)
-    assert inconsistent_shares(altered, threshold=3) == []

@@ -8,18 +8,21 @@ drawn from the `random_bytes` source passed in, never from a global generator.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "MAX_SECRET_BYTES",
+    "MAX_SUBSETS",
     "PRIME",
     "SHARE_BYTES",
+    "Recovered",
     "Share",
     "combine_shares",
     "consistent",
-    "inconsistent_shares",
+    "recover_secret",
     "split_secret",
 ]
 
@@ -103,14 +106,7 @@ def split_secret(
 
 def combine_shares(shares: Sequence[Share], *, threshold: int) -> bytes:
     """Lagrange interpolation at 0 over the first `threshold` shares; any `threshold` distinct ones do."""
-    if threshold < 1:
-        raise ValueError(f"threshold must be at least 1, got {threshold}")
-    if len(shares) < threshold:
-        raise ValueError(f"{len(shares)} shares; {threshold} are needed")
-    for share in shares:
-        _check_share(share)
-    if len({s.x for s in shares}) != len(shares):
-        raise ValueError("two shares have the same x")
+    _check_distinct(shares, threshold)
     return _decode(_interpolate(shares[:threshold], 0))
 
 
@@ -133,14 +129,130 @@ def consistent(shares: Sequence[Share], *, threshold: int) -> bool:
     return all(_interpolate(base, share.x) == share.y for share in shares[threshold:])
 
 
-def inconsistent_shares(shares: Sequence[Share], *, threshold: int) -> list[int]:
-    """Indices of the shares that disagree with all others, when that can be told.
+@dataclass(frozen=True)
+class Recovered:
+    """A secret reconstructed from revealed shares, and which of those shares lie off its polynomial."""
 
-    With at least threshold + 2 shares and a single bad one, leaving the bad one out is the only
-    way to make the rest consistent. Returns [] when the shares are consistent or when no single
-    share can be singled out (too few shares, or several bad ones).
+    secret: bytes
+    off_polynomial: tuple[int, ...]
+    """Indices (into the shares given) of the shares that disagree with the secret's polynomial."""
+
+
+MAX_SUBSETS = 512
+"""How many `threshold`-subsets `recover_secret` tries after decoding: enough for every federation of up
+to a dozen revealers, a bounded cost (each try is one interpolation) for larger ones."""
+
+
+def recover_secret(
+    shares: Sequence[Share], *, threshold: int, valid: Callable[[bytes], bool], max_subsets: int = MAX_SUBSETS
+) -> Recovered:
+    """The secret `valid` accepts, from any `threshold` shares that agree on it, and who disagrees.
+
+    `valid` checks a candidate against what its owner committed to (a seed's hash, a key's public
+    half), so a lying share can never pass off another secret. Candidates, in order: the first
+    `threshold` shares; Berlekamp-Welch decoding, which corrects up to (n - t) // 2 lying shares
+    however many revealers there are; then subsets of `threshold` shares (up to `max_subsets`), which
+    find the secret even when only t honest shares remain. ValueError when no candidate is valid:
+    too many shares lie, or the owner dealt shares of another secret.
     """
-    if len(shares) < threshold + 2 or consistent(shares, threshold=threshold):
-        return []
-    culprits = [i for i in range(len(shares)) if consistent([*shares[:i], *shares[i + 1 :]], threshold=threshold)]
-    return culprits if len(culprits) == 1 else []
+    _check_distinct(shares, threshold)
+    for points in _candidates(shares, threshold, max_subsets):
+        try:
+            secret = _decode(_interpolate(points, 0))
+        except ValueError:
+            continue
+        if valid(secret):
+            off = tuple(i for i, share in enumerate(shares) if _interpolate(points, share.x) != share.y)
+            return Recovered(secret, off)
+    raise ValueError(f"no {threshold} of the {len(shares)} shares reconstruct a valid secret")
+
+
+def _check_distinct(shares: Sequence[Share], threshold: int) -> None:
+    if threshold < 1:
+        raise ValueError(f"threshold must be at least 1, got {threshold}")
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} shares; {threshold} are needed")
+    for share in shares:
+        _check_share(share)
+    if len({s.x for s in shares}) != len(shares):
+        raise ValueError("two shares have the same x")
+
+
+def _candidates(shares: Sequence[Share], threshold: int, max_subsets: int) -> Iterator[Sequence[Share]]:
+    """Sets of `threshold` shares, each fixing one candidate polynomial."""
+    yield shares[:threshold]
+    errors = (len(shares) - threshold) // 2
+    if errors:
+        agreeing = _berlekamp_welch(shares, threshold, errors)
+        if agreeing is not None:
+            yield [shares[i] for i in agreeing[:threshold]]
+    yield from itertools.islice(itertools.combinations(shares, threshold), 1, max_subsets + 1)
+
+
+def _berlekamp_welch(shares: Sequence[Share], threshold: int, errors: int) -> list[int] | None:
+    """Indices of the shares on the polynomial of degree < threshold that all but `errors` of them lie on.
+
+    Solves Q(x_i) = y_i E(x_i) for Q of degree < threshold + errors and a monic error locator E of
+    degree `errors`; then P = Q / E. None when no such polynomial exists (more shares lie).
+    """
+    width = threshold + 2 * errors
+    rows: list[list[int]] = []
+    for share in shares:
+        powers = [pow(share.x, k, PRIME) for k in range(threshold + errors)]
+        locator = [(-share.y * powers[k]) % PRIME for k in range(errors)]
+        rows.append([*powers, *locator, share.y * powers[errors] % PRIME])
+    solution = _solve(rows, width)
+    if solution is None:
+        return None
+    q, e = solution[: threshold + errors], [*solution[threshold + errors :], 1]
+    p, remainder = _divide(q, e)
+    if any(remainder):
+        return None
+    agreeing = [i for i, share in enumerate(shares) if _horner(p, share.x) == share.y]
+    return agreeing if len(agreeing) >= max(threshold, len(shares) - errors) else None
+
+
+def _solve(rows: list[list[int]], width: int) -> list[int] | None:
+    """One solution of the augmented system `rows` (each `width` coefficients, then the constant) mod PRIME;
+    free unknowns are 0. None when the system is inconsistent."""
+    rows = [row[:] for row in rows]
+    pivots: list[int] = []
+    rank = 0
+    for column in range(width):
+        pivot = next((r for r in range(rank, len(rows)) if rows[r][column]), None)
+        if pivot is None:
+            continue
+        rows[rank], rows[pivot] = rows[pivot], rows[rank]
+        inverse = pow(rows[rank][column], -1, PRIME)
+        rows[rank] = [v * inverse % PRIME for v in rows[rank]]
+        for r in range(len(rows)):
+            if r != rank and rows[r][column]:
+                factor = rows[r][column]
+                rows[r] = [(a - factor * b) % PRIME for a, b in zip(rows[r], rows[rank], strict=True)]
+        pivots.append(column)
+        rank += 1
+    if any(row[width] for row in rows[rank:]):
+        return None
+    solution = [0] * width
+    for r, column in enumerate(pivots):
+        solution[column] = rows[r][width]
+    return solution
+
+
+def _divide(numerator: list[int], denominator: list[int]) -> tuple[list[int], list[int]]:
+    """Polynomial long division mod PRIME over coefficient lists, lowest degree first (denominator monic)."""
+    remainder = numerator[:]
+    quotient = [0] * max(1, len(numerator) - len(denominator) + 1)
+    for k in range(len(numerator) - len(denominator), -1, -1):
+        coefficient = remainder[k + len(denominator) - 1]
+        quotient[k] = coefficient
+        for j, d in enumerate(denominator):
+            remainder[k + j] = (remainder[k + j] - coefficient * d) % PRIME
+    return quotient, remainder[: len(denominator) - 1]
+
+
+def _horner(coefficients: Sequence[int], x: int) -> int:
+    value = 0
+    for c in reversed(coefficients):
+        value = (value * x + c) % PRIME
+    return value

@@ -68,6 +68,9 @@ class Aggregate:
     contributors: tuple[str, ...]
     secagg: dict[str, Any] | None = None
     """Per secure-aggregation stage: dropouts, seconds and bytes (report.json's `secagg`); None otherwise."""
+    excluded: tuple[str, ...] = ()
+    """Participants shown to have lied (a revealed share off its polynomial) in an attempt that still
+    completed from the honest shares: recorded with the round."""
 
 
 class AggregationFailed(Exception):

@@ -279,7 +279,9 @@ class SecureRoundAggregation(RoundAggregation):
         self._metrics.aggregation_seconds.labels(step="unmask").observe(time.perf_counter() - started)
         revealed = tuple(w for w in members if self._secure.has_revealed(w))
         self._record_stage("unmask", now, dropouts=len(members) - len(revealed))
-        return Aggregate(mean, self._secure.u3, secagg=self._stats)
+        for liar, why in sorted(self._secure.liars.items()):
+            log.warning("share_liar_excluded", worker_id=liar, reason=why, round=self.plan.round)
+        return Aggregate(mean, self._secure.u3, secagg=self._stats, excluded=tuple(sorted(self._secure.liars)))
 
     def _dequantized_mean(self, total: npt.NDArray[np.uint32]) -> npt.NDArray[np.float32]:
         """sum_u (w_u/M) delta_u / sum_u (w_u/M): the example-weighted mean, from sums alone."""
