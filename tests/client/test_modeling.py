@@ -69,6 +69,25 @@ def test_qlora_base_projections_are_bitsandbytes_4bit_layers(load: Load) -> None
     assert {layer.weight.quant_type for layer in projections.values()} == {"nf4"}
 
 
+def test_qlora_evaluates_in_the_runs_compute_dtype_on_any_cpu_without_repacking_its_weights(load: Load) -> None:
+    # Prepare: on a CPU with AVX512-BF16, bitsandbytes' inference path would repack each 4-bit weight in place,
+    # compute in bfloat16, and assert on layers narrower or wider than a multiple of 32.
+    loaded = load("qlora")
+    layers = [m for m in loaded.model.modules() if isinstance(m, Linear4bit)]
+    before = [layer.weight.data.clone() for layer in layers]
+    input_ids = torch.arange(1, 9).unsqueeze(0)
+
+    # Execute: an evaluation forward, as the worker runs it.
+    loaded.model.eval()
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=input_ids).logits
+
+    # Assert: float32 logits (the run's compute dtype), weights untouched, on this CPU whatever it supports.
+    assert logits.dtype == torch.float32
+    assert all(torch.equal(layer.weight.data, old) for layer, old in zip(layers, before, strict=True))
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
 def test_lora_config_carries_every_lora_setting_to_peft() -> None:
     spec = LoraSpec(rank=8, alpha=3, dropout=0.25, target_modules=("q_proj", "down_proj"))
 

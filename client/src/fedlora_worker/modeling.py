@@ -166,6 +166,8 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     )
     if site.device_map == "auto":
         log.info("base_model_placed", devices=sorted({str(p.device) for p in model.parameters()}))
+    if run.mode == "qlora":
+        _same_4bit_compute_on_every_cpu(model)
     adapted: tuple[str, ...] = ()
     if run.mode != "full":
         _check_targets(model, run.lora, site.path)
@@ -186,6 +188,18 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     manifest = Manifest(tuple(TensorSpec(name, tuple(t.shape)) for name, t in tensors.items()))
     _log_trainable(model, run, adapted)
     return LoadedModel(model=model, tokenizer=tokenizer, run=run, site=site, manifest=manifest, adapted_modules=adapted)
+
+
+def _same_4bit_compute_on_every_cpu(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers off its fused AVX512-BF16 CPU path, which it takes for inference alone.
+
+    That path repacks weights in place, computes in bfloat16 whatever the run's dtype, and asserts on layers whose
+    output width is not a multiple of 32 (small or unusual models fail their first evaluation). Without it a
+    site's held-out loss and audit are computed as its training is, and the same on any CPU.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resolved_dtype(site: SiteModel, mode: Mode) -> torch.dtype:
