@@ -32,6 +32,7 @@ from fedlora_common.messages import (
 from fedlora_common.plans import LoraSpec, TrainingPlan
 from fedlora_common.secagg import (
     Advertisement,
+    Complaint,
     EncryptedShare,
     RevealedShare,
     SecAggParams,
@@ -40,9 +41,18 @@ from fedlora_common.secagg import (
     identity_keypair,
     round_tag,
     unmask_sum,
+    x25519_public_of,
 )
 from fedlora_worker.config import WorkerSettings
-from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined, StaleTask, Unreachable
+from fedlora_worker.coordinator import (
+    Coordinator,
+    DownloadedModel,
+    Misconfigured,
+    NotJoined,
+    Refused,
+    StaleTask,
+    Unreachable,
+)
 from fedlora_worker.daemon import Worker, WorkerFailed, WorkerOutcome
 from fedlora_worker.data import load_records, tokenize
 from fedlora_worker.metrics import WorkerMetrics
@@ -90,6 +100,7 @@ class FakeCoordinator:
     advertised: dict[int, Advertisement] = field(default_factory=dict)
     shared: dict[int, list[EncryptedShare]] = field(default_factory=dict)
     revealed: dict[int, list[RevealedShare]] = field(default_factory=dict)
+    complaints: dict[int, list[Complaint]] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     closed: bool = False
 
@@ -146,6 +157,9 @@ class FakeCoordinator:
 
     def reveal(self, run_id: str, tag: int, shares: Iterable[RevealedShare]) -> None:
         self.revealed[tag] = list(shares)
+
+    def complain(self, run_id: str, tag: int, complaint: Complaint) -> None:
+        self.complaints.setdefault(tag, []).append(complaint)
 
     def report(self, report: MetricsReport) -> None:
         self.reports.append(report)
@@ -472,4 +486,77 @@ def test_a_site_that_cannot_go_on_tells_the_coordinator_why_before_it_stops(
         site.run(coordinator)
     assert coordinator.left == [str(failed.value)]
     assert "\n" not in coordinator.left[0]
+    assert coordinator.uploads == []
+
+
+def test_a_share_that_does_not_open_is_complained_of_with_this_sites_key_instead_of_masking(
+    site: Site, run: RunSpec, manifest: Manifest
+) -> None:
+    # Prepare: legal seals this site a share of the right length that does not open.
+    coordinator = scripted(run)
+    version = coordinator.publish(1, random_global(manifest, seed=4), manifest)
+    params = SecAggParams(
+        run_id=run.run_id,
+        tag=round_tag(1, 1),
+        participants=(ME, *PEERS),
+        threshold=2,
+        bits=16,
+        clip_range=PLAN.update_clip_norm,
+        max_examples=64,
+    )
+    peers = Peers(params, manifest.numel + 1)
+    train = Task(TaskKind.TRAIN, round=1, global_version=version, training=PLAN, secagg=SecAggTask(params))
+
+    def masked_upload(c: FakeCoordinator) -> Task:
+        task = peers.masked_upload(c)
+        assert task.secagg is not None
+        inbox = tuple(
+            EncryptedShare(s.sender, s.recipient, bytes(len(s.ciphertext))) if s.sender == "legal" else s
+            for s in task.secagg.inbox
+        )
+        return Task(task.kind, round=1, secagg=SecAggTask(params, inbox=inbox, survivors=task.secagg.survivors))
+
+    coordinator.script.extend([_always(train), peers.share_keys, masked_upload])
+
+    # Execute
+    outcome = site.run(coordinator)
+
+    # Assert: no masked update left the site; the complaint names legal and carries the advertised key's private half.
+    assert outcome.finished
+    assert coordinator.uploads == []
+    (complaint,) = coordinator.complaints[params.tag]
+    assert complaint.accused == ("legal",)
+    assert x25519_public_of(complaint.enc_private) == coordinator.advertised[params.tag].enc_public
+    assert coordinator.left == []
+
+
+def test_a_coordinator_refusing_this_sites_identity_key_ends_the_site_with_its_reason(
+    site: Site, run: RunSpec, manifest: Manifest
+) -> None:
+    # Prepare: the coordinator answers the advertisement PERMISSION_DENIED, as it does for a wrong identity_key.
+    coordinator = scripted(run)
+    version = coordinator.publish(1, random_global(manifest, seed=6), manifest)
+    params = SecAggParams(
+        run_id=run.run_id,
+        tag=round_tag(1, 1),
+        participants=(ME, *PEERS),
+        threshold=2,
+        bits=16,
+        clip_range=1.0,
+        max_examples=64,
+    )
+    coordinator.script.append(
+        _always(Task(TaskKind.TRAIN, round=1, global_version=version, training=PLAN, secagg=SecAggTask(params)))
+    )
+    denied = "advertise: PERMISSION_DENIED: the signature on clinical's keys does not verify for this round"
+
+    def refuse(run_id: str, tag: int, keys: Advertisement) -> None:
+        raise Refused(denied, code="PERMISSION_DENIED")
+
+    coordinator.advertise = refuse  # type: ignore[method-assign]
+
+    # Execute / Assert: Misconfigured (the program exits 2), and the coordinator was told why in one line.
+    with pytest.raises(Misconfigured, match="refuses this site as configured: advertise: PERMISSION_DENIED") as refused:
+        site.run(coordinator)
+    assert coordinator.left == [str(refused.value)]
     assert coordinator.uploads == []

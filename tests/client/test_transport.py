@@ -9,7 +9,7 @@ import pytest
 from fedlora_common.messages import TaskKind, UploadKind
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import RetrySettings
-from fedlora_worker.coordinator import NotJoined
+from fedlora_worker.coordinator import NotJoined, Refused
 from fedlora_worker.transport import CoordinatorClient
 from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, WORKERS, initial_vector, run_settings, token_of
 
@@ -20,6 +20,9 @@ class _Status(grpc.RpcError):
 
     def code(self) -> grpc.StatusCode:
         return self._code
+
+    def details(self) -> str:
+        return f"refused with {self._code.name}"
 
 
 def _client(port: int, worker: str, sleeps: list[float] | None = None) -> CoordinatorClient:
@@ -58,8 +61,9 @@ def test_a_refusal_is_not_retried() -> None:
     def refused() -> None:
         raise _Status(grpc.StatusCode.PERMISSION_DENIED)
 
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(Refused, match="test: PERMISSION_DENIED: refused with PERMISSION_DENIED") as info:
         client._with_retry("test", refused)
+    assert info.value.code == "PERMISSION_DENIED"
     assert sleeps == []
     client.close()
 

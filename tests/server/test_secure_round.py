@@ -4,6 +4,7 @@ clean failure below the threshold, and refusal of every out-of-order step."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -13,19 +14,23 @@ from scipy import stats
 from fedlora_common.secagg import (
     SEALED_SHARE_BYTES,
     Advertisement,
+    Complaint,
     EncryptedShare,
     RevealedShare,
     SecAggParams,
     Share,
     StageError,
+    agree,
     identity_keypair,
     max_bits,
     quantize,
     round_tag,
+    seal_share_pair,
+    share_associated_data,
 )
 from fedlora_server.errors import FailedPrecondition, InvalidArgument
 from fedlora_server.secure_round import RoundFailed, SecureRound
-from fedlora_worker.secagg_session import WorkerSession
+from fedlora_worker.secagg_session import UnopenableShares, WorkerSession
 
 STAGES = ("advertise", "share", "masked", "unmask")
 NUMEL = 257
@@ -205,8 +210,9 @@ def test_a_share_replayed_from_another_session_does_not_open() -> None:
         f.share_all()
     replayed = [EncryptedShare(s.sender, s.recipient, s.ciphertext) for s in old.server.inbox("w00")]
 
-    with pytest.raises(StageError, match="does not open"):
+    with pytest.raises(UnopenableShares, match="do not open") as unopenable:
         fed.sessions["w00"].mask(replayed, fed.server.u2, fed.plain["w00"])
+    assert unopenable.value.senders == ("w01", "w02")
 
 
 def test_the_masked_upload_is_indistinguishable_from_uniform() -> None:
@@ -231,13 +237,26 @@ WORKER_STEPS: dict[str, Callable[[WorkerSession], object]] = {
     "share": lambda s: s.share_keys([]),
     "mask": lambda s: s.mask([], (), np.zeros(1, dtype=np.uint32)),
     "reveal": lambda s: s.reveal((), ()),
+    "complain": lambda s: s.complain(["w01"]),
 }
-WORKER_ALLOWED = {"new": "advertise", "advertised": "share", "shared": "mask", "masked": "reveal", "revealed": None}
+WORKER_ALLOWED: dict[str, set[str]] = {
+    "new": {"advertise"},
+    "advertised": {"share"},
+    "shared": {"mask", "complain"},
+    "masked": {"reveal"},
+    "revealed": set(),
+    "complained": set(),
+}
 
 
 def _session_in(stage: str) -> tuple[Federation, WorkerSession]:
     fed = Federation(3)
     session = fed.sessions["w00"]
+    if stage == "complained":
+        fed.advertise_all()
+        fed.share_all()
+        session.complain(["w01"])
+        return fed, session
     order = ["new", "advertised", "shared", "masked", "revealed"]
     if order.index(stage) >= 1:
         fed.advertise_all()
@@ -253,7 +272,7 @@ def _session_in(stage: str) -> tuple[Federation, WorkerSession]:
 
 @pytest.mark.parametrize(
     ("stage", "step"),
-    [(stage, step) for stage, allowed in WORKER_ALLOWED.items() for step in WORKER_STEPS if step != allowed],
+    [(stage, step) for stage, allowed in WORKER_ALLOWED.items() for step in WORKER_STEPS if step not in allowed],
 )
 def test_every_invalid_worker_stage_transition_is_refused(stage: str, step: str) -> None:
     _, session = _session_in(stage)
@@ -275,11 +294,12 @@ SERVER_STEPS: dict[str, Callable[[Federation], object]] = {
     "masked_upload": lambda f: f.server.check_masked_upload("w00", NUMEL),
     "submit_reveal": lambda f: f.server.submit_reveal("w00", []),
     "finish": lambda f: f.server.finish(),
+    "complain": lambda f: f.server.complain("w00", Complaint(("w01",), f.sessions["w00"]._enc_keys.private)),
 }
 SERVER_ALLOWED = {
     "advertise": {"advertise"},
     "share": {"submit_shares", "roster"},
-    "masked": {"inbox", "roster", "masked_upload"},
+    "masked": {"inbox", "roster", "masked_upload", "complain"},
     "unmask": {"inbox", "roster", "submit_reveal", "finish"},
     "done": set(),
     "failed": set(),
@@ -405,3 +425,94 @@ def test_with_no_share_to_spare_a_lie_fails_the_attempt_without_naming_anyone() 
         fed.server.finish()
     assert failed.value.offenders == ()
     assert fed.server.stage == "failed"
+
+
+def _shared_with(fed: Federation, sender: str, tamper: Callable[[EncryptedShare], bytes]) -> None:
+    """Everyone advertises and shares keys; `sender`'s sealed share to w00 is replaced by `tamper(share)`."""
+    fed.advertise_all()
+    for w in fed.ids:
+        shares = fed.sessions[w].share_keys(fed.server.roster())
+        if w == sender:
+            shares = [EncryptedShare(s.sender, s.recipient, tamper(s)) if s.recipient == "w00" else s for s in shares]
+        fed.server.submit_shares(w, shares)
+    fed.server.close_share()
+
+
+def _sealed_at_wrong_x(fed: Federation, sender: str) -> Callable[[EncryptedShare], bytes]:
+    """A share that opens for w00 but holds shares at another worker's x (a sender dealing w00 someone else's)."""
+
+    def tamper(share: EncryptedShare) -> bytes:
+        session = fed.sessions[sender]
+        key = agree(
+            session._enc_keys.private, fed.sessions["w00"]._enc_keys.public, session=session._session, purpose=b"shares"
+        )
+        wrong = Share(2, 7)
+        return seal_share_pair(
+            key, wrong, wrong, associated_data=share_associated_data(sender, "w00", fed.params.tag, session._session)
+        )
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda fed: lambda s: os.urandom(SEALED_SHARE_BYTES), id="garbage-of-the-right-length"),
+        pytest.param(lambda fed: lambda s: s.ciphertext[:-1] + bytes([s.ciphertext[-1] ^ 1]), id="one-bit-flipped"),
+        pytest.param(lambda fed: _sealed_at_wrong_x(fed, "w01"), id="another-workers-share"),
+    ],
+)
+def test_a_recipient_that_cannot_open_a_share_proves_it_and_the_sender_is_at_fault(
+    tamper: Callable[[Federation], Callable[[EncryptedShare], bytes]],
+) -> None:
+    # Prepare: w01 seals something w00 cannot use; w00 finds out when it opens its inbox to mask.
+    fed = Federation(4)
+    _shared_with(fed, "w01", tamper(fed))
+    with pytest.raises(UnopenableShares) as unopenable:
+        fed.sessions["w00"].mask(fed.server.inbox("w00"), fed.server.u2, fed.plain["w00"])
+    assert unopenable.value.senders == ("w01",)
+
+    # Execute: w00 shows its encryption key of the attempt; the coordinator opens w01's share itself.
+    fed.server.complain("w00", fed.sessions["w00"].complain(unopenable.value.senders))
+
+    # Assert: the sender is at fault, not the victim, and the attempt (whose keys are now spent) is over.
+    assert list(fed.server.faults) == ["w01"]
+    assert "does not open" in fed.server.faults["w01"]
+    assert fed.server.stage == "failed"
+    assert fed.sessions["w00"].stage == "complained"
+
+
+def test_a_complaint_about_a_share_that_opens_puts_the_complainer_at_fault() -> None:
+    fed = Federation(3)
+    fed.advertise_all()
+    fed.share_all()
+
+    fed.server.complain("w00", fed.sessions["w00"].complain(["w02"]))
+
+    assert list(fed.server.faults) == ["w00"]
+    assert "w02's sealed share, which opens" in fed.server.faults["w00"]
+
+
+@pytest.mark.parametrize(
+    ("complaint", "match"),
+    [
+        (lambda fed: Complaint(("w01",), os.urandom(32)), "not the encryption key w00 advertised"),
+        (lambda fed: Complaint(("w01",), b"short"), "not an X25519 private key"),
+        (lambda fed: Complaint((), fed.sessions["w00"]._enc_keys.private), "names other workers"),
+        (lambda fed: Complaint(("w00",), fed.sessions["w00"]._enc_keys.private), "names other workers"),
+        (lambda fed: Complaint(("w01", "w01"), fed.sessions["w00"]._enc_keys.private), "names other workers"),
+        (lambda fed: Complaint(("mallory",), fed.sessions["w00"]._enc_keys.private), "names other workers"),
+    ],
+)
+def test_a_complaint_without_its_proof_is_refused_and_changes_nothing(
+    complaint: Callable[[Federation], Complaint], match: str
+) -> None:
+    fed = Federation(3)
+    fed.advertise_all()
+    fed.share_all()
+
+    with pytest.raises(InvalidArgument, match=match):
+        fed.server.complain("w00", complaint(fed))
+
+    assert fed.server.faults == {}
+    assert fed.server.stage == "masked"

@@ -198,10 +198,10 @@ def run(settings: WorkerSettings) -> int:
 
 def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     """The daemon's life: join, do the coordinator's tasks, leave; hooks are a multi-process site's."""
-    import grpc
     import structlog
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused
     from fedlora_worker.daemon import Worker, WorkerFailed
     from fedlora_worker.metrics import WorkerMetrics
     from fedlora_worker.modeling import TargetsMismatch
@@ -238,11 +238,14 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
         except TargetsMismatch as exc:
             sys.stderr.write(f"fedlora-worker: this site refuses the run: {exc}\n")
             return 2
+        except Misconfigured as exc:
+            sys.stderr.write(f"fedlora-worker: {exc}\n")
+            return 2
         except WorkerFailed as exc:
             sys.stderr.write(f"fedlora-worker: cannot go on: {exc}\n")
             return 1
-        except grpc.RpcError as exc:
-            log.error("coordinator_refused", code=exc.code().name, details=exc.details())
-            sys.stderr.write(f"fedlora-worker: the coordinator refused: {exc.code().name}: {exc.details()}\n")
-            return 1
+        except Refused as exc:  # at join, before the run is known: nothing to leave
+            log.error("coordinator_refused", code=exc.code, reason=str(exc))
+            sys.stderr.write(f"fedlora-worker: the coordinator refused: {exc}\n")
+            return 2 if exc.code in CONFIGURATION_REFUSALS else 1
     return 0 if outcome.finished else 1

@@ -16,9 +16,22 @@ import numpy.typing as npt
 from fedlora_common.chunking import as_bytes, chunk_count, sha256
 from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
 from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadHeader, UploadKind
-from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
+from fedlora_common.secagg import Advertisement, Complaint, EncryptedShare, RevealedShare
 
-__all__ = ["Coordinator", "DownloadedModel", "NotJoined", "StaleTask", "TransferError", "Unreachable"]
+__all__ = [
+    "CONFIGURATION_REFUSALS",
+    "Coordinator",
+    "DownloadedModel",
+    "Misconfigured",
+    "NotJoined",
+    "Refused",
+    "StaleTask",
+    "TransferError",
+    "Unreachable",
+]
+
+CONFIGURATION_REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+"""Refusals only an operator can lift: the site's token, certificate or identity key is not what the run admits."""
 
 
 class NotJoined(Exception):
@@ -31,6 +44,19 @@ class StaleTask(Exception):
 
 class TransferError(Exception):
     """A download that did not arrive as the coordinator declared it (size, sequence or digest)."""
+
+
+class Refused(Exception):
+    """The coordinator refused a call, and trying again would not change its answer; `code` names its status."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Misconfigured(Exception):
+    """The coordinator refuses this site as it is configured (CONFIGURATION_REFUSALS): the worker tells it why
+    and exits 2, since no retry can help before an operator fixes the site's settings."""
 
 
 class Unreachable(Exception):
@@ -87,6 +113,10 @@ class Coordinator(Protocol):
     def share_keys(self, run_id: str, tag: int, shares: Sequence[EncryptedShare]) -> None: ...
 
     def reveal(self, run_id: str, tag: int, shares: Sequence[RevealedShare]) -> None: ...
+
+    def complain(self, run_id: str, tag: int, complaint: Complaint) -> None:
+        """Show the coordinator that some senders' sealed shares do not open (the attempt then fails)."""
+        ...
 
     def report(self, report: MetricsReport) -> None: ...
 

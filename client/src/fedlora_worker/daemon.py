@@ -37,7 +37,17 @@ from fedlora_common.secagg import SecAggParams, StageError
 from fedlora_worker import protect
 from fedlora_worker.audit import audit_model, load_canaries
 from fedlora_worker.config import WorkerSettings
-from fedlora_worker.coordinator import Coordinator, DownloadedModel, NotJoined, StaleTask, TransferError, Unreachable
+from fedlora_worker.coordinator import (
+    CONFIGURATION_REFUSALS,
+    Coordinator,
+    DownloadedModel,
+    Misconfigured,
+    NotJoined,
+    Refused,
+    StaleTask,
+    TransferError,
+    Unreachable,
+)
 from fedlora_worker.data import TokenizedData, load_records, tokenize
 from fedlora_worker.distributed import Trainer, site_model, train_in_process
 from fedlora_worker.metrics import WorkerMetrics
@@ -50,7 +60,7 @@ from fedlora_worker.modeling import (
     load_model,
     set_global_state,
 )
-from fedlora_worker.secagg_session import WorkerSession
+from fedlora_worker.secagg_session import UnopenableShares, WorkerSession
 from fedlora_worker.training import evaluate
 
 __all__ = ["Worker", "WorkerFailed", "WorkerOutcome"]
@@ -149,12 +159,23 @@ class Worker:
             except Unreachable as exc:
                 log.warning("coordinator_unreachable", reason=str(exc))
                 spec = self._join()
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
-                log.error("cannot_go_on", reason=reason)
+            except Refused as exc:
+                if exc.code not in CONFIGURATION_REFUSALS:
+                    raise self._cannot_go_on(spec, exc) from exc
+                reason = f"the coordinator refuses this site as configured: {exc}"[:500]
+                log.error("site_refused", reason=reason)
                 self._client.leave(spec.run_id, reason)
-                raise WorkerFailed(reason) from exc
+                raise Misconfigured(reason) from exc
+            except Exception as exc:
+                raise self._cannot_go_on(spec, exc) from exc
         return WorkerOutcome(spec.run_id if spec else "", trained, finished=False)
+
+    def _cannot_go_on(self, spec: RunSpec, exc: Exception) -> WorkerFailed:
+        """Tell the coordinator why this site stops (one line), and what to raise."""
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+        log.error("cannot_go_on", reason=reason)
+        self._client.leave(spec.run_id, reason)
+        return WorkerFailed(reason)
 
     def _join(self) -> RunSpec | None:
         """Join, waiting out an unreachable coordinator for as long as it takes; None once shut down."""
@@ -335,7 +356,14 @@ class Worker:
             if task.kind is TaskKind.SECAGG_SHARE_KEYS:
                 self._client.share_keys(spec.run_id, tag, state.session.share_keys(secagg.roster))
             elif task.kind is TaskKind.SECAGG_MASKED_UPLOAD:
-                masked = protect.mask(state.encoded, state.session.mask_seeds(secagg.inbox, secagg.survivors))
+                try:
+                    seeds = state.session.mask_seeds(secagg.inbox, secagg.survivors)
+                except UnopenableShares as exc:  # the sender is at fault, not this site: prove it
+                    log.warning("shares_unopenable", tag=tag, senders=exc.senders)
+                    self._client.complain(spec.run_id, tag, state.session.complain(exc.senders))
+                    self._secure = None
+                    return
+                masked = protect.mask(state.encoded, seeds)
                 self._upload(spec, task, UploadKind.MASKED, masked, base_version=0, loss=state.loss, tag=tag)
             elif task.kind is TaskKind.SECAGG_UNMASK:
                 self._client.reveal(spec.run_id, tag, state.session.reveal(secagg.survivors, secagg.dropped))

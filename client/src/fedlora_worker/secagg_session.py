@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from fedlora_common.secagg import (
     Advertisement,
+    Complaint,
     EncryptedShare,
     RevealedShare,
     SecAggParams,
@@ -38,9 +39,17 @@ from fedlora_common.secagg import (
 )
 from fedlora_worker.protect import MaskSeeds, mask
 
-__all__ = ["WorkerSession"]
+__all__ = ["UnopenableShares", "WorkerSession"]
 
-Stage = Literal["new", "advertised", "shared", "masked", "revealed"]
+Stage = Literal["new", "advertised", "shared", "masked", "revealed", "complained"]
+
+
+class UnopenableShares(StageError):
+    """Sealed shares from these senders did not open (or did not hold this worker's shares): complain, with proof."""
+
+    def __init__(self, senders: Sequence[str]) -> None:
+        super().__init__(f"the sealed shares from {', '.join(senders)} do not open: altered, replayed or misaddressed")
+        self.senders = tuple(senders)
 
 
 class WorkerSession:
@@ -144,23 +153,20 @@ class WorkerSession:
             raise StageError("the masking set must contain this worker and only workers that advertised keys")
         if len(alive) < self.params.threshold:
             raise StageError(f"{len(alive)} workers shared keys; the threshold is {self.params.threshold}")
+        unopenable = []
         for item in inbox:
             if item.recipient != self.worker_id:
                 raise StageError(f"a share addressed to {item.recipient} was delivered to {self.worker_id}")
             sender = self._roster.get(item.sender)
             if sender is None or item.sender == self.worker_id:
                 raise StageError(f"a share from {item.sender}, which is not a peer in this session")
-            key = agree(self._enc_keys.private, sender.enc_public, session=self._session, purpose=b"shares")
-            try:
-                self._held[item.sender] = open_share_pair(
-                    key,
-                    item.ciphertext,
-                    associated_data=share_associated_data(item.sender, self.worker_id, self.params.tag, self._session),
-                )
-            except ValueError:
-                raise StageError(
-                    f"the share from {item.sender} does not open: replayed, altered or misaddressed"
-                ) from None
+            pair = self._open(item, sender)
+            if pair is None:
+                unopenable.append(item.sender)
+            else:
+                self._held[item.sender] = pair
+        if unopenable:
+            raise UnopenableShares(sorted(unopenable))
         missing = sorted(alive - self._held.keys() - {self.worker_id})
         if missing:
             raise StageError(f"no shares from {', '.join(missing)}, which the coordinator counts as survivors")
@@ -175,6 +181,27 @@ class WorkerSession:
         self._survivors = alive
         self.stage = "masked"
         return MaskSeeds(self._self_seed, tuple(pairwise))
+
+    def _open(self, item: EncryptedShare, sender: Advertisement) -> tuple[Share, Share] | None:
+        """The two shares `sender` sealed to this worker, or None if they do not open or are not at its index."""
+        key = agree(self._enc_keys.private, sender.enc_public, session=self._session, purpose=b"shares")
+        try:
+            pair = open_share_pair(
+                key,
+                item.ciphertext,
+                associated_data=share_associated_data(item.sender, self.worker_id, self.params.tag, self._session),
+            )
+        except ValueError:
+            return None
+        me = self._index[self.worker_id]
+        return pair if all(share.x == me for share in pair) else None
+
+    def complain(self, accused: Sequence[str]) -> Complaint:
+        """The proof that the shares of `accused` do not open: this attempt's encryption key, which ends the session
+        (it opens every share sealed to or by this worker, so nothing masked under these keys may follow)."""
+        self._expect("shared", "complain of shares")
+        self.stage = "complained"
+        return Complaint(tuple(accused), self._enc_keys.private)
 
     def mask(
         self, inbox: Sequence[EncryptedShare], survivors: Sequence[str], encoded: npt.NDArray[np.uint32]

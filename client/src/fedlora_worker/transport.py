@@ -21,7 +21,7 @@ from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadKind
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
-from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
+from fedlora_common.secagg import Advertisement, Complaint, EncryptedShare, RevealedShare
 from fedlora_common.serde import (
     advertisement_to_proto,
     encrypted_share_to_proto,
@@ -36,6 +36,7 @@ from fedlora_worker.config import RetrySettings, TlsClientSettings
 from fedlora_worker.coordinator import (
     DownloadedModel,
     NotJoined,
+    Refused,
     StaleTask,
     TransferError,
     Unreachable,
@@ -122,7 +123,7 @@ class CoordinatorClient:
         self._channel.close()
 
     def _with_retry(self, what: str, call: Callable[[], T]) -> T:
-        """Retry transient failures with backoff; then Unreachable, StaleTask or the coordinator's refusal."""
+        """Retry transient failures with backoff; then Unreachable, StaleTask or Refused (the coordinator's answer)."""
         delay = self._retry.initial_backoff_s
         for attempt in range(1, self._retry.attempts + 1):
             try:
@@ -132,7 +133,7 @@ class CoordinatorClient:
                 if code in STALE:
                     raise StaleTask(f"{what}: {_details(exc)}") from exc
                 if code not in TRANSIENT:
-                    raise
+                    raise Refused(f"{what}: {code.name}: {_details(exc)}", code=code.name) from exc
                 if attempt == self._retry.attempts:
                     raise Unreachable(f"{what}: {code.name} after {attempt} attempts") from exc
                 log.warning("call_retry", call=what, code=code.name, attempt=attempt, backoff_s=round(delay, 2))
@@ -276,6 +277,19 @@ class CoordinatorClient:
         self._with_retry(
             "reveal",
             lambda: _deduplicated(lambda: self._stub.RevealShares(request, metadata=self._metadata, timeout=60)),
+        )
+
+    def complain(self, run_id: str, tag: int, complaint: Complaint) -> None:
+        request = pb.ComplainSharesRequest(
+            worker_id=self.worker_id,
+            run_id=run_id,
+            tag=tag,
+            accused=list(complaint.accused),
+            enc_private=complaint.enc_private,
+        )
+        self._with_retry(
+            "complain",
+            lambda: _deduplicated(lambda: self._stub.ComplainShares(request, metadata=self._metadata, timeout=30)),
         )
 
     def leave(self, run_id: str, reason: str) -> None:

@@ -21,6 +21,7 @@ from fedlora_common.secagg import (
     SEALED_SHARE_BYTES,
     SEED_BYTES,
     Advertisement,
+    Complaint,
     EncryptedShare,
     RevealedShare,
     SecAggParams,
@@ -28,11 +29,13 @@ from fedlora_common.secagg import (
     ShareKind,
     agree,
     consistent,
+    open_share_pair,
     pairwise_sign,
     recover_secret,
     round_keys_message,
     seed_commitment,
     session_id,
+    share_associated_data,
     unmask_sum,
     verify,
     x25519_public_of,
@@ -74,6 +77,8 @@ class SecureRound:
         self.u1: tuple[str, ...] = ()
         self.u2: tuple[str, ...] = ()
         self.u3: tuple[str, ...] = ()
+        self.faults: dict[str, str] = {}
+        """Workers a complaint proved at fault in this attempt, and why; the attempt fails without them."""
         self.liars: dict[str, str] = {}
         """Revealers whose shares lay off the polynomial of a secret reconstructed without them, and why."""
 
@@ -97,7 +102,10 @@ class SecureRound:
             ad.worker_id, self.params.run_id, self.params.tag, ad.mask_public, ad.enc_public, ad.seed_commitment
         )
         if not verify(self._identities[ad.worker_id], message, ad.signature):
-            raise PermissionDenied(f"the signature on {ad.worker_id}'s keys does not verify for this round")
+            raise PermissionDenied(
+                f"the signature on {ad.worker_id}'s keys does not verify for this round: the site's identity_key "
+                f"is not the key whose public half the run's allow-list holds for {ad.worker_id} (identity_public)"
+            )
         self._advertised[ad.worker_id] = ad
 
     def roster(self) -> list[Advertisement]:
@@ -170,6 +178,41 @@ class SecureRound:
         if any(share.x != self._index[worker] for _, _, share in parsed):
             raise InvalidArgument(f"{worker} revealed shares that are not the ones sealed to it")
         self._reveals[worker] = parsed
+
+    def complain(self, worker: str, complaint: Complaint) -> None:
+        """`worker` cannot open the shares of `complaint.accused`: open them with the key it shows and record who
+        is at fault (`faults`): each sender whose share does not open, or `worker` itself for a share that does.
+        The attempt fails either way: that key opens every share `worker` sealed, its own secrets' included."""
+        self._expect("masked", worker, self.u2)
+        if worker in self._masked:
+            raise FailedPrecondition(f"{worker} already uploaded its masked update: it had opened its shares")
+        accused = complaint.accused
+        if not accused or len(set(accused)) != len(accused) or not set(accused) <= set(self.u2) - {worker}:
+            raise InvalidArgument("a complaint names other workers whose sealed shares were delivered to the worker")
+        try:
+            shown = x25519_public_of(complaint.enc_private)
+        except ValueError:
+            raise InvalidArgument("the key shown is not an X25519 private key") from None
+        if shown != self._advertised[worker].enc_public:
+            raise InvalidArgument(f"the key shown is not the encryption key {worker} advertised for this attempt")
+        for sender in accused:
+            if self._opens(sender, worker, complaint.enc_private):
+                self.faults.setdefault(worker, f"complained of {sender}'s sealed share, which opens")
+            else:
+                self.faults[sender] = f"sealed a share to {worker} that does not open"
+        self.stage = "failed"
+
+    def _opens(self, sender: str, recipient: str, enc_private: bytes) -> bool:
+        """Whether the share `sender` sealed to `recipient` opens with the recipient's key and holds its shares."""
+        sealed = next(s.ciphertext for s in self._shares[sender] if s.recipient == recipient)
+        key = agree(enc_private, self._advertised[sender].enc_public, session=self._session, purpose=b"shares")
+        try:
+            pair = open_share_pair(
+                key, sealed, associated_data=share_associated_data(sender, recipient, self.params.tag, self._session)
+            )
+        except ValueError:
+            return False
+        return all(share.x == self._index[recipient] for share in pair)
 
     def has_advertised(self, worker: str) -> bool:
         return worker in self._advertised

@@ -14,6 +14,7 @@ import structlog
 from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
+from fedlora_common.secagg import Complaint
 from fedlora_common.serde import (
     advertisement_from_proto,
     encrypted_share_from_proto,
@@ -128,9 +129,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             request, context, lambda: Reveal(tuple(revealed_share_from_proto(s) for s in request.shares))
         )
 
+    def ComplainShares(self, request: pb.ComplainSharesRequest, context: grpc.ServicerContext) -> pb.SecAggReceipt:
+        return self._secure(request, context, lambda: Complaint(tuple(request.accused), bytes(request.enc_private)))
+
     def _secure(
         self,
-        request: pb.AdvertiseKeysRequest | pb.ShareKeysRequest | pb.RevealSharesRequest,
+        request: pb.AdvertiseKeysRequest | pb.ShareKeysRequest | pb.RevealSharesRequest | pb.ComplainSharesRequest,
         context: grpc.ServicerContext,
         decode: Callable[[], SecureMessage],
     ) -> pb.SecAggReceipt:

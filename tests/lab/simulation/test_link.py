@@ -12,10 +12,9 @@ from fedlora_common.messages import ModelVersion, TaskKind, UploadKind
 from fedlora_lab.simulation.link import InProcessClient
 from fedlora_lab.simulation.turns import Turns
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.errors import PermissionDenied
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.store import MemoryStore
-from fedlora_worker.coordinator import NotJoined, StaleTask
+from fedlora_worker.coordinator import NotJoined, Refused, StaleTask
 from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, WORKERS, eval_report, initial_vector, run_settings
 
 CHUNK = 1024
@@ -137,8 +136,11 @@ def test_an_update_outside_training_and_a_report_of_a_closed_round_are_stale_tas
 def test_a_report_acting_for_another_worker_is_refused(clients: dict[str, InProcessClient]) -> None:
     _initialize(clients)
 
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(
+        Refused, match="report: PERMISSION_DENIED: credentials of legal cannot act as 'finance'"
+    ) as info:
         clients["legal"].report(eval_report("finance", 0, 1.0))
+    assert info.value.code == "PERMISSION_DENIED"
 
 
 def test_a_resent_update_counts_as_received_and_is_taken_once(

@@ -23,6 +23,7 @@ from fedlora_common.secagg.crypto import (
 from fedlora_common.secagg.masking import SEED_BYTES, keystream_u32, mask_vector, pairwise_sign, unmask_sum
 from fedlora_common.secagg.protocol import (
     Advertisement,
+    Complaint,
     EncryptedShare,
     RevealedShare,
     SecAggParams,
@@ -52,6 +53,7 @@ __all__ = [
     "SEED_BYTES",
     "SHARE_BYTES",
     "Advertisement",
+    "Complaint",
     "EncryptedShare",
     "KeyPair",
     "Recovered",

@@ -13,6 +13,7 @@ from typing import Literal
 
 __all__ = [
     "Advertisement",
+    "Complaint",
     "EncryptedShare",
     "RevealedShare",
     "SecAggParams",
@@ -87,3 +88,14 @@ class RevealedShare:
     owner: str
     kind: ShareKind
     share: bytes
+
+
+@dataclass(frozen=True)
+class Complaint:
+    """A worker's proof that the sealed shares of `accused` to it do not open: its encryption key of the attempt.
+
+    With it the coordinator opens those shares itself and learns who is at fault. The key opens every share
+    sealed to or by this worker in this attempt, so the attempt is abandoned and its keys never used again."""
+
+    accused: tuple[str, ...]
+    enc_private: bytes

@@ -20,6 +20,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -27,7 +28,7 @@ import structlog
 from fedlora_common.chunking import as_bytes, iter_chunks
 from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, TaskKind, UploadKind
-from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
+from fedlora_common.secagg import Advertisement, Complaint, EncryptedShare, RevealedShare
 from fedlora_common.serde import (
     advertisement_from_proto,
     advertisement_to_proto,
@@ -51,9 +52,11 @@ from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
 from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound
+from fedlora_server.status import STATUS_OF
 from fedlora_worker.coordinator import (
     DownloadedModel,
     NotJoined,
+    Refused,
     StaleTask,
     TransferError,
     Unreachable,
@@ -79,11 +82,15 @@ class InProcessClient:
         self._turns.retire(self.worker_id)
 
     def _refused(self, what: str, call: Callable[[], T]) -> T:
-        """The coordinator's answer; a refusal for a task it no longer holds becomes StaleTask."""
+        """The coordinator's answer; a refusal for a task it no longer holds becomes StaleTask, any other Refused
+        (as the gRPC transport has them)."""
         try:
             return call()
         except (FailedPrecondition, NotFound) as exc:
             raise StaleTask(f"{what}: {exc}") from exc
+        except CoordinatorError as exc:
+            code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL).name
+            raise Refused(f"{what}: {code}: {exc}", code=code) from exc
 
     def _acting_for(self, claimed_id: str, run_id: str | None = None) -> None:
         """What the servicer checks of every request: it acts for its caller, in this coordinator's run."""
@@ -226,6 +233,9 @@ class InProcessClient:
             tag,
             lambda: Reveal(tuple(revealed_share_from_proto(revealed_share_to_proto(s)) for s in shares)),
         )
+
+    def complain(self, run_id: str, tag: int, complaint: Complaint) -> None:
+        self._secure("complain", run_id, tag, lambda: Complaint(tuple(complaint.accused), bytes(complaint.enc_private)))
 
     def _secure(self, what: str, run_id: str, tag: int, message: Callable[[], SecureMessage]) -> None:
         def deliver() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedlora_common.messages import SecAggTask, TaskKind, UploadHeader
-from fedlora_common.secagg import Advertisement, EncryptedShare, RevealedShare
+from fedlora_common.secagg import Advertisement, Complaint, EncryptedShare, RevealedShare
 from fedlora_server.errors import FailedPrecondition
 from fedlora_server.intake import Received, UploadSink
 
@@ -94,7 +94,7 @@ class Reveal:
     shares: tuple[RevealedShare, ...] = field(default_factory=tuple)
 
 
-SecureMessage = Advertisement | KeyShares | Reveal
+SecureMessage = Advertisement | KeyShares | Reveal | Complaint
 """A message of the secure-aggregation stages, relayed or consumed by the coordinator."""
 
 

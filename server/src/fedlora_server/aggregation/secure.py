@@ -23,7 +23,7 @@ import structlog
 
 from fedlora_common.messages import SecAggTask, TaskKind, UploadHeader, UploadKind
 from fedlora_common.privacy import plan_distributed_noise
-from fedlora_common.secagg import Advertisement, SecAggParams, dequantize_sum, max_bits, round_tag
+from fedlora_common.secagg import Advertisement, Complaint, SecAggParams, dequantize_sum, max_bits, round_tag
 from fedlora_server.aggregation.base import (
     Aggregate,
     AggregationFailed,
@@ -207,6 +207,11 @@ class SecureRoundAggregation(RoundAggregation):
             case Reveal(shares=reveals):
                 self._secure.submit_reveal(worker, reveals)
                 return self._count("unmask", sum(len(r.share) for r in reveals))
+            case Complaint(enc_private=key):
+                self._secure.complain(worker, message)
+                for offender, why in sorted(self._secure.faults.items()):
+                    log.warning("share_fault_proven", worker_id=offender, reason=why, round=self.plan.round)
+                return self._count("masked", len(key))
 
     def open_upload(self, header: UploadHeader) -> UploadSink:
         if header.kind is not UploadKind.MASKED:
@@ -237,6 +242,9 @@ class SecureRoundAggregation(RoundAggregation):
 
     def step(self, now: float) -> Aggregate | None:
         secure = self._secure
+        if secure.faults:
+            reason = "; ".join(f"{w} {why}" for w, why in sorted(secure.faults.items()))
+            raise AggregationFailed(f"a complaint proved a fault: {reason}", offenders=tuple(sorted(secure.faults)))
         if secure.stage in ("done", "failed") or not (secure.ready() or now >= self._deadline_at):
             return None
         stage = secure.stage

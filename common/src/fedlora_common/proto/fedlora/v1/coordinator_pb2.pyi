@@ -534,6 +534,41 @@ class RevealSharesRequest(_message.Message):
 Global___RevealSharesRequest: _TypeAlias = RevealSharesRequest  # noqa: Y015
 
 @_typing.final
+class ComplainSharesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    ACCUSED_FIELD_NUMBER: _builtins.int
+    ENC_PRIVATE_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    run_id: _builtins.str
+    tag: _builtins.int
+    enc_private: _builtins.bytes
+    """The private half of the encryption key this worker advertised for this attempt (never its identity key)."""
+    @_builtins.property
+    def accused(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The senders whose sealed shares to this worker did not open (or did not hold this worker's shares)."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        tag: _builtins.int = ...,
+        accused: _abc.Iterable[_builtins.str] | None = ...,
+        enc_private: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accused", b"accused", "enc_private", b"enc_private", "run_id", b"run_id", "tag", b"tag", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComplainSharesRequest: _TypeAlias = ComplainSharesRequest  # noqa: Y015
+
+@_typing.final
 class SecAggReceipt(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -79,6 +79,11 @@ class CoordinatorStub:
                 request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
                 response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
                 _registered_method=True)
+        self.ComplainShares = channel.unary_unary(
+                '/fedlora.v1.Coordinator/ComplainShares',
+                request_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.ComplainSharesRequest.SerializeToString,
+                response_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -145,6 +150,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComplainShares(self, request, context):
+        """A worker that cannot open the sealed shares of some senders says so with its proof: this attempt's
+        encryption key, with which the coordinator opens those shares itself and excludes whoever is at fault
+        (the sender of a share that does not open, or the worker, if it does). The attempt is then retried.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +205,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'RevealShares': grpc.unary_unary_rpc_method_handler(
                     servicer.RevealShares,
                     request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.SerializeToString,
+            ),
+            'ComplainShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComplainShares,
+                    request_deserializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.ComplainSharesRequest.FromString,
                     response_serializer=fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.SerializeToString,
             ),
     }
@@ -436,6 +455,33 @@ class Coordinator:
             target,
             '/fedlora.v1.Coordinator/RevealShares',
             fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComplainShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlora.v1.Coordinator/ComplainShares',
+            fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.ComplainSharesRequest.SerializeToString,
             fedlora__common_dot_proto_dot_fedlora_dot_v1_dot_coordinator__pb2.SecAggReceipt.FromString,
             options,
             channel_credentials,

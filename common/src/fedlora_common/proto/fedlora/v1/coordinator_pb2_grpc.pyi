@@ -53,6 +53,11 @@ class CoordinatorStub:
     """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
     ShareKeys: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ShareKeysRequest, _coordinator_pb2.SecAggReceipt]
     RevealShares: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevealSharesRequest, _coordinator_pb2.SecAggReceipt]
+    ComplainShares: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ComplainSharesRequest, _coordinator_pb2.SecAggReceipt]
+    """A worker that cannot open the sealed shares of some senders says so with its proof: this attempt's
+    encryption key, with which the coordinator opens those shares itself and excludes whoever is at fault
+    (the sender of a share that does not open, or the worker, if it does). The attempt is then retried.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -73,6 +78,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Secure aggregation (Bonawitz et al. 2017): the coordinator relays what it cannot read."""
     ShareKeys: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ShareKeysRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
     RevealShares: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevealSharesRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
+    ComplainShares: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ComplainSharesRequest, _coordinator_pb2.SecAggReceipt]  # type: ignore[assignment]
+    """A worker that cannot open the sealed shares of some senders says so with its proof: this attempt's
+    encryption key, with which the coordinator opens those shares itself and excludes whoever is at fault
+    (the sender of a share that does not open, or the worker, if it does). The attempt is then retried.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -144,5 +154,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RevealSharesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.SecAggReceipt, _abc.Awaitable[_coordinator_pb2.SecAggReceipt]]: ...
+
+    @_abc_1.abstractmethod
+    def ComplainShares(
+        self,
+        request: _coordinator_pb2.ComplainSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SecAggReceipt, _abc.Awaitable[_coordinator_pb2.SecAggReceipt]]:
+        """A worker that cannot open the sealed shares of some senders says so with its proof: this attempt's
+        encryption key, with which the coordinator opens those shares itself and excludes whoever is at fault
+        (the sender of a share that does not open, or the worker, if it does). The attempt is then retried.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
