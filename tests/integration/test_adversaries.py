@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from fedlora_common.secagg import (
     SEALED_SHARE_BYTES,
