@@ -199,7 +199,7 @@ def _same_4bit_compute_on_every_cpu(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module types attributes as tensors)
 
 
 def resolved_dtype(site: SiteModel, mode: Mode) -> torch.dtype:
