@@ -135,9 +135,10 @@ def proper_senders(moment: Moment) -> st.SearchStrategy[Sender]:
     return st.sampled_from(sorted(moment.members - moment.answered)).map(lambda w: Sender(w, metadata_of(w), w))
 
 
-def defect_lists(draw: st.DrawFn, kinds: Sequence[str], *, floor: int, focus: str | None) -> list[str]:
-    if focus is not None:
-        return [focus]
+def defect_lists(draw: st.DrawFn, kinds: Sequence[str], *, floor: int, focus: tuple[str, ...]) -> list[str]:
+    """The defects a case carries: `focus` when given (in that order), else one or two drawn."""
+    if focus:
+        return list(focus)
     return draw(st.lists(st.sampled_from(sorted(kinds)), min_size=floor, max_size=2, unique=True))
 
 
@@ -290,9 +291,9 @@ REPORT_DEFECTS = {
 
 
 @st.composite
-def reports(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def reports(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "ReportMetrics",
             sender,
@@ -363,9 +364,9 @@ ADVERTISE_DEFECTS = {
 
 
 @st.composite
-def advertisements(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def advertisements(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "AdvertiseKeys",
             sender,
@@ -433,9 +434,9 @@ SHARE_DEFECTS = {
 
 
 @st.composite
-def key_shares(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def key_shares(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "ShareKeys",
             sender,
@@ -497,9 +498,9 @@ REVEAL_DEFECTS = {
 
 
 @st.composite
-def reveals(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def reveals(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "RevealShares",
             sender,
@@ -635,7 +636,7 @@ def _upload_defects(moment: Moment) -> list[str]:
 
 
 @st.composite
-def uploads(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def uploads(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
     owner = sender.owner or WORKERS[0]
     header, payload = right_upload(moment, owner)
@@ -795,5 +796,5 @@ def plan_of(moment: Moment, examples: int) -> list[tuple[str, st.SearchStrategy[
         taking = moment.stage == stage or (stage == "upload" and moment.stage == "initialize")
         if taking and moment.members - moment.answered:
             make = STRATEGIES[rpc]
-            plan += [(f"{rpc}:{d}", make(moment, focus=d), 2) for d in defects(moment)]  # type: ignore[call-arg]
+            plan += [(f"{rpc}:{d}", make(moment, focus=(d,)), 2) for d in defects(moment)]  # type: ignore[call-arg]
     return plan
