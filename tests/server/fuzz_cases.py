@@ -6,13 +6,17 @@ of a wrong length; forged or foreign keys; chunk gaps; NaN or Inf; counts beyond
 workers' ids; oversize messages; bytes that do not decode). One defect at a moment that would
 take the right form has one precise answer (the tables below); otherwise any refusal DESIGN.md
 lists will do. A case whose right form would be taken is never built: it would change the run.
+Two defects in one case each break their own part of the message (`targets`: their own share,
+reveal or chunk; fields of their own), so neither undoes the other and together they never make
+the right form again; defects that must write the same thing are never drawn together (`EXCLUSIVE`).
+tests/server/test_fuzz_cases.py checks every defect alone and every pair against the coordinator's rules.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +26,7 @@ from hypothesis import strategies as st
 
 from fedlora_common.chunking import iter_chunks, sha256
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
-from fedlora_common.secagg import SHARE_BYTES, Share
+from fedlora_common.secagg import SEALED_SHARE_BYTES, SHARE_BYTES, Share
 from fedlora_common.serde import manifest_to_proto
 from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, WORKERS, initial_vector, token_of
 
@@ -135,10 +139,37 @@ def proper_senders(moment: Moment) -> st.SearchStrategy[Sender]:
     return st.sampled_from(sorted(moment.members - moment.answered)).map(lambda w: Sender(w, metadata_of(w), w))
 
 
-def defect_lists(draw: st.DrawFn, kinds: Sequence[str], *, floor: int, focus: str | None) -> list[str]:
-    if focus is not None:
-        return [focus]
-    return draw(st.lists(st.sampled_from(sorted(kinds)), min_size=floor, max_size=2, unique=True))
+Exclusive = tuple[frozenset[str], ...]
+"""Groups of defects of which a case carries at most one: they write the same thing, so one would undo or hide
+the other. Defects outside a common group each take effect whatever else the case carries (none cancels another)."""
+
+
+def apart(one: str, others: Iterable[str]) -> Exclusive:
+    """`one` and each of `others` exclude each other."""
+    return tuple(frozenset({one, other}) for other in others)
+
+
+def compatible(defects: Sequence[str], exclusive: Exclusive) -> bool:
+    return all(len(group.intersection(defects)) <= 1 for group in exclusive)
+
+
+def defect_lists(
+    draw: st.DrawFn, kinds: Iterable[str], *, floor: int, focus: tuple[str, ...], exclusive: Exclusive = ()
+) -> list[str]:
+    """The defects a case carries: `focus` when given (in that order), else one or two drawn that can coexist."""
+    if focus:
+        assert compatible(focus, exclusive), f"{focus} cannot all take effect in one message"
+        return list(focus)
+    drawn = st.lists(st.sampled_from(sorted(kinds)), min_size=floor, max_size=2, unique=True)
+    return draw(drawn.filter(lambda defects: compatible(defects, exclusive)))
+
+
+def targets(draw: st.DrawFn, defects: Sequence[str], items: int, needs: Mapping[str, int]) -> dict[str, list[int]]:
+    """For each defect that breaks items of the right message (shares, reveals, chunks), `needs[defect]` of them,
+    none shared with another defect: no defect then deletes, copies back or overwrites what another broke."""
+    assert sum(needs.get(d, 0) for d in defects) <= items, f"{defects} break more than the {items} items there are"
+    order = iter(draw(st.permutations(range(items))))
+    return {d: [next(order) for _ in range(needs.get(d, 0))] for d in defects}
 
 
 # ---- cases ---------------------------------------------------------------------------------------
@@ -290,9 +321,9 @@ REPORT_DEFECTS = {
 
 
 @st.composite
-def reports(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def reports(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "ReportMetrics",
             sender,
@@ -360,12 +391,18 @@ ADVERTISE_DEFECTS = {
     "stale_signature": DENIED,
     "foreign_identity": DENIED,
 }
+REPLACING_KEYS = ("stale_signature", "foreign_identity")
+"""Defects that replace the whole advertisement: applied first, so that the others break what replaced it."""
+ADVERTISE_EXCLUSIVE: Exclusive = (
+    frozenset(REPLACING_KEYS),
+    frozenset({"swapped_key", "mask_public_length"}),  # both write mask_public
+)
 
 
 @st.composite
-def advertisements(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def advertisements(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "AdvertiseKeys",
             sender,
@@ -388,11 +425,11 @@ def advertisements(draw: st.DrawFn, moment: Moment, focus: str | None = None) ->
     # Only a real advertisement can be right; an unsigned one is already wrong.
     floor = 1 if accepting and real is not None else 0
     kinds = [d for d in ADVERTISE_DEFECTS if material.stale_ads or d not in ("stale_signature", "foreign_identity")]
-    defects = defect_lists(draw, kinds, floor=floor, focus=focus)
+    defects = defect_lists(draw, kinds, floor=floor, focus=focus, exclusive=ADVERTISE_EXCLUSIVE)
     if real is None and not defects:
         defects = ["signature"]
     run_id, tag = RUN, moment.tag
-    for defect in defects:
+    for defect in sorted(defects, key=lambda d: d not in REPLACING_KEYS):
         if defect == "tag":
             tag = _other(draw, ANY_UINT64, moment.tag)
         elif defect == "run_id":
@@ -428,14 +465,24 @@ SHARE_DEFECTS = {
     "to_stranger": INVALID,
     "duplicate": INVALID,
     "forged_sender": DENIED,
+    "truncated": INVALID,
     "oversize": EXHAUSTED,
 }
+SHARE_TARGETS = {"missing": 1, "duplicate": 1, "forged_sender": 1, "truncated": 1}
+"""Defects that break a share of the right message, each its own: "missing" removes every share for one
+recipient, "duplicate" copies a share that stays, the others alter one in place."""
+SHARE_EXCLUSIVE = apart("empty", SHARE_TARGETS)
+
+
+def _sealed(draw: st.DrawFn) -> bytes:
+    """Opaque bytes of a sealed share's length: only the coordinator's recipient could tell them from a share."""
+    return bytes(draw(st.binary(min_size=SEALED_SHARE_BYTES, max_size=SEALED_SHARE_BYTES)))
 
 
 @st.composite
-def key_shares(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def key_shares(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "ShareKeys",
             sender,
@@ -447,34 +494,39 @@ def key_shares(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Cas
     real = moment.material.shares.get(owner)
     if real is not None:
         shares = [pb.EncryptedShare.FromString(s.SerializeToString()) for s in real]
-    else:  # what a sealed share looks like from outside: one per peer, opaque bytes
+    else:  # what sealed shares look like from outside: one per peer, opaque bytes of the sealed length
         shares = [
-            pb.EncryptedShare(sender=sender.claim, recipient=w, ciphertext=draw(st.binary(min_size=16, max_size=200)))
+            pb.EncryptedShare(sender=sender.claim, recipient=w, ciphertext=_sealed(draw))
             for w in WORKERS
             if w != sender.claim
         ]
     accepting = moment.accepts("share", sender.owner)
-    defects = defect_lists(draw, SHARE_DEFECTS, floor=1 if accepting else 0, focus=focus)
+    defects = defect_lists(draw, SHARE_DEFECTS, floor=1 if accepting else 0, focus=focus, exclusive=SHARE_EXCLUSIVE)
+    hit = {d: shares[i] for d, picks in targets(draw, defects, len(shares), SHARE_TARGETS).items() for i in picks}
     run_id, tag = RUN, moment.tag
-    for defect in sorted(defects, key=lambda d: d == "oversize"):  # an oversize share outlives "empty"
+    for defect in defects:  # what changes the request, or one share in place
         if defect == "tag":
             tag = _other(draw, ANY_UINT64, moment.tag)
         elif defect == "run_id":
             run_id = draw(NOT_RUN)
-        elif defect == "empty":
-            shares = []
-        elif defect == "missing" and shares:
-            del shares[draw(st.integers(0, len(shares) - 1))]
-        elif defect == "to_self":
-            shares.append(pb.EncryptedShare(sender=sender.claim, recipient=sender.claim, ciphertext=b"\0" * 60))
-        elif defect == "to_stranger":
-            shares.append(pb.EncryptedShare(sender=sender.claim, recipient=draw(st.text(max_size=8)), ciphertext=b"1"))
-        elif defect == "duplicate" and shares:  # (after "empty" there is nothing left to break)
-            shares.append(shares[draw(st.integers(0, len(shares) - 1))])
-        elif defect == "forged_sender" and shares:
-            shares[draw(st.integers(0, len(shares) - 1))].sender = _other(draw, st.sampled_from(ACTORS), sender.claim)
-        elif defect == "oversize":
-            shares.append(pb.EncryptedShare(sender=sender.claim, recipient="x", ciphertext=b"\0" * GRPC_LIMIT))
+        elif defect == "forged_sender":
+            hit[defect].sender = _other(draw, st.sampled_from(ACTORS), sender.claim)
+        elif defect == "truncated":  # cut short, or empty
+            hit[defect].ciphertext = hit[defect].ciphertext[: draw(st.integers(0, SEALED_SHARE_BYTES - 1))]
+    # then what adds or removes shares: after "empty", only added ones remain; "missing" removes last.
+    if "empty" in defects:
+        shares = []
+    if "duplicate" in defects:
+        shares.append(pb.EncryptedShare.FromString(hit["duplicate"].SerializeToString()))
+    if "to_self" in defects:
+        shares.append(pb.EncryptedShare(sender=sender.claim, recipient=sender.claim, ciphertext=_sealed(draw)))
+    if "to_stranger" in defects:
+        stranger = draw(st.text(max_size=8).filter(lambda r: r not in ACTORS and r != sender.claim))
+        shares.append(pb.EncryptedShare(sender=sender.claim, recipient=stranger, ciphertext=_sealed(draw)))
+    if "oversize" in defects:
+        shares.append(pb.EncryptedShare(sender=sender.claim, recipient="x", ciphertext=b"\0" * GRPC_LIMIT))
+    if "missing" in defects:
+        shares = [s for s in shares if s.recipient != hit["missing"].recipient]
     request = pb.ShareKeysRequest(worker_id=sender.claim, run_id=run_id, tag=tag, shares=shares)
     replay = moment.replays("share", sender.owner) and real is not None
     expect = expected(sender, defects, SHARE_DEFECTS, accepting=accepting, replay=replay)
@@ -494,12 +546,28 @@ REVEAL_DEFECTS = {
     "off_field": INVALID,
     "unknown_owner": INVALID,
 }
+REVEAL_TARGETS = dict.fromkeys(
+    (
+        "missing",
+        "duplicate",
+        "unknown_kind",
+        "swapped_kind",
+        "share_length",
+        "share_of_other",
+        "off_field",
+        "unknown_owner",
+    ),
+    1,
+)
+"""Defects that break a revealed share, each its own: "missing" removes every reveal of one owner, "duplicate"
+copies one that stays, the others alter one in place."""
+REVEAL_EXCLUSIVE = apart("empty", REVEAL_TARGETS)
 
 
 @st.composite
-def reveals(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def reveals(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
-    if focus is None and draw(st.integers(0, 12)) == 0:
+    if not focus and draw(st.integers(0, 12)) == 0:
         return Case(
             "RevealShares",
             sender,
@@ -517,34 +585,33 @@ def reveals(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
             for w in WORKERS
         ]
     accepting = moment.accepts("unmask", sender.owner)
-    defects = defect_lists(draw, REVEAL_DEFECTS, floor=1 if accepting else 0, focus=focus)
+    defects = defect_lists(draw, REVEAL_DEFECTS, floor=1 if accepting else 0, focus=focus, exclusive=REVEAL_EXCLUSIVE)
+    hit = {d: shares[i] for d, picks in targets(draw, defects, len(shares), REVEAL_TARGETS).items() for i in picks}
     run_id, tag = RUN, moment.tag
-    for defect in defects:
-        pick = draw(st.integers(0, len(shares) - 1)) if shares else 0
+    for defect in defects:  # what changes the request, or one revealed share in place
         if defect == "tag":
             tag = _other(draw, ANY_UINT64, moment.tag)
         elif defect == "run_id":
             run_id = draw(NOT_RUN)
-        elif defect == "empty":
-            shares = []
-        elif not shares:  # after "empty" there is nothing left to break
-            continue
-        elif defect == "missing":
-            del shares[pick]
-        elif defect == "duplicate":
-            shares.append(shares[pick])
         elif defect == "unknown_kind":
-            shares[pick].kind = _other(draw, st.text(max_size=10), "self_seed").replace("mask_key", "mask-key")
+            hit[defect].kind = draw(st.text(max_size=10).filter(lambda k: k not in ("self_seed", "mask_key")))
         elif defect == "swapped_kind":
-            shares[pick].kind = "mask_key" if shares[pick].kind == "self_seed" else "self_seed"
+            hit[defect].kind = "mask_key" if hit[defect].kind == "self_seed" else "self_seed"
         elif defect == "share_length":
-            shares[pick].share = draw(st.binary(max_size=80).filter(lambda b: len(b) != SHARE_BYTES))
+            hit[defect].share = draw(st.binary(max_size=80).filter(lambda b: len(b) != SHARE_BYTES))
         elif defect == "share_of_other":  # a share sealed to another revealer (x is the revealer's index)
-            shares[pick].share = Share(_index(owner) % len(WORKERS) + 1, 5).to_bytes()
+            hit[defect].share = Share(_index(owner) % len(WORKERS) + 1, 5).to_bytes()
         elif defect == "off_field":  # y beyond the field's prime
-            shares[pick].share = Share(_index(owner), 0).to_bytes()[:2] + b"\xff" * (SHARE_BYTES - 2)
+            hit[defect].share = Share(_index(owner), 0).to_bytes()[:2] + b"\xff" * (SHARE_BYTES - 2)
         elif defect == "unknown_owner":
-            shares[pick].owner = draw(st.text(max_size=8).filter(lambda o: o not in WORKERS))
+            hit[defect].owner = draw(st.text(max_size=8).filter(lambda o: o not in WORKERS))
+    # then what removes or adds reveals: "missing" removes last.
+    if "empty" in defects:
+        shares = []
+    if "duplicate" in defects:
+        shares.append(pb.RevealedShare.FromString(hit["duplicate"].SerializeToString()))
+    if "missing" in defects:
+        shares = [s for s in shares if s.owner != hit["missing"].owner]
     if real is None and not defects:
         defects = ["share_of_other"]  # the synthetic shares sit at an x nobody holds
     request = pb.RevealSharesRequest(worker_id=sender.claim, run_id=run_id, tag=tag, shares=shares)
@@ -596,6 +663,29 @@ UPLOAD_DEFECTS = {
 }
 BEFORE_CLAIM = frozenset({"kind_unknown", "manifest_duplicate_names", "no_header", "garbage_first", "blank_message"})
 """Defects the servicer meets before it knows whom the upload claims to be from."""
+CHUNK_TARGETS = {
+    "gap": 1,
+    "duplicate_chunk": 1,
+    "swapped_chunks": 2,
+    "chunk_too_big": 1,
+    "chunk_over_grpc_limit": 1,
+    "partial_value": 1,
+    "flipped_byte": 1,
+    "header_twice": 1,
+    "garbage_later": 1,
+    "nan": 1,
+}
+"""Defects that break chunks of the stream, each its own (a swap two): "gap" leaves one out, "duplicate_chunk"
+sends one twice, "header_twice" and "garbage_later" follow one (so never come first), "nan" puts a NaN among
+one's values, the others alter one in place."""
+UPLOAD_EXCLUSIVE: Exclusive = (
+    frozenset({"kind_other", "kind_unknown"}),  # both write the kind
+    frozenset({"total_size_huge", "total_size"}),
+    frozenset({"sha256_length", "sha256"}),
+    frozenset({"no_header", "garbage_first", "blank_message"}),  # each decides what comes first
+    *apart("manifest_absent", ("manifest_duplicate_names", "manifest_size", "manifest_dtype", "manifest_empty_tensor")),
+    *apart("no_chunks", (*CHUNK_TARGETS, "extra_chunk")),
+)
 
 
 def right_upload(moment: Moment, worker: str) -> tuple[pb.UploadHeader, bytes]:
@@ -635,15 +725,17 @@ def _upload_defects(moment: Moment) -> list[str]:
 
 
 @st.composite
-def uploads(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
+def uploads(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
     sender = draw(proper_senders(moment) if focus else senders())
     owner = sender.owner or WORKERS[0]
     header, payload = right_upload(moment, owner)
     header.worker_id = sender.claim
     accepting = moment.accepts("initialize" if moment.stage == "initialize" else "upload", sender.owner)
-    defects = defect_lists(draw, _upload_defects(moment), floor=1 if accepting else 0, focus=focus)
+    defects = defect_lists(
+        draw, _upload_defects(moment), floor=1 if accepting else 0, focus=focus, exclusive=UPLOAD_EXCLUSIVE
+    )
     floats = header.dtype == "float32"
-    for defect in defects:  # header defects; stream defects below
+    for defect in sorted(defects, key=lambda d: not d.startswith("kind_")):  # the header (a kind sets a dtype)
         if defect == "run_id":
             header.run_id = draw(NOT_RUN)
         elif defect == "kind_other":
@@ -653,7 +745,7 @@ def uploads(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
             header.kind = draw(st.sampled_from(kinds))
             header.dtype = "uint32" if header.kind == pb.UPLOAD_KIND_MASKED else "float32"
         elif defect == "kind_unknown":
-            header.kind = draw(st.one_of(st.just(0), st.integers(4, 2**31 - 1)))
+            header.kind = pb.UploadKind.ValueType(draw(st.one_of(st.just(0), st.integers(4, 2**31 - 1))))
         elif defect == "dtype":
             header.dtype = _other(
                 draw, st.sampled_from(["float64", "int8", "", "float16", "uint32", "float32"]), header.dtype
@@ -694,45 +786,49 @@ def uploads(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
             )
         elif defect == "config_json":
             header.artifact_config_json = draw(st.sampled_from(["", "{", "[1, 2]", "null", '"adapter"', '{"r": ']))
+    hit = targets(draw, defects, -(-len(payload) // CHUNK), CHUNK_TARGETS)
     if "nan" in defects and floats:
         values = np.frombuffer(payload, dtype=np.float32).copy()
-        values[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        first, per_chunk = hit["nan"][0] * CHUNK // 4, CHUNK // 4
+        values[first + draw(st.integers(0, min(per_chunk, values.size - first) - 1))] = draw(
+            st.sampled_from([np.nan, np.inf, -np.inf])
+        )
         payload = values.tobytes()
         if "sha256" not in defects and "sha256_length" not in defects:
             header.sha256 = sha256(payload)  # a stream true to its header, with values no update may hold
     chunks = [bytes(c) for c in iter_chunks(payload, CHUNK)]
-    messages = [pb.UploadMessage(chunk=pb.Chunk(seq=i, data=c)).SerializeToString() for i, c in enumerate(chunks)]
     head = pb.UploadMessage(header=header).SerializeToString()
-    pick = draw(st.integers(0, max(0, len(messages) - 1)))
+    sent = [_chunk(i, c) for i, c in enumerate(chunks)]
+    for defect in defects:  # chunks altered in place
+        for i in hit[defect]:
+            if defect == "chunk_too_big":
+                sent[i] = _chunk(i, b"\0" * (CHUNK + 4))
+            elif defect == "chunk_over_grpc_limit":
+                sent[i] = _chunk(i, b"\0" * GRPC_LIMIT)
+            elif defect == "partial_value":
+                sent[i] = _chunk(i, chunks[i][:-1])
+            elif defect == "flipped_byte":
+                data = bytearray(chunks[i])
+                data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+                sent[i] = _chunk(i, bytes(data))
+    order = list(range(len(chunks)))
+    if "swapped_chunks" in defects:
+        i, j = hit["swapped_chunks"]
+        order[i], order[j] = order[j], order[i]
+    messages = []
+    for i in order:  # then chunks left out, sent twice, or followed by what does not belong there
+        if i not in hit.get("gap", ()):
+            messages.append(sent[i])
+        if i in hit.get("duplicate_chunk", ()):
+            messages.append(sent[i])
+        if i in hit.get("header_twice", ()):
+            messages.append(head)
+        if i in hit.get("garbage_later", ()):
+            messages.append(_undecodable(draw))
+    if "extra_chunk" in defects:
+        messages.append(_chunk(len(chunks), b"\0" * 4))
     if "no_chunks" in defects:
         messages = []
-    for defect in defects:
-        pick = min(pick, len(messages) - 1)
-        if pick < 0:  # nothing left to break
-            break
-        if defect == "gap":
-            del messages[pick]
-        elif defect == "duplicate_chunk":
-            messages.insert(pick, messages[pick])
-        elif defect == "swapped_chunks":
-            messages[pick], messages[(pick + 1) % len(messages)] = messages[(pick + 1) % len(messages)], messages[pick]
-        elif defect == "chunk_too_big":
-            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=b"\0" * (CHUNK + 4))).SerializeToString()
-        elif defect == "chunk_over_grpc_limit":
-            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=b"\0" * GRPC_LIMIT)).SerializeToString()
-        elif defect == "partial_value":
-            data = chunks[min(pick, len(chunks) - 1)][:-1]
-            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=data)).SerializeToString()
-        elif defect == "extra_chunk":
-            messages.append(pb.UploadMessage(chunk=pb.Chunk(seq=len(messages), data=b"\0" * 4)).SerializeToString())
-        elif defect == "flipped_byte":
-            data = bytearray(chunks[min(pick, len(chunks) - 1)])
-            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
-            messages[pick] = pb.UploadMessage(chunk=pb.Chunk(seq=pick, data=bytes(data))).SerializeToString()
-        elif defect == "header_twice":
-            messages.insert(pick, head)
-        elif defect == "garbage_later":
-            messages.insert(pick, _undecodable(draw))
     if "no_header" in defects:
         stream = tuple(messages)
     elif "garbage_first" in defects:
@@ -746,6 +842,10 @@ def uploads(draw: st.DrawFn, moment: Moment, focus: str | None = None) -> Case:
     replay = moment.replays("upload", sender.owner) and not defects
     expect = _upload_expectation(sender, defects, accepting=accepting, replay=replay)
     return Case("UploadUpdate", sender, tuple(defects), expect, stream)
+
+
+def _chunk(seq: int, data: bytes) -> bytes:
+    return pb.UploadMessage(chunk=pb.Chunk(seq=seq, data=data)).SerializeToString()
 
 
 def _upload_expectation(sender: Sender, defects: Sequence[str], *, accepting: bool, replay: bool) -> frozenset[Code]:
@@ -788,6 +888,15 @@ FOCUSED: dict[str, tuple[str, Callable[[Moment], list[str]]]] = {
 }
 
 
+EXCLUSIVE: dict[str, Exclusive] = {
+    "AdvertiseKeys": ADVERTISE_EXCLUSIVE,
+    "ShareKeys": SHARE_EXCLUSIVE,
+    "RevealShares": REVEAL_EXCLUSIVE,
+    "UploadUpdate": UPLOAD_EXCLUSIVE,
+}
+"""For each RPC whose defects can write the same thing, the defects no case carries together."""
+
+
 def plan_of(moment: Moment, examples: int) -> list[tuple[str, st.SearchStrategy[Case], int]]:
     """What to send at a moment: every RPC at random, and each single defect of the message the moment takes."""
     plan = [(rpc, make(moment), examples) for rpc, make in STRATEGIES.items()]
@@ -795,5 +904,5 @@ def plan_of(moment: Moment, examples: int) -> list[tuple[str, st.SearchStrategy[
         taking = moment.stage == stage or (stage == "upload" and moment.stage == "initialize")
         if taking and moment.members - moment.answered:
             make = STRATEGIES[rpc]
-            plan += [(f"{rpc}:{d}", make(moment, focus=d), 2) for d in defects(moment)]  # type: ignore[call-arg]
+            plan += [(f"{rpc}:{d}", make(moment, focus=(d,)), 2) for d in defects(moment)]  # type: ignore[call-arg]
     return plan

@@ -9,6 +9,10 @@ that would take its right form; and after every case the coordinator's state (ph
 attempt, stage, who answered, the masked sum or float accumulator, the store) is exactly as before.
 Between checkpoints real worker sessions carry the run on, and it commits the right mean.
 
+The cases come from the run's seed (tests/seeds.py): each test prints it and the digest of the cases
+it sent, every failure names it, and `FEDLORA_FUZZ_SEED=N python -m pytest tests/server/test_fuzz.py`
+sends the same cases again (the same digest).
+
 Never sent: a message that is right (it would be taken, legitimately), a Leave that would be
 honoured, and a revealed share that parses at the right x with a wrong value (no coordinator can
 tell it before reconstruction; tests/server/test_secure_round.py covers that failure).
@@ -26,7 +30,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from fedlora_common.chunking import iter_chunks
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
@@ -44,6 +48,7 @@ from fedlora_server.aggregation import PlainRoundAggregation, SecureRoundAggrega
 from fedlora_server.phases import Evaluation, Training, round_of
 from fedlora_server.server import SERVICE_NAME, CoordinatorServer
 from fedlora_worker.secagg_session import WorkerSession
+from tests.seeds import derived, replay_hint
 from tests.server.conftest import MANIFEST, WORKERS, initial_vector, run_settings, token_of
 from tests.server.fuzz_cases import (
     ACTORS,
@@ -74,11 +79,23 @@ def _code(call: Callable[[], object]) -> Code:
 
 
 class Fuzzer:
-    """Sends cases on one raw channel (bytes in, bytes out) and checks each answer and the state after it."""
+    """Sends cases on one raw channel (bytes in, bytes out) and checks each answer and the state after it.
 
-    def __init__(self, server: CoordinatorServer) -> None:
+    Each search at a moment draws from a seed derived from the run's (`seed`), so the same seed sends the
+    same cases; `digest` fingerprints them (their shape: key material is fresh each run).
+    """
+
+    def __init__(self, server: CoordinatorServer, *, seed: int) -> None:
         self.server = server
+        self.seed = seed
         self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        self._cases = hashlib.sha256()
+        self._failure: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """A fingerprint of every case sent so far, in order: equal for two runs from one seed."""
+        return self._cases.hexdigest()[:16]
 
     def close(self) -> None:
         self.channel.close()
@@ -98,9 +115,11 @@ class Fuzzer:
         return _code(lambda: unary(case.request, metadata=case.sender.metadata, timeout=10))
 
     def _download(self, case: Case) -> Code:
-        stream = self.channel.unary_stream(self._method(case.rpc), request_serializer=None, response_deserializer=None)(
-            case.request, metadata=case.sender.metadata, timeout=10
+        assert isinstance(case.request, bytes)
+        call: grpc.UnaryStreamMultiCallable[bytes, bytes] = self.channel.unary_stream(
+            self._method(case.rpc), request_serializer=None, response_deserializer=None
         )
+        stream = call(case.request, metadata=case.sender.metadata, timeout=10)
         try:
             if case.read == "all":
                 for _ in stream:
@@ -128,30 +147,54 @@ class Fuzzer:
         """Send cases at `moment`: each answered precisely, each leaving the state as it was. Returns how many."""
         before = state_of(self.server)
         sent = 0
-        for _, strategy, count in plan_of(moment, examples):
+        replay = replay_hint(self.seed)
+        for name, strategy, count in plan_of(moment, examples):
 
+            @seed(derived(self.seed, moment.label, name))
             @settings(
                 max_examples=count,
-                deadline=None,
                 database=None,
                 phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=list(HealthCheck),
+                print_blob=False,  # the search replays from the run's seed, not from a blob
             )
             @given(case=strategy)
             def one(case: Case) -> None:
                 nonlocal sent
+                if self._failure is not None:
+                    # Hypothesis runs a failing case again to report it, against a coordinator the first
+                    # run may have changed: report what the first run found, not what the second did.
+                    raise AssertionError(self._failure)
+                self._cases.update(repr(_shape(case)).encode())
                 code = self.send(case)
                 sent += 1
                 CASES[case.rpc] += 1
-                assert code in PRECISE, f"{moment.label}: {case.rpc} {case.defects} answered {code.name}"
-                assert code in case.expect, (
-                    f"{moment.label}: {case.rpc} from {case.sender.owner} as {case.sender.claim!r} with defects "
-                    f"{case.defects}: answered {code.name}, expected {sorted(c.name for c in case.expect)}"
-                )
-                assert state_of(self.server) == before, f"{moment.label}: {case.rpc} {case.defects} changed the state"
+                failure = None
+                if code not in PRECISE:
+                    failure = f"{moment.label}: {case.rpc} {case.defects} answered {code.name}"
+                elif code not in case.expect:
+                    failure = (
+                        f"{moment.label}: {case.rpc} from {case.sender.owner} as {case.sender.claim!r} with defects "
+                        f"{case.defects}: answered {code.name}, expected {sorted(c.name for c in case.expect)}"
+                    )
+                elif (after := state_of(self.server)) != before:
+                    changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()}
+                    failure = (
+                        f"{moment.label}: {case.rpc} {case.defects} answered {code.name} and changed the state "
+                        f"(before, after): { {k: v for k, v in changed.items() if v[0] != v[1]} }"
+                    )
+                if failure is not None:
+                    self._failure = f"{failure} [{replay}]"
+                    raise AssertionError(self._failure)
 
             one()
         return sent
+
+
+def _shape(case: Case) -> tuple[object, ...]:
+    """What the seed fixes of a case: all but the bytes of key material drawn by the code under test."""
+    sizes = tuple(len(m) for m in case.request) if isinstance(case.request, tuple) else len(case.request)
+    return (case.rpc, case.sender, case.defects, sorted(c.name for c in case.expect), case.read, sizes)
 
 
 def state_of(server: CoordinatorServer) -> dict[str, Any]:
@@ -265,15 +308,16 @@ def _stage(moment: Moment, stage: str, members: Sequence[str], answered: Sequenc
 
 
 def test_every_rpc_of_a_secure_run_refuses_bad_input_precisely_and_the_run_still_commits_the_mean(
-    tmp_path: Path,
+    tmp_path: Path, fuzz_seed: int
 ) -> None:
     # Prepare: a secure run of one round, four allow-listed workers of which three take part.
+    print(f"secure run: FEDLORA_FUZZ_SEED={fuzz_seed}")
     identities = {w: identity_keypair() for w in ACTORS}
     peers = {w: k.public for w, k in identities.items()}
     deltas = _deltas()
     sent = 0
     with CoordinatorServer(settings=_secure_settings(tmp_path, identities)) as server:
-        fuzzer, legit = Fuzzer(server), Legit(server, identities)
+        fuzzer, legit = Fuzzer(server, seed=fuzz_seed), Legit(server, identities)
         try:
             # Execute: admission, with one worker in.
             legit.join("clinical")
@@ -422,6 +466,7 @@ def test_every_rpc_of_a_secure_run_refuses_bad_input_precisely_and_the_run_still
             moment = Moment("finished", "finished", joined, round=1, version=1, material=material)
             sent += fuzzer.fuzz(moment)
             records = server._store.rounds()
+            digest = fuzzer.digest
         finally:
             fuzzer.close()
             legit.close()
@@ -437,14 +482,15 @@ def test_every_rpc_of_a_secure_run_refuses_bad_input_precisely_and_the_run_still
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["base_eval_loss"] == 3.0
     assert report["rounds"][0]["eval_loss"] == 2.0
-    print(f"secure run: {sent} fuzz cases, by method {dict(sorted(CASES.items()))}")
+    print(f"secure run: {sent} fuzz cases (digest {digest}), by method {dict(sorted(CASES.items()))}")
     assert sent >= 1000
 
 
 def test_every_rpc_of_a_plain_run_refuses_bad_input_precisely_and_the_accumulator_holds_each_update_once(
-    tmp_path: Path,
+    tmp_path: Path, fuzz_seed: int
 ) -> None:
     # Prepare: a plain (float) run of one round.
+    print(f"plain run: FEDLORA_FUZZ_SEED={fuzz_seed}")
     identities = {w: identity_keypair() for w in ACTORS}
     workers = [{"id": w, "token_sha256": hashlib.sha256(token_of(w).encode()).hexdigest()} for w in ACTORS]
     settings = run_settings(
@@ -454,7 +500,7 @@ def test_every_rpc_of_a_plain_run_refuses_bad_input_precisely_and_the_accumulato
     examples = {"clinical": 100, "finance": 300, "legal": 600}
     sent = 0
     with CoordinatorServer(settings=settings) as server:
-        fuzzer, legit = Fuzzer(server), Legit(server, identities)
+        fuzzer, legit = Fuzzer(server, seed=fuzz_seed), Legit(server, identities)
         try:
             for w in WORKERS:
                 legit.join(w)
@@ -502,6 +548,7 @@ def test_every_rpc_of_a_plain_run_refuses_bad_input_precisely_and_the_accumulato
             assert server.wait_finished()
             uploads = server._store.uploads(1, 1)
             received = server.registry.get_sample_value("fedlora_received_bytes_total")
+            digest = fuzzer.digest
         finally:
             fuzzer.close()
             legit.close()
@@ -515,5 +562,5 @@ def test_every_rpc_of_a_plain_run_refuses_bad_input_precisely_and_the_accumulato
     ]
     assert received is not None
     assert received >= 3 * MANIFEST.numel * 4
-    print(f"plain run: {sent} fuzz cases")
+    print(f"plain run: {sent} fuzz cases (digest {digest})")
     assert sent >= 300
