@@ -533,6 +533,63 @@ def key_shares(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> 
     return Case("ShareKeys", sender, tuple(defects), expect, request.SerializeToString())
 
 
+COMPLAINT_DEFECTS = {
+    "tag": PRECONDITION,
+    "run_id": PRECONDITION,
+    "no_accused": INVALID,
+    "accuse_self": INVALID,
+    "accuse_stranger": INVALID,
+    "accuse_twice": INVALID,
+    "key_length": INVALID,
+    "oversize": EXHAUSTED,
+}
+COMPLAINT_EXCLUSIVE = apart("no_accused", ("accuse_self", "accuse_stranger", "accuse_twice")) + apart(
+    "key_length", ("oversize",)
+)
+
+
+@st.composite
+def complaints(draw: st.DrawFn, moment: Moment, focus: tuple[str, ...] = ()) -> Case:
+    """A complaint never carries its proof: the key shown is random (the fuzzer holds no site's key), so even
+    without another defect it is refused (INVALID_ARGUMENT) wherever a complaint is taken."""
+    sender = draw(proper_senders(moment) if focus else senders())
+    if not focus and draw(st.integers(0, 12)) == 0:
+        return Case(
+            "ComplainShares",
+            sender,
+            ("undecodable",),
+            expected(sender, ("undecodable",), {}, accepting=False, replay=False),
+            _undecodable(draw),
+        )
+    accepting = moment.secure and moment.accepts("upload", sender.owner)
+    defects = defect_lists(
+        draw, COMPLAINT_DEFECTS, floor=1 if accepting else 0, focus=focus, exclusive=COMPLAINT_EXCLUSIVE
+    )
+    accused = [draw(st.sampled_from([w for w in WORKERS if w != sender.claim]))]
+    key = draw(st.binary(min_size=32, max_size=32))
+    run_id, tag = RUN, moment.tag
+    for defect in defects:
+        if defect == "tag":
+            tag = _other(draw, ANY_UINT64, moment.tag)
+        elif defect == "run_id":
+            run_id = draw(NOT_RUN)
+        elif defect == "no_accused":
+            accused = []
+        elif defect == "accuse_self":
+            accused.append(sender.claim)
+        elif defect == "accuse_stranger":
+            accused.append(draw(st.text(max_size=8).filter(lambda w: w not in ACTORS)))
+        elif defect == "accuse_twice":
+            accused.append(accused[0])
+        elif defect == "key_length":
+            key = draw(st.binary(max_size=64).filter(lambda k: len(k) != 32))
+        elif defect == "oversize":
+            key = b"\0" * GRPC_LIMIT
+    request = pb.ComplainSharesRequest(worker_id=sender.claim, run_id=run_id, tag=tag, accused=accused, enc_private=key)
+    expect = expected(sender, defects, COMPLAINT_DEFECTS, accepting=accepting, replay=False)
+    return Case("ComplainShares", sender, tuple(defects), expect, request.SerializeToString())
+
+
 REVEAL_DEFECTS = {
     "tag": PRECONDITION,
     "run_id": PRECONDITION,
@@ -874,6 +931,7 @@ STRATEGIES = {
     "AdvertiseKeys": advertisements,
     "ShareKeys": key_shares,
     "RevealShares": reveals,
+    "ComplainShares": complaints,
     "UploadUpdate": uploads,
 }
 
@@ -884,6 +942,7 @@ FOCUSED: dict[str, tuple[str, Callable[[Moment], list[str]]]] = {
     "AdvertiseKeys": ("advertise", lambda m: sorted(ADVERTISE_DEFECTS)),
     "ShareKeys": ("share", lambda m: sorted(SHARE_DEFECTS)),
     "RevealShares": ("unmask", lambda m: sorted(REVEAL_DEFECTS)),
+    "ComplainShares": ("upload", lambda m: sorted(COMPLAINT_DEFECTS) if m.secure else []),
     "UploadUpdate": ("upload", _upload_defects),
 }
 
@@ -892,6 +951,7 @@ EXCLUSIVE: dict[str, Exclusive] = {
     "AdvertiseKeys": ADVERTISE_EXCLUSIVE,
     "ShareKeys": SHARE_EXCLUSIVE,
     "RevealShares": REVEAL_EXCLUSIVE,
+    "ComplainShares": COMPLAINT_EXCLUSIVE,
     "UploadUpdate": UPLOAD_EXCLUSIVE,
 }
 """For each RPC whose defects can write the same thing, the defects no case carries together."""
