@@ -41,6 +41,8 @@ def test_flags_override_environment_which_overrides_the_file(tmp_path: Path) -> 
         ("- 1\n", [], "must be a mapping"),
         ("rounds: 4\n", ["--rounds", "many"], "rounds: Input should be a valid integer"),
         ("rounds: 4\n", ["--bogus", "1"], "unrecognized arguments: --bogus"),
+        ("rounds: 4\nlora:\n  rank: 2\nrounds: 8\n", [], "line 4: key 'rounds' is given twice; keep one"),
+        ("lora:\n  rank: 2\n  rank: 8\n", [], "line 3: key 'rank' is given twice; keep one"),
     ],
 )
 def test_bad_configs_give_one_line_naming_the_field(
