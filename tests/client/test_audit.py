@@ -36,6 +36,7 @@ from fedlora_worker.audit import (
     shared_prefix_log_likelihoods,
     token_accuracy,
 )
+from fedlora_worker.datafiles import DataError
 
 SUFFIX = 50
 THREE_GROUPS: tuple[Group, ...] = ("10x", "1x", "control")
@@ -373,7 +374,7 @@ def test_load_canaries_names_the_file_and_line_of_a_bad_record(tmp_path: Path) -
     path = tmp_path / "canaries.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "group": "2x"}) + "\n")
 
-    with pytest.raises(ValueError, match=r"canaries.jsonl:3: field 'group'"):
+    with pytest.raises(DataError, match=r"canaries\.jsonl row 3: field 'group' is not one of 1x, 10x, control$"):
         load_canaries([path])
     path.write_text(json.dumps(good) + "\n")
     assert load_canaries([path]) == [good]

@@ -118,7 +118,7 @@ def test_a_bad_config_exits_2_with_one_line_naming_the_field(
 
 BAD_DATA = [
     ("empty.jsonl", b"", "empty.jsonl: empty file (no records)"),
-    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl row 2: not UTF-8 text (byte 0xe9"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl row 2: not UTF-8 text (at byte 14"),
     ("null.jsonl", b'{"text": "ok"}\n{"text": null}\n', "null.jsonl row 2: field 'text' is null"),
     ("blanks.jsonl", b'{"text": ""}\n{"text": ""}\n', "blanks.jsonl row 1: field 'text' is empty"),
     ("typed.jsonl", b'{"text": ["a"]}\n', "typed.jsonl row 1: field 'text' is a list, not a string"),
@@ -278,6 +278,27 @@ def test_check_config_reports_what_it_checked_and_starts_nothing(
         "  coordinator: 127.0.0.1:1 (plaintext; not contacted: --check probes it)",
     ]
     assert never_joins == []
+
+
+def test_check_config_reads_the_canary_files_row_by_row_and_counts_them(
+    tmp_path: Path, tiny_base_model: Path, capsys: pytest.CaptureFixture[str], never_joins: list[object]
+) -> None:
+    canary = {"id": "c1", "text": "kalo miren.", "secrets": {"record_id": "1234"}, "duplicates": 1}
+    canaries = tmp_path / "canaries.jsonl"
+    canaries.write_text("".join(json.dumps({**canary, "group": g}) + "\n" for g in ("1x", "10x", "control")))
+    config = worker_yaml(tmp_path, tiny_base_model, [text_file(tmp_path / "train.jsonl")])
+    config.write_text(config.read_text() + f"  canaries:\n    - {canaries}\n")
+
+    accepted = main(["check-config", str(config)])
+    out = capsys.readouterr().out
+    canaries.write_text(json.dumps({**canary, "group": "2x"}) + "\n")
+    refused = main(["check-config", str(config)])
+    err = capsys.readouterr().err
+
+    assert accepted == 0
+    assert "  data.canaries: 3 records (1 of them controls)\n" in out
+    assert refused == 2
+    assert err == f"fedlora-worker: data.canaries: {canaries} row 1: field 'group' is not one of 1x, 10x, control\n"
 
 
 def test_check_config_answers_in_under_two_seconds_without_loading_torch(tmp_path: Path, tiny_base_model: Path) -> None:

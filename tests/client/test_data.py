@@ -97,7 +97,7 @@ def _parquet(path: Path, columns: dict[str, list[Any]]) -> bytes:
 BAD_FILES: list[tuple[str, bytes | None, str]] = [
     ("empty.jsonl", b"", "empty.jsonl: empty file (no records)"),
     ("blank.jsonl", b"\n \n", "blank.jsonl: empty file (no records)"),
-    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl row 2: not UTF-8 text (byte 0xe9"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl row 2: not UTF-8 text (at byte 14 of"),
     ("null.jsonl", b'{"text": "ok"}\n{"text": null}\n', "null.jsonl row 2: field 'text' is null"),
     ("blank-text.jsonl", b'{"text": "ok"}\n{"text": "  "}\n', "blank-text.jsonl row 2: field 'text' is empty"),
     ("number.jsonl", b'{"text": 42}\n', "number.jsonl row 1: field 'text' is a number, not a string"),
@@ -107,14 +107,14 @@ BAD_FILES: list[tuple[str, bytes | None, str]] = [
     (
         "other.jsonl",
         b'{"body": "x", "id": 1}\n',
-        "other.jsonl row 1: no 'text', 'prompt'/'completion' or 'messages' field (fields: body, id)",
+        "other.jsonl row 1: no 'text', 'prompt'/'completion' or 'messages' field (it has 2 other fields, not named",
     ),
     ("half.jsonl", b'{"prompt": "only half"}\n', "half.jsonl row 1: field 'completion' is missing"),
     ("chat-str.jsonl", b'{"messages": "hi"}\n', "chat-str.jsonl row 1: field 'messages' is a string, not a list"),
     (
         "chat-user.jsonl",
         b'{"messages": [{"role": "user", "content": "hi"}]}\n',
-        "chat-user.jsonl row 1: 'messages' has no assistant turn (nothing to learn)",
+        "chat-user.jsonl row 1: field 'messages' has no assistant turn (nothing to learn)",
     ),
     (
         "chat-null.jsonl",
@@ -129,7 +129,7 @@ BAD_FILES: list[tuple[str, bytes | None, str]] = [
     ("short.csv", b"prompt,completion\nq,a\nq2\n", "short.csv row 2: field 'completion' is missing"),
     ("blank.csv", b'text\nka\n""\n', "blank.csv row 2: field 'text' is empty"),
     ("header.csv", b"text\n", "header.csv: no records"),
-    ("latin1.csv", b"text\ncaf\xe9\n", "latin1.csv row 1: not UTF-8 text (byte 0xe9"),
+    ("latin1.csv", b"text\ncaf\xe9\n", "latin1.csv row 1: not UTF-8 text (at byte 4 of the line)"),
     ("object.json", b'{"text": "a", "more": "b"}', "object.json: expected a JSON array of records"),
     ("bad.parquet", b"not parquet at all", "bad.parquet: not a readable parquet file"),
     ("records.txt", b"hello", "records.txt: unknown suffix '.txt'; expected one of .jsonl, .json, .csv, .parquet"),
@@ -279,8 +279,25 @@ def test_a_chat_template_that_refuses_a_conversation_is_named_in_one_line(
     )
     ds = load_records([write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])])
 
-    with pytest.raises(ValueError, match=r"chat template of .* refused a conversation: no system role"):
+    with pytest.raises(DataError, match=r"^record 1: the chat template of .* refused a conversation: no system role$"):
         tokenize(ds, tokenizer, max_seq_len=64)
+
+
+def test_a_chat_template_refusal_that_quotes_the_conversation_is_named_by_its_class_alone(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ raise_exception('user turn ' + m['content'] + ' refused') }}{% endif %}{% endfor %}"
+    )
+    ds = load_records([write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])])
+
+    with pytest.raises(DataError) as refused:
+        tokenize(ds, tokenizer, max_seq_len=64)
+
+    assert str(refused.value) == (
+        f"record 1: the chat template of {tokenizer.name_or_path} refused a conversation: TemplateError"
+    )
 
 
 def test_long_text_is_split_into_windows_that_keep_every_token(

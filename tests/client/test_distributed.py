@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
+from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.numpy import load_file
 
@@ -26,7 +32,7 @@ from fedlora_server.planning import RoundPlans
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.data import TokenizedData, load_records, tokenize
-from fedlora_worker.distributed import Launch, site_model
+from fedlora_worker.distributed import Launch, SiteGroup, site_model
 from fedlora_worker.modeling import SiteModel, global_state, load_model
 from fedlora_worker.training import train_locally
 
@@ -140,6 +146,79 @@ def test_two_gloo_ranks_commit_the_update_one_process_makes_on_the_same_batches(
     one_process = np.concatenate([(one[n] - initial[n]).ravel() for n in sorted(one)])
     assert np.abs(one_process).max() > 1e-3  # it trained
     assert np.linalg.norm(two_ranks - one_process) / np.linalg.norm(one_process) < SAME_UPDATE
+
+
+def _closing_rank(
+    rank: int, store: str, train: str, rank_1_may_close: Event, close_timeout_s: float, results: Any
+) -> None:
+    """One process of a two-rank site on the CPU: rank 0 closes at once, rank 1 follows it to the stop
+    message and closes once it may; each reports its native threads before the site and after closing."""
+    torch.set_num_threads(1)
+    torch.ones(1).add_(1)  # any pool torch starts lazily is there before counting
+    before = psutil.Process().num_threads()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    group = SiteGroup(
+        Launch(rank=rank, world_size=2), SiteModel(path="unused"), close_timeout=timedelta(seconds=close_timeout_s)
+    )
+    if rank == 1:
+        settings = WorkerSettings.model_validate(
+            {"worker_id": "site", "token": "t", "base_model": "unused", "data": {"train": [train]}}
+        )
+        group.follow(settings)
+        rank_1_may_close.wait(timeout=120)
+    group.close()
+    group.close()  # twice: a no-op
+    results.put((rank, before, psutil.Process().num_threads()))
+
+
+def _close_two_ranks(tmp_path: Path, *, rank_1_waits: bool, close_timeout_s: float) -> dict[int, tuple[int, int]]:
+    """Run both ranks to their close; {rank: (threads before, threads after)}."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    rank_1_may_close = context.Event()
+    if not rank_1_waits:
+        rank_1_may_close.set()
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"text": "kalo miren."}) + "\n", encoding="utf-8")
+    args = (str(tmp_path / "store"), str(train), rank_1_may_close, close_timeout_s, results)
+    ranks = [context.Process(target=_closing_rank, args=(rank, *args)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    reports = {}
+    try:
+        rank, before, after = results.get(timeout=300)
+        reports[rank] = (before, after)
+        rank_1_may_close.set()  # rank 0 closed (or rank 1 did, not waiting)
+        rank, before, after = results.get(timeout=300)
+        reports[rank] = (before, after)
+    finally:
+        for process in ranks:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    assert [process.exitcode for process in ranks] == [0, 0]
+    return reports
+
+
+@pytest.mark.slow
+def test_closing_a_site_group_leaves_no_gloo_thread_to_outlive_the_interpreter(tmp_path: Path) -> None:
+    # Prepare / Execute: rank 0 releases rank 1 and both close, as after a finished run.
+    reports = _close_two_ranks(tmp_path, rank_1_waits=False, close_timeout_s=120)
+
+    # Assert: every thread gloo started is joined by close(); one left running at interpreter exit
+    # aborts the process if it still holds a tensor ("terminate called without an active exception").
+    assert reports == {rank: (before, before) for rank, (before, _) in reports.items()}
+    assert sorted(reports) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_rank_that_does_not_come_to_close_is_waited_for_only_the_close_timeout(tmp_path: Path) -> None:
+    # Prepare / Execute: rank 1 takes the stop message but closes only after rank 0 has closed.
+    reports = _close_two_ranks(tmp_path, rank_1_waits=True, close_timeout_s=2)
+
+    # Assert: rank 0 gave up waiting after its timeout, and still left no gloo thread behind; so did rank 1.
+    assert reports == {rank: (before, before) for rank, (before, _) in reports.items()}
+    assert sorted(reports) == [0, 1]
 
 
 def test_torchrun_environment_places_each_process_on_its_own_gpu(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """What a worker checks before it joins, and what `fedlora-worker check-config` and `--check` run.
 
-- `check_site`: the settings' files (token, TLS, identity key), every data file row by row
-  (`fedlora_worker.datafiles`), and the base model: a local directory with config, tokenizer and
+- `check_site`: the settings' files (token, TLS, identity key), every data and canary file row by
+  row (`fedlora_worker.datafiles`), and the base model: a local directory with config, tokenizer and
   weights, or a hub id found in the Hugging Face cache or on the Hub (HF_HUB_OFFLINE honoured); chat
   records need a chat template. Each fault is a `SiteError` (or `DataError`): one line, exit code 2.
 - `coordinator_health`: the coordinator's gRPC health check, with the worker's TLS settings.
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedlora_worker.config import DataSection, TlsClientSettings, WorkerSettings
-from fedlora_worker.datafiles import DataError, RecordSet, read_records
+from fedlora_worker.datafiles import DataError, RecordSet, read_canaries, read_records
+from fedlora_worker.records import CanaryRecord
 
 __all__ = ["BaseModelSource", "SiteCheck", "SiteError", "check_site", "coordinator_health", "resolve_base_model"]
 
@@ -59,6 +60,7 @@ class SiteCheck:
 
     train: RecordSet
     eval: RecordSet | None
+    canaries: list[CanaryRecord]
     base_model: BaseModelSource
 
     def summary(self) -> list[str]:
@@ -68,6 +70,9 @@ class SiteCheck:
             for name, records in sets
             if records is not None
         ]
+        if self.canaries:
+            controls = sum(canary["group"] == "control" for canary in self.canaries)
+            lines.append(f"data.canaries: {len(self.canaries)} records ({controls} of them controls)")
         model = self.base_model
         template = {True: "yes", False: "no", None: "not checked"}[model.chat_template]
         lines.append(
@@ -80,7 +85,7 @@ class SiteCheck:
 def check_site(settings: WorkerSettings, *, environ: Mapping[str, str] | None = None) -> SiteCheck:
     """Check the files the settings name, the data and the base model; raise SiteError or DataError."""
     _check_files(settings)
-    train, eval_ = _check_data(settings.data)
+    train, eval_, canaries = _check_data(settings.data)
     model = resolve_base_model(settings.base_model, environ=os.environ if environ is None else environ)
     chat = [name for name, records in (("train", train), ("eval", eval_)) if records and records.format == "messages"]
     if chat and model.chat_template is False:
@@ -88,22 +93,24 @@ def check_site(settings: WorkerSettings, *, environ: Mapping[str, str] | None = 
             f"data.{chat[0]}: chat records ('messages') are rendered with the tokenizer's chat template, and the "
             f"tokenizer of {model.name} has none; add one (chat_template.jinja) or use 'text' or 'prompt'/'completion'"
         )
-    return SiteCheck(train=train, eval=eval_, base_model=model)
+    return SiteCheck(train=train, eval=eval_, canaries=canaries, base_model=model)
 
 
-def _check_data(data: DataSection) -> tuple[RecordSet, RecordSet | None]:
+def _check_data(data: DataSection) -> tuple[RecordSet, RecordSet | None, list[CanaryRecord]]:
     train = _records("train", data.train)
     eval_ = _records("eval", data.eval) if data.eval else None
-    for path in data.canaries:
-        _readable("data.canaries", path)
-    return train, eval_
+    try:
+        canaries = read_canaries(list(data.canaries))
+    except DataError as exc:
+        raise exc.within("data.canaries") from None
+    return train, eval_, canaries
 
 
 def _records(name: str, paths: tuple[Path, ...]) -> RecordSet:
     try:
         return read_records(list(paths))
     except DataError as exc:
-        raise DataError(f"data.{name}: {exc}") from None
+        raise exc.within(f"data.{name}") from None
 
 
 def _check_files(settings: WorkerSettings) -> None:

@@ -17,7 +17,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedlora_worker.datafiles import RecordFormat, read_records
+from fedlora_worker.datafiles import DataError, RecordFormat, read_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -71,6 +71,10 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_se
     chat template. Consecutive windows overlap by one token, so every token after a record's first
     is predicted exactly once: nothing is dropped. Windows with nothing to predict (all prompt, or a
     single token) are left out.
+
+    A record that cannot be tokenized is a `DataError` naming its position (from 1, through the data
+    set's files in order) and the fault, never the text: what a chat template or tokenizer raises is said by its class, as it may quote
+    the record.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
@@ -81,11 +85,18 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_se
         )
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for index, record in enumerate(ds):
+    for number, record in enumerate(ds, start=1):
         for field, value in record.items():
             if value is None:
-                raise ValueError(f"record {index}: field {field!r} is empty")
-        ids, record_labels = _encode(tokenizer, record)
+                raise DataError("is null", row=number, field=field)
+        try:
+            ids, record_labels = _encode(tokenizer, record)
+        except DataError as exc:
+            raise DataError(exc.fault, row=number, field=exc.field) from None
+        except Exception as exc:  # the tokenizer's own; its message may quote the record
+            raise DataError(
+                f"cannot be tokenized by {tokenizer.name_or_path} ({type(exc).__name__})", row=number
+            ) from None
         start = 0
         while True:
             window_labels = record_labels[start : start + max_seq_len]
@@ -131,9 +142,9 @@ def _encode_chat(
         before = _render(tokenizer, messages[:turn], prompt=True)
         through = _render(tokenizer, messages[: turn + 1], prompt=False)
         if len(before) < done or not through.startswith(before) or not full.startswith(through):
-            raise ValueError(
-                f"the chat template of {tokenizer.name_or_path} does not render a conversation as a prefix of its "
-                "continuation, so its assistant turns cannot be found"
+            raise DataError(
+                f"the chat template of {tokenizer.name_or_path} does not render its conversation as a prefix of "
+                "the continuation, so its assistant turns cannot be found"
             )
         pieces += [(full[done : len(before)], False), (full[len(before) : len(through)], True)]
         done = len(through)
@@ -155,11 +166,18 @@ def _encode_chat(
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], *, prompt: bool) -> str:
+    """The conversation through the chat template; a refusal is a DataError in the template's own words.
+
+    A template's message is shown only when the template holds it verbatim (``raise_exception('...')``
+    with a literal): one built from the conversation (``'unknown role ' + message.role``) could quote
+    the record, so it is named by its class alone.
+    """
     try:
         text = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=prompt, tokenize=False)
     except Exception as exc:  # jinja's TemplateError and whatever a template raises
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ValueError(f"the chat template of {tokenizer.name_or_path} refused a conversation: {reason}") from None
+        said = str(exc)
+        reason = " ".join(said.split()) if said and said in str(tokenizer.chat_template) else type(exc).__name__
+        raise DataError(f"the chat template of {tokenizer.name_or_path} refused a conversation: {reason}") from None
     return cast(str, text)
 
 

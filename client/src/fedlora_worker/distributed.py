@@ -33,12 +33,15 @@ from fedlora_worker.data import TokenizedData, load_records, tokenize
 from fedlora_worker.modeling import LoadedModel, SiteModel, global_state, load_model, set_global_state
 from fedlora_worker.training import Replicas, TrainResult, check_plan, train_locally
 
-__all__ = ["IDLE_TIMEOUT", "Launch", "SiteGroup", "Trainer", "site_model", "train_in_process"]
+__all__ = ["CLOSE_TIMEOUT", "IDLE_TIMEOUT", "Launch", "SiteGroup", "Trainer", "site_model", "train_in_process"]
 
 log = structlog.get_logger()
 
 IDLE_TIMEOUT = timedelta(days=7)
 """How long the other ranks wait for rank 0's next message (a round may wait long on other sites)."""
+
+CLOSE_TIMEOUT = timedelta(minutes=2)
+"""How long a closing rank waits for the others to close too (they only have the stop message to read)."""
 
 Trainer = Callable[..., TrainResult]
 """(loaded, data, plan, *, on_step) -> TrainResult: how the daemon trains one round."""
@@ -131,7 +134,14 @@ class _Stop:
 class SiteGroup:
     """One process's membership of a multi-process site: the control channel, and DDP around the model."""
 
-    def __init__(self, launch: Launch, site: SiteModel, *, idle_timeout: timedelta = IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        launch: Launch,
+        site: SiteModel,
+        *,
+        idle_timeout: timedelta = IDLE_TIMEOUT,
+        close_timeout: timedelta = CLOSE_TIMEOUT,
+    ) -> None:
         if not launch.distributed:
             raise ValueError("a site group needs several processes (WORLD_SIZE > 1)")
         self.launch = launch
@@ -142,7 +152,8 @@ class SiteGroup:
             torch.cuda.set_device(first_gpu)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-        self._control = dist.new_group(backend="gloo", timeout=idle_timeout)
+        self._control: dist.ProcessGroup | None = dist.new_group(backend="gloo", timeout=idle_timeout)
+        self._close_timeout = close_timeout
         self._ddp: tuple[torch.nn.Module, DistributedDataParallel] | None = None
         self._stopped = False
 
@@ -164,7 +175,7 @@ class SiteGroup:
         check_plan(plan, world_size=self.launch.world_size)  # refused here, before any rank starts
         state = torch.from_numpy(flatten(loaded.manifest, global_state(loaded)))
         self._send(_Train(plan, state.numel(), _digest(data)))
-        dist.broadcast(state, src=0, group=self._control)
+        dist.broadcast(state, src=0, group=self._channel())
         return train_locally(
             loaded.model, data, plan, pad_id=loaded.pad_id, on_step=on_step, replicas=self._replicas(loaded)
         )
@@ -196,7 +207,7 @@ class SiteGroup:
                 continue
             assert loaded is not None, "rank 0 trains only after it loaded"
             state = torch.empty(message.numel, dtype=torch.float32)
-            dist.broadcast(state, src=0, group=self._control)
+            dist.broadcast(state, src=0, group=self._channel())
             set_global_state(loaded, unflatten(loaded.manifest, state.numpy()))
             seq_len = message.plan.max_seq_len
             if seq_len not in windows:
@@ -214,9 +225,27 @@ class SiteGroup:
                 log.error("training_failed", reason=f"{type(exc).__name__}: {exc}"[:300])
 
     def close(self) -> None:
-        self.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Every rank: release the others (rank 0), meet them, and take the process groups down now.
+
+        The ranks meet at a barrier of the control channel (at most close_timeout, so a rank that is
+        gone cannot hold the others), so none tears down while another still reads the stop message.
+        The groups are then destroyed with no reference to them left here: only then does torch join
+        gloo's threads. A gloo thread still alive at interpreter exit, releasing an operation's tensors,
+        takes the GIL during finalization and aborts the process ("terminate called without an active
+        exception"). Safe to call twice.
+        """
+        if self._control is None:
+            return
+        try:
+            self.stop()
+            dist.monitored_barrier(group=self._control, timeout=self._close_timeout)
+        except RuntimeError as exc:  # a rank that is gone or late: nothing is left to tell it
+            log.warning("site_closed_alone", reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
+        finally:
+            self._control = None
+            self._ddp = None
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # ---- both --------------------------------------------------------------------------------------
 
@@ -235,12 +264,17 @@ class SiteGroup:
             self._ddp = (loaded.model, ddp)
         return Replicas(model=self._ddp[1], rank=self.launch.rank, world_size=self.launch.world_size)
 
+    def _channel(self) -> dist.ProcessGroup:
+        if self._control is None:
+            raise RuntimeError("this site group is closed")
+        return self._control
+
     def _send(self, message: _Load | _Train | _Stop) -> None:
-        dist.broadcast_object_list([message], src=0, group=self._control)
+        dist.broadcast_object_list([message], src=0, group=self._channel())
 
     def _receive(self) -> _Load | _Train | _Stop:
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self._control)
+        dist.broadcast_object_list(box, src=0, group=self._channel())
         message = box[0]
         assert isinstance(message, _Load | _Train | _Stop), type(message)
         return message

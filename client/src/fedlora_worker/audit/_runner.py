@@ -30,12 +30,11 @@ each prefix alone. No record text, token or decoded text ever reaches a log or t
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, get_args
+from typing import Any, Final, Protocol
 
 import numpy as np
 import structlog
@@ -53,6 +52,7 @@ from fedlora_worker.audit._metrics import (
     sentence_bleu,
     token_accuracy,
 )
+from fedlora_worker.datafiles import read_canaries
 from fedlora_worker.records import CanaryRecord, Group
 
 __all__ = [
@@ -471,33 +471,10 @@ def audit_model(
         model.train(was_training)
 
 
-def _canary(row: object, where: str) -> CanaryRecord:
-    """A validated record, or ValueError naming the file, line and field."""
-    if not isinstance(row, Mapping):
-        raise ValueError(f"{where}: expected a JSON object")
-    for field, kind in (("id", str), ("text", str), ("secrets", dict), ("duplicates", int), ("group", str)):
-        if not isinstance(row.get(field), kind):
-            raise ValueError(f"{where}: field {field!r} must be a {kind.__name__}")
-    if row["group"] not in get_args(Group):
-        raise ValueError(f"{where}: field 'group' must be one of {', '.join(get_args(Group))}, got {row['group']!r}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in row["secrets"].items()):
-        raise ValueError(f"{where}: field 'secrets' must map names to strings")
-    return CanaryRecord(
-        id=row["id"], text=row["text"], secrets=dict(row["secrets"]), duplicates=row["duplicates"], group=row["group"]
-    )
-
-
 def load_canaries(paths: Iterable[str | Path]) -> list[CanaryRecord]:
-    """Canary and control records from jsonl files (``canaries.jsonl``, ``controls.jsonl``), in order."""
-    records = []
-    for path in map(Path, paths):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-                records.append(_canary(row, f"{path}:{number}"))
-    return records
+    """Canary and control records from jsonl files (``canaries.jsonl``, ``controls.jsonl``), in order.
+
+    Read and checked by `fedlora_worker.datafiles.read_canaries`: a fault is a DataError naming the
+    file, the row and the field, never a value.
+    """
+    return read_canaries([Path(p) for p in paths])
