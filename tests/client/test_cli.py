@@ -87,7 +87,8 @@ def closed_port() -> int:
         ("token_file: /tmp/t\n", [], "token: set exactly one of token or token_file"),
         ("threads: 0\n", [], "threads:"),
         ("", ["--retry.attempts", "0"], "retry.attempts:"),
-        ("worker_id: 'bad id'\n", [], "worker_id:"),
+        ("", ["--worker_id", "bad id"], "worker_id:"),
+        ("worker_id: second\n", [], "key 'worker_id' is given twice; keep one"),
     ],
 )
 @pytest.mark.parametrize("command", [[], ["check-config"]], ids=["run", "check-config"])
