@@ -480,3 +480,21 @@ def test_a_run_whose_targets_match_only_part_of_the_model_is_refused_at_join_and
     )
     assert report["workers"] == [{"id": "clinical", "num_examples": 4, "left": reason}]
     assert report["rounds"] == []
+
+
+def test_a_metrics_port_in_use_is_one_line_naming_it_and_exit_2(tmp_path: Path, tiny_base_model: Path) -> None:
+    # Prepare: a site whose checks all pass, and its metrics port taken by another program.
+    config = worker_yaml(tmp_path, tiny_base_model, [text_file(tmp_path / "train.jsonl")])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(config.read_text() + f"metrics_port: {port}\n")
+
+        # Execute
+        result = fedlora_worker("--config", str(config))
+
+    # Assert
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fedlora-worker:")]
+    assert lines == [f"fedlora-worker: metrics_port: cannot listen on 127.0.0.1:{port}: Address already in use"]

@@ -38,7 +38,7 @@ def example(tmp_path_factory: pytest.TempPathFactory, lab_model: MadeModel) -> E
     metrics = {name: free_port() for name in ("coordinator", *SITES)}
     jobs = {
         "fedlora-coordinator": [(metrics["coordinator"], {})],
-        "fedlora-worker": [(metrics[site], {"worker": site}) for site in SITES],
+        "fedlora-worker": [(metrics[site], {}) for site in SITES],  # each site labels its series itself
     }
     with Prometheus(out / "prometheus", jobs) as prometheus, Processes(out / "logs") as processes:
         coordinator = processes.start(

@@ -203,7 +203,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
 
     from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused
     from fedlora_worker.daemon import Worker, WorkerFailed
-    from fedlora_worker.metrics import WorkerMetrics
+    from fedlora_worker.metrics import WorkerMetrics, labelled
     from fedlora_worker.modeling import TargetsMismatch
     from fedlora_worker.transport import CoordinatorClient
 
@@ -211,8 +211,15 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     if settings.metrics_port is not None:
-        http, _ = start_http_server(settings.metrics_port, registry=registry)
-        log.info("metrics_listening", port=http.server_port)
+        try:
+            http, _ = start_http_server(
+                settings.metrics_port, settings.metrics_host, registry=labelled(registry, worker=settings.worker_id)
+            )
+        except OSError as exc:
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            sys.stderr.write(f"fedlora-worker: metrics_port: cannot listen on {where}: {exc.strerror}\n")
+            return 2
+        log.info("metrics_listening", host=settings.metrics_host, port=http.server_port)
     client = CoordinatorClient(
         target=settings.coordinator,
         worker_id=settings.worker_id,

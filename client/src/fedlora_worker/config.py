@@ -95,6 +95,12 @@ class WorkerSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 picks one); absent: none"
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the metrics endpoint listens on: loopback by default; 0.0.0.0 (or the host's address) "
+        "when Prometheus scrapes from another host or container. Every series carries a worker label (worker_id)",
+    )
     retry: RetrySettings = Field(RetrySettings(), description="Retries of calls to the coordinator")
     progress: bool = Field(True, description="Progress bars on a terminal (turn off in containers)")
     identity_key: Path | None = Field(

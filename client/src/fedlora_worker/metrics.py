@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from collections.abc import Iterator
 
-__all__ = ["WorkerMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["WorkerMetrics", "labelled"]
+
+
+class _Labelled(Collector):
+    """Every sample of `registry`, with `labels` added: the site names itself, whatever scrapes it."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            for sample in metric.samples:
+                out.add_sample(sample.name, {**sample.labels, **self._labels}, sample.value, sample.timestamp)
+            yield out
+
+
+def labelled(registry: CollectorRegistry, *, worker: str) -> CollectorRegistry:
+    """What the metrics endpoint serves: `registry`'s series, each with worker=<worker_id>, so per-site panels and
+    alerts need no label from the scrape configuration (Kubernetes annotations give none)."""
+    exposed = CollectorRegistry(auto_describe=True)
+    exposed.register(_Labelled(registry, {"worker": worker}))
+    return exposed
 
 
 class WorkerMetrics:
