@@ -1,3 +1,4 @@
+import logging
 import os
 from collections.abc import Generator, Iterator
 
@@ -5,6 +6,7 @@ import pytest
 import structlog
 from hypothesis import is_hypothesis_test, settings
 
+from fedlora_common.logs import _StdlibBridge
 from tests.seeds import VARIABLE, replay_hint, session_seed
 
 pytest_plugins = ["tests.lab_fixtures"]
@@ -51,10 +53,20 @@ def pytest_runtest_makereport(
     return report
 
 
+def _logging_defaults() -> None:
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdlibBridge)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(False)
+
+
 @pytest.fixture(autouse=True)
 def _structlog_defaults() -> Iterator[None]:
-    """Each test starts from structlog's defaults: a CLI run in-process configures logging for the process
-    (a level filter, stderr), which would otherwise hide later tests' events from `capture_logs`."""
-    structlog.reset_defaults()
+    """Each test starts from the logging defaults: a CLI run in-process configures logging for the process
+    (a level filter, stderr, the standard library's records bridged into it), which would otherwise hide later
+    tests' events from `capture_logs` or render them into a stream that is gone."""
+    _logging_defaults()
     yield
-    structlog.reset_defaults()
+    _logging_defaults()

@@ -560,3 +560,21 @@ def test_a_coordinator_refusing_this_sites_identity_key_ends_the_site_with_its_r
         site.run(coordinator)
     assert coordinator.left == [str(refused.value)]
     assert coordinator.uploads == []
+
+
+def test_progress_bars_never_reach_a_redirected_log(
+    site: Site, run: RunSpec, manifest: Manifest, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: progress on (the default), stderr a pipe as in a container or under systemd.
+    site.settings = site.settings.model_copy(update={"progress": True})
+    coordinator = scripted(run)
+    version = coordinator.publish(1, random_global(manifest, seed=1), manifest)
+    coordinator.script.append(lambda c: Task(TaskKind.TRAIN, round=1, global_version=version, training=PLAN))
+
+    # Execute: a round that downloads, trains and uploads, each of which has a bar on a terminal.
+    site.run(coordinator)
+
+    # Assert: the round happened, and none of the daemon's bars was written.
+    err = capfd.readouterr().err
+    assert len(coordinator.uploads) == 1
+    assert not [bar for bar in ("download:", "train:", "upload:") if bar in err]

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from fedlora_common.logs import quiet_grpc_core
 from fedlora_common.secagg import identity_keypair
 from fedlora_common.settings import ConfigError, load_settings
 from fedlora_worker.check import SiteError, check_site, coordinator_health
@@ -143,6 +144,7 @@ def health(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_grpc_core()  # before anything imports grpc
     if args and args[0] in ("-h", "--help", "help"):
         sys.stdout.write(usage() + "\n")
         return 0
@@ -164,6 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(settings)
 
 
+def _no_library_progress_bars() -> None:
+    """Loading weights and mapping data sets draw bars of their own (transformers, datasets, the hub client):
+    carriage-return lines that belong on a terminal, not in a log file."""
+    import datasets
+    import transformers
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    datasets.disable_progress_bars()
+
+
 def run(settings: WorkerSettings) -> int:
     """Join and take part until the run finishes; torch and the daemon load only now.
 
@@ -177,6 +190,8 @@ def run(settings: WorkerSettings) -> int:
 
     configure_logging(json=True)
     structlog.contextvars.bind_contextvars(worker_id=settings.worker_id, component="worker")
+    if not (settings.progress and sys.stderr.isatty()):
+        _no_library_progress_bars()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     launch = Launch.from_environment()

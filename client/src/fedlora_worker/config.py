@@ -102,7 +102,9 @@ class WorkerSettings(BaseSettings):
         "when Prometheus scrapes from another host or container. Every series carries a worker label (worker_id)",
     )
     retry: RetrySettings = Field(RetrySettings(), description="Retries of calls to the coordinator")
-    progress: bool = Field(True, description="Progress bars on a terminal (turn off in containers)")
+    progress: bool = Field(
+        True, description="Progress bars while stderr is a terminal (never in a redirected log); false turns them off"
+    )
     identity_key: Path | None = Field(
         None, description="File holding this site's Ed25519 identity key (hex), from `fedlora-worker keygen`"
     )

@@ -9,6 +9,7 @@ the `fedlora_worker.coordinator.Coordinator` protocol.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -468,7 +469,7 @@ class Worker:
             unit=unit,
             unit_scale=unit == "B",
             leave=False,
-            disable=not self._settings.progress,
+            disable=not (self._settings.progress and sys.stderr.isatty()),  # bars belong on a terminal, not in logs
             mininterval=0.5,
         )
 

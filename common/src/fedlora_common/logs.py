@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import MutableMapping
 from typing import TextIO, cast
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "quiet_grpc_core"]
+
+
+def quiet_grpc_core(environ: MutableMapping[str, str] = os.environ) -> None:
+    """gRPC's C core writes plain-text lines of its own (E1205 12:00:00 ...) to stderr, which breaks a stream of
+    JSON logs; keep it silent unless the operator asked for its output (GRPC_VERBOSITY). gRPC reads this once,
+    when first imported: call it at program start. What matters of a gRPC failure reaches the program anyway,
+    in the status and details of the call that failed."""
+    environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+class _StdlibBridge(logging.StreamHandler):  # type: ignore[type-arg]
+    """Renders what libraries log through the standard logging module (transformers, bitsandbytes, warnings) the
+    way structlog renders the program's own events, so a log stream holds one format."""
 
 
 class _CurrentStderr:
@@ -32,9 +47,24 @@ def configure_logging(*, json: bool = True, level: str = "info", stream: TextIO 
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
+    target = stream or cast(TextIO, _CurrentStderr())
+    number = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or cast(TextIO, _CurrentStderr())),
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        logger_factory=structlog.PrintLoggerFactory(file=target),
         cache_logger_on_first_use=False,
     )
+    bridge = _StdlibBridge(target)
+    bridge.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors],
+        )
+    )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdlibBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(bridge)
+    root.setLevel(number)
+    logging.captureWarnings(True)

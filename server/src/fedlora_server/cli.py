@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import structlog
 
-from fedlora_common.logs import configure_logging
+from fedlora_common.logs import configure_logging, quiet_grpc_core
 from fedlora_common.settings import ConfigError, load_settings, settings_flags, settings_reference
 from fedlora_server.config import RunSettings
 
@@ -167,6 +167,7 @@ def config_reference(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_grpc_core()  # before anything imports grpc
     if "-h" in args or "--help" in args:
         sys.stdout.write(_help())
         return 0
