@@ -42,6 +42,8 @@ class RawConnection:
         self._h2.initiate_connection()
         self._socket.sendall(self._h2.data_to_send())
         self._ended: dict[int, str] = {}
+        self.closed = False
+        """Whether the server hung up (or said GOAWAY): streams it had not ended by then never will be."""
 
     def call(
         self,
@@ -76,7 +78,7 @@ class RawConnection:
         wanted = set(streams)
         enough = len(wanted) if at_least is None else at_least
         deadline = time.monotonic() + timeout_s
-        while len(wanted & self._ended.keys()) < enough:
+        while len(wanted & self._ended.keys()) < enough and not self.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -86,6 +88,7 @@ class RawConnection:
             except TimeoutError:
                 break
             if not data:
+                self.closed = True
                 break
             self._receive(data)
         return {s: self._ended[s] for s in wanted if s in self._ended}
@@ -100,6 +103,8 @@ class RawConnection:
                 self._ended.setdefault(event.stream_id, f"reset {getattr(event.error_code, 'name', event.error_code)}")
             elif isinstance(event, h2.events.DataReceived):
                 self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.closed = True
         self._socket.sendall(self._h2.data_to_send())
 
     def close(self) -> None:
