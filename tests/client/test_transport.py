@@ -54,6 +54,25 @@ def test_transient_failures_are_retried_with_growing_backoff(tmp_path: Path) -> 
     client.close()
 
 
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE])
+def test_a_coordinator_at_its_limits_is_waited_out_with_backoff(code: grpc.StatusCode) -> None:
+    sleeps: list[float] = []
+    client = _client(1, "clinical", sleeps)
+    outcomes: list[_Status | str] = [_Status(code), _Status(code), _Status(code), "ok"]
+
+    def busy() -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    answer = client._with_retry("poll", busy)
+
+    assert answer == "ok"
+    assert len(sleeps) == 3
+    client.close()
+
+
 def test_a_refusal_is_not_retried() -> None:
     sleeps: list[float] = []
     client = _client(1, "clinical", sleeps)

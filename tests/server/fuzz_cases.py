@@ -197,10 +197,10 @@ def expected(
     replay: bool,
 ) -> frozenset[Code]:
     """The answer to a case: credentials first, then (with one defect at an accepting moment) its status."""
+    if sender.owner is None:  # refused at the door, before a byte of the message is read: its size is never seen
+        return frozenset({UNAUTH})
     if "oversize" in defects:
         return frozenset({EXHAUSTED})
-    if sender.owner is None:
-        return frozenset({UNAUTH})
     if "undecodable" in defects:
         return frozenset({INVALID}) if len(defects) == 1 else REFUSED
     if gate := sender.gate():
@@ -276,7 +276,10 @@ def leaves(draw: st.DrawFn, moment: Moment) -> Case:
     run_id = RUN if sender.owner not in moment.joined and draw(st.booleans()) else draw(NOT_RUN)
     reason = "x" * (GRPC_LIMIT + 10) if kind == "oversize" else draw(st.text(max_size=600))
     request = pb.LeaveRequest(worker_id=sender.claim, run_id=run_id, reason=reason)
-    expect = frozenset({EXHAUSTED}) if kind == "oversize" else sender.gate() or frozenset({PRECONDITION})
+    if kind == "oversize":
+        expect = expected(sender, (kind,), {}, accepting=False, replay=False)
+    else:
+        expect = sender.gate() or frozenset({PRECONDITION})
     return Case("Leave", sender, (kind,), expect, request.SerializeToString())
 
 

@@ -28,6 +28,8 @@ secure_aggregation:
         (GOOD.replace("min_workers: 1", "min_workers: 5"), [], "min_workers: 5 exceeds"),
         (GOOD + "aggregation: ffa\nmode: full\n", [], "aggregation: ffa"),
         (GOOD, ["--lora.rank", "-1"], "lora.rank:"),
+        (GOOD, ["--limits.max_streams", "200"], "max_worker_calls: 128 must exceed max_streams (200)"),
+        (GOOD, ["--limits.max_streams_per_worker", "8"], "max_calls_per_worker: 8 must exceed max_streams_per_worker"),
         ("base_model: x\n", [], "workers:"),
     ],
 )

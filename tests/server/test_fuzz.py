@@ -139,9 +139,9 @@ class Fuzzer:
         guard = self.server._streams
         assert guard is not None
         deadline = time.monotonic() + 5
-        while sum(guard._open.values()) and time.monotonic() < deadline:
+        while guard.open_streams() and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert not sum(guard._open.values()), "a cancelled download kept its stream slot"
+        assert not guard.open_streams(), "a cancelled download kept its stream slot"
 
     def fuzz(self, moment: Moment, examples: int = EXAMPLES_PER_RPC) -> int:
         """Send cases at `moment`: each answered precisely, each leaving the state as it was. Returns how many."""

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_server.server import SERVICE_NAME, CoordinatorServer
+from fedlora_server.streams import Budget, OverBudget
 from tests.server.conftest import MANIFEST, WORKERS, connect, run_settings, start_round_one
 
 UPLOAD = f"/{SERVICE_NAME}/UploadUpdate"
@@ -111,3 +113,32 @@ def test_an_idle_upload_is_cancelled_and_the_worker_can_upload_again(tmp_path: P
     assert error.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert waited < 5
     assert accepted.round == 1
+
+
+def test_a_budget_refuses_past_its_limit_in_all_and_past_one_callers_share() -> None:
+    budget = Budget("calls", 3, per_caller=2)
+    budget.take("legal")
+    budget.take("legal")
+
+    with pytest.raises(OverBudget) as own:
+        budget.take("legal")
+    budget.take("clinical")
+    with pytest.raises(OverBudget) as all_:
+        budget.take("finance")
+
+    assert own.value.per_caller
+    assert not all_.value.per_caller
+    assert budget.held() == 3
+
+
+def test_a_slot_is_given_back_once_however_often_it_is_released() -> None:
+    budget = Budget("calls", 1)
+    slot = budget.take("legal")
+
+    slot.release()
+    slot.release()
+    budget.take("legal")
+
+    assert budget.held() == 1
+    with pytest.raises(OverBudget):
+        budget.take("clinical")

@@ -49,6 +49,9 @@ T = TypeVar("T")
 TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
+        # The coordinator is at a limit of calls in flight (all workers' together, or this worker's own): nothing was
+        # done, and a later try finds room. (An upload over its max_update_bytes is refused so too, and retried in vain.)
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.DATA_LOSS,

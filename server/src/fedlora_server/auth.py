@@ -19,15 +19,24 @@ class Authenticator:
 
     def identify(self, token: str | None, peer_names: Sequence[str] = ()) -> str:
         """The worker whose bearer token this is (and, with mTLS, whose certificate the peer holds)."""
+        owner = self.owner(token)
+        self.check_certificate(owner, peer_names)
+        return owner
+
+    def owner(self, token: str | None) -> str:
+        """The worker whose bearer token this is: what a call's metadata proves before any message is read."""
         if not token:
             raise Unauthenticated("missing bearer token")
         digest = hashlib.sha256(token.encode()).hexdigest()
         owner = next((wid for d, wid in self._by_digest.items() if hmac.compare_digest(d, digest)), None)
         if owner is None:
             raise Unauthenticated("unknown credentials")
+        return owner
+
+    def check_certificate(self, owner: str, peer_names: Sequence[str]) -> None:
+        """With mutual TLS, the peer's certificate must name the token's owner."""
         if self._require_client_cert and owner not in peer_names:
             raise PermissionDenied(f"client certificate does not name {owner}")
-        return owner
 
 
 def check_claim(owner: str, claimed_id: str) -> str:

@@ -212,7 +212,7 @@ class TimeoutSettings(StrictModel):
 
 
 class LimitSettings(StrictModel):
-    """Sizes the coordinator accepts, and how much it buffers per stream."""
+    """Sizes the coordinator accepts, how much it buffers per stream, and the calls of each class it holds at once."""
 
     chunk_bytes: int = Field(2**20, ge=1024, le=4 * 2**20, description="Largest chunk of a streamed upload")
     max_update_bytes: int = Field(8 * 2**30, ge=1, description="Largest upload a worker may declare")
@@ -223,6 +223,52 @@ class LimitSettings(StrictModel):
         256 * 1024.0,
         gt=0,
         description="Slowest accepted transfer: a stream may take stream_idle_s plus its declared size at this rate",
+    )
+    max_worker_calls: int = Field(
+        128,
+        ge=2,
+        le=4096,
+        description=(
+            "Calls of allowed workers in flight at once, all together, uploads and downloads included: the server "
+            "threads reserved for workers. More than max_streams, so that polls go on while every stream is held"
+        ),
+    )
+    max_calls_per_worker: int = Field(
+        8,
+        ge=2,
+        description=(
+            "Calls one worker may have in flight at once, streams included (a worker makes one at a time; more "
+            "are calls it gave up on that the coordinator has not yet ended); beyond it RESOURCE_EXHAUSTED, retried"
+        ),
+    )
+    max_health_calls: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="gRPC health checks in flight at once (open to anyone): the threads reserved for them",
+    )
+    refusal_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads that answer calls refused at the door (no valid token, or over a budget) without reading them",
+    )
+    max_calls_per_connection: int = Field(
+        32,
+        ge=1,
+        le=2**31 - 1,
+        description=(
+            "Calls in flight on one connection (HTTP/2 max_concurrent_streams); a worker needs a few. Raise it "
+            "behind a proxy that carries many workers on one connection"
+        ),
+    )
+    request_read_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "A call whose request message (every call but an upload, health checks included) has not fully "
+            "arrived this long after the call opened is cancelled; an upload's messages have stream_idle_s each"
+        ),
     )
     stream_window_bytes: int | None = Field(
         None,
@@ -235,11 +281,30 @@ class LimitSettings(StrictModel):
         ),
     )
 
+    @model_validator(mode="after")
+    def _room_beside_streams(self) -> LimitSettings:
+        if self.max_worker_calls <= self.max_streams:
+            raise ValueError(
+                f"max_worker_calls: {self.max_worker_calls} must exceed max_streams ({self.max_streams}), "
+                "or workers holding every stream would leave no room for a poll"
+            )
+        if self.max_calls_per_worker <= self.max_streams_per_worker:
+            raise ValueError(
+                f"max_calls_per_worker: {self.max_calls_per_worker} must exceed max_streams_per_worker "
+                f"({self.max_streams_per_worker}), or a worker holding its streams could not poll"
+            )
+        return self
+
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel arguments of the coordinator's gRPC server for these limits."""
         options = [
             ("grpc.max_receive_message_length", self.chunk_bytes + 2**16),
             ("grpc.max_send_message_length", self.chunk_bytes + 2**20),
+            ("grpc.max_concurrent_streams", self.max_calls_per_connection),
+            # Count calls as HTTP/2 does (open streams). gRPC's default also counts streams not yet freed, and
+            # refuses a client's first calls, sent before our SETTINGS reached it, with REFUSED_STREAM, which
+            # its stub reports as UNAVAILABLE; what admitted calls cost is bounded by the door's budgets.
+            ("grpc.http.overload_protection", 0),
         ]
         if self.stream_window_bytes is not None:
             options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", self.stream_window_bytes)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ServerMetrics"]
+__all__ = ["DoorMetrics", "ServerMetrics"]
 
 PHASE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -104,5 +104,19 @@ class ServerMetrics:
             "fedlora_memorization_rate",
             "Canary audit of the latest global model over all sites, by duplication group",
             ["group", "metric"],
+            registry=registry,
+        )
+
+
+class DoorMetrics:
+    """What the coordinator turned away before reading it; apart from ServerMetrics since the door is built
+    when the server starts."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refused = Counter(
+            "fedlora_door_refused_total",
+            "Calls refused or cut off before their request was read, by reason: unauthenticated, "
+            "worker_limit (one worker's calls in flight), workers_busy, health_busy, read_deadline",
+            ["reason"],
             registry=registry,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -20,8 +19,8 @@ from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_server.auth import Authenticator
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.interceptor import AuthInterceptor
-from fedlora_server.metrics import ServerMetrics
+from fedlora_server.interceptor import Door
+from fedlora_server.metrics import DoorMetrics, ServerMetrics
 from fedlora_server.report import build_report, write_reports
 from fedlora_server.servicer import CoordinatorServicer
 from fedlora_server.store import CoordinatorStore, SqliteStore
@@ -30,7 +29,6 @@ from fedlora_server.streams import StreamGuard
 __all__ = ["SERVICE_NAME", "CoordinatorServer"]
 
 SERVICE_NAME = "fedlora.v1.Coordinator"
-UNARY_THREADS = 32
 log = structlog.get_logger()
 
 
@@ -84,14 +82,15 @@ class CoordinatorServer:
     def start(self) -> int:
         s = self._settings
         authenticator = Authenticator(s.workers, require_client_cert=bool(s.listen.tls and s.listen.tls.client_ca))
-        self._grpc = grpc.server(
-            # Every admitted stream may hold a thread; the rest serve polls, reports and health checks.
-            futures.ThreadPoolExecutor(max_workers=s.limits.max_streams + UNARY_THREADS, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(authenticator, service_prefix=f"/{SERVICE_NAME}/")],
-            options=s.limits.grpc_options(),
-            maximum_concurrent_rpcs=s.limits.max_streams + UNARY_THREADS,
-        )
         self._streams = StreamGuard(s.limits)
+        door = Door(authenticator, self._streams, DoorMetrics(self.registry), service_prefix=f"/{SERVICE_NAME}/")
+        self._grpc = grpc.server(
+            # The door sends every call to the threads of its class (workers, health) or to those that answer
+            # refusals; no global count of calls, which a flood of strangers could fill for everyone.
+            self._streams.refusals,
+            interceptors=[door],
+            options=s.limits.grpc_options(),
+        )
         servicer = CoordinatorServicer(
             coordinator=self.coordinator, chunk_bytes=s.limits.chunk_bytes, streams=self._streams
         )

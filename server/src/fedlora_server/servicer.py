@@ -1,6 +1,6 @@
 """The gRPC face of the coordinator: decode, check the request acts for its caller, call the logic, map refusals.
 
-Credentials were already checked from the call's metadata by the AuthInterceptor.
+Credentials were already checked from the call's metadata at the door (interceptor.Door).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 chunks += 1
             self._coordinator.count_download(sent, chunks)
         finally:
-            self._streams.release(worker_id, watched)
+            self._streams.release(watched)
 
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext

@@ -45,7 +45,8 @@ def abort_with(context: grpc.ServicerContext, error: CoordinatorError) -> NoRetu
     if isinstance(error, StreamCancelled):
         code = grpc.StatusCode.DEADLINE_EXCEEDED if error.overdue else grpc.StatusCode.CANCELLED
         context.abort(code, str(error))
-    context.abort(STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+    code = next((STATUS_OF[kind] for kind in type(error).__mro__ if kind in STATUS_OF), grpc.StatusCode.INTERNAL)
+    context.abort(code, str(error))
 
 
 @contextmanager
