@@ -27,8 +27,13 @@ class Authenticator:
         """The worker whose bearer token this is: what a call's metadata proves before any message is read."""
         if not token:
             raise Unauthenticated("missing bearer token")
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        owner = next((wid for d, wid in self._by_digest.items() if hmac.compare_digest(d, digest)), None)
+        # The allow-list holds `sha256sum` of the token file, which may end in a newline the worker does not send
+        # (`openssl rand -hex 32 > token` writes one): either digest names the same secret.
+        digests = [hashlib.sha256(token.encode() + end).hexdigest() for end in (b"", b"\n")]
+        owner = next(
+            (wid for d, wid in self._by_digest.items() if any(hmac.compare_digest(d, mine) for mine in digests)),
+            None,
+        )
         if owner is None:
             raise Unauthenticated("unknown credentials")
         return owner

@@ -59,7 +59,8 @@ class WorkerEntry(StrictModel):
     )
     token_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 (hex) of the worker's bearer token file, as `sha256sum` prints it (no trailing newline)",
+        description="SHA-256 (hex) of the worker's bearer token file, as `sha256sum` prints it (a trailing newline "
+        "in the file is allowed: the worker sends the token without it)",
     )
     identity_public: str | None = Field(
         None,
