@@ -103,6 +103,7 @@ class FakeCoordinator:
     complaints: dict[int, list[Complaint]] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     closed: bool = False
+    stopped: bool = False
 
     @property
     def worker_id(self) -> str:
@@ -166,6 +167,9 @@ class FakeCoordinator:
 
     def leave(self, run_id: str, reason: str) -> None:
         self.left.append(reason)
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def close(self) -> None:
         self.closed = True

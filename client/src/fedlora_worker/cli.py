@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import structlog
 from pydantic import BaseModel
 
 from fedlora_common.logs import quiet_grpc_core
@@ -166,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(settings)
 
 
+STOP_GRACE_S = 4.0
+"""How long a signalled worker may take to wind down before it exits regardless (orchestrators wait 5-30 s)."""
+
+
 def _no_library_progress_bars() -> None:
     """Loading weights and mapping data sets draw bars of their own (transformers, datasets, the hub client):
     carriage-return lines that belong on a terminal, not in a log file."""
@@ -249,8 +256,13 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
         sys.stderr.write(f"fedlora-worker: data: {exc}\n")
         return 2
 
+    stopped = threading.Event()
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("worker_stopping", signal=signal.Signals(signum).name)
+        stopped.set()
         worker.shutdown()
+        threading.Thread(target=_exit_after, args=(STOP_GRACE_S,), name="stop-grace", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -270,4 +282,12 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
             log.error("coordinator_refused", code=exc.code, reason=str(exc))
             sys.stderr.write(f"fedlora-worker: the coordinator refused: {exc}\n")
             return 2 if exc.code in CONFIGURATION_REFUSALS else 1
-    return 0 if outcome.finished else 1
+    return 0 if outcome.finished or stopped.is_set() else 1
+
+
+def _exit_after(seconds: float) -> None:
+    """A stopped worker ends within its grace even inside work nothing can interrupt (loading a model, a step
+    of a collective): what it leaves half done, the coordinator already treats as a dropout."""
+    time.sleep(seconds)
+    structlog.get_logger().warning("worker_stopped_forcibly", grace_s=seconds)
+    os._exit(0)

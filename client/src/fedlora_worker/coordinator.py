@@ -124,6 +124,10 @@ class Coordinator(Protocol):
         """Say why this worker cannot go on, before it exits (best effort)."""
         ...
 
+    def stop(self) -> None:
+        """The worker is shutting down (a signal): end calls in flight and retry none; it may come from any thread."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -87,6 +87,10 @@ class _Trained:
     loss: float
 
 
+class _Stopping(Exception):
+    """Raised inside long local work (a training step) once the worker is shut down, to end it at once."""
+
+
 class WorkerFailed(Exception):
     """This site cannot go on (model, data, memory...); the coordinator was told why."""
 
@@ -152,6 +156,8 @@ class Worker:
                     log.info("run_finished", rounds_trained=trained)
                     return WorkerOutcome(spec.run_id, trained, finished=True)
                 trained += self._do(spec, task)
+            except _Stopping:
+                break
             except NotJoined as exc:
                 log.info("rejoining", reason=str(exc))
                 spec = self._join()
@@ -222,7 +228,9 @@ class Worker:
         return 0
 
     def shutdown(self) -> None:
+        """Stop taking part, from any thread (a signal handler): waits, retries and training end at once."""
         self._stopping.set()
+        self._client.stop()
 
     def __enter__(self) -> Worker:
         return self
@@ -302,6 +310,8 @@ class Worker:
         with self._progress(plan.local_steps, "train", unit="step") as bar:
 
             def on_step(step: int, loss: float) -> None:
+                if self._stopping.is_set():
+                    raise _Stopping
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self._metrics.training_steps.inc()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -109,7 +109,7 @@ class CoordinatorClient:
         tls: TlsClientSettings | None = None,
         chunk_bytes: int = 2**20,
         on_retry: Callable[[], None] = lambda: None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.worker_id = worker_id
@@ -119,19 +119,31 @@ class CoordinatorClient:
         self._channel = _channel(target, tls, chunk_bytes)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._on_retry = on_retry
-        self._sleep = sleep
+        self._stopped = threading.Event()
+        self._sleep = sleep or self._stopped.wait
         self._rng = rng or random.Random()
 
     def close(self) -> None:
+        self._channel.close()
+
+    def stop(self) -> None:
+        """The worker is shutting down: calls in flight end now (cancelled), and none is tried again."""
+        self._stopped.set()
         self._channel.close()
 
     def _with_retry(self, what: str, call: Callable[[], T]) -> T:
         """Retry transient failures with backoff; then Unreachable, StaleTask or Refused (the coordinator's answer)."""
         delay = self._retry.initial_backoff_s
         for attempt in range(1, self._retry.attempts + 1):
+            if self._stopped.is_set():
+                raise Unreachable(f"{what}: the worker is stopping")
             try:
                 return call()
-            except (grpc.RpcError, TransferError) as exc:
+            except Exception as exc:
+                if self._stopped.is_set():  # cancelled by stop(), or refused by the closed channel
+                    raise Unreachable(f"{what}: the worker is stopping") from exc
+                if not isinstance(exc, (grpc.RpcError, TransferError)):
+                    raise
                 code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.DATA_LOSS
                 if code in STALE:
                     raise StaleTask(f"{what}: {_details(exc)}") from exc

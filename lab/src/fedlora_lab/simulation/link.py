@@ -81,6 +81,10 @@ class InProcessClient:
     def close(self) -> None:
         self._turns.retire(self.worker_id)
 
+    def stop(self) -> None:
+        """No call of an in-process client outlives its turn; retiring lets the others go on without it."""
+        self._turns.retire(self.worker_id)
+
     def _refused(self, what: str, call: Callable[[], T]) -> T:
         """The coordinator's answer; a refusal for a task it no longer holds becomes StaleTask, any other Refused
         (as the gRPC transport has them)."""
