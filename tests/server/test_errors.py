@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
+from fedlora_common.compatibility import OLDEST_PROTOCOL, PROTOCOL
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_server.aggregation import PlainRoundAggregation
 from fedlora_server.phases import Training
@@ -45,6 +46,28 @@ def test_acting_as_another_worker_is_permission_denied(wire: Wire) -> None:
     request = pb.JoinRequest(worker_id="legal", num_examples=1)
 
     assert _code(lambda: wire.stub.Join(request, metadata=wire.md("clinical"))) == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize(("protocol", "upgrade"), [(PROTOCOL + 1, "coordinator"), (OLDEST_PROTOCOL - 1 or None, None)])
+def test_a_worker_speaking_another_protocol_is_refused_naming_both_versions(
+    server: CoordinatorServer, wire: Wire, protocol: int | None, upgrade: str | None
+) -> None:
+    # Prepare: a worker of a release the coordinator cannot speak with (or, where no older protocol is retired
+    # yet, one that sends no version at all, as fedlora 0.1 did).
+    request = pb.JoinRequest(worker_id="clinical", num_examples=1, software_version="9.9.9", protocol_version=protocol)
+
+    if upgrade is None:  # protocol 1 is the oldest: a worker that sends none is admitted
+        wire.stub.Join(request, metadata=wire.md("clinical"))
+        return
+    with pytest.raises(grpc.RpcError) as refused:
+        wire.stub.Join(request, metadata=wire.md("clinical"))
+
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    details = refused.value.details()
+    assert f"the worker speaks protocol {protocol} (fedlora 9.9.9)" in details
+    assert f"the coordinator protocols {OLDEST_PROTOCOL}-{PROTOCOL}" in details
+    assert details.endswith(f"upgrade the {upgrade}")
+    assert server.coordinator.phase == "admission"
 
 
 def test_polling_before_joining_is_a_failed_precondition(wire: Wire) -> None:

@@ -30,8 +30,9 @@ __all__ = [
     "Unreachable",
 ]
 
-CONFIGURATION_REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
-"""Refusals only an operator can lift: the site's token, certificate or identity key is not what the run admits."""
+CONFIGURATION_REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"})
+"""Refusals only an operator can lift: the site's token, certificate or identity key is not what the run admits,
+or the two sides speak different protocol versions (an upgrade is due)."""
 
 
 class NotJoined(Exception):

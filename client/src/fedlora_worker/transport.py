@@ -17,6 +17,7 @@ import numpy.typing as npt
 import structlog
 
 from fedlora_common.chunking import iter_chunks
+from fedlora_common.compatibility import PROTOCOL, software_version
 from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, ModelVersion, RunSpec, Task, UploadKind
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
@@ -158,7 +159,12 @@ class CoordinatorClient:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def join(self, num_examples: int) -> RunSpec:
-        request = pb.JoinRequest(worker_id=self.worker_id, num_examples=num_examples, software_version="0.1.0")
+        request = pb.JoinRequest(
+            worker_id=self.worker_id,
+            num_examples=num_examples,
+            software_version=software_version(),
+            protocol_version=PROTOCOL,
+        )
         response = self._with_retry("join", lambda: self._stub.Join(request, metadata=self._metadata, timeout=30))
         return run_spec_from_proto(response.run)
 

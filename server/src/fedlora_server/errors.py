@@ -7,6 +7,7 @@ __all__ = [
     "AlreadyExists",
     "CoordinatorError",
     "FailedPrecondition",
+    "Incompatible",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
@@ -65,3 +66,7 @@ class Unavailable(CoordinatorError):
     """The coordinator cannot take this now through a fault of its own (its disk, its database): retry later.
 
     Never the caller's fault: nobody is excluded for it."""
+
+
+class Incompatible(CoordinatorError):
+    """The caller speaks a wire protocol this coordinator does not: one side must be upgraded first."""

@@ -12,6 +12,7 @@ import grpc
 import structlog
 
 from fedlora_common.chunking import as_bytes, chunk_count, iter_chunks
+from fedlora_common.compatibility import incompatibility
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.secagg import Complaint
@@ -28,7 +29,7 @@ from fedlora_common.serde import (
 from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
 from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.errors import FailedPrecondition, InvalidArgument, StreamCancelled
+from fedlora_server.errors import FailedPrecondition, Incompatible, InvalidArgument, StreamCancelled
 from fedlora_server.interceptor import caller
 from fedlora_server.status import answering
 from fedlora_server.streams import StreamGuard, Watched
@@ -53,6 +54,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         with answering(context):
             worker_id = self._acting_for(request.worker_id)
+            if why := incompatibility(request.protocol_version, request.software_version):
+                raise Incompatible(why)
             spec = self._coordinator.join(worker_id, request.num_examples)
             return pb.JoinResponse(run_id=spec.run_id, worker_id=worker_id, run=run_spec_to_proto(spec))
 

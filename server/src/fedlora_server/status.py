@@ -14,6 +14,7 @@ from fedlora_server.errors import (
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
+    Incompatible,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -37,6 +38,7 @@ STATUS_OF: dict[type[CoordinatorError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     Aborted: grpc.StatusCode.ABORTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Incompatible: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

@@ -102,20 +102,26 @@ class JoinRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     num_examples: _builtins.int
     """Examples the worker holds for training; used to weight its update."""
     software_version: _builtins.str
+    """The worker's release, for the operator; and the wire protocol it speaks (fedlora_common.compatibility),
+    which the coordinator must speak too. 0 (absent) is protocol 1.
+    """
+    protocol_version: _builtins.int
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
         num_examples: _builtins.int = ...,
         software_version: _builtins.str = ...,
+        protocol_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_examples", b"num_examples", "software_version", b"software_version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
