@@ -378,7 +378,11 @@ class PhaseMachine:
     def _start_train(self, round_: int, base: GlobalModel) -> None:
         train_s, stage_s = self._deadline(training=True), self._deadline(training=False)
         excluded = self._excluded.get(round_, set())
-        record = self._ledger.attempt_started(round_, tuple(sorted(set(self._joined) - excluded)), train_s)
+        participants = tuple(sorted(set(self._joined) - excluded))
+        if len(participants) < self._settings.min_workers:
+            self._understaffed(round_, excluded)
+            return
+        record = self._ledger.attempt_started(round_, participants, train_s)
         plan = AttemptPlan(
             round=round_,
             attempt=record.attempt,
@@ -392,6 +396,24 @@ class PhaseMachine:
         )
         self._phase = Training(record, self._aggregator.open(plan), base)
         log.info("round_started", round=round_, attempt=record.attempt, participants=len(record.participants))
+
+    def _understaffed(self, round_: int, excluded: set[str]) -> None:
+        """Too few workers for an attempt: wait in admission for those who may still join, else fail the run."""
+        departed = set(self._ledger.departures()) - set(self._joined)
+        eligible = {w.id for w in self._settings.workers} - excluded - departed
+        needed = self._settings.min_workers
+        if len(eligible) >= needed:
+            self._phase = Admission(self._clock() + self._settings.timeouts.admission_s)
+            log.info("round_waiting_for_workers", round=round_, excluded=sorted(excluded), needed=needed)
+            return
+        failure = (
+            f"round {round_} cannot go on: {len(eligible)} workers can take part once {', '.join(sorted(excluded))} "
+            f"sit out for faults its attempts showed, and the run needs {needed}"
+        )
+        self._ledger.run_failed(failure)
+        self._phase = Finished(round_, failure)
+        self._finished.set()
+        log.error("run_failed", reason=failure)
 
     def _commit(self, phase: Training, result: Aggregate) -> None:
         record, started = phase.record, time.perf_counter()
@@ -477,7 +499,12 @@ class PhaseMachine:
             raise FailedPrecondition(f"{worker_id} has not joined the run; call Join first")
 
     def _resume(self) -> None:
-        """Pick up a run this store already holds, at its last committed version; StateError if it cannot."""
+        """Pick up a run this store already holds, at its last committed version; StateError if it cannot.
+
+        Exclusions are rebuilt from the attempts that showed them (a worker caught cheating stays out
+        of its round however often the coordinator restarts), and a version committed just before a
+        crash whose round was not booked as committed yet is booked now.
+        """
         if self._ledger.stored_run() is None and (stray := self._versions.stray_artifacts()):
             raise StateError(
                 f"{stray[0].parent}: holds {len(stray)} committed versions but the store records no run; "
@@ -488,6 +515,11 @@ class PhaseMachine:
         )
         if existing is not None:
             latest = self._versions.restore()
+            self._excluded = self._ledger.exclusions()
+            booked = None if latest is None or latest.round < 1 else self._ledger.last_attempt(latest.round)
+            if booked is not None and booked.status == "failed":  # open_run closed it: the crash came first
+                self._ledger.committed(booked, dropped=(), secagg=None)
+                log.info("round_booked_as_committed", round=booked.round, attempt=booked.attempt)
             log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
             if existing.failure:  # a failed run stays failed: its report and its last committed round stand
                 self._phase = Finished(0 if latest is None else latest.round, existing.failure)
