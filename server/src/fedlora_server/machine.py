@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from fedlora_server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from fedlora_server.intake import Received, Spool, UploadSink, check_header, check_initial_manifest, receive
 from fedlora_server.ledger import RoundLedger
@@ -204,6 +205,9 @@ class PhaseMachine:
             received = receive(header, chunks, upload.sink, chunk_bytes=limits.chunk_bytes, metrics=self._metrics)
         except CoordinatorError as exc:
             log.warning("upload_rejected", worker_id=header.worker_id, round=header.round, reason=str(exc))
+            if isinstance(exc, Unavailable):
+                with self._lock:
+                    self._storage_fault(str(exc), attempt=opened_in)
             raise
         finally:
             with self._lock:
@@ -382,6 +386,10 @@ class PhaseMachine:
         if len(participants) < self._settings.min_workers:
             self._understaffed(round_, excluded)
             return
+        last = self._ledger.last_attempt(round_)
+        if last is not None and last.status == "training":  # its end was never recorded: the store failed
+            reason = "abandoned: the coordinator could not record how it ended (its storage failed)"
+            self._ledger.failed(last, dropped=(), excluded=(), reason=reason)
         record = self._ledger.attempt_started(round_, participants, train_s)
         plan = AttemptPlan(
             round=round_,
@@ -417,9 +425,17 @@ class PhaseMachine:
 
     def _commit(self, phase: Training, result: Aggregate) -> None:
         record, started = phase.record, time.perf_counter()
-        model = self._versions.commit_update(phase.base, result.mean, record.round)
+        try:
+            model = self._versions.commit_update(phase.base, result.mean, record.round)
+        except (OSError, Unavailable) as exc:
+            self._storage_fault(f"the coordinator could not commit round {record.round}: {exc}")
+            return
         self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
-        committed = self._ledger.committed(record, dropped=phase.aggregation.missing, secagg=result.secagg)
+        try:
+            committed = self._ledger.committed(record, dropped=phase.aggregation.missing, secagg=result.secagg)
+        except Unavailable as exc:  # the version stands; its round's figures are booked again on resume
+            log.error("storage_fault", reason=str(exc), round=record.round)
+            committed = replace(record, status="evaluating")
         phase.aggregation.discard()
         log.info(
             "round_committed", round=record.round, updates=len(result.contributors), train_loss=committed.train_loss
@@ -437,17 +453,42 @@ class PhaseMachine:
 
     @contextmanager
     def _blame(self, worker_id: str) -> Iterator[None]:
-        """An unexpected error while taking `worker_id`'s input ends the attempt (without it), not the run."""
+        """An unexpected error while taking `worker_id`'s input ends the attempt (without it), not the run.
+
+        A fault of the coordinator's own disk or database ends the attempt too, blaming nobody, and
+        the worker hears UNAVAILABLE (it retries)."""
         try:
             yield
+        except Unavailable as exc:
+            self._storage_fault(str(exc))
+            raise
         except CoordinatorError:
             raise
+        except OSError as exc:
+            reason = f"the coordinator's disk failed: {exc}"
+            self._storage_fault(reason)
+            raise Unavailable(reason) from None
         except Exception as exc:
             phase = self._phase
             log.exception("input_broke_attempt", worker_id=worker_id)
             if isinstance(phase, Training):
                 self._fail_attempt(phase, f"{worker_id}'s input broke the attempt: {exc}", offenders=(worker_id,))
             raise InvalidArgument(f"refused: it could not be taken into the round ({type(exc).__name__})") from None
+
+    def _storage_fault(self, reason: str, *, attempt: tuple[str, int, int, Hashable] | None = None) -> None:
+        """The coordinator's own storage failed: the open attempt (if it is still `attempt`) fails for that
+        reason, nobody excluded. If even that cannot be recorded, resume from the store as a restart would."""
+        phase = self._phase
+        log.error("storage_fault", reason=reason)
+        if not isinstance(phase, Training) or (attempt is not None and self._state_key()[:3] != attempt[:3]):
+            return
+        try:
+            self._fail_attempt(phase, reason, offenders=())
+        except Unavailable as exc:
+            log.error("resuming_from_store", round=phase.record.round, reason=str(exc))
+            with suppress(Unavailable):  # what the attempt held is dropped either way
+                phase.aggregation.discard()
+            self._phase = Admission(self._clock() + self._settings.timeouts.admission_s)
 
     def _start_evaluate(self, model: GlobalModel, *, record: RoundRecord | None) -> None:
         now = self._clock()
