@@ -46,11 +46,11 @@ from fedlora_server.metrics import ServerMetrics
 from fedlora_server.phases import Admission, Evaluation, Finished, Initialize, Phase, PhaseName, Training, round_of
 from fedlora_server.planning import RoundPlans
 from fedlora_server.privacy import ClientPrivacy
+from fedlora_server.state_check import versions_without_run
 from fedlora_server.store import (
     CoordinatorStore,
     RoundRecord,
     RunRecord,
-    StateError,
 )
 from fedlora_server.versions import GlobalModel, Versions, check_artifact_config
 
@@ -547,10 +547,7 @@ class PhaseMachine:
         crash whose round was not booked as committed yet is booked now.
         """
         if self._ledger.stored_run() is None and (stray := self._versions.stray_artifacts()):
-            raise StateError(
-                f"{stray[0].parent}: holds {len(stray)} committed versions but the store records no run; "
-                "restore coordinator.db, or move the artifacts away to start a new run"
-            )
+            raise versions_without_run(stray)
         existing = self._ledger.open_run(
             RunRecord(self._settings.run_id, self._settings.model_dump_json(), self._clock())
         )

@@ -17,7 +17,7 @@ from fedlora_server.store import ArtifactRecord, RunRecord, SqliteStore, StateEr
 from fedlora_server.store.sqlite import wal_of
 from fedlora_server.versions import ARTIFACTS_DIR, verified_artifact, versions_on_disk
 
-__all__ = ["DATABASE", "SPOOL", "check_state_dir"]
+__all__ = ["DATABASE", "SPOOL", "check_state_dir", "versions_without_run"]
 
 DATABASE = "coordinator.db"
 SPOOL = "spool"
@@ -30,10 +30,7 @@ def check_state_dir(state_dir: Path, *, run_id: str) -> None:
     run, records = _recorded(state_dir / DATABASE)
     on_disk = versions_on_disk(state_dir)
     if run is None and on_disk:
-        raise StateError(
-            f"{on_disk[0].parent}: holds {len(on_disk)} committed versions but the store records no run; "
-            "restore coordinator.db, or move the artifacts away to start a new run"
-        )
+        raise versions_without_run(on_disk)
     if run is not None and run.run_id != run_id:
         raise StateError(
             f"the state directory holds run {run.run_id!r}, not {run_id!r}: point state_dir elsewhere for a new run"
@@ -43,6 +40,14 @@ def check_state_dir(state_dir: Path, *, run_id: str) -> None:
     if (state_dir / ARTIFACTS_DIR).exists():
         _probe_writable(state_dir / ARTIFACTS_DIR)
     _probe_writable(state_dir / SPOOL)
+
+
+def versions_without_run(on_disk: list[Path]) -> StateError:
+    """Versions on disk that no run records: the database belongs to another run, or it was lost."""
+    return StateError(
+        f"{on_disk[0].parent}: holds {len(on_disk)} committed versions but the store records no run; "
+        "restore coordinator.db, or move the artifacts away to start a new run"
+    )
 
 
 def _recorded(database: Path) -> tuple[RunRecord | None, list[ArtifactRecord]]:
