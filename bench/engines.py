@@ -68,7 +68,7 @@ def demo_plan(out: Path, base: Path, *, rounds: int, local_steps: int, data: Dat
 
 
 def _adapter(result: FederationResult) -> dict[str, np.ndarray]:
-    return load_file(str(Path(result.report["adapter_path"]) / "adapter_model.safetensors"))
+    return load_file(str(result.out_dir / result.report["adapter_path"] / "adapter_model.safetensors"))
 
 
 def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:

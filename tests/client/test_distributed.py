@@ -140,7 +140,7 @@ def test_two_gloo_ranks_commit_the_update_one_process_makes_on_the_same_batches(
     data = tokenize(load_records([tmp_path / "train.jsonl"]), alone.tokenizer, max_seq_len=64)
     train_locally(alone.model, data, RoundPlans(settings, None).training(1), pad_id=alone.pad_id)
     one = global_state(alone)
-    committed = load_file(str(Path(report["adapter_path"]) / "adapter_model.safetensors"))
+    committed = load_file(str(settings.state_dir / report["adapter_path"] / "adapter_model.safetensors"))
     assert set(committed) == set(one)
     two_ranks = np.concatenate([(committed[n] - initial[n]).ravel() for n in sorted(one)])
     one_process = np.concatenate([(one[n] - initial[n]).ravel() for n in sorted(one)])

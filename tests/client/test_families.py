@@ -218,5 +218,6 @@ def test_every_family_federates_with_the_default_targets_and_its_adapter_loads_w
         summary = (tmp_path / family.name / "coordinator" / "report.md").read_text()
         assert f"adapted: {', '.join(lora['adapted_modules'])} ({LAYERS * family.per_layer} modules)" in summary
         plain = AutoModelForCausalLM.from_pretrained(base)
-        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), report["adapter_path"])
+        adapter = tmp_path / family.name / "coordinator" / report["adapter_path"]
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
         assert not torch.allclose(logits(plain), logits(tuned), atol=1e-5), family.name

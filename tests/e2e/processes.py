@@ -34,6 +34,7 @@ __all__ = ["COORDINATOR", "Event", "Federation", "federation", "is_event", "tiny
 
 Event = dict[str, Any]
 COORDINATOR = "coordinator"
+COMMIT_WINDOWS = Path(__file__).with_name("commit_windows.py")
 
 
 def tiny_plan(out: Path, base_model: Path, *, rounds: int = 2, **run: Any) -> FederationPlan:
@@ -110,10 +111,10 @@ class Federation:
         self.logs[name].append(log)
         return process
 
-    def start_coordinator(self) -> None:
-        process = self._start(
-            COORDINATOR, [sys.executable, "-m", "fedlora_server", "--config", str(self.run_yaml)], stdout_pipe=True
-        )
+    def start_coordinator(self, *, dies_in: tuple[str, int] | None = None) -> None:
+        """Start the coordinator; with `dies_in` (window, version) it SIGKILLs itself there (commit_windows.py)."""
+        program = ["-m", "fedlora_server"] if dies_in is None else [str(COMMIT_WINDOWS), dies_in[0], str(dies_in[1])]
+        process = self._start(COORDINATOR, [sys.executable, *program, "--config", str(self.run_yaml)], stdout_pipe=True)
         assert process.popen.stdout is not None
         line = process.popen.stdout.readline()
         if not line:
@@ -142,6 +143,17 @@ class Federation:
             self.links[name].drop()
         self.exits.setdefault(name, []).append(process.popen.wait(timeout=30))
         self._release(process)
+
+    def reap(self, name: str, timeout_s: float) -> int:
+        """Wait for one process to end by itself (a coordinator that kills itself); its exit code."""
+        process = self.running[name]
+        try:
+            code = process.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{name} still runs after {timeout_s:.0f} s: {self.tail(name)}") from None
+        self.exits.setdefault(name, []).append(code)
+        self._release(self.running.pop(name))
+        return code
 
     def wait_exit(self, timeout_s: float) -> dict[str, int]:
         """Wait for every running process to exit by itself; their exit codes."""

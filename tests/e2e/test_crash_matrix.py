@@ -8,6 +8,11 @@ initialize, training, each secure stage, mid-upload, just after a commit, evalua
 restarted each time on the same state directory. Every worker must rejoin by itself after each
 restart, the run must finish, and the final adapter must be bit-identical to the uninterrupted
 reference run's (conftest.py): a retried attempt resends the same update, rounded the same way.
+The same run also dies inside commits, in each window a commit passes (version written but not
+renamed, renamed but not recorded, recorded but not linked, linked but its round not booked):
+there the coordinator kills itself, started through commit_windows.py; the restart adopts,
+books or re-links what the kill left, and only the expected versions are committed, nothing set
+aside or left half-written.
 
 Worker: one run in which one worker is SIGKILLed in each phase (initialize, training, each
 secure stage, mid-upload, evaluation) and started again at once. Each round completes without it
@@ -18,6 +23,7 @@ Each matrix prints its table (phase -> what happened).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,11 +40,15 @@ WORKERS = ("clinical", "finance", "legal")
 
 @dataclass(frozen=True)
 class Kill:
-    """Kill the coordinator at the first event of `source`'s log (the coordinator's, or a worker's) that `when` matches."""
+    """Kill the coordinator at the first event of `source`'s log (the coordinator's, or a worker's) that `when`
+    matches; or, with `dies_in` (window, version), let it kill itself in that window of that commit."""
 
     phase: str
-    when: Callable[[Event], bool]
+    when: Callable[[Event], bool] = lambda event: False
     source: str = COORDINATOR
+    dies_in: tuple[str, int] | None = None
+    costs_attempt: bool | None = None
+    """Whether the kill fails an attempt of round 1; None: as the coordinator's phase at the kill says."""
 
 
 def _secure(stage: str) -> Callable[[Event], bool]:
@@ -56,16 +66,21 @@ def _audited_version(event: Event) -> bool:
 COORDINATOR_KILLS = (
     Kill("admission", is_event("worker_joined")),
     Kill("initialize", is_event("initialize")),
+    Kill("version 0 renamed into place, not recorded", dies_in=("renamed", 0), costs_attempt=False),
     Kill("training", is_event("round_started", round=1)),
     Kill("advertise", is_event("secagg_received", message="Advertisement")),
     Kill("share", _secure("share")),
     Kill("masked upload, mid-stream", _masked_upload),
     Kill("unmask", _secure("unmask")),
-    Kill("commit (committed, not yet evaluated)", is_event("round_committed", round=1)),
+    Kill("version 1 written, not renamed", dies_in=("written", 1), costs_attempt=True),
+    # The link moved, the round not yet booked as committed: a moment before "round_committed" is logged.
+    Kill("version 1 linked, round not booked", dies_in=("linked", 1), costs_attempt=False),
     Kill("evaluation", is_event("metrics_reported", round=1)),
     # Workers audit a new version right after evaluating it ("evaluated" comes first, then the audit).
     Kill("audit", _audited_version, source="legal"),
+    Kill("version 2 recorded, adapter still at version 1", dies_in=("recorded", 2), costs_attempt=False),
 )
+"""In run order. A commit window kills the coordinator started for it, so each closes a commit: at most one per version."""
 
 
 def _wait_rejoined(fed: Federation, incarnation: dict[str, int]) -> None:
@@ -94,6 +109,15 @@ def _rejoined(log: Path) -> tuple[set[str], float | None]:
 
 def _at(event: Event) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+RECOVERY_EVENTS = {"artifact_adopted", "round_booked_as_committed", "adapter_link_repaired"}
+
+
+def _costs_attempt(kill: Kill, last: str) -> bool:
+    if kill.costs_attempt is not None:
+        return kill.costs_attempt
+    return last.startswith(("round_started 1", "secagg_stage 1"))
 
 
 PHASE_EVENTS = (
@@ -144,21 +168,27 @@ def test_a_coordinator_killed_in_every_phase_resumes_and_commits_the_uninterrupt
 
         # Execute: kill the coordinator in each phase in turn; restart it on the same state each time.
         for index, kill in enumerate(COORDINATOR_KILLS):
-            if index:  # every phase from initialize on needs all three: each must have come back by itself
-                _wait_rejoined(fed, incarnation)
-            after = incarnation if kill.source == COORDINATOR else fed.mark()
-            fed.wait_for(kill.source, kill.when, after=after, timeout_s=300)
-            phases.append((kill.phase, _phase_at(fed)))
-            fed.kill(COORDINATOR)
+            if kill.dies_in is not None:  # it kills itself: nothing to wait for but its end
+                fed.reap(COORDINATOR, 300)
+                phases.append((kill.phase, _phase_at(fed)))
+            else:
+                if index:  # every phase from initialize on needs all three: each must have come back by itself
+                    _wait_rejoined(fed, incarnation)
+                after = incarnation if kill.source == COORDINATOR else fed.mark()
+                fed.wait_for(kill.source, kill.when, after=after, timeout_s=300)
+                phases.append((kill.phase, _phase_at(fed)))
+                fed.kill(COORDINATOR)
             incarnation = fed.mark()
-            fed.start_coordinator()
+            following = COORDINATOR_KILLS[index + 1] if index + 1 < len(COORDINATOR_KILLS) else None
+            fed.start_coordinator(dies_in=None if following is None else following.dies_in)
         codes = fed.wait_exit(300)
         rejoins = [_rejoined(log) for log in fed.logs[COORDINATOR][1:]]
         report = json.loads((fed.out / "report.json").read_text())
         killed = _adapter_digest(fed.out / "adapter")
         restarts = len(fed.logs[COORDINATOR]) - 1
         failed_attempts = report["attempt_failures"]
-        versions = sorted(p.name for p in (fed.out / "artifacts").iterdir())
+        versions = sorted(p.name for p in (fed.out / "artifacts").iterdir())  # hidden names too
+        recovered = {e["event"] for e in fed.events(COORDINATOR)} & RECOVERY_EVENTS
     reference_codes = reference_run.finished()
     reference = _adapter_digest(reference_run.adapter())
     rows = [
@@ -172,10 +202,17 @@ def test_a_coordinator_killed_in_every_phase_resumes_and_commits_the_uninterrupt
     assert set(reference_codes.values()) == {0}, reference_codes
     assert restarts == len(COORDINATOR_KILLS)
     assert all(joined == set(WORKERS) for joined, _ in rejoins), rows
-    # Each kill inside round 1's training cost exactly its attempt, and nothing but the three versions was committed.
-    in_training = sum(1 for _, last in phases if last.startswith(("round_started 1", "secagg_stage 1")))
-    assert len([f for f in failed_attempts if f["round"] == 1]) == in_training >= 4, phases
+    # Each commit window was the one the coordinator died in, by its own SIGKILL.
+    windows = [(k.dies_in, last) for k, (_, last) in zip(COORDINATOR_KILLS, phases, strict=True) if k.dies_in]
+    assert all(last.endswith("then killed_in_commit_window") for _, last in windows), windows
+    assert [code for code in fed.exits[COORDINATOR] if code != -9] == [0]
+    # Each kill inside round 1's training cost exactly its attempt, and nothing but the three versions was
+    # committed: no version set aside, no temp directory left behind.
+    in_training = sum(1 for k, (_, last) in zip(COORDINATOR_KILLS, phases, strict=True) if _costs_attempt(k, last))
+    assert len([f for f in failed_attempts if f["round"] == 1]) == in_training >= 5, phases
     assert versions == ["v000000", "v000001", "v000002"]
+    assert os.readlink(fed.out / "adapter") == "artifacts/v000002"
+    assert recovered == RECOVERY_EVENTS  # version 0 adopted, round 1 booked, the link to version 2 repaired
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(r["memorization"] is not None for r in report["rounds"])
     assert killed[0] == reference[0], failed_attempts

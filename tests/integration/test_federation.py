@@ -166,13 +166,14 @@ def test_three_workers_train_and_the_final_model_loads_and_differs_from_the_base
     assert report["base_eval_loss"] is not None
     assert all(r["eval_loss"] is not None for r in report["rounds"])
     # Three deltas of float32 (plain) or uint32 (masked, one more coordinate: the weight) per round.
-    per_worker = _numel(Path(report["adapter_path"])) + (1 if mode == "lora" else 0)
+    adapter = tmp_path / "coordinator" / report["adapter_path"]  # relative to the report's directory
+    per_worker = _numel(adapter) + (1 if mode == "lora" else 0)
     assert [r["upload_bytes"] for r in report["rounds"]] == [3 * 4 * per_worker] * ROUNDS
     base = AutoModelForCausalLM.from_pretrained(lab_model.path)
     if mode == "full":
-        tuned = AutoModelForCausalLM.from_pretrained(report["adapter_path"])
+        tuned = AutoModelForCausalLM.from_pretrained(adapter)
     else:
-        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lab_model.path), report["adapter_path"])
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lab_model.path), adapter)
     assert not torch.allclose(_logits(base, lab_model.path), _logits(tuned, lab_model.path), atol=1e-4)
 
 
@@ -182,8 +183,12 @@ def test_secure_aggregation_matches_plain_aggregation_within_the_quantization_bo
     secure_report, _ = _run_federation(tmp_path / "secure", lab_model.path, "lora", secure=True, rounds=1)
     plain_report, _ = _run_federation(tmp_path / "plain", lab_model.path, "lora", secure=False, rounds=1)
 
-    secure = load_file(str(Path(secure_report["adapter_path"]) / "adapter_model.safetensors"))
-    plain = load_file(str(Path(plain_report["adapter_path"]) / "adapter_model.safetensors"))
+    secure = load_file(
+        str(tmp_path / "secure" / "coordinator" / secure_report["adapter_path"] / "adapter_model.safetensors")
+    )
+    plain = load_file(
+        str(tmp_path / "plain" / "coordinator" / plain_report["adapter_path"] / "adapter_model.safetensors")
+    )
     # Each weighted coordinate is off by at most one quantization step (0.05 / (2**28 - 1) with 3 workers);
     # the mean divides by sum(w)/M, so the bound is 3 * step * M / sum(w) = 3 * step * 65536 / (3 * 16).
     bound = 3 * (0.05 / (2**28 - 1)) * 65536 / (3 * 16)

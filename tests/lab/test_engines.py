@@ -51,7 +51,7 @@ def _plan(out: Path, base: Path, *, secure: bool, workers: int, rounds: int) -> 
 
 
 def _adapter(result: FederationResult) -> dict[str, npt.NDArray[np.float32]]:
-    return load_file(str(Path(result.report["adapter_path"]) / "adapter_model.safetensors"))
+    return load_file(str(result.out_dir / result.report["adapter_path"] / "adapter_model.safetensors"))
 
 
 def _both(tmp_path: Path, base: Path, **plan: Any) -> tuple[FederationResult, FederationResult]:

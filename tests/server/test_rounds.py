@@ -40,7 +40,7 @@ def test_a_run_averages_updates_by_examples_and_commits_each_round(server: Coord
     assert report["base_eval_loss"] == 3.0
     assert [r["eval_loss"] for r in report["rounds"]] == [2.0, 1.0]
     assert all(r["upload_bytes"] == 3 * MANIFEST.nbytes for r in report["rounds"])
-    adapter = Path(report["adapter_path"])
+    adapter = server._settings.state_dir / report["adapter_path"]
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     np.testing.assert_allclose(saved[MANIFEST.names[0]].reshape(-1), current[: MANIFEST.tensors[0].numel], rtol=1e-6)
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4

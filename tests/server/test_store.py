@@ -14,6 +14,7 @@ from fedlora_server.store import (
     RoundRecord,
     RunRecord,
     SqliteStore,
+    StateError,
     StoreError,
     UploadRecord,
     WorkerRecord,
@@ -88,6 +89,17 @@ def test_artifact_versions_only_move_forward(store: CoordinatorStore) -> None:
     assert store.latest_artifact() == second
 
 
+def test_committing_a_version_again_with_its_digest_changes_nothing(store: CoordinatorStore) -> None:
+    first = ArtifactRecord(0, 0, "00" * 32, 100, "artifacts/v000000", 1.0)
+    store.commit_artifact(first)
+
+    store.commit_artifact(ArtifactRecord(0, 0, "00" * 32, 100, "artifacts/v000000", 5.0))  # a retried commit
+
+    with pytest.raises(StoreError, match="not newer"):
+        store.commit_artifact(ArtifactRecord(0, 0, "ff" * 32, 100, "artifacts/v000000", 6.0))
+    assert store.artifacts() == [first]
+
+
 def test_rounds_are_kept_per_attempt_in_order(store: CoordinatorStore) -> None:
     failed = RoundRecord(1, 1, "failed", ("a", "b"), 1.0, 9.0, 9.0, dropped=("b",), excluded=("b",), failure="bad")
     retried = RoundRecord(1, 2, "training", ("a",), 10.0, 20.0)
@@ -121,3 +133,33 @@ def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
     assert reopened.latest_artifact() == ArtifactRecord(0, 0, "00" * 32, 100, "/a/v0", 1.0)
     assert reopened._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     reopened.close()
+
+
+def test_sqlite_writes_no_schema_beside_a_log_whose_database_is_gone(tmp_path: Path) -> None:
+    log = tmp_path / "c.db-wal"
+    log.write_bytes(b"\x37\x7f\x06\x82" + bytes(28))
+
+    with pytest.raises(StateError, match=r"c\.db-wal: a write-ahead log without its database c\.db"):
+        SqliteStore(tmp_path / "c.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db-wal"]
+
+
+def test_a_sqlite_snapshot_holds_what_the_log_holds_and_writes_nothing(tmp_path: Path) -> None:
+    # Prepare: a store whose writes are all still in its log, and its files as they are now.
+    path = tmp_path / "c.db"
+    live = SqliteStore(path)
+    live.create_run(RunRecord("run-a", "{}", 1.0))
+    live.commit_artifact(ArtifactRecord(0, 0, "00" * 32, 100, "artifacts/v000000", 1.0))
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+
+    # Execute
+    snapshot = SqliteStore.snapshot(path)
+    snapshot.fail_run("stays in memory")
+    seen = (snapshot.load_run(), snapshot.artifacts())
+    snapshot.close()
+
+    # Assert
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == files
+    assert seen == (RunRecord("run-a", "{}", 1.0, "stays in memory"), live.artifacts())
+    assert live.load_run() == RunRecord("run-a", "{}", 1.0)
+    live.close()

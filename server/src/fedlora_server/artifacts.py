@@ -3,6 +3,9 @@
 A LoRA version is a peft adapter directory (`adapter_config.json`, `adapter_model.safetensors`)
 that loads with `PeftModel.from_pretrained`; a full fine-tuning version is a model directory
 (`config.json`, `model.safetensors`). Each also carries `fedlora.json`: version, manifest, digest.
+
+Writing a version is idempotent: a crash between writing one and recording it leaves it on disk,
+and the retried commit adopts it when it is the same model, or moves it aside (never deletes it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fedlora_common.chunking import as_bytes, sha256
@@ -31,6 +35,10 @@ class CommittedArtifact:
     path: Path
     sha256: bytes
     size_bytes: int
+    adopted: bool = False
+    """The version was already on disk, whole and the same: a crash came between writing and recording it."""
+    set_aside: Path | None = None
+    """Where a different model found at this version's name was moved (kept, never deleted)."""
 
 
 def _names(mode: str) -> tuple[str, str]:
@@ -56,16 +64,25 @@ def write_artifact(
     vector: npt.NDArray[np.float32],
     config_json: str,
 ) -> CommittedArtifact:
-    """Write version `version` under root/vNNNNNN: temp dir, fsync, checksum, rename."""
+    """Write version `version` under root/vNNNNNN: temp dir, fsync, checksum, rename.
+
+    One already there (what a crash before its recording leaves) is adopted when it holds this
+    very model, else moved aside to `.vNNNNNN.set-aside-K` and this one written in its place.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"v{version:06d}"
+    digest = sha256(as_bytes(vector))
+    set_aside = None
     if final.exists():
-        raise FileExistsError(f"artifact version {version} already exists at {final}")
+        if _holds(final, manifest, digest, config_json):
+            _fsync_file(root)
+            return CommittedArtifact(version, final, digest, vector.nbytes, adopted=True)
+        set_aside = _set_aside(final)
+    for stale in root.glob(f".{final.name}.tmp-*"):  # a crash's half-written attempt at this version
+        shutil.rmtree(stale)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     config_name, weights_name = _names(mode)
-    digest = sha256(as_bytes(vector))
     (tmp / config_name).write_text(config_json, encoding="utf-8")
     save_file(
         {name: np.ascontiguousarray(a) for name, a in unflatten(manifest, vector).items()},
@@ -85,7 +102,26 @@ def write_artifact(
     _fsync_file(tmp)
     os.replace(tmp, final)
     _fsync_file(root)
-    return CommittedArtifact(version, final, digest, vector.nbytes)
+    return CommittedArtifact(version, final, digest, vector.nbytes, set_aside=set_aside)
+
+
+def _holds(path: Path, manifest: Manifest, digest: bytes, config_json: str) -> bool:
+    """Whether the version at `path` is whole and is this model (layout, values, config)."""
+    try:
+        found_manifest, vector, found_config = load_artifact(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return False
+    return found_manifest == manifest and sha256(as_bytes(vector)) == digest and found_config == config_json
+
+
+def _set_aside(path: Path) -> Path:
+    """Move `path` to the first free `.NAME.set-aside-K` beside it, durably."""
+    number = 1
+    while (aside := path.with_name(f".{path.name}.set-aside-{number}")).exists():
+        number += 1
+    os.replace(path, aside)
+    _fsync_file(path.parent)
+    return aside
 
 
 def point_latest(link: Path, target: Path) -> None:

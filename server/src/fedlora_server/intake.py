@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +25,7 @@ import numpy.typing as npt
 from fedlora_common.chunking import chunk_count
 from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest
 from fedlora_common.messages import UploadHeader, UploadKind
-from fedlora_server.errors import CoordinatorError, InvalidArgument, ResourceExhausted
+from fedlora_server.errors import CoordinatorError, InvalidArgument, ResourceExhausted, Unavailable
 from fedlora_server.metrics import ServerMetrics
 
 __all__ = ["Received", "Spool", "UploadSink", "check_header", "check_initial_manifest", "receive", "wire_dtype"]
@@ -129,24 +130,40 @@ def receive(
 
 
 class Spool:
-    """A sink that writes the stream to a file, to be read back in slices once the whole is verified."""
+    """A sink that writes the stream to a file, to be read back in slices once the whole is verified.
+
+    The spool is the coordinator's own disk: a fault there (full, read-only, not a directory) is
+    Unavailable, never the uploader's fault.
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("wb")
+        with self._faults("open"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("wb")
+
+    @contextmanager
+    def _faults(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise Unavailable(f"the coordinator could not {doing} its spool file {self.path}: {exc}") from None
 
     def write(self, offset: int, values: npt.NDArray[Any]) -> None:
-        self._file.write(values.data)
+        with self._faults("write"):
+            self._file.write(values.data)
 
     def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        with suppress(OSError):  # what was spooled is dropped either way
+            self._file.close()
+        with suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
     def slices(self, dtype: type[np.generic]) -> Iterator[tuple[int, npt.NDArray[Any]]]:
         """(element offset, values) over the spooled vector, a few MiB at a time."""
-        self._file.close()
-        with self.path.open("rb") as f:
+        with self._faults("write"):
+            self._file.close()
+        with self._faults("read"), self.path.open("rb") as f:
             offset = 0
             while block := f.read(READ_SLICE_BYTES):
                 values = np.frombuffer(block, dtype=dtype)
@@ -155,8 +172,10 @@ class Spool:
 
     def read(self, dtype: type[np.generic]) -> npt.NDArray[Any]:
         """The whole vector (for the small initial model only; updates are read in slices)."""
-        self._file.close()
-        return np.fromfile(self.path, dtype=dtype)
+        with self._faults("write"):
+            self._file.close()
+        with self._faults("read"):
+            return np.fromfile(self.path, dtype=dtype)
 
     def discard(self) -> None:
         self.abort()

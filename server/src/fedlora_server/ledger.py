@@ -85,6 +85,14 @@ class RoundLedger:
     def run_failed(self, reason: str) -> None:
         self._store.fail_run(reason)
 
+    def exclusions(self) -> dict[int, set[str]]:
+        """Per round, the workers its attempts showed at fault: they sit out the rest of that round."""
+        excluded: dict[int, set[str]] = {}
+        for record in self._store.rounds():
+            if record.excluded:
+                excluded.setdefault(record.round, set()).update(record.excluded)
+        return excluded
+
     def last_attempt(self, round_: int) -> RoundRecord | None:
         attempts = [r for r in self._store.rounds() if r.round == round_]
         return attempts[-1] if attempts else None

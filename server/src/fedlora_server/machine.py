@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from fedlora_server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from fedlora_server.intake import Received, Spool, UploadSink, check_header, check_initial_manifest, receive
 from fedlora_server.ledger import RoundLedger
@@ -55,11 +56,11 @@ from fedlora_server.phases import (
 )
 from fedlora_server.planning import RoundPlans
 from fedlora_server.privacy import ClientPrivacy
+from fedlora_server.state_check import versions_without_run
 from fedlora_server.store import (
     CoordinatorStore,
     RoundRecord,
     RunRecord,
-    StateError,
 )
 from fedlora_server.versions import GlobalModel, Versions, check_artifact_config
 
@@ -217,6 +218,9 @@ class PhaseMachine:
             received = receive(header, chunks, upload.sink, chunk_bytes=limits.chunk_bytes, metrics=self._metrics)
         except CoordinatorError as exc:
             log.warning("upload_rejected", worker_id=header.worker_id, round=header.round, reason=str(exc))
+            if isinstance(exc, Unavailable):
+                with self._lock:
+                    self._storage_fault(str(exc), attempt=opened_in)
             raise
         finally:
             with self._lock:
@@ -393,7 +397,15 @@ class PhaseMachine:
     def _start_train(self, round_: int, base: GlobalModel) -> None:
         train_s, stage_s = self._deadline(training=True), self._deadline(training=False)
         excluded = self._excluded.get(round_, set())
-        record = self._ledger.attempt_started(round_, tuple(sorted(set(self._joined) - excluded)), train_s)
+        participants = tuple(sorted(set(self._joined) - excluded))
+        if len(participants) < self._settings.min_workers:
+            self._understaffed(round_, excluded)
+            return
+        last = self._ledger.last_attempt(round_)
+        if last is not None and last.status == "training":  # its end was never recorded: the store failed
+            reason = "abandoned: the coordinator could not record how it ended (its storage failed)"
+            self._ledger.failed(last, dropped=(), excluded=(), reason=reason)
+        record = self._ledger.attempt_started(round_, participants, train_s)
         plan = AttemptPlan(
             round=round_,
             attempt=record.attempt,
@@ -408,13 +420,36 @@ class PhaseMachine:
         self._phase = Training(record, self._aggregator.open(plan), base)
         log.info("round_started", round=round_, attempt=record.attempt, participants=len(record.participants))
 
+    def _understaffed(self, round_: int, excluded: set[str]) -> None:
+        """Too few workers for an attempt: wait in admission for those who may still join, else fail the run."""
+        departed = set(self._ledger.departures()) - set(self._joined)
+        eligible = {w.id for w in self._settings.workers} - excluded - departed
+        needed = self._settings.min_workers
+        if len(eligible) >= needed:
+            self._phase = Admission(self._clock() + self._settings.timeouts.admission_s)
+            log.info("round_waiting_for_workers", round=round_, excluded=sorted(excluded), needed=needed)
+            return
+        self._give_up(
+            round_,
+            f"round {round_} cannot go on: {len(eligible)} workers can take part once {', '.join(sorted(excluded))} "
+            f"sit out for faults its attempts showed, and the run needs {needed}",
+        )
+
     def _commit(self, phase: Training, result: Aggregate) -> None:
         record, started = phase.record, time.perf_counter()
-        model = self._versions.commit_update(phase.base, result.mean, record.round)
+        try:
+            model = self._versions.commit_update(phase.base, result.mean, record.round)
+        except (OSError, Unavailable) as exc:
+            self._storage_fault(f"the coordinator could not commit round {record.round}: {exc}")
+            return
         self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
-        committed = self._ledger.committed(
-            record, dropped=phase.aggregation.missing, secagg=result.secagg, excluded=result.excluded
-        )
+        try:
+            committed = self._ledger.committed(
+                record, dropped=phase.aggregation.missing, secagg=result.secagg, excluded=result.excluded
+            )
+        except Unavailable as exc:  # the version stands; its round's figures are booked again on resume
+            log.error("storage_fault", reason=str(exc), round=record.round)
+            committed = replace(record, status="evaluating")
         phase.aggregation.discard()
         log.info(
             "round_committed", round=record.round, updates=len(result.contributors), train_loss=committed.train_loss
@@ -445,17 +480,42 @@ class PhaseMachine:
 
     @contextmanager
     def _blame(self, worker_id: str) -> Iterator[None]:
-        """An unexpected error while taking `worker_id`'s input ends the attempt (without it), not the run."""
+        """An unexpected error while taking `worker_id`'s input ends the attempt (without it), not the run.
+
+        A fault of the coordinator's own disk or database ends the attempt too, blaming nobody, and
+        the worker hears UNAVAILABLE (it retries)."""
         try:
             yield
+        except Unavailable as exc:
+            self._storage_fault(str(exc))
+            raise
         except CoordinatorError:
             raise
+        except OSError as exc:
+            reason = f"the coordinator's disk failed: {exc}"
+            self._storage_fault(reason)
+            raise Unavailable(reason) from None
         except Exception as exc:
             phase = self._phase
             log.exception("input_broke_attempt", worker_id=worker_id)
             if isinstance(phase, Training):
                 self._fail_attempt(phase, f"{worker_id}'s input broke the attempt: {exc}", offenders=(worker_id,))
             raise InvalidArgument(f"refused: it could not be taken into the round ({type(exc).__name__})") from None
+
+    def _storage_fault(self, reason: str, *, attempt: tuple[str, int, int, Hashable] | None = None) -> None:
+        """The coordinator's own storage failed: the open attempt (if it is still `attempt`) fails for that
+        reason, nobody excluded. If even that cannot be recorded, resume from the store as a restart would."""
+        phase = self._phase
+        log.error("storage_fault", reason=reason)
+        if not isinstance(phase, Training) or (attempt is not None and self._state_key()[:3] != attempt[:3]):
+            return
+        try:
+            self._fail_attempt(phase, reason, offenders=())
+        except Unavailable as exc:
+            log.error("resuming_from_store", round=phase.record.round, reason=str(exc))
+            with suppress(Unavailable):  # what the attempt held is dropped either way
+                phase.aggregation.discard()
+            self._phase = Admission(self._clock() + self._settings.timeouts.admission_s)
 
     def _start_evaluate(self, model: GlobalModel, *, record: RoundRecord | None) -> None:
         now = self._clock()
@@ -512,17 +572,24 @@ class PhaseMachine:
             raise FailedPrecondition(f"{worker_id} has not joined the run; call Join first")
 
     def _resume(self) -> None:
-        """Pick up a run this store already holds, at its last committed version; StateError if it cannot."""
+        """Pick up a run this store already holds, at its last committed version; StateError if it cannot.
+
+        Exclusions are rebuilt from the attempts that showed them (a worker caught cheating stays out
+        of its round however often the coordinator restarts), and a version committed just before a
+        crash whose round was not booked as committed yet is booked now.
+        """
         if self._ledger.stored_run() is None and (stray := self._versions.stray_artifacts()):
-            raise StateError(
-                f"{stray[0].parent}: holds {len(stray)} committed versions but the store records no run; "
-                "restore coordinator.db, or move the artifacts away to start a new run"
-            )
+            raise versions_without_run(stray)
         existing = self._ledger.open_run(
             RunRecord(self._settings.run_id, self._settings.model_dump_json(), self._clock())
         )
         if existing is not None:
             latest = self._versions.restore()
+            self._excluded = self._ledger.exclusions()
+            booked = None if latest is None or latest.round < 1 else self._ledger.last_attempt(latest.round)
+            if booked is not None and booked.status == "failed":  # open_run closed it: the crash came first
+                self._ledger.committed(booked, dropped=(), secagg=None)
+                log.info("round_booked_as_committed", round=booked.round, attempt=booked.attempt)
             log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
             if existing.failure:  # a failed run stays failed: its report and its last committed round stand
                 self._phase = Finished(0 if latest is None else latest.round, existing.failure)

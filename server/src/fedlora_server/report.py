@@ -1,7 +1,9 @@
 """The run report: report.json (the contract DESIGN.md names), report.md and report.html with plots.
 
 Built only from what the store holds, so a restarted coordinator reports the same run. The
-markdown and HTML are one ``fedlora_server.document.Document``.
+markdown and HTML are one ``fedlora_server.document.Document``. Paths in the report are relative
+to the state directory, which is where the report lies: `adapter_path` is "adapter" (None until a
+trained round is committed), so a state directory moved or copied whole still reports truly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fedlora_server.document import Align, Document, Figure, Table, figure_png, 
 from fedlora_server.memorization import combine_reports
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore, MetricsRecord, RoundRecord
+from fedlora_server.versions import ADAPTER_LINK
 
 __all__ = ["build_report", "report_document", "write_reports"]
 
@@ -102,9 +105,7 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
         "workers": [
             {"id": w.worker_id, "num_examples": w.num_examples, "left": w.left_reason or None} for w in store.workers()
         ],
-        "adapter_path": (
-            str((settings.state_dir / "adapter").absolute()) if latest is not None and latest.round >= 1 else None
-        ),
+        "adapter_path": ADAPTER_LINK if latest is not None and latest.round >= 1 else None,
         "base_eval_loss": base.eval_loss if base else None,
         "failure": run.failure or None if run is not None else None,
         "failed_attempts": len(failures),

@@ -23,6 +23,7 @@ from fedlora_server.interceptor import Door
 from fedlora_server.metrics import DoorMetrics, ServerMetrics
 from fedlora_server.report import build_report, write_reports
 from fedlora_server.servicer import CoordinatorServicer
+from fedlora_server.state_check import DATABASE, check_state_dir
 from fedlora_server.store import CoordinatorStore, SqliteStore
 from fedlora_server.streams import StreamGuard
 
@@ -63,10 +64,19 @@ class CoordinatorServer:
         self._serving: bool | None = None
         self._set_serving(False)
         self.registry = registry or CollectorRegistry()
-        self._store = store or SqliteStore(settings.state_dir / "coordinator.db")
-        self.coordinator = Coordinator(
-            settings=settings, store=self._store, metrics=ServerMetrics(self.registry), clock=clock
-        )
+        owned = store is None
+        if store is None:  # the state on disk is judged before anything is written to it
+            check_state_dir(settings.state_dir, run_id=settings.run_id)
+            store = SqliteStore(settings.state_dir / DATABASE)
+        self._store = store
+        try:
+            self.coordinator = Coordinator(
+                settings=settings, store=store, metrics=ServerMetrics(self.registry), clock=clock
+            )
+        except BaseException:
+            if owned:
+                store.close()
+            raise
         self._tick = tick
         self._stopping = threading.Event()
         self._grpc: grpc.Server | None = None

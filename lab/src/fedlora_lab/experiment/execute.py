@@ -166,7 +166,7 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
         result.update(_parameter_counts(federation.report, base_model))
     except (KeyError, ValueError, OSError) as exc:  # the counts are context; the run's outcome stands
         result["parameter_count_error"] = f"{type(exc).__name__}: {exc}"
-    final_model, base_dir = Path(adapter_path), run.out_dir / "base-model"
+    final_model, base_dir = federation.out_dir / adapter_path, run.out_dir / "base-model"
     if method.mode == "full":
         base, adapter = with_tokenizer(final_model, base_dir, run.out_dir / "audit" / "final-model"), None
     else:

@@ -84,7 +84,7 @@ def run_secagg_check(config: ExperimentConfig, out_dir: Path, base_model: Path) 
         failed = {who: code for who, code in federation.exit_codes.items() if code != 0}
         if failed or not federation.report.get("adapter_path"):
             raise RuntimeError(f"secagg check ({'secure' if secure else 'plain'} run) failed: {failed}")
-        adapters[secure] = _tensors(Path(federation.report["adapter_path"]))
+        adapters[secure] = _tensors(federation.out_dir / federation.report["adapter_path"])
     settings = coordinator_settings(plan(True))
     sites = config.federation.sites
     bound = quantization_bound(

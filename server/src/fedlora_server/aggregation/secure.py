@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from fedlora_server.aggregation.base import (
     SecureMessage,
 )
 from fedlora_server.config import SecureAggregationSection
-from fedlora_server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from fedlora_server.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from fedlora_server.intake import READ_SLICE_BYTES, Received, UploadSink
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.privacy import ClientPrivacy
@@ -103,22 +104,37 @@ class _MaskedStream:
 
     The journal is a file per worker that is overwritten in place, upload after upload: writing it
     costs a copy into pages the kernel already holds, and it is read only to undo a bad stream.
+    It is the coordinator's own disk: a fault there is Unavailable, never the uploader's fault.
     """
 
     def __init__(self, secure: SecureRound, worker: str, journal: Path) -> None:
-        journal.parent.mkdir(parents=True, exist_ok=True)
+        self._path = journal
+        with self._faults("open"):
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
         self._secure = secure
         self._worker = worker
-        self._journal = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
         self._added = 0
         self._closed = False
+
+    @contextmanager
+    def _faults(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise Unavailable(
+                f"the coordinator could not {doing} its masked-upload journal {self._path}: {exc}"
+            ) from None
 
     def write(self, offset: int, values: npt.NDArray[Any]) -> None:
         with self._lock:
             if self._closed:
                 raise FailedPrecondition("the masked-upload stage closed while this upload was streaming")
-            os.pwrite(self._journal, values.data, offset * ITEM)  # first: only what is journalled can be undone
+            with self._faults("write"):  # first: only what is journalled can be undone
+                written = os.pwrite(self._journal, values.data, offset * ITEM)
+            if written != values.nbytes:
+                raise Unavailable(f"the coordinator could not write its masked-upload journal {self._path}: disk full")
             self._secure.add_masked(self._worker, values, offset)
             self._added = offset + values.size
 
@@ -126,13 +142,18 @@ class _MaskedStream:
         """Subtract everything this stream added; safe to call twice and from any thread."""
         with self._lock:
             if not self._closed:
-                self._take_back()
-                self._close()
+                try:
+                    self._take_back()
+                finally:
+                    self._close()
 
     def _take_back(self) -> None:
         for start in range(0, self._added, READ_SLICE_BYTES // ITEM):
             size = min(READ_SLICE_BYTES // ITEM, self._added - start)
-            block = os.pread(self._journal, size * ITEM, start * ITEM)
+            with self._faults("read back"):
+                block = os.pread(self._journal, size * ITEM, start * ITEM)
+            if len(block) != size * ITEM:
+                raise Unavailable(f"the coordinator's masked-upload journal {self._path} lost what it held")
             self._secure.subtract_masked(np.frombuffer(block, dtype=np.uint32), start)
 
     def finish(self) -> None:
@@ -143,7 +164,8 @@ class _MaskedStream:
 
     def _close(self) -> None:
         self._closed = True
-        os.close(self._journal)
+        with suppress(OSError):
+            os.close(self._journal)
 
 
 class SecureRoundAggregation(RoundAggregation):

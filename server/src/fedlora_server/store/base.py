@@ -3,8 +3,11 @@
 Invariants (the shared test class in tests/server/test_store.py checks each backend):
 - one run per store; `create_run` on a store that holds a different run is refused;
 - a worker's upload for a round is recorded at most once per attempt (`DuplicateUploadError`);
-- committed artifact versions strictly increase and are never rewritten;
-- a write returns only once it is durable: callers announce a decision after it is stored.
+- committed artifact versions strictly increase and are never rewritten; committing a version again
+  with the digest it was recorded with changes nothing (a retried commit);
+- a write returns only once it is durable: callers announce a decision after it is stored;
+- a read or write the medium fails (disk full, read-only, I/O error) raises `errors.Unavailable`,
+  the coordinator's own fault, and keeps nothing of the write.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ class CoordinatorStore(abc.ABC):
 
     @abc.abstractmethod
     def commit_artifact(self, artifact: ArtifactRecord) -> None:
-        """Record a committed global version; StoreError unless it is newer than every other."""
+        """Record a committed global version; StoreError unless it is newer than every other or a repeat."""
 
     @abc.abstractmethod
     def artifacts(self) -> list[ArtifactRecord]:

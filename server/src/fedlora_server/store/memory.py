@@ -74,6 +74,8 @@ class MemoryStore(CoordinatorStore):
 
     def commit_artifact(self, artifact: ArtifactRecord) -> None:
         with self._lock:
+            if any(a.version == artifact.version and a.sha256 == artifact.sha256 for a in self._artifacts):
+                return
             if self._artifacts and artifact.version <= self._artifacts[-1].version:
                 raise StoreError(f"version {artifact.version} is not newer than {self._artifacts[-1].version}")
             self._artifacts.append(artifact)

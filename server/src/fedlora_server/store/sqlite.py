@@ -6,9 +6,10 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from fedlora_server.errors import Unavailable
 from fedlora_server.store.base import (
     ArtifactRecord,
     CoordinatorStore,
@@ -21,8 +22,9 @@ from fedlora_server.store.base import (
     UploadRecord,
     WorkerRecord,
 )
+from fedlora_server.store.wal import WalDamage, WalLog, committed_image, read_wal
 
-__all__ = ["SqliteStore"]
+__all__ = ["SqliteStore", "wal_of"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -59,22 +61,71 @@ MIGRATIONS = (
 )
 
 
+def wal_of(path: Path) -> Path:
+    """The write-ahead log SQLite keeps beside the database at `path`."""
+    return path.with_name(f"{path.name}-wal")
+
+
 class SqliteStore(CoordinatorStore):
     def __init__(self, path: Path) -> None:
-        """Open (or create) the store; StateError if the file is not a sound SQLite database."""
+        """Open (or create) the store; StateError, before anything is written, if its files are not sound.
+
+        The database and its write-ahead log are judged from a read-only `snapshot` first: SQLite
+        would drop a damaged log's frames on opening and truncate it, and a schema is never written
+        beside a log whose database is gone.
+        """
+        log = wal_of(path)
+        if path.exists():
+            self.snapshot(path).close()
+        elif log.exists():
+            raise StateError(f"{log}: a write-ahead log without its database {path.name}; restore {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._attach(path, db, setup=("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL"))
+
+    @classmethod
+    def snapshot(cls, path: Path) -> SqliteStore:
+        """What the database at `path` holds for a reader now, copied into memory; nothing on disk is written.
+
+        Its log is applied as SQLite would apply it (fedlora_server.store.wal), after refusing one
+        damaged anywhere but at its tail. Writes to a snapshot stay in memory. StateError if unsound.
+        """
+        log_path = wal_of(path)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            (verdict,) = self._db.execute("PRAGMA quick_check").fetchone()
+            log = read_wal(log_path.read_bytes()) if log_path.exists() else WalLog()
+        except WalDamage as exc:
+            raise StateError(f"{log_path}: {exc}; restore the state directory from a backup") from None
+        image = bytearray(committed_image(path.read_bytes(), log))
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        if image:
+            image[18:20] = b"\x01\x01"  # the copy in memory keeps no log of its own
+            try:
+                db.deserialize(bytes(image))
+            except sqlite3.DatabaseError as exc:
+                db.close()
+                raise StateError(f"{path}: not a sound SQLite database ({exc})") from None
+        store = cls.__new__(cls)
+        store._attach(path, db, setup=())
+        return store
+
+    def _attach(self, path: Path, db: sqlite3.Connection, *, setup: tuple[str, ...]) -> None:
+        """Take `db` as this store's connection once it passes a quick check, with this version's schema."""
+        self._path = path
+        self._lock = threading.Lock()
+        self._db = db
+        try:
+            for pragma in setup:
+                db.execute(pragma)
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
             if verdict != "ok":
                 raise sqlite3.DatabaseError(verdict)
-            self._db.executescript(SCHEMA)
+            db.executescript(SCHEMA)
             self._migrate()
+        except sqlite3.OperationalError as exc:  # the disk or the file refused, not the contents
+            db.close()
+            raise StateError(f"{path}: cannot be opened ({exc})") from None
         except sqlite3.DatabaseError as exc:
-            self._db.close()
+            db.close()
             raise StateError(f"{path}: not a sound SQLite database ({exc})") from None
 
     def _migrate(self) -> None:
@@ -86,18 +137,30 @@ class SqliteStore(CoordinatorStore):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._faults():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):  # the error that got here is the one to report
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
+        with self._lock, self._faults():
             return list(self._db.execute(sql, args).fetchall())
+
+    @contextmanager
+    def _faults(self) -> Iterator[None]:
+        """A disk or database fault (full, read-only, I/O error) is the coordinator's own: Unavailable."""
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise Unavailable(f"the coordinator's database {self._path} failed: {exc}") from exc
 
     def load_run(self) -> RunRecord | None:
         rows = self._query("SELECT run_id, config_json, created_at, failure FROM run")
@@ -206,6 +269,9 @@ class SqliteStore(CoordinatorStore):
 
     def commit_artifact(self, artifact: ArtifactRecord) -> None:
         with self._tx() as db:
+            row = db.execute("SELECT sha256 FROM artifact WHERE version = ?", (artifact.version,)).fetchone()
+            if row is not None and row[0] == artifact.sha256:
+                return  # the same version committed again: a retried commit
             (latest,) = db.execute("SELECT MAX(version) FROM artifact").fetchone()
             if latest is not None and artifact.version <= latest:
                 raise StoreError(f"version {artifact.version} is not newer than {latest}")
