@@ -70,6 +70,7 @@ def _settings(tmp_path: Path, identities: dict[str, KeyPair], **overrides: Any) 
     workers = [
         {"id": w.id, "token_sha256": w.token_sha256, "identity_public": identities[w.id].public.hex()}
         for w in plain.workers
+        if w.id in identities
     ]
     values: dict[str, Any] = {
         "rounds": 1,
@@ -95,15 +96,22 @@ class Outcome:
     excluded_total: float | None
 
 
-def _federate(tmp_path: Path, kinds: dict[str, type[Site]], *, keys_of: dict[str, str] | None = None) -> Outcome:
-    """Run one secure round with three sites of the given kinds; `keys_of` gives a site another's identity key."""
-    identities = {w: identity_keypair() for w in EXAMPLES}
+def _federate(
+    tmp_path: Path,
+    kinds: dict[str, type[Site]],
+    *,
+    keys_of: dict[str, str] | None = None,
+    examples: dict[str, int] = EXAMPLES,
+) -> Outcome:
+    """Run one secure round with the sites of `examples` (all on the allow-list), of the given kinds; `keys_of`
+    gives a site another's identity key."""
+    identities = {w: identity_keypair() for w in examples}
     settings = _settings(tmp_path, identities)
     with CoordinatorServer(settings=settings) as server:
         sites = make_sites(
             server.port,
             MODEL,
-            EXAMPLES,
+            examples,
             token_of=token_of,
             identities=identities,
             kinds=kinds,
@@ -192,3 +200,15 @@ def test_a_site_configured_with_another_sites_identity_key_leaves_saying_so_and_
     last = outcome.rounds[-1]
     assert (last.round, last.status) == (1, "completed")
     _is_the_mean_of(outcome, {"clinical", "finance"})
+
+
+def test_with_two_sites_the_silencing_attack_fails_the_run_naming_the_sender_instead_of_looping(tmp_path: Path) -> None:
+    # Execute: two sites, finance silencing legal: without finance nobody is left to aggregate with.
+    outcome = _federate(tmp_path, {"finance": SilencingSender}, examples={"finance": 300, "legal": 600})
+
+    # Assert: one failed attempt that excluded finance, then the run failed saying why (it used to retry forever).
+    assert [(r.attempt, r.status, r.excluded) for r in outcome.rounds if r.round == 1] == [
+        (1, "failed", ("finance",))
+    ]
+    assert outcome.failure is not None
+    assert outcome.failure.startswith("round 1 cannot go on: 1 workers can take part once finance sit out")

@@ -396,10 +396,9 @@ class PhaseMachine:
 
     def _start_train(self, round_: int, base: GlobalModel) -> None:
         train_s, stage_s = self._deadline(training=True), self._deadline(training=False)
-        excluded = self._excluded.get(round_, set())
-        participants = tuple(sorted(set(self._joined) - excluded))
+        participants = self._participants(round_)
         if len(participants) < self._settings.min_workers:
-            self._understaffed(round_, excluded)
+            self._understaffed(round_, self._excluded.get(round_, set()))
             return
         last = self._ledger.last_attempt(round_)
         if last is not None and last.status == "training":  # its end was never recorded: the store failed
@@ -419,6 +418,10 @@ class PhaseMachine:
         )
         self._phase = Training(record, self._aggregator.open(plan), base)
         log.info("round_started", round=round_, attempt=record.attempt, participants=len(record.participants))
+
+    def _participants(self, round_: int) -> tuple[str, ...]:
+        """Who an attempt of `round_` would start with: the joined workers its earlier attempts did not exclude."""
+        return tuple(sorted(set(self._joined) - self._excluded.get(round_, set())))
 
     def _understaffed(self, round_: int, excluded: set[str]) -> None:
         """Too few workers for an attempt: wait in admission for those who may still join, else fail the run."""
@@ -471,8 +474,8 @@ class PhaseMachine:
             )
             return
         delay = timeouts.retry_delay(record.attempt)
-        if delay <= 0:
-            self._start_train(record.round, phase.base)
+        if delay <= 0 or len(self._participants(record.round)) < self._settings.min_workers:
+            self._start_train(record.round, phase.base)  # at once, or straight to waiting for workers (or failing)
             return
         self._phase = Backoff(record.round, phase.base, self._clock() + delay, reason)
         self._metrics.round_backoff.set(1)
