@@ -20,7 +20,7 @@ import numpy as np
 import structlog
 
 from fedlora_common.manifest import Manifest
-from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadHeader, UploadKind
+from fedlora_common.messages import MetricsReport, RunSpec, Task, UploadHeader, UploadKind
 from fedlora_server.aggregation import (
     Aggregate,
     AggregationFailed,
@@ -146,42 +146,7 @@ class PhaseMachine:
         with self._lock:
             self._require_joined(worker_id)
             self._advance()
-            phase, now = self._phase, self._clock()
-            wait = Task(TaskKind.WAIT, round=round_of(phase), retry_after_ms=self._settings.timeouts.poll_wait_ms)
-            if isinstance(phase, Finished):
-                return Task(TaskKind.FINISHED, round=phase.round)
-            if isinstance(phase, Backoff):
-                resume_ms = max(0, round((phase.resume_at - now) * 1000))
-                return Task(TaskKind.WAIT, round=phase.round, retry_after_ms=min(wait.retry_after_ms, resume_ms))
-            if worker_id in self._uploading:
-                return wait
-            if isinstance(phase, Initialize) and worker_id == phase.initializer:
-                deadline_s = max(0.0, phase.deadline_at - now)
-                return Task(TaskKind.INITIALIZE, round=0, participants=(worker_id,), deadline_s=deadline_s)
-            if isinstance(phase, Training) and worker_id in phase.record.participants:
-                ask = phase.aggregation.ask(worker_id)
-                if ask is None:
-                    return wait
-                return Task(
-                    ask.kind,
-                    round=phase.record.round,
-                    global_version=phase.base.version,
-                    training=self._plans.training(phase.record.round),
-                    participants=phase.record.participants,
-                    deadline_s=max(0.0, phase.aggregation.deadline_at - now),
-                    secagg=ask.secagg,
-                )
-            if isinstance(phase, Evaluation) and worker_id in phase.participants and worker_id not in phase.done:
-                return Task(
-                    TaskKind.EVALUATE,
-                    round=phase.round,
-                    global_version=phase.model.version,
-                    training=self._plans.training(phase.round),
-                    participants=phase.participants,
-                    deadline_s=max(0.0, phase.deadline_at - now),
-                    audit=self._plans.audit(phase.round),
-                )
-            return wait
+            return self._plans.task(self._phase, worker_id, now=self._clock(), uploading=worker_id in self._uploading)
 
     def global_model(self, worker_id: str, version: int) -> GlobalModel:
         with self._lock:

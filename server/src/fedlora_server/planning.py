@@ -1,9 +1,12 @@
-"""What the coordinator hands out each round, derived from the run's settings: the plans on the wire."""
+"""What the coordinator hands out: the plans on the wire, derived from the run's settings, and each worker's task
+in each phase."""
 
 from __future__ import annotations
 
+from fedlora_common.messages import Task, TaskKind
 from fedlora_common.plans import AuditPlan, TrainingPlan
 from fedlora_server.config import RunSettings
+from fedlora_server.phases import Backoff, Evaluation, Finished, Initialize, Phase, Training, round_of
 from fedlora_server.privacy import ClientPrivacy
 
 __all__ = ["RoundPlans"]
@@ -41,3 +44,42 @@ class RoundPlans:
         if audit is None or round_ == 0 or (round_ % audit.every and round_ != last):
             return None
         return audit.plan()
+
+    def task(self, phase: Phase, worker: str, *, now: float, uploading: bool) -> Task:
+        """What `worker` is to do in `phase` (a joined worker; `uploading`: one of its uploads is still streaming)."""
+        wait = Task(TaskKind.WAIT, round=round_of(phase), retry_after_ms=self._settings.timeouts.poll_wait_ms)
+        if isinstance(phase, Finished):
+            return Task(TaskKind.FINISHED, round=phase.round)
+        if isinstance(phase, Backoff):
+            resume_ms = max(0, round((phase.resume_at - now) * 1000))
+            return Task(TaskKind.WAIT, round=phase.round, retry_after_ms=min(wait.retry_after_ms, resume_ms))
+        if uploading:
+            return wait
+        if isinstance(phase, Initialize) and worker == phase.initializer:
+            return Task(
+                TaskKind.INITIALIZE, round=0, participants=(worker,), deadline_s=max(0.0, phase.deadline_at - now)
+            )
+        if isinstance(phase, Training) and worker in phase.record.participants:
+            ask = phase.aggregation.ask(worker)
+            if ask is None:
+                return wait
+            return Task(
+                ask.kind,
+                round=phase.record.round,
+                global_version=phase.base.version,
+                training=self.training(phase.record.round),
+                participants=phase.record.participants,
+                deadline_s=max(0.0, phase.aggregation.deadline_at - now),
+                secagg=ask.secagg,
+            )
+        if isinstance(phase, Evaluation) and worker in phase.participants and worker not in phase.done:
+            return Task(
+                TaskKind.EVALUATE,
+                round=phase.round,
+                global_version=phase.model.version,
+                training=self.training(phase.round),
+                participants=phase.participants,
+                deadline_s=max(0.0, phase.deadline_at - now),
+                audit=self.audit(phase.round),
+            )
+        return wait
