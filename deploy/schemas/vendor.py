@@ -23,7 +23,6 @@ KUBERNETES_VERSION = "v1.37.0"
 KINDS = (
     "configmap-v1",
     "persistentvolumeclaim-v1",
-    "deployment-apps-v1",
     "job-batch-v1",
     "service-v1",
     "secret-v1",
