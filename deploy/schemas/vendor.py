@@ -20,7 +20,13 @@ from typing import Any
 
 HERE = Path(__file__).parent
 KUBERNETES_VERSION = "v1.37.0"
-KINDS = ("configmap-v1", "persistentvolumeclaim-v1", "deployment-apps-v1", "service-v1", "secret-v1")
+KINDS = (
+    "configmap-v1",
+    "persistentvolumeclaim-v1",
+    "job-batch-v1",
+    "service-v1",
+    "secret-v1",
+)
 REF = re.compile(r'"\$ref": "(?:/api/_definitions\.json)?#/\$defs/([^"]+)"')
 
 

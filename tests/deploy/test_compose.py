@@ -1,9 +1,12 @@
 """docker-compose.yml: valid against the Compose specification, and its init step provisions a federation
-(identities, tokens, certificates, configs) that the programs' own settings models accept as rendered."""
+(identities, tokens, certificates, configs) that the programs' own settings models accept as rendered, and
+Grafana's admin password. How its services restart: test_restarts.py."""
 
 from __future__ import annotations
 
 import copy
+import re
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -53,6 +56,7 @@ def _sites() -> list[str]:
 class Provisioned:
     config_dir: Path
     first_public_keys: dict[str, str]
+    first_grafana_password: str
     init: subprocess.CompletedProcess[str]
     again: subprocess.CompletedProcess[str]
 
@@ -75,9 +79,10 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Provisioned:
 
     first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     keys = {site: (config / "identities" / f"{site}.pub").read_text().strip() for site in _sites()}
+    grafana_password = (config / "grafana" / "admin-password").read_text()
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
 
-    return Provisioned(config, keys, first, again)
+    return Provisioned(config, keys, grafana_password, first, again)
 
 
 def test_docker_compose_yml_is_valid_against_the_compose_specification() -> None:
@@ -180,3 +185,43 @@ def test_every_file_a_rendered_config_names_is_on_a_volume_of_its_service(provis
         unmounted += [p for p in named if not _mounted(services[f"worker-{site}"], p)]
 
     assert unmounted == []
+
+
+def test_init_generates_grafanas_admin_password_readable_by_grafana_and_a_second_run_keeps_it(
+    provisioned: Provisioned,
+) -> None:
+    directory = provisioned.config_dir / "grafana"
+    password = (directory / "admin-password").read_text()
+
+    assert re.fullmatch(r"[0-9a-f]{48}", provisioned.first_grafana_password)
+    assert password == provisioned.first_grafana_password
+    assert stat.S_IMODE((directory / "admin-password").stat().st_mode) == 0o644
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+    assert [p.name for p in directory.iterdir()] == ["admin-password"]
+
+
+def test_grafana_answers_on_loopback_only_to_logged_in_users_with_the_password_init_generated(
+    provisioned: Provisioned,
+) -> None:
+    grafana = _compose()["services"]["grafana"]
+    env = grafana["environment"]
+
+    password_file = PurePosixPath(env["GF_SECURITY_ADMIN_PASSWORD__FILE"])
+    (mount,) = [v for v in grafana["volumes"] if isinstance(v, dict) and password_file.is_relative_to(v["target"])]
+    local = provisioned.config_dir / mount["volume"]["subpath"] / password_file.relative_to(mount["target"])
+
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert (mount["type"], mount["source"], mount["read_only"]) == ("volume", "config", True)
+    assert local.read_text() == provisioned.first_grafana_password
+    assert grafana["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+
+
+def test_no_service_publishes_a_port_beyond_this_host() -> None:
+    published = {name: s.get("ports", []) for name, s in _compose()["services"].items()}
+
+    beyond = {name: p for name, ports in published.items() for p in ports if not p.startswith("127.0.0.1:")}
+
+    assert beyond == {}
