@@ -162,9 +162,10 @@ def test_the_pod_failure_policy_passes_the_checks_the_api_server_makes_beyond_th
 
 
 @pytest.mark.parametrize("manifest", ["coordinator.yaml", "worker.yaml"])
-def test_no_probe_can_stop_a_program_that_exits_0_on_sigterm(manifest: str) -> None:
-    """The kubelet stops a container that fails a liveness or startup probe with SIGTERM; the programs
-    exit 0 on it, and with restartPolicy Never that pod would complete the Job in the middle of the run."""
+def test_no_probe_can_stop_a_program_in_the_middle_of_its_work(manifest: str) -> None:
+    """The kubelet stops a container that fails a liveness or startup probe (SIGTERM); a coordinator busy with a
+    long commit, or a worker loading a large base, would be stopped and its pod replaced for nothing. Readiness
+    alone keeps workers away from a coordinator that cannot serve."""
     probes = [(c["name"], p) for c in containers(_job(manifest)) for p in ("livenessProbe", "startupProbe") if p in c]
 
     assert probes == []

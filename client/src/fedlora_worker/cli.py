@@ -169,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(settings)
 
 
+STOPPED = 128 + signal.SIGTERM
+"""Exit status of a worker stopped by a signal before its run finished (as a shell reports one killed by it):
+not success, so a Kubernetes Job replaces the pod and the site takes part again; compose does not restart a
+container it stopped itself."""
 STOP_GRACE_S = 4.0
 """How long a signalled worker may take to wind down before it exits regardless (orchestrators wait 5-30 s)."""
 
@@ -232,6 +236,27 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     log = structlog.get_logger()
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
+    client = CoordinatorClient(
+        target=settings.coordinator,
+        worker_id=settings.worker_id,
+        token=settings.bearer_token(),
+        retry=settings.retry,
+        tls=settings.tls,
+        on_retry=metrics.retries.inc,
+    )
+    stopped = threading.Event()
+    worker: Worker | None = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("worker_stopping", signal=signal.Signals(signum).name)
+        stopped.set()
+        client.stop()
+        if worker is not None:
+            worker.shutdown()
+        threading.Thread(target=_exit_after, args=(STOP_GRACE_S,), name="stop-grace", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)  # from here on: loading the records can take a while too
+    signal.signal(signal.SIGINT, on_signal)
     if settings.metrics_port is not None:
         try:
             http, _ = start_http_server(
@@ -242,30 +267,13 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
             sys.stderr.write(f"fedlora-worker: metrics_port: cannot listen on {where}: {exc.strerror}\n")
             return 2
         log.info("metrics_listening", host=settings.metrics_host, port=http.server_port)
-    client = CoordinatorClient(
-        target=settings.coordinator,
-        worker_id=settings.worker_id,
-        token=settings.bearer_token(),
-        retry=settings.retry,
-        tls=settings.tls,
-        on_retry=metrics.retries.inc,
-    )
     try:
         worker = Worker(settings=settings, client=client, metrics=metrics, **hooks)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"fedlora-worker: data: {exc}\n")
         return 2
-
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("worker_stopping", signal=signal.Signals(signum).name)
-        stopped.set()
+    if stopped.is_set():
         worker.shutdown()
-        threading.Thread(target=_exit_after, args=(STOP_GRACE_S,), name="stop-grace", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     with worker:
         try:
             outcome = worker.run()
@@ -282,7 +290,9 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
             log.error("coordinator_refused", code=exc.code, reason=str(exc))
             sys.stderr.write(f"fedlora-worker: the coordinator refused: {exc}\n")
             return 2 if exc.code in CONFIGURATION_REFUSALS else 1
-    return 0 if outcome.finished or stopped.is_set() else 1
+    if outcome.finished:
+        return 0
+    return STOPPED if stopped.is_set() else 1
 
 
 def _exit_after(seconds: float) -> None:
@@ -290,4 +300,4 @@ def _exit_after(seconds: float) -> None:
     of a collective): what it leaves half done, the coordinator already treats as a dropout."""
     time.sleep(seconds)
     structlog.get_logger().warning("worker_stopped_forcibly", grace_s=seconds)
-    os._exit(0)
+    os._exit(STOPPED)

@@ -22,6 +22,9 @@ from fedlora_server.config import RunSettings
 __all__ = ["main"]
 
 REFERENCE = "docs/reference/settings.md"
+STOPPED = 128 + signal.SIGTERM
+"""Exit status of a coordinator stopped by a signal before its run ended: not success (a Kubernetes Job starts
+a new pod, which resumes the run at its last committed round)."""
 
 USAGE = """\
 usage: fedlora-server --config run.yaml [--SETTING VALUE ...]     run a federation to its end
@@ -212,7 +215,7 @@ def run(args: Sequence[str]) -> int:
             pass
         if stop.is_set():
             structlog.get_logger().info("coordinator_stopping", reason="signal")
-            return 0
+            return STOPPED
         server.write_report()
         # Let every worker poll once more and see FINISHED before the endpoint goes away.
         stop.wait(2 * settings.timeouts.poll_wait_ms / 1000 + 1)
