@@ -22,10 +22,6 @@ DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "fedlora.json"
 METRIC = re.compile(r"\bfedlora_[a-zA-Z0-9_]+\b")
 RECORDED = re.compile(r"\bfedlora:[a-zA-Z0-9_:]+")
-# Gauges the coordinator gains in the other half of issue 18 (fedlora_server.metrics.ServerMetrics):
-# 1 once the run finished all its rounds / once it failed, else 0. deploy/alerts.yml reads them; remove
-# this set once ServerMetrics registers them, and `exposed()` will find them there.
-ISSUE_18_GAUGES = {"fedlora_run_finished", "fedlora_run_failed"}
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
 
 
@@ -41,7 +37,7 @@ def exposed() -> set[str]:
     DoorMetrics(registry)
     WorkerMetrics(registry)
     names = {family.name + suffix for family in registry.collect() for suffix in SUFFIXES[family.type]}
-    return names | ISSUE_18_GAUGES
+    return names
 
 
 def _queries(node: Any) -> Iterator[str]:

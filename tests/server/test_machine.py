@@ -169,6 +169,10 @@ def test_a_round_that_keeps_failing_backs_off_longer_each_time_and_fails_the_run
     assert registry.get_sample_value("fedlora_round_attempt") == 5
     assert registry.get_sample_value("fedlora_round_backoff") == 0
     assert registry.get_sample_value("fedlora_rounds_failed_total") == 5
+    assert (registry.get_sample_value("fedlora_run_failed"), registry.get_sample_value("fedlora_run_finished")) == (
+        1,
+        0,
+    )
 
 
 def test_a_worker_leaving_during_a_backoff_below_min_workers_fails_the_run(tmp_path: Path, clock: Clock) -> None:
@@ -189,3 +193,27 @@ def test_a_worker_leaving_during_a_backoff_below_min_workers_fails_the_run(tmp_p
     assert coordinator.phase == "finished"
     assert coordinator.failure is not None
     assert "finance: disk failed" in coordinator.failure
+
+
+def test_a_run_that_commits_all_its_rounds_says_it_finished_to_prometheus(tmp_path: Path, clock: Clock) -> None:
+    registry = CollectorRegistry()
+    coordinator = Coordinator(
+        settings=run_settings(tmp_path, min_workers=2, rounds=1),
+        store=MemoryStore(),
+        metrics=ServerMetrics(registry),
+        clock=clock,
+    )
+    initialized(coordinator)
+    assert registry.get_sample_value("fedlora_run_finished") == 0
+    one = np.ones(MANIFEST.numel, dtype=np.float32)
+
+    for w in WORKERS:
+        coordinator.receive_upload(upload_header(w, one, round_=1, kind=UploadKind.DELTA), vector_chunks(one))
+    for w in WORKERS:
+        coordinator.report_metrics(eval_report(w, 1, 2.0))
+
+    assert coordinator.phase == "finished"
+    assert (registry.get_sample_value("fedlora_run_finished"), registry.get_sample_value("fedlora_run_failed")) == (
+        1,
+        0,
+    )

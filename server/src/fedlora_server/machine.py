@@ -511,10 +511,16 @@ class PhaseMachine:
     def _give_up(self, round_: int, failure: str) -> None:
         """The run ends without finishing its rounds; its last committed round stands."""
         self._ledger.run_failed(failure)
-        self._metrics.round_backoff.set(0)
-        self._phase = Finished(round_, failure)
-        self._finished.set()
+        self._finish(round_, failure)
         log.error("run_failed", reason=failure)
+
+    def _finish(self, round_: int, failure: str | None = None) -> None:
+        """The run is over, finished or failed: say so to whoever waits on it, and to Prometheus."""
+        self._phase = Finished(round_, failure)
+        self._metrics.round_backoff.set(0)
+        self._metrics.run_finished.set(failure is None)
+        self._metrics.run_failed.set(failure is not None)
+        self._finished.set()
 
     def _start_next_round_or_finish(self, model: GlobalModel) -> None:
         completed_round = model.round
@@ -522,8 +528,7 @@ class PhaseMachine:
         if completed_round < self._settings.rounds and not budget_spent:
             self._start_train(completed_round + 1, model)
             return
-        self._phase = Finished(completed_round)
-        self._finished.set()
+        self._finish(completed_round)
         if budget_spent and completed_round < self._settings.rounds:
             log.warning("privacy_budget_reached", rounds=completed_round, planned=self._settings.rounds)
         log.info("run_finished", rounds=completed_round)
@@ -560,6 +565,5 @@ class PhaseMachine:
                 log.info("round_booked_as_committed", round=booked.round, attempt=booked.attempt)
             log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
             if existing.failure:  # a failed run stays failed: its report and its last committed round stand
-                self._phase = Finished(0 if latest is None else latest.round, existing.failure)
-                self._finished.set()
+                self._finish(0 if latest is None else latest.round, existing.failure)
                 log.error("run_failed_before_restart", reason=existing.failure)

@@ -32,6 +32,16 @@ class ServerMetrics:
             "fedlora_workers_left_total", "Workers that left the run saying they could not go on", registry=registry
         )
         self.current_round = Gauge("fedlora_current_round", "Round in progress", registry=registry)
+        self.run_finished = Gauge(
+            "fedlora_run_finished",
+            "1 once the run has committed all its rounds (it is over, as planned), else 0",
+            registry=registry,
+        )
+        self.run_failed = Gauge(
+            "fedlora_run_failed",
+            "1 once the run has failed (its last committed round stands; `fedlora-server retry` resumes it), else 0",
+            registry=registry,
+        )
         self.round_attempt = Gauge(
             "fedlora_round_attempt",
             "Attempt of the round in progress (above 1: the round is being retried, fedlora_round_backoff shows "
