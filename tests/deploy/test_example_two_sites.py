@@ -29,6 +29,7 @@ class ExampleRun:
     report: dict[str, Any]
     rounds_completed: list[dict[str, Any]]
     training_steps: list[dict[str, Any]]
+    run_finished: list[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def example(tmp_path_factory: pytest.TempPathFactory, lab_model: MadeModel) -> E
                 *coordinator_command("run.yaml"),
                 *("--listen.host", "127.0.0.1", "--listen.port", "0"),
                 *("--listen.metrics_port", str(metrics["coordinator"])),
+                *("--listen.metrics_linger_s", "3"),  # three of this Prometheus' 1 s scrapes see the end
             ],
             cwd=out,
             stdout_pipe=True,
@@ -60,9 +62,10 @@ def example(tmp_path_factory: pytest.TempPathFactory, lab_model: MadeModel) -> E
             )
         codes = processes.wait_all(timeout=480)
         rounds = prometheus.query("max_over_time(fedlora_rounds_completed_total[15m])")
+        finished = prometheus.query("max_over_time(fedlora_run_finished[15m])")
         steps = prometheus.query("max by (worker) (max_over_time(fedlora_worker_training_steps_total[15m]))")
     report = json.loads((out / "coordinator-state" / "report.json").read_text(encoding="utf-8"))
-    return ExampleRun(out, setup_output, codes, report, rounds, steps)
+    return ExampleRun(out, setup_output, codes, report, rounds, steps, finished)
 
 
 def test_setup_writes_configs_the_programs_accept(example: ExampleRun) -> None:
@@ -91,6 +94,10 @@ def test_the_example_runs_its_rounds_with_secure_aggregation_over_mutual_tls(exa
 
 def test_prometheus_scraped_the_rounds_the_coordinator_completed(example: ExampleRun) -> None:
     assert [float(sample["value"][1]) for sample in example.rounds_completed] == [len(example.report["rounds"])]
+
+
+def test_prometheus_scraped_the_finished_run_before_the_coordinator_exited(example: ExampleRun) -> None:
+    assert [float(sample["value"][1]) for sample in example.run_finished] == [1.0]
 
 
 def test_prometheus_scraped_every_sites_training_steps(example: ExampleRun) -> None:

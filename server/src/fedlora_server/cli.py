@@ -217,8 +217,8 @@ def run(args: Sequence[str]) -> int:
             structlog.get_logger().info("coordinator_stopping", reason="signal")
             return STOPPED
         server.write_report()
-        # Let every worker poll once more and see FINISHED before the endpoint goes away.
-        stop.wait(2 * settings.timeouts.poll_wait_ms / 1000 + 1)
+        # Let every worker poll once more and see FINISHED, and Prometheus scrape the end, before the endpoint goes.
+        stop.wait(max(2 * settings.timeouts.poll_wait_ms / 1000 + 1, settings.listen.metrics_linger_s))
         if server.coordinator.failure is not None:
             sys.stderr.write(f"fedlora-server: the run failed: {server.coordinator.failure}\n")
             return 1

@@ -151,6 +151,13 @@ class ListenSettings(StrictModel):
     host: str = Field("127.0.0.1", description="Address to listen on; anything but loopback needs tls or insecure")
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     metrics_port: int | None = Field(9100, ge=0, le=65535, description="None turns metrics off")
+    metrics_linger_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Once the run is over, keep serving metrics this long before exiting, so that Prometheus "
+        "scrapes its final state (fedlora_run_finished/failed): about two scrape intervals",
+    )
     tls: TlsServerSettings | None = Field(None, description="Serve TLS (and mTLS with client_ca)")
     insecure: bool = Field(
         False, description="Allow plaintext gRPC on a non-loopback address (bearer tokens then cross the network)"
