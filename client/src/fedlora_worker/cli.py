@@ -34,7 +34,7 @@ SETTINGS_REFERENCE = "docs/reference/settings.md"
 
 _COMMANDS = (
     ("--config worker.yaml", "take part in the coordinator's run until it finishes"),
-    ("check-config worker.yaml", "check the settings, every data file and the base model; start nothing"),
+    ("check-config worker.yaml", "check the settings, TLS files, every data file and the base model; start nothing"),
     ("--check --config worker.yaml", "health probe: exit 0 if the coordinator answers SERVING, else 1"),
     ("keygen --out FILE", "write a new Ed25519 identity key (mode 0600), print its public half"),
 )
@@ -56,8 +56,8 @@ def usage() -> str:
         "",
         f"Every setting, its type and default: {SETTINGS_REFERENCE}",
         "exit codes: 0 the run finished (or the check passed); 1 the run failed, the coordinator refused, or",
-        "the health check failed; 2 a bad setting, data file or base model, or a run this model cannot take",
-        "(one line naming it)",
+        "the health check failed; 2 a bad setting, data file or base model, a run this model cannot take, or",
+        "a certificate, key or name TLS with the coordinator fails on (retry.tls_failures times; one line naming it)",
     ]
     return "\n".join(lines)
 
@@ -121,6 +121,8 @@ def check_config(argv: Sequence[str]) -> int:
     except (SiteError, DataError) as exc:
         sys.stderr.write(f"fedlora-worker: {exc}\n")
         return 2
+    for warning in checked.warnings:
+        sys.stderr.write(f"fedlora-worker: warning: {warning}\n")
     config = args[args.index("--config") + 1]
     sys.stdout.write(f"{config}: ok\n")
     for line in checked.summary():
@@ -223,7 +225,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     import structlog
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused
+    from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused, TlsMisconfigured
     from fedlora_worker.daemon import Worker, WorkerFailed
     from fedlora_worker.metrics import WorkerMetrics, labelled
     from fedlora_worker.modeling import TargetsMismatch
@@ -271,6 +273,10 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
             outcome = worker.run()
         except TargetsMismatch as exc:
             sys.stderr.write(f"fedlora-worker: this site refuses the run: {exc}\n")
+            return 2
+        except TlsMisconfigured as exc:  # nothing reaches the coordinator: nothing to leave
+            log.error("tls_misconfigured", reason=str(exc))
+            sys.stderr.write(f"fedlora-worker: {exc}\n")
             return 2
         except Misconfigured as exc:
             sys.stderr.write(f"fedlora-worker: {exc}\n")
