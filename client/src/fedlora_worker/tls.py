@@ -7,13 +7,17 @@
 - `HandshakeDoctor`: one line naming the cause of a failed connection, from what gRPC reports of the call and,
   where that says too little (a coordinator that refuses a client certificate only closes the connection), from
   the files and one plain TLS handshake with the coordinator (Python's `ssl`, no gRPC); None for what may pass.
+- `make_request`: `fedlora-worker csr`: an EC key written here (mode 0600; it never leaves the site) and a
+  certificate signing request whose CN is the worker id, for `fedlora-server certs sign`.
 
 No gRPC here (gRPC's C core is silenced; what it says reaches this module as a call's details), no torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -25,7 +29,8 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -35,15 +40,21 @@ __all__ = [
     "EXPIRY_WARNING",
     "Handshake",
     "HandshakeDoctor",
+    "Request",
     "TlsCheck",
     "TlsFault",
     "check_tls",
     "handshake",
+    "make_request",
     "split_target",
 ]
 
 EXPIRY_WARNING = timedelta(days=14)
 """A certificate that ends sooner than this is worth a warning: the consortium needs time to sign a new one."""
+WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+"""As `WorkerSettings.worker_id`, and as `fedlora-server certs sign` accepts in a request's CN."""
+RESERVED_IDS = ("ca", "coordinator")
+"""Names `fedlora-server certs` gives its own files and certificates: no site may take them."""
 _DNS_NAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
@@ -289,6 +300,54 @@ def _chain(
             return "unknown"
         current = parent
     return "unknown"
+
+
+# ---- a key made at the site ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `make_request` wrote, and the SHA-256 of the public key (to compare with what the CA signs)."""
+
+    key: Path
+    csr: Path
+    worker_id: str
+    public_key_sha256: str
+
+
+def make_request(*, key: Path, csr: Path, worker_id: str) -> Request:
+    """Write a new EC (P-256) key (mode 0600; refusing to overwrite) and a CSR whose CN is `worker_id`."""
+    if not WORKER_ID.match(worker_id):
+        raise TlsFault(f"--id: {worker_id!r} is not a worker id (it must match [A-Za-z0-9._-]{{1,128}})")
+    if worker_id in RESERVED_IDS:
+        raise TlsFault(f"--id: {worker_id!r} is the name of the consortium's own {worker_id} certificate")
+    for flag, path in (("--key", key), ("--out", csr)):
+        if path.exists():
+            raise TlsFault(f"{flag}: {path} exists; refusing to overwrite it")
+    private = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, worker_id)]))
+        .sign(private, hashes.SHA256())
+    )
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_new(key, pem, 0o600)
+    try:
+        _write_new(csr, request.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError:
+        key.unlink()
+        raise
+    return Request(key, csr, worker_id, hashlib.sha256(_public_der(private)).hexdigest())
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ---- why a handshake fails -----------------------------------------------------------------
