@@ -8,6 +8,9 @@ must equal the id it authenticates as (`listen.tls.client_ca` turns the check on
   worker named (none: a site makes its own key, below).
 - `sign_request`: `certs sign`: a client certificate for a site's own key, from the request `fedlora-worker csr`
   made at the site (CN = the worker id), so the private key never travels.
+- `check_listen_tls`: what `fedlora-server check-config` checks of `listen.tls` beyond readability: the key the
+  certificate's own, the certificate for server authentication and in its dates, `client_ca` a CA in its dates
+  (a warning 14 days before any of them ends).
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedlora_common.settings import ConfigError
+from fedlora_server.config import TlsServerSettings
 
 __all__ = [
     "DEFAULT_SANS",
+    "EXPIRY_WARNING",
     "IssuedCertificates",
     "SignedCertificate",
+    "check_listen_tls",
     "issue_certificates",
     "parse_san",
     "sign_request",
@@ -42,6 +51,8 @@ DEFAULT_SANS = ("coordinator", "localhost", "127.0.0.1")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _RESERVED = ("ca", "coordinator")
 _SKEW = timedelta(minutes=5)
+EXPIRY_WARNING = timedelta(days=14)
+"""A certificate that ends sooner than this is worth a warning at check-config."""
 
 SubjectName = x509.DNSName | x509.IPAddress
 
@@ -342,3 +353,96 @@ def sign_request(
         f.flush()
         os.fsync(f.fileno())
     return SignedCertificate(out, worker, certificate.not_valid_after_utc, _public_key_sha256(public_key))
+
+
+# ---- the coordinator's own material, at check-config --------------------------------------
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M} UTC"
+
+
+def _pem_certificates(setting: str, path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        raise ConfigError(f"{setting}: {path} holds no PEM certificate") from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: {path}: {exc.strerror}") from None
+
+
+def _pem_key(setting: str, path: Path) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except TypeError:
+        raise ConfigError(f"{setting}: {path} is encrypted; gRPC reads only unencrypted keys") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{setting}: {path} is not a PEM private key") from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: {path}: {exc.strerror}") from None
+
+
+def _dates(
+    setting: str, path: Path, certificate: x509.Certificate, now: datetime, warn: Callable[[str], object]
+) -> None:
+    if now > certificate.not_valid_after_utc:
+        raise ConfigError(f"{setting}: {path} expired on {_when(certificate.not_valid_after_utc)}")
+    if now < certificate.not_valid_before_utc:
+        raise ConfigError(
+            f"{setting}: {path} is not valid until {_when(certificate.not_valid_before_utc)}; is this host's clock right?"
+        )
+    left = certificate.not_valid_after_utc - now
+    if left < EXPIRY_WARNING:
+        days = "less than a day" if left.days < 1 else f"{left.days} day{'s' if left.days != 1 else ''}"
+        warn(f"{setting}: {path} expires on {_when(certificate.not_valid_after_utc)} (in {days})")
+
+
+def _usable_for(certificate: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def check_listen_tls(
+    tls: TlsServerSettings | None,
+    *,
+    warn: Callable[[str], object],
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """The coordinator's TLS material as workers will meet it; ConfigError names the first fault, `warn` gets a line
+    for each certificate that ends within EXPIRY_WARNING."""
+    if tls is None:
+        return
+    now = clock()
+    chain = _pem_certificates("listen.tls.cert", tls.cert)
+    key = _pem_key("listen.tls.key", tls.key)
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    leaf = chain[0]
+    if public != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ConfigError(
+            f"listen.tls.key: {tls.key} does not match listen.tls.cert {tls.cert} (the certificate holds another "
+            "public key)"
+        )
+    _dates("listen.tls.cert", tls.cert, leaf, now, warn)
+    if not _usable_for(leaf, ExtendedKeyUsageOID.SERVER_AUTH):
+        raise ConfigError(
+            f"listen.tls.cert: {tls.cert} is not for server authentication (its extended key usage lacks serverAuth)"
+        )
+    if tls.client_ca is None:
+        return
+    authorities = [c for c in _pem_certificates("listen.tls.client_ca", tls.client_ca) if _is_ca(c)]
+    if not authorities:
+        raise ConfigError(f"listen.tls.client_ca: {tls.client_ca} holds no CA certificate (basic constraints CA)")
+    for authority in authorities:
+        _dates("listen.tls.client_ca", tls.client_ca, authority, now, warn)

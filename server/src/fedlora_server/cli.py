@@ -94,9 +94,12 @@ def check_config(argv: Sequence[str]) -> int:
     if "--config" not in args and not any(a.startswith("--config=") for a in args):
         sys.stderr.write("fedlora-server check-config: usage: fedlora-server check-config run.yaml [--SETTING VALUE]\n")
         return 2
+    from fedlora_server.certs import check_listen_tls
+
     try:
         settings = load_settings(RunSettings, args)
         _readable(settings)
+        check_listen_tls(settings.listen.tls, warn=lambda line: sys.stderr.write(f"fedlora-server: warning: {line}\n"))
     except ConfigError as exc:
         return _config_error(exc)
     tls = settings.listen.tls
