@@ -359,3 +359,15 @@ def test_worker_csr_never_overwrites_a_key(tmp_path: Path, capsys: pytest.Captur
     assert capsys.readouterr().err == f"fedlora-worker csr: --key: {key} exists; refusing to overwrite it\n"
     assert key.read_text() == "the site's key in use\n"
     assert not (tmp_path / "r.csr").exists()
+
+
+def test_worker_csr_without_its_three_flags_says_how_to_call_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = worker_main(["csr", "--key", str(tmp_path / "k"), "--id", "clinical"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "fedlora-worker csr: usage: fedlora-worker csr --key FILE --out FILE.csr --id WORKER_ID\n"
+    )
+    assert list(tmp_path.iterdir()) == []
