@@ -401,16 +401,17 @@ def test_check_exits_1_in_one_line_when_nothing_answers(tmp_path: Path, capsys: 
 
 
 @pytest.mark.parametrize(
-    ("tls", "code"),
+    ("tls", "code", "cause"),
     [
-        ("tls: {{ca: {d}/ca.crt, cert: {d}/clinical.crt, key: {d}/clinical.key}}\n", 0),
-        ("tls: {{ca: {d}/ca.crt}}\n", 1),  # no client certificate for a coordinator that requires one
-        ("", 1),  # plaintext to a TLS port
+        ("tls: {{ca: {d}/ca.crt, cert: {d}/clinical.crt, key: {d}/clinical.key}}\n", 0, ""),
+        # no client certificate for a coordinator that requires one: named by its cause
+        ("tls: {{ca: {d}/ca.crt}}\n", 1, ": tls: the coordinator at {at} requires a client certificate and this "),
+        ("", 1, ""),  # plaintext to a TLS port
     ],
     ids=["mutual-tls", "no-client-cert", "plaintext"],
 )
 def test_check_speaks_to_the_coordinator_with_the_workers_tls_settings(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], tls: str, code: int
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tls: str, code: int, cause: str
 ) -> None:
     # Prepare: a coordinator that requires mutual TLS, and this worker's certificate from the same CA.
     certs = tmp_path / "tls"
@@ -436,7 +437,8 @@ def test_check_speaks_to_the_coordinator_with_the_workers_tls_settings(
     if code == 0:
         assert streams.out.splitlines()[-1] == f"coordinator localhost:{server.port}: SERVING"
     else:
-        assert streams.err.startswith(f"fedlora-worker: coordinator localhost:{server.port}: UNAVAILABLE")
+        at = f"localhost:{server.port}"
+        assert streams.err.startswith(f"fedlora-worker: coordinator {at}: UNAVAILABLE{cause.format(at=at)}")
         assert streams.err.count("\n") == 1
 
 

@@ -51,6 +51,7 @@ from fedlora_worker.coordinator import (
     NotJoined,
     Refused,
     StaleTask,
+    TlsMisconfigured,
     Unreachable,
 )
 from fedlora_worker.daemon import Worker, WorkerFailed, WorkerOutcome
@@ -564,6 +565,24 @@ def test_a_coordinator_refusing_this_sites_identity_key_ends_the_site_with_its_r
         site.run(coordinator)
     assert coordinator.left == [str(refused.value)]
     assert coordinator.uploads == []
+
+
+def test_tls_that_fails_for_a_reason_of_configuration_mid_run_ends_the_site_without_a_word_to_the_coordinator(
+    site: Site, run: RunSpec
+) -> None:
+    # Prepare: the worker joined; then its certificate expired and every call fails the handshake.
+    cause = "tls.cert: /etc/fedlora/clinical.crt expired on 2026-01-01 00:00 UTC; the coordinator refuses it"
+
+    def refused_handshake(c: FakeCoordinator) -> Task:
+        raise TlsMisconfigured(cause)
+
+    coordinator = scripted(run, refused_handshake)
+
+    # Execute / Assert: the program exits 2 with the cause; nothing was sent to a coordinator it cannot reach.
+    with pytest.raises(TlsMisconfigured, match="expired on 2026-01-01"):
+        site.run(coordinator)
+    assert coordinator.left == []
+    assert coordinator.joins == 1
 
 
 def test_progress_bars_never_reach_a_redirected_log(

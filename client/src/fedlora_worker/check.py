@@ -1,10 +1,14 @@
 """What a worker checks before it joins, and what `fedlora-worker check-config` and `--check` run.
 
-- `check_site`: the settings' files (token, TLS, identity key), every data and canary file row by
-  row (`fedlora_worker.datafiles`), and the base model: a local directory with config, tokenizer and
-  weights, or a hub id found in the Hugging Face cache or on the Hub (HF_HUB_OFFLINE honoured); chat
-  records need a chat template. Each fault is a `SiteError` (or `DataError`): one line, exit code 2.
-- `coordinator_health`: the coordinator's gRPC health check, with the worker's TLS settings.
+- `check_site`: the settings' files (token, identity key, and the TLS files as `fedlora_worker.tls.check_tls`
+  checks them: key and certificate a pair, the certificate for worker_id, signed by a CA, in its dates, the name
+  dialed one a certificate can hold), every data and canary file row by row (`fedlora_worker.datafiles`), and the
+  base model: a local directory with config, tokenizer and weights, or a hub id found in the Hugging Face cache or
+  on the Hub (HF_HUB_OFFLINE honoured); chat records need a chat template. Each fault is a `SiteError` (or
+  `DataError`): one line, exit code 2. What is only worth a warning (a certificate near its end) is in
+  `SiteCheck.warnings`.
+- `coordinator_health`: the coordinator's gRPC health check, with the worker's TLS settings; a TLS failure is
+  named by its cause (`fedlora_worker.tls.HandshakeDoctor`).
 
 No torch, transformers or datasets here: checking a configuration takes well under two seconds.
 """
@@ -15,13 +19,14 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fedlora_worker.config import DataSection, TlsClientSettings, WorkerSettings
 from fedlora_worker.datafiles import DataError, RecordSet, read_canaries, read_records
 from fedlora_worker.records import CanaryRecord
+from fedlora_worker.tls import HandshakeDoctor, TlsCheck, TlsFault, check_tls
 
 __all__ = ["BaseModelSource", "SiteCheck", "SiteError", "check_site", "coordinator_health", "resolve_base_model"]
 
@@ -62,6 +67,12 @@ class SiteCheck:
     eval: RecordSet | None
     canaries: list[CanaryRecord]
     base_model: BaseModelSource
+    tls: TlsCheck = field(default_factory=TlsCheck)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What may fail later, one line each (a certificate near its end); nothing refused."""
+        return self.tls.warnings
 
     def summary(self) -> list[str]:
         sets = [("train", self.train), ("eval", self.eval)]
@@ -79,12 +90,12 @@ class SiteCheck:
             f"base_model: {model.name} ({model.where}{', ' + model.architecture if model.architecture else ''}; "
             f"chat template: {template})"
         )
-        return lines
+        return lines + self.tls.summary
 
 
 def check_site(settings: WorkerSettings, *, environ: Mapping[str, str] | None = None) -> SiteCheck:
     """Check the files the settings name, the data and the base model; raise SiteError or DataError."""
-    _check_files(settings)
+    tls = _check_files(settings)
     train, eval_, canaries = _check_data(settings.data)
     model = resolve_base_model(settings.base_model, environ=os.environ if environ is None else environ)
     chat = [name for name, records in (("train", train), ("eval", eval_)) if records and records.format == "messages"]
@@ -93,7 +104,7 @@ def check_site(settings: WorkerSettings, *, environ: Mapping[str, str] | None = 
             f"data.{chat[0]}: chat records ('messages') are rendered with the tokenizer's chat template, and the "
             f"tokenizer of {model.name} has none; add one (chat_template.jinja) or use 'text' or 'prompt'/'completion'"
         )
-    return SiteCheck(train=train, eval=eval_, canaries=canaries, base_model=model)
+    return SiteCheck(train=train, eval=eval_, canaries=canaries, base_model=model, tls=tls)
 
 
 def _check_data(data: DataSection) -> tuple[RecordSet, RecordSet | None, list[CanaryRecord]]:
@@ -113,18 +124,19 @@ def _records(name: str, paths: tuple[Path, ...]) -> RecordSet:
         raise exc.within(f"data.{name}") from None
 
 
-def _check_files(settings: WorkerSettings) -> None:
+def _check_files(settings: WorkerSettings) -> TlsCheck:
     if settings.token_file is not None:
         _readable("token_file", settings.token_file)
     if settings.identity_key is not None:
         key = _readable("identity_key", settings.identity_key).strip()
         if not re.fullmatch(r"[0-9a-fA-F]{64}", key):
             raise SiteError(f"identity_key: {settings.identity_key} does not hold a key from `fedlora-worker keygen`")
-    if settings.tls is not None:
-        for name in ("ca", "cert", "key"):
-            path = getattr(settings.tls, name)
-            if path is not None:
-                _readable(f"tls.{name}", path)
+    if settings.tls is None:
+        return TlsCheck()
+    try:
+        return check_tls(settings.tls, worker_id=settings.worker_id, coordinator=settings.coordinator)
+    except TlsFault as exc:
+        raise SiteError(str(exc)) from None
 
 
 def _readable(setting: str, path: Path) -> str:
@@ -271,6 +283,8 @@ def coordinator_health(target: str, tls: TlsClientSettings | None, *, timeout_s:
         except grpc.RpcError as exc:
             code = exc.code()
             details = " ".join((exc.details() or "").split())
+            if tls is not None and code is grpc.StatusCode.UNAVAILABLE:
+                details = HandshakeDoctor(target=target, tls=tls).explain(details) or details
             return f"coordinator {target}: {code.name if code else 'no answer'}: {details}"
     if response.status != health_pb2.HealthCheckResponse.SERVING:
         return f"coordinator {target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}"

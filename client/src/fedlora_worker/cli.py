@@ -1,4 +1,4 @@
-"""`fedlora-worker`: take part in a federation, check a configuration, probe the coordinator, make a key.
+"""`fedlora-worker`: take part in a federation, check a configuration, probe the coordinator, make keys.
 
 Everything a site can get wrong on its own (settings, data files, base model) is checked before the
 worker joins, with one line and exit code 2. torch, transformers and the daemon are imported only
@@ -34,9 +34,13 @@ SETTINGS_REFERENCE = "docs/reference/settings.md"
 
 _COMMANDS = (
     ("--config worker.yaml", "take part in the coordinator's run until it finishes"),
-    ("check-config worker.yaml", "check the settings, every data file and the base model; start nothing"),
+    ("check-config worker.yaml", "check the settings, TLS files, every data file and the base model; start nothing"),
     ("--check --config worker.yaml", "health probe: exit 0 if the coordinator answers SERVING, else 1"),
     ("keygen --out FILE", "write a new Ed25519 identity key (mode 0600), print its public half"),
+    (
+        "csr --key FILE --out FILE.csr --id WORKER_ID",
+        "write a new TLS key (mode 0600; it stays here) and a request for the consortium CA to sign",
+    ),
 )
 
 
@@ -56,8 +60,8 @@ def usage() -> str:
         "",
         f"Every setting, its type and default: {SETTINGS_REFERENCE}",
         "exit codes: 0 the run finished (or the check passed); 1 the run failed, the coordinator refused, or",
-        "the health check failed; 2 a bad setting, data file or base model, or a run this model cannot take",
-        "(one line naming it)",
+        "the health check failed; 2 a bad setting, data file or base model, a run this model cannot take, or",
+        "a certificate, key or name TLS with the coordinator fails on (retry.tls_failures times; one line naming it)",
     ]
     return "\n".join(lines)
 
@@ -94,6 +98,34 @@ def keygen(argv: Sequence[str]) -> int:
     return 0
 
 
+def csr(argv: Sequence[str]) -> int:
+    """`csr --key FILE --out FILE.csr --id WORKER_ID`: a TLS key made at the site, which never leaves it, and a
+    certificate signing request (CN = the worker id) for `fedlora-server certs sign` at the consortium's CA."""
+    from fedlora_worker.tls import TlsFault, make_request
+
+    usage = "fedlora-worker csr: usage: fedlora-worker csr --key FILE --out FILE.csr --id WORKER_ID\n"
+    flags = dict(zip(argv[::2], argv[1::2], strict=False))
+    if len(argv) != 6 or set(flags) != {"--key", "--out", "--id"}:
+        sys.stderr.write(usage)
+        return 2
+    try:
+        request = make_request(key=Path(flags["--key"]), csr=Path(flags["--out"]), worker_id=flags["--id"])
+    except TlsFault as exc:
+        sys.stderr.write(f"fedlora-worker csr: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"fedlora-worker csr: {exc.filename}: {exc.strerror}\n")
+        return 2
+    sys.stdout.write(
+        f"wrote {request.key} (mode 0600; it never leaves this site) and {request.csr} (CN={request.worker_id})\n"
+        f"send {request.csr.name} to the consortium's CA: fedlora-server certs sign --ca-dir DIR --csr "
+        f"{request.csr.name} --out {request.worker_id}.crt; then set tls.key: {request.key} and tls.cert to the "
+        "certificate it returns\n"
+        f"public key sha256: {request.public_key_sha256} (the CA prints it when it signs: compare them)\n"
+    )
+    return 0
+
+
 def _settings(argv: Sequence[str]) -> WorkerSettings:
     """The settings from --config, FEDLORA_* and flags, with the token readable; ConfigError otherwise."""
     try:
@@ -121,6 +153,8 @@ def check_config(argv: Sequence[str]) -> int:
     except (SiteError, DataError) as exc:
         sys.stderr.write(f"fedlora-worker: {exc}\n")
         return 2
+    for warning in checked.warnings:
+        sys.stderr.write(f"fedlora-worker: warning: {warning}\n")
     config = args[args.index("--config") + 1]
     sys.stdout.write(f"{config}: ok\n")
     for line in checked.summary():
@@ -153,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args and args[0] == "keygen":
         return keygen(args[1:])
+    if args and args[0] == "csr":
+        return csr(args[1:])
     if args and args[0] == "check-config":
         return check_config(args[1:])
     if "--check" in args:
@@ -227,7 +263,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     import structlog
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused
+    from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused, TlsMisconfigured
     from fedlora_worker.daemon import Worker, WorkerFailed
     from fedlora_worker.metrics import WorkerMetrics, labelled
     from fedlora_worker.modeling import TargetsMismatch
@@ -279,6 +315,10 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
             outcome = worker.run()
         except TargetsMismatch as exc:
             sys.stderr.write(f"fedlora-worker: this site refuses the run: {exc}\n")
+            return 2
+        except TlsMisconfigured as exc:  # nothing reaches the coordinator: nothing to leave
+            log.error("tls_misconfigured", reason=str(exc))
+            sys.stderr.write(f"fedlora-worker: {exc}\n")
             return 2
         except Misconfigured as exc:
             sys.stderr.write(f"fedlora-worker: {exc}\n")

@@ -41,6 +41,12 @@ class RetrySettings(StrictModel):
     attempts: int = Field(8, ge=1, description="Tries per call before the worker gives up on it")
     initial_backoff_s: float = Field(0.5, gt=0, description="Wait before the first retry; doubled each time")
     max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between two tries")
+    tls_failures: int = Field(
+        3,
+        ge=1,
+        description="The same TLS failure (a name, CA, key or certificate the handshake refuses) this many times in "
+        "a row, and the worker exits 2 naming it instead of retrying; a network loss is retried as ever",
+    )
 
 
 class WorkerSettings(BaseSettings):

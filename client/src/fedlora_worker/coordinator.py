@@ -26,6 +26,7 @@ __all__ = [
     "NotJoined",
     "Refused",
     "StaleTask",
+    "TlsMisconfigured",
     "TransferError",
     "Unreachable",
 ]
@@ -58,6 +59,13 @@ class Refused(Exception):
 class Misconfigured(Exception):
     """The coordinator refuses this site as it is configured (CONFIGURATION_REFUSALS): the worker tells it why
     and exits 2, since no retry can help before an operator fixes the site's settings."""
+
+
+class TlsMisconfigured(Misconfigured):
+    """TLS with the coordinator fails for a reason of configuration (a name its certificate lacks, a CA, a key or a
+    certificate the handshake refuses), the same way `RetrySettings.tls_failures` times in a row: the worker exits 2
+    with the message, one line naming the cause. Unlike its parent's, the coordinator is not told: it cannot be
+    reached."""
 
 
 class Unreachable(Exception):

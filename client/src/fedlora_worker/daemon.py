@@ -46,6 +46,7 @@ from fedlora_worker.coordinator import (
     NotJoined,
     Refused,
     StaleTask,
+    TlsMisconfigured,
     TransferError,
     Unreachable,
 )
@@ -173,6 +174,8 @@ class Worker:
                 log.error("site_refused", reason=reason)
                 self._client.leave(spec.run_id, reason)
                 raise Misconfigured(reason) from exc
+            except TlsMisconfigured:
+                raise  # the coordinator cannot be reached to be told
             except Exception as exc:
                 raise self._cannot_go_on(spec, exc) from exc
         return WorkerOutcome(spec.run_id if spec else "", trained, finished=False)

@@ -39,10 +39,12 @@ from fedlora_worker.coordinator import (
     NotJoined,
     Refused,
     StaleTask,
+    TlsMisconfigured,
     TransferError,
     Unreachable,
     prepare_upload,
 )
+from fedlora_worker.tls import HandshakeDoctor
 
 __all__ = ["CoordinatorClient"]
 
@@ -123,6 +125,9 @@ class CoordinatorClient:
         self._stopped = threading.Event()
         self._sleep = sleep or self._stopped.wait
         self._rng = rng or random.Random()
+        self._doctor = HandshakeDoctor(target=target, tls=tls) if tls is not None else None
+        self._tls_fault = ""
+        self._tls_failures = 0
 
     def close(self) -> None:
         self._channel.close()
@@ -133,19 +138,21 @@ class CoordinatorClient:
         self._channel.close()
 
     def _with_retry(self, what: str, call: Callable[[], T]) -> T:
-        """Retry transient failures with backoff; then Unreachable, StaleTask or Refused (the coordinator's answer)."""
+        """Retry transient failures with backoff; then Unreachable, StaleTask or Refused (the coordinator's answer),
+        or TlsMisconfigured when TLS fails for a reason of configuration (`_count_tls_failure`)."""
         delay = self._retry.initial_backoff_s
         for attempt in range(1, self._retry.attempts + 1):
             if self._stopped.is_set():
                 raise Unreachable(f"{what}: the worker is stopping")
             try:
-                return call()
+                answer = call()
             except Exception as exc:
                 if self._stopped.is_set():  # cancelled by stop(), or refused by the closed channel
                     raise Unreachable(f"{what}: the worker is stopping") from exc
                 if not isinstance(exc, (grpc.RpcError, TransferError)):
                     raise
                 code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.DATA_LOSS
+                self._count_tls_failure(what, code, exc)
                 if code in STALE:
                     raise StaleTask(f"{what}: {_details(exc)}") from exc
                 if code not in TRANSIENT:
@@ -156,7 +163,27 @@ class CoordinatorClient:
                 self._on_retry()
                 self._sleep(delay * self._rng.uniform(0.5, 1.0))
                 delay = min(delay * 2, self._retry.max_backoff_s)
+            else:
+                self._count_tls_failure(what, grpc.StatusCode.OK, None)
+                return answer
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _count_tls_failure(self, what: str, code: grpc.StatusCode, exc: grpc.RpcError | TransferError | None) -> None:
+        """A call that ended `code`: if TLS failed for a reason of configuration, count it; at the
+        `retry.tls_failures`-th same cause in a row, TlsMisconfigured (exit 2). Anything else ends the streak."""
+        fault = None
+        if self._doctor is not None and code is grpc.StatusCode.UNAVAILABLE and exc is not None:
+            fault = self._doctor.explain(_details(exc))
+        if fault is None:
+            if self._tls_failures and self._doctor is not None:
+                self._doctor.reset()
+            self._tls_fault, self._tls_failures = "", 0
+            return
+        self._tls_failures = self._tls_failures + 1 if fault == self._tls_fault else 1
+        self._tls_fault = fault
+        log.warning("tls_failed", call=what, reason=fault, failures=self._tls_failures, limit=self._retry.tls_failures)
+        if self._tls_failures >= self._retry.tls_failures:
+            raise TlsMisconfigured(fault) from exc
 
     def join(self, num_examples: int) -> RunSpec:
         request = pb.JoinRequest(

@@ -3,10 +3,19 @@
 Mutual TLS as the coordinator checks it: the coordinator's certificate names the addresses workers
 dial (its SANs), and each worker's client certificate carries the worker id as its common name, which
 must equal the id it authenticates as (`listen.tls.client_ca` turns the check on).
+
+- `issue_certificates`: the CA (kept if there), the coordinator's certificate, and a key and certificate per
+  worker named (none: a site makes its own key, below).
+- `sign_request`: `certs sign`: a client certificate for a site's own key, from the request `fedlora-worker csr`
+  made at the site (CN = the worker id), so the private key never travels.
+- `check_listen_tls`: what `fedlora-server check-config` checks of `listen.tls` beyond readability: the key the
+  certificate's own, the certificate for server authentication and in its dates, `client_ca` a CA in its dates
+  (a warning 14 days before any of them ends).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -16,11 +25,25 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["DEFAULT_SANS", "IssuedCertificates", "issue_certificates", "parse_san"]
+from fedlora_common.settings import ConfigError
+from fedlora_server.config import TlsServerSettings
+
+__all__ = [
+    "DEFAULT_SANS",
+    "EXPIRY_WARNING",
+    "IssuedCertificates",
+    "SignedCertificate",
+    "check_listen_tls",
+    "issue_certificates",
+    "parse_san",
+    "sign_request",
+]
 
 DEFAULT_SANS = ("coordinator", "localhost", "127.0.0.1")
 """Names the coordinator's certificate always carries: the compose/Kubernetes service name and loopback."""
@@ -28,6 +51,8 @@ DEFAULT_SANS = ("coordinator", "localhost", "127.0.0.1")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _RESERVED = ("ca", "coordinator")
 _SKEW = timedelta(minutes=5)
+EXPIRY_WARNING = timedelta(days=14)
+"""A certificate that ends sooner than this is worth a warning at check-config."""
 
 SubjectName = x509.DNSName | x509.IPAddress
 
@@ -146,11 +171,24 @@ class _Authority:
         sans: Sequence[SubjectName] = (),
     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
+        return key, self.certify(key.public_key(), common_name, now=now, days=days, usages=usages, sans=sans)
+
+    def certify(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        common_name: str,
+        *,
+        now: datetime,
+        days: int,
+        usages: Sequence[x509.ObjectIdentifier],
+        sans: Sequence[SubjectName] = (),
+    ) -> x509.Certificate:
+        """A certificate for `public_key` (whoever holds its private half), CN = `common_name`."""
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _SKEW)
             .not_valid_after(now + timedelta(days=days))
@@ -170,12 +208,12 @@ class _Authority:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        return key, builder.sign(self.key, hashes.SHA256())
+        return builder.sign(self.key, hashes.SHA256())
 
     def write(self, out: Path) -> None:
         _write_private(out / "ca.key", _key_pem(self.key))
@@ -194,17 +232,13 @@ def issue_certificates(
 
     The coordinator's certificate names DEFAULT_SANS and `sans` (the addresses workers dial) and is also
     valid for client authentication, so a health check can present it to a coordinator that requires
-    mTLS. Each worker's certificate has CN = the worker id. ValueError names a bad argument.
+    mTLS. Each worker's certificate has CN = the worker id; with no workers, sites make their own keys and
+    send requests to sign (`sign_request`). ValueError names a bad argument.
     """
     if days < 1:
         raise ValueError(f"days: must be at least 1, got {days}")
-    if not workers:
-        raise ValueError("workers: name at least one worker id")
     for worker in workers:
-        if not _WORKER_ID.match(worker):
-            raise ValueError(f"worker id {worker!r} must match [A-Za-z0-9._-]{{1,128}}")
-        if worker in _RESERVED:
-            raise ValueError(f"worker id {worker!r} would overwrite the {worker} files")
+        _check_worker_id(worker, what="worker id")
     if len(set(workers)) != len(workers):
         raise ValueError("workers: each worker id once")
     names: list[SubjectName] = []
@@ -234,3 +268,181 @@ def issue_certificates(
         for worker in workers
     }
     return IssuedCertificates(ca=out / "ca.crt", coordinator=coordinator, workers=issued, reused_ca=reused)
+
+
+def _check_worker_id(worker: str, *, what: str) -> None:
+    if not _WORKER_ID.match(worker):
+        raise ValueError(f"{what} {worker!r} must match [A-Za-z0-9._-]{{1,128}}")
+    if worker in _RESERVED:
+        raise ValueError(f"{what} {worker!r} would overwrite the {worker} files")
+
+
+# ---- a site's own key: signing its request --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignedCertificate:
+    """What `sign_request` wrote."""
+
+    path: Path
+    worker_id: str
+    not_after: datetime
+    public_key_sha256: str
+    """SHA-256 of the certified public key (DER SubjectPublicKeyInfo), as `fedlora-worker csr` printed it."""
+
+
+def _public_key_sha256(key: CertificatePublicKeyTypes) -> str:
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _load_request(path: Path) -> x509.CertificateSigningRequest:
+    data = path.read_bytes()
+    try:
+        return x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data)
+    except ValueError:
+        raise ValueError(f"--csr: {path} is not a certificate signing request (PEM or DER)") from None
+
+
+def sign_request(
+    ca_dir: Path,
+    csr: Path,
+    out: Path,
+    *,
+    days: int = 365,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> SignedCertificate:
+    """A client certificate (CN = the request's CN, a worker id) for the key a site made and kept, signed with the
+    CA in `ca_dir` (from `fedlora-server certs`); written to `out`, never over an existing file.
+
+    Only the request's CN and public key are taken: the rest of the certificate is the CA's choice, as for the
+    certificates `issue_certificates` makes. ValueError names what is wrong (OSError: a file)."""
+    if days < 1:
+        raise ValueError(f"--days: must be at least 1, got {days}")
+    if not (ca_dir / "ca.crt").exists() or not (ca_dir / "ca.key").exists():
+        raise ValueError(f"--ca-dir: {ca_dir} holds no ca.crt and ca.key (fedlora-server certs --out DIR makes them)")
+    if out.exists():
+        raise ValueError(f"--out: {out} exists; refusing to overwrite a certificate")
+    request = _load_request(csr)
+    if not request.is_signature_valid:
+        raise ValueError(
+            f"--csr: {csr}: its signature does not verify (altered, or not signed by the key it names); refusing it"
+        )
+    names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValueError(f"--csr: {csr} names {len(names)} CNs; it must name one, the worker id")
+    worker = str(names[0].value)
+    _check_worker_id(worker, what=f"--csr: {csr}: its CN")
+    public_key = request.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < 2048:
+        raise ValueError(f"--csr: {csr}: an RSA key of {public_key.key_size} bits; 2048 at the least")
+    if not isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+        raise ValueError(f"--csr: {csr}: a {type(public_key).__name__}; TLS here takes EC (P-256) or RSA keys")
+    authority = _Authority.load(ca_dir)
+    now = clock()
+    if now + timedelta(days=days) > authority.certificate.not_valid_after_utc:
+        left = (authority.certificate.not_valid_after_utc - now).days
+        raise ValueError(
+            f"--days: {days} would outlive the CA in {ca_dir} (valid until "
+            f"{authority.certificate.not_valid_after_utc:%Y-%m-%d}); --days {left} at the most"
+        )
+    certificate = authority.certify(public_key, worker, now=now, days=days, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        f.flush()
+        os.fsync(f.fileno())
+    return SignedCertificate(out, worker, certificate.not_valid_after_utc, _public_key_sha256(public_key))
+
+
+# ---- the coordinator's own material, at check-config --------------------------------------
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M} UTC"
+
+
+def _pem_certificates(setting: str, path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        raise ConfigError(f"{setting}: {path} holds no PEM certificate") from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: {path}: {exc.strerror}") from None
+
+
+def _pem_key(setting: str, path: Path) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except TypeError:
+        raise ConfigError(f"{setting}: {path} is encrypted; gRPC reads only unencrypted keys") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{setting}: {path} is not a PEM private key") from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: {path}: {exc.strerror}") from None
+
+
+def _dates(
+    setting: str, path: Path, certificate: x509.Certificate, now: datetime, warn: Callable[[str], object]
+) -> None:
+    if now > certificate.not_valid_after_utc:
+        raise ConfigError(f"{setting}: {path} expired on {_when(certificate.not_valid_after_utc)}")
+    if now < certificate.not_valid_before_utc:
+        raise ConfigError(
+            f"{setting}: {path} is not valid until {_when(certificate.not_valid_before_utc)}; is this host's clock right?"
+        )
+    left = certificate.not_valid_after_utc - now
+    if left < EXPIRY_WARNING:
+        days = "less than a day" if left.days < 1 else f"{left.days} day{'s' if left.days != 1 else ''}"
+        warn(f"{setting}: {path} expires on {_when(certificate.not_valid_after_utc)} (in {days})")
+
+
+def _usable_for(certificate: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def check_listen_tls(
+    tls: TlsServerSettings | None,
+    *,
+    warn: Callable[[str], object],
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """The coordinator's TLS material as workers will meet it; ConfigError names the first fault, `warn` gets a line
+    for each certificate that ends within EXPIRY_WARNING."""
+    if tls is None:
+        return
+    now = clock()
+    chain = _pem_certificates("listen.tls.cert", tls.cert)
+    key = _pem_key("listen.tls.key", tls.key)
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    leaf = chain[0]
+    if public != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ConfigError(
+            f"listen.tls.key: {tls.key} does not match listen.tls.cert {tls.cert} (the certificate holds another "
+            "public key)"
+        )
+    _dates("listen.tls.cert", tls.cert, leaf, now, warn)
+    if not _usable_for(leaf, ExtendedKeyUsageOID.SERVER_AUTH):
+        raise ConfigError(
+            f"listen.tls.cert: {tls.cert} is not for server authentication (its extended key usage lacks serverAuth)"
+        )
+    if tls.client_ca is None:
+        return
+    authorities = [c for c in _pem_certificates("listen.tls.client_ca", tls.client_ca) if _is_ca(c)]
+    if not authorities:
+        raise ConfigError(f"listen.tls.client_ca: {tls.client_ca} holds no CA certificate (basic constraints CA)")
+    for authority in authorities:
+        _dates("listen.tls.client_ca", tls.client_ca, authority, now, warn)

@@ -33,11 +33,15 @@ usage: fedlora-server --config run.yaml [--SETTING VALUE ...]     run a federati
        fedlora-server --check --config run.yaml                   health probe for containers: exit 0 when the
                                                                   coordinator at listen.host:listen.port answers
                                                                   SERVING on the gRPC health service, else 1
-       fedlora-server certs --out DIR --workers ID,ID [--san NAME,...] [--days N]
+       fedlora-server certs --out DIR [--workers ID,ID] [--san NAME,...] [--days N]
                                                                   a CA (kept if DIR has one), the coordinator's
                                                                   certificate (SANs: coordinator, localhost,
-                                                                  127.0.0.1 and each --san), and one client
-                                                                  certificate per worker (CN = worker id)
+                                                                  127.0.0.1 and each --san), and a key and client
+                                                                  certificate per worker named (CN = worker id)
+       fedlora-server certs sign --ca-dir DIR --csr FILE.csr --out FILE.crt [--days N]
+                                                                  a client certificate for a key a site made and
+                                                                  keeps (fedlora-worker csr), CN = the request's
+                                                                  worker id, signed by the CA in DIR
        fedlora-server config-reference                            every run.yaml setting as markdown
 
 Settings come from the YAML file, then FEDLORA_* variables (a section's keys joined by __:
@@ -93,9 +97,12 @@ def check_config(argv: Sequence[str]) -> int:
     if "--config" not in args and not any(a.startswith("--config=") for a in args):
         sys.stderr.write("fedlora-server check-config: usage: fedlora-server check-config run.yaml [--SETTING VALUE]\n")
         return 2
+    from fedlora_server.certs import check_listen_tls
+
     try:
         settings = load_settings(RunSettings, args)
         _readable(settings)
+        check_listen_tls(settings.listen.tls, warn=lambda line: sys.stderr.write(f"fedlora-server: warning: {line}\n"))
     except ConfigError as exc:
         return _config_error(exc)
     tls = settings.listen.tls
@@ -129,12 +136,41 @@ def check(argv: Sequence[str]) -> int:
 
 
 def certs(argv: Sequence[str]) -> int:
-    """`certs --out DIR --workers a,b [--san NAME,...] [--days N]`."""
-    from fedlora_server.certs import issue_certificates
+    """`certs --out DIR [--workers a,b] [--san NAME,...] [--days N]`, or `certs sign --ca-dir DIR --csr FILE
+    --out FILE [--days N]` (a site's request, from `fedlora-worker csr`: its key never leaves the site)."""
+    from fedlora_server.certs import issue_certificates, sign_request
 
+    if argv and argv[0] == "sign":
+        signer = _Parser(prog="fedlora-server certs sign", description="Sign a site's certificate request.")
+        signer.add_argument("--ca-dir", type=Path, required=True, help="directory of ca.crt and ca.key")
+        signer.add_argument("--csr", type=Path, required=True, help="the request fedlora-worker csr made at the site")
+        signer.add_argument("--out", type=Path, required=True, help="where to write the certificate (a new file)")
+        signer.add_argument("--days", type=int, default=365, help="validity of the certificate")
+        try:
+            request = signer.parse_args(argv[1:])
+        except SystemExit as exc:  # a bad argument: _Parser has written its one line
+            return int(exc.code or 0)
+        try:
+            signed = sign_request(request.ca_dir, request.csr, request.out, days=request.days)
+        except ValueError as exc:
+            sys.stderr.write(f"fedlora-server certs sign: {exc}\n")
+            return 2
+        except OSError as exc:
+            sys.stderr.write(f"fedlora-server certs sign: {exc.filename}: {exc.strerror}\n")
+            return 2
+        sys.stdout.write(
+            f"wrote {signed.path} (CN={signed.worker_id}, client authentication, valid until "
+            f"{signed.not_after:%Y-%m-%d}): send it and ca.crt to the site\n"
+            f"public key sha256: {signed.public_key_sha256} (fedlora-worker csr printed it at the site: compare)\n"
+        )
+        return 0
     parser = _Parser(prog="fedlora-server certs", description="Make the certificates for mutual TLS.")
     parser.add_argument("--out", type=Path, required=True, help="directory for ca, coordinator and worker files")
-    parser.add_argument("--workers", required=True, help="comma-separated worker ids (each its certificate's CN)")
+    parser.add_argument(
+        "--workers",
+        default="",
+        help="comma-separated worker ids (each its certificate's CN); sites that make their own keys: certs sign",
+    )
     parser.add_argument(
         "--san",
         action="append",
