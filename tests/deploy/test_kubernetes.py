@@ -18,6 +18,7 @@ import pytest
 
 from fedlora_common.secagg import KeyPair, identity_keypair
 from fedlora_common.settings import ConfigError, load_settings
+from fedlora_server.certs import issue_certificates
 from fedlora_server.config import RunSettings
 from fedlora_worker.config import WorkerSettings
 from tests.deploy.manifests import all_documents, expand, of_kind, pod_spec
@@ -206,12 +207,22 @@ class _Pod:
         assert self.settings.identity_key is not None
         self.data = root / "data"
         self.data.mkdir()
-        secrets = {p: "-----BEGIN CERTIFICATE-----\n" for p in paths_named(self.settings) if self.data not in p.parents}
-        secrets[self.settings.token_file] = "token of clinical"
-        secrets[self.settings.identity_key] = keys["clinical"].private.hex()
+        issued = issue_certificates(root / "issued", workers=["clinical"])  # real ones: check-config reads them
+        tls = self.settings.tls
+        assert tls is not None
+        assert tls.cert is not None
+        assert tls.key is not None
+        secrets = {p: b"" for p in paths_named(self.settings) if self.data not in p.parents}
+        secrets |= {
+            tls.ca: issued.ca.read_bytes(),
+            tls.cert: issued.workers["clinical"].read_bytes(),
+            tls.key: issued.workers["clinical"].with_suffix(".key").read_bytes(),
+            self.settings.token_file: b"token of clinical",
+            self.settings.identity_key: keys["clinical"].private.hex().encode(),
+        }
         for path, content in secrets.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content, encoding="utf-8")
+            path.write_bytes(content)
         self.env = {e["name"]: e["value"] for e in init["env"] if "value" in e}
         self.env |= {"POD_NAME": self.NAME, "POD_NAMESPACE": self.NAMESPACE, **env}
         self.argv = [str(self.config) if a == config else expand(a, self.env) for a in init["command"]]
