@@ -55,6 +55,8 @@ class Site:
     uploaded: list[int] = field(default_factory=list)
     downloaded: list[int] = field(default_factory=list)
     complained: list[tuple[str, ...]] = field(default_factory=list)
+    before: Callable[[Task], None] = field(default=lambda task: None)
+    """Called with each task before it is carried out (a test holds a site back here)."""
     held: DownloadedModel | None = None
     session: WorkerSession | None = None
     encoded: np.ndarray | None = None
@@ -110,6 +112,7 @@ class Site:
         return add
 
     def _carry_out(self, task: Task) -> None:
+        self.before(task)
         if task.kind is TaskKind.WAIT:
             time.sleep(0.02)
         elif task.kind is TaskKind.INITIALIZE:

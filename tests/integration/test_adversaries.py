@@ -207,8 +207,6 @@ def test_with_two_sites_the_silencing_attack_fails_the_run_naming_the_sender_ins
     outcome = _federate(tmp_path, {"finance": SilencingSender}, examples={"finance": 300, "legal": 600})
 
     # Assert: one failed attempt that excluded finance, then the run failed saying why (it used to retry forever).
-    assert [(r.attempt, r.status, r.excluded) for r in outcome.rounds if r.round == 1] == [
-        (1, "failed", ("finance",))
-    ]
+    assert [(r.attempt, r.status, r.excluded) for r in outcome.rounds if r.round == 1] == [(1, "failed", ("finance",))]
     assert outcome.failure is not None
     assert outcome.failure.startswith("round 1 cannot go on: 1 workers can take part once finance sit out")

@@ -71,9 +71,9 @@ def files_of(state_dir: Path) -> dict[str, tuple[bytes, int]]:
     return found
 
 
-def start_refused(state_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`fedlora-server --config` on state_dir, for a start expected to be refused (it would run on otherwise)."""
+def start_refused(state_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`fedlora-server --config [flags]` on state_dir, for a start expected to be refused (it would run on otherwise)."""
     config = state_dir.parent / "run.json"
     config.write_text(run_settings(state_dir).model_dump_json())
-    command = [sys.executable, "-m", "fedlora_server", "--config", str(config)]
+    command = [sys.executable, "-m", "fedlora_server", "--config", str(config), *flags]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)

@@ -12,6 +12,7 @@ from fedlora_server.store import (
     MemoryStore,
     MetricsRecord,
     RoundRecord,
+    RunEvent,
     RunRecord,
     SqliteStore,
     StateError,
@@ -163,3 +164,25 @@ def test_a_sqlite_snapshot_holds_what_the_log_holds_and_writes_nothing(tmp_path:
     assert seen == (RunRecord("run-a", "{}", 1.0, "stays in memory"), live.artifacts())
     assert live.load_run() == RunRecord("run-a", "{}", 1.0)
     live.close()
+
+
+def test_the_runs_journal_keeps_amendments_retries_and_stop_requests_in_order(store: CoordinatorStore) -> None:
+    store.create_run(RunRecord("run-a", '{"rounds": 3}', 1.0))
+    store.fail_run("2 of the 3 workers needed remain")
+
+    store.amend_run('{"rounds": 5}', RunEvent(2.0, "amended", '[["rounds", 3, 5]]'))
+    store.reopen_run(RunEvent(3.0, "retried", '{"failure": "2 of the 3 workers needed remain"}'))
+    store.record_event(RunEvent(4.0, "stop_requested", '{"now": false}'))
+
+    run = store.load_run()
+    assert run is not None
+    assert (run.config_json, run.failure) == ('{"rounds": 5}', "")
+    assert [(e.at, e.kind) for e in store.events()] == [(2.0, "amended"), (3.0, "retried"), (4.0, "stop_requested")]
+
+
+def test_a_store_without_a_run_refuses_to_amend_or_reopen_it(store: CoordinatorStore) -> None:
+    with pytest.raises(StoreError):
+        store.amend_run("{}", RunEvent(1.0, "amended", "[]"))
+    with pytest.raises(StoreError):
+        store.reopen_run(RunEvent(1.0, "retried", "{}"))
+    assert store.events() == []

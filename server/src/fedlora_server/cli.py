@@ -18,6 +18,7 @@ import structlog
 from fedlora_common.logs import configure_logging, quiet_grpc_core
 from fedlora_common.settings import ConfigError, load_settings, settings_flags, settings_reference
 from fedlora_server.config import RunSettings
+from fedlora_server.operate import COMMANDS
 
 __all__ = ["main"]
 
@@ -27,7 +28,19 @@ STOPPED = 128 + signal.SIGTERM
 a new pod, which resumes the run at its last committed round)."""
 
 USAGE = """\
-usage: fedlora-server --config run.yaml [--SETTING VALUE ...]     run a federation to its end
+usage: fedlora-server --config run.yaml [--SETTING VALUE ...] [--serve]
+                                                                  run a federation to its end (a run already over:
+                                                                  say where it stands and exit; --serve: stay up,
+                                                                  read-only, until a signal)
+       fedlora-server status --config run.yaml [--json]          phase, round, attempt, sites, last commit, failure
+                                                                  and the run's journal, from its state (whether or
+                                                                  not the coordinator runs)
+       fedlora-server stop --config run.yaml [--now] [--reason T] end the run after the round in progress (--now: at
+                                                                  once); workers are told it finished
+       fedlora-server retry --config run.yaml                    a failed or stopped run resumes from its last
+                                                                  committed round at the coordinator's next start
+       fedlora-server amend --config run.yaml [KEY=VALUE ...]    pin the run to changed settings: more rounds,
+                                                                  sites added, revoked or rotated, min_workers
        fedlora-server check-config run.yaml [--SETTING VALUE ...]  check the settings and the files they name;
                                                                   starts nothing (exit 0 valid, 2 not)
        fedlora-server --check --config run.yaml                   health probe for containers: exit 0 when the
@@ -210,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         sys.stdout.write(_help())
         return 0
-    commands = {"check-config": check_config, "certs": certs, "config-reference": config_reference}
+    commands = {"check-config": check_config, "certs": certs, "config-reference": config_reference, **COMMANDS}
     if args and args[0] in commands:
         return commands[args[0]](args[1:])
     if "--check" in args:
@@ -218,13 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
-def run(args: Sequence[str]) -> int:
-    """Run the federation run.yaml describes until it finishes (0), fails (1) or is stopped by a signal (0)."""
+def run(argv: Sequence[str]) -> int:
+    """Run the federation run.yaml describes until it finishes (0), fails (1) or is stopped by a signal (143).
+
+    A run that was already over (finished, stopped or failed) prints where it stands and exits at once (0, or 1
+    for a failed run) without waiting for workers; with --serve it stays up, answering health, status polls
+    (FINISHED) and metrics, until a signal.
+    """
+    args = list(argv)
+    serve = "--serve" in args
+    args = [a for a in args if a != "--serve"]
     try:
         settings = load_settings(RunSettings, args)
     except ConfigError as exc:
         return _config_error(exc)
-    from fedlora_server.server import CoordinatorServer
+    from fedlora_server.server import CannotListen, CoordinatorServer
     from fedlora_server.store import StateError
 
     configure_logging(json=True)
@@ -234,6 +255,13 @@ def run(args: Sequence[str]) -> int:
     except StateError as exc:
         sys.stderr.write(f"fedlora-server: state error: {exc}\n")
         return 2
+    if server.coordinator.finished.is_set() and not serve:
+        try:
+            server.write_report()
+            sys.stdout.write("".join(line + "\n" for line in server.status().lines()))
+        finally:
+            server.shutdown()
+        return 0 if server.coordinator.failure is None else 1
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -253,11 +281,16 @@ def run(args: Sequence[str]) -> int:
             structlog.get_logger().info("coordinator_stopping", reason="signal")
             return STOPPED
         server.write_report()
-        # Let every worker poll once more and see FINISHED, and Prometheus scrape the end, before the endpoint goes.
-        stop.wait(max(2 * settings.timeouts.poll_wait_ms / 1000 + 1, settings.listen.metrics_linger_s))
+        if serve:  # read-only from here: health, FINISHED to every poll, metrics
+            stop.wait()
+        else:  # every worker polls once more and sees FINISHED, and Prometheus scrapes the end
+            stop.wait(max(2 * settings.timeouts.poll_wait_ms / 1000 + 1, settings.listen.metrics_linger_s))
         if server.coordinator.failure is not None:
             sys.stderr.write(f"fedlora-server: the run failed: {server.coordinator.failure}\n")
             return 1
+    except CannotListen as exc:
+        sys.stderr.write(f"fedlora-server: {exc}\n")
+        return 2
     except OSError as exc:
         sys.stderr.write(f"fedlora-server: {exc}\n")
         return 1

@@ -313,6 +313,9 @@ class LimitSettings(StrictModel):
             # refuses a client's first calls, sent before our SETTINGS reached it, with REFUSED_STREAM, which
             # its stub reports as UNAVAILABLE; what admitted calls cost is bounded by the door's budgets.
             ("grpc.http.overload_protection", 0),
+            # A second coordinator on a port one already serves fails to start; with gRPC's default (SO_REUSEPORT)
+            # both would listen and the kernel would share the workers between two runs.
+            ("grpc.so_reuseport", 0),
         ]
         if self.stream_window_bytes is not None:
             options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", self.stream_window_bytes)]

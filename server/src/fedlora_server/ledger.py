@@ -26,6 +26,7 @@ from fedlora_server.store import (
     DuplicateUploadError,
     MetricsRecord,
     RoundRecord,
+    RunEvent,
     RunRecord,
     StateError,
     UploadRecord,
@@ -92,6 +93,13 @@ class RoundLedger:
             if record.excluded:
                 excluded.setdefault(record.round, set()).update(record.excluded)
         return excluded
+
+    def attempts_since(self, round_: int, since: float) -> int:
+        """Attempts of `round_` started at or after `since` (the run's last retry): what its attempt cap counts."""
+        return sum(1 for r in self._store.rounds() if r.round == round_ and r.started_at >= since)
+
+    def events(self) -> list[RunEvent]:
+        return self._store.events()
 
     def last_attempt(self, round_: int) -> RoundRecord | None:
         attempts = [r for r in self._store.rounds() if r.round == round_]

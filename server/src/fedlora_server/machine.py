@@ -41,6 +41,7 @@ from fedlora_server.errors import (
     Unavailable,
 )
 from fedlora_server.intake import Received, Spool, UploadSink, check_header, check_initial_manifest, receive
+from fedlora_server.journal import stop_request
 from fedlora_server.ledger import RoundLedger
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.phases import (
@@ -106,10 +107,23 @@ class PhaseMachine:
         self._joined: dict[str, int] = {}
         self._uploading: set[str] = set()
         self._excluded: dict[int, set[str]] = {}
+        self._retried_at = 0.0
+        self._stop: str | None = None
+        """Why an operator asked the run to end after the round in progress; None unless asked."""
         self._phase: Phase = Admission(clock() + settings.timeouts.admission_s)
         self._resume()
 
     # ---- what workers ask -------------------------------------------------------------
+
+    @property
+    def settings(self) -> RunSettings:
+        """The run's settings as they stand (amendments included)."""
+        return self._settings
+
+    @property
+    def stopping(self) -> str | None:
+        """Why an operator asked the run to end (it will, after the round in progress); None unless asked."""
+        return self._stop
 
     @property
     def run_spec(self) -> RunSpec:
@@ -255,6 +269,40 @@ class PhaseMachine:
             elif isinstance(phase, Initialize) and phase.initializer == worker_id:
                 self._start_initialize(exclude={worker_id})
             self._advance()
+
+    def amend(self, settings: RunSettings) -> None:
+        """Amended settings hold from now on: more rounds, another min_workers, the allow-list (a site added takes
+        part from the next attempt; the one in progress keeps its participants)."""
+        with self._lock:
+            self._settings = settings
+            self._plans = RoundPlans(settings, self.privacy)
+            self._run_spec = settings.run_spec()
+            self._aggregator.allow(
+                {w.id: bytes.fromhex(w.identity_public) for w in settings.workers if w.identity_public}
+            )
+            self._advance()
+
+    def stop(self, *, now: bool, reason: str) -> None:
+        """An operator ends the run: after the round in progress, or `now` (the attempt in progress is dropped);
+        the last committed round stands and the workers are told the run is finished."""
+        with self._lock:
+            self._stop = " ".join(reason.split())[:500] or "the operator stopped the run"
+            phase = self._phase
+            if isinstance(phase, Finished):
+                return
+            if isinstance(phase, Training):
+                if not now:
+                    return
+                self._ledger.failed(phase.record, dropped=(), excluded=(), reason=f"stopped: {self._stop}")
+                phase.aggregation.discard()
+            elif isinstance(phase, Evaluation) and not now:
+                return
+            self._stopped()
+
+    def _stopped(self) -> None:
+        current = self._versions.current
+        self._finish(0 if current is None else current.round)
+        log.info("run_stopped", reason=self._stop)
 
     def tick(self) -> None:
         """Close phases whose deadline passed; called periodically by the server."""
@@ -433,12 +481,11 @@ class PhaseMachine:
         phase.aggregation.discard()
         log.warning("round_failed", round=record.round, attempt=record.attempt, reason=reason, excluded=offenders)
         timeouts = self._settings.timeouts
-        if record.attempt >= timeouts.attempts_per_round:
-            self._give_up(
-                record.round, f"round {record.round} failed all {record.attempt} attempts; the last: {reason}"
-            )
+        used = self._ledger.attempts_since(record.round, self._retried_at)
+        if used >= timeouts.attempts_per_round:
+            self._give_up(record.round, f"round {record.round} failed all {used} attempts; the last: {reason}")
             return
-        delay = timeouts.retry_delay(record.attempt)
+        delay = timeouts.retry_delay(used)
         if delay <= 0 or len(self._participants(record.round)) < self._settings.min_workers:
             self._start_train(record.round, phase.base)  # at once, or straight to waiting for workers (or failing)
             return
@@ -523,6 +570,9 @@ class PhaseMachine:
         self._finished.set()
 
     def _start_next_round_or_finish(self, model: GlobalModel) -> None:
+        if self._stop is not None:
+            self._stopped()
+            return
         completed_round = model.round
         budget_spent = self.privacy is not None and not self.privacy.allows(completed_round + 1)
         if completed_round < self._settings.rounds and not budget_spent:
@@ -544,6 +594,21 @@ class PhaseMachine:
         if worker_id not in self._joined:
             raise FailedPrecondition(f"{worker_id} has not joined the run; call Join first")
 
+    def _take_journal(self, latest: GlobalModel | None) -> None:
+        """What operators asked of the run before this start: a retry (its attempts count afresh), a stop (the run
+        is over at its last committed round); and whether it had already committed all its rounds."""
+        events = self._ledger.events()
+        self._retried_at = max((e.at for e in events if e.kind == "retried"), default=0.0)
+        stop = stop_request(events)
+        if stop is not None:
+            self._stop = stop.reason or "the operator stopped the run"
+            self._stopped()
+        elif latest is not None and latest.round >= self._settings.rounds:
+            last = self._ledger.last_attempt(latest.round)
+            if last is not None and last.status == "completed":
+                self._finish(latest.round)
+                log.info("run_finished_before_restart", rounds=latest.round)
+
     def _resume(self) -> None:
         """Pick up a run this store already holds, at its last committed version; StateError if it cannot.
 
@@ -564,6 +629,7 @@ class PhaseMachine:
                 self._ledger.committed(booked, dropped=(), secagg=None)
                 log.info("round_booked_as_committed", round=booked.round, attempt=booked.attempt)
             log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
+            self._take_journal(latest)
             if existing.failure:  # a failed run stays failed: its report and its last committed round stand
                 self._finish(0 if latest is None else latest.round, existing.failure)
                 log.error("run_failed_before_restart", reason=existing.failure)

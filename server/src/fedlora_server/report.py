@@ -17,6 +17,7 @@ from fedlora_common.files import atomic_write
 from fedlora_server.artifacts import META_FILE
 from fedlora_server.config import RunSettings
 from fedlora_server.document import Align, Document, Figure, Table, figure_png, new_figure, write_document
+from fedlora_server.journal import stop_request
 from fedlora_server.memorization import combine_reports
 from fedlora_server.privacy import ClientPrivacy
 from fedlora_server.store import CoordinatorStore, MetricsRecord, RoundRecord
@@ -108,6 +109,12 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
         "adapter_path": ADAPTER_LINK if latest is not None and latest.round >= 1 else None,
         "base_eval_loss": base.eval_loss if base else None,
         "failure": run.failure or None if run is not None else None,
+        "stopped": None if (stop := stop_request(store.events())) is None else (stop.reason or "by the operator"),
+        "amendments": [
+            {"at": e.at, "changes": [{"field": f, "old": o, "new": n} for f, o, n in json.loads(e.detail)]}
+            for e in store.events()
+            if e.kind == "amended"
+        ],
         "failed_attempts": len(failures),
         "attempt_failures": [
             {"round": r.round, "attempt": r.attempt, "reason": r.failure, "excluded": list(r.excluded)}

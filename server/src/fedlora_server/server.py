@@ -18,16 +18,18 @@ from prometheus_client import CollectorRegistry, start_http_server
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_server.auth import Authenticator
 from fedlora_server.config import RunSettings
+from fedlora_server.control import RunControl
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.interceptor import Door
 from fedlora_server.metrics import DoorMetrics, ServerMetrics
 from fedlora_server.report import build_report, write_reports
+from fedlora_server.run_status import RunStatus, read_status
 from fedlora_server.servicer import CoordinatorServicer
 from fedlora_server.state_check import DATABASE, check_state_dir
 from fedlora_server.store import CoordinatorStore, SqliteStore
 from fedlora_server.streams import StreamGuard
 
-__all__ = ["SERVICE_NAME", "CoordinatorServer"]
+__all__ = ["SERVICE_NAME", "CannotListen", "CoordinatorServer"]
 
 SERVICE_NAME = "fedlora.v1.Coordinator"
 log = structlog.get_logger()
@@ -43,6 +45,10 @@ def _server_credentials(settings: RunSettings) -> grpc.ServerCredentials | None:
         root_certificates=root,
         require_client_auth=root is not None,
     )
+
+
+class CannotListen(Exception):
+    """The coordinator cannot serve on the address its settings name; the message is one line naming the setting."""
 
 
 class CoordinatorServer:
@@ -66,7 +72,7 @@ class CoordinatorServer:
         self.registry = registry or CollectorRegistry()
         owned = store is None
         if store is None:  # the state on disk is judged before anything is written to it
-            check_state_dir(settings.state_dir, run_id=settings.run_id)
+            check_state_dir(settings)
             store = SqliteStore(settings.state_dir / DATABASE)
         self._store = store
         try:
@@ -94,6 +100,7 @@ class CoordinatorServer:
         authenticator = Authenticator(s.workers, require_client_cert=bool(s.listen.tls and s.listen.tls.client_ca))
         self._streams = StreamGuard(s.limits)
         door = Door(authenticator, self._streams, DoorMetrics(self.registry), service_prefix=f"/{SERVICE_NAME}/")
+        self._control = RunControl(store=self._store, machine=self.coordinator, authenticator=authenticator, settings=s)
         self._grpc = grpc.server(
             # The door sends every call to the threads of its class (workers, health) or to those that answer
             # refusals; no global count of calls, which a flood of strangers could fill for everyone.
@@ -108,17 +115,27 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{s.listen.host}:{s.listen.port}"
         credentials = _server_credentials(s)
-        if credentials is None:
-            self.port = self._grpc.add_insecure_port(address)
-        else:
-            self.port = self._grpc.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, credentials)
+        except RuntimeError:  # gRPC's own words ask for GRPC_VERBOSITY=debug
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise CannotListen(
+                f"listen.port: cannot listen on {address}: another program holds it, or it is no address of this host"
+            )
         if s.listen.plaintext_off_loopback:
             log.warning("plaintext_listener", host=s.listen.host, reason="listen.insecure is set; no TLS")
         self._grpc.start()
         if s.listen.metrics_port is not None:
-            self._metrics_http, _ = start_http_server(s.listen.metrics_port, s.listen.host, registry=self.registry)
+            try:
+                self._metrics_http, _ = start_http_server(s.listen.metrics_port, s.listen.host, registry=self.registry)
+            except OSError as exc:
+                self._grpc.stop(0)
+                where = f"{s.listen.host}:{s.listen.metrics_port}"
+                raise CannotListen(f"listen.metrics_port: cannot listen on {where}: {exc.strerror}") from None
             self.metrics_port = int(self._metrics_http.server_port)
         # The state was restored in the constructor: a run that had already failed never reports SERVING.
         self._set_serving(self.coordinator.failure is None)
@@ -139,6 +156,7 @@ class CoordinatorServer:
     def _run_clock(self) -> None:
         while not self._stopping.wait(self._tick.total_seconds()):
             try:
+                self._control.poll()
                 self.coordinator.tick()
             except Exception:
                 log.exception("deadline_tick_failed")
@@ -153,10 +171,18 @@ class CoordinatorServer:
         with self._report_lock:  # the deadline clock and the program's main thread may both ask
             if self._reported and self.coordinator.finished.is_set():
                 return self._report_paths
-            self._report_paths = write_reports(build_report(self._settings, self._store), self._settings.state_dir)
+            self._report_paths = write_reports(
+                build_report(self.coordinator.settings, self._store), self._settings.state_dir
+            )
             self._reported = self.coordinator.finished.is_set()
             log.info("report_written", path=str(self._report_paths[0]))
             return self._report_paths
+
+    def status(self) -> RunStatus:
+        """Where the run stands, as `fedlora-server status` reads it from the state."""
+        found = read_status(self._store, rounds=self.coordinator.settings.rounds)
+        assert found is not None, "a coordinator's store holds its run from the constructor on"
+        return found
 
     def wait_finished(self, timeout: timedelta | None = None) -> bool:
         return self.coordinator.finished.wait(None if timeout is None else timeout.total_seconds())

@@ -4,15 +4,19 @@ Every check reads (the database through a read-only snapshot of it and its write
 except the last, which proves each directory writable by writing, fsyncing and removing a file:
 permission bits say nothing to root, while a read-only mount, an immutable directory or a full
 disk do. A refused start therefore creates, truncates or deletes no file; it raises StateError,
-whose message is one line naming the file and the fault.
+whose message is one line naming the file and the fault (settings that differ from those the run is pinned to:
+one more line per field).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
+from fedlora_server.config import RunSettings
+from fedlora_server.pinning import changes, pinned
 from fedlora_server.store import ArtifactRecord, RunRecord, SqliteStore, StateError
 from fedlora_server.store.sqlite import wal_of
 from fedlora_server.versions import ARTIFACTS_DIR, verified_artifact, versions_on_disk
@@ -25,8 +29,10 @@ PROBE = b"fedlora write probe\n"
 VERSION_NAME = re.compile(r"v(\d+)")
 
 
-def check_state_dir(state_dir: Path, *, run_id: str) -> None:
-    """StateError unless the coordinator can resume (or start) run `run_id` on state_dir and write there."""
+def check_state_dir(settings: RunSettings) -> None:
+    """StateError unless the coordinator can resume (or start) the run `settings` describe on its state_dir, with
+    the settings the run was pinned to, and write there."""
+    state_dir, run_id = settings.state_dir, settings.run_id
     run, records = _recorded(state_dir / DATABASE)
     on_disk = versions_on_disk(state_dir)
     if run is None and on_disk:
@@ -34,6 +40,12 @@ def check_state_dir(state_dir: Path, *, run_id: str) -> None:
     if run is not None and run.run_id != run_id:
         raise StateError(
             f"the state directory holds run {run.run_id!r}, not {run_id!r}: point state_dir elsewhere for a new run"
+        )
+    if run is not None and (changed := changes(pinned(json.loads(run.config_json)), pinned(settings))):
+        raise StateError(
+            f"{state_dir}: the run's settings differ from those it was started with; change them on purpose with "
+            "`fedlora-server amend` (what may change), or start a new run elsewhere:\n"
+            + "\n".join(f"  {c.line()}" for c in changed)
         )
     _check_versions(state_dir, records, on_disk)
     _probe_writable(state_dir)

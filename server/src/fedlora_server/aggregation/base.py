@@ -9,7 +9,7 @@ combine: plainly, securely, or with central noise around either.
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,3 +152,6 @@ class Aggregator(abc.ABC):
 
     @abc.abstractmethod
     def open(self, plan: AttemptPlan) -> RoundAggregation: ...
+
+    def allow(self, identities: Mapping[str, bytes]) -> None:
+        """The run's allow-list was amended: attempts opened from now on know these identity keys (by worker)."""

@@ -8,7 +8,7 @@ it; the noise comes from the OS, never from anything a participant could predict
 from __future__ import annotations
 
 import secrets
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 
@@ -28,6 +28,9 @@ class CentralNoise(Aggregator):
 
     def open(self, plan: AttemptPlan) -> RoundAggregation:
         return _Noised(self._inner.open(plan), std_of_sum=self._noise_multiplier * self._clip_norm)
+
+    def allow(self, identities: Mapping[str, bytes]) -> None:
+        self._inner.allow(identities)
 
 
 class _Noised(RoundAggregation):

@@ -94,6 +94,9 @@ class SecureAggregator(Aggregator):
             noise_variance=noise_variance,
         )
 
+    def allow(self, identities: Mapping[str, bytes]) -> None:
+        self._identities = dict(identities)
+
     def open(self, plan: AttemptPlan) -> SecureRoundAggregation:
         secure = SecureRound(params=self.params(plan), identities=self._identities, numel=plan.numel + 1)
         return SecureRoundAggregation(plan, secure, metrics=self._metrics, journal_dir=self._journal_dir)

@@ -23,6 +23,8 @@ __all__ = [
     "MetricsRecord",
     "RoundRecord",
     "RoundStatus",
+    "RunEvent",
+    "RunEventKind",
     "RunRecord",
     "StateError",
     "StoreError",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 RoundStatus = Literal["training", "evaluating", "completed", "failed"]
+RunEventKind = Literal["amended", "retried", "stop_requested"]
 
 
 class StoreError(Exception):
@@ -52,6 +55,16 @@ class RunRecord:
     created_at: float
     failure: str = ""
     """Why the run ended without finishing its rounds; empty while it runs or once it finished them."""
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """What an operator did to the run, in its journal: amended its settings, retried it after a failure, asked it
+    to stop. `detail` is JSON: the changes (amended), the failure left behind (retried), when to stop and why."""
+
+    at: float
+    kind: RunEventKind
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,22 @@ class CoordinatorStore(abc.ABC):
     @abc.abstractmethod
     def fail_run(self, reason: str) -> None:
         """Record that the run ended without finishing its rounds, and why."""
+
+    @abc.abstractmethod
+    def amend_run(self, config_json: str, event: RunEvent) -> None:
+        """Replace the run's pinned settings and journal why, in one transaction; StoreError without a run."""
+
+    @abc.abstractmethod
+    def reopen_run(self, event: RunEvent) -> None:
+        """Clear the run's failure (it is retried) and journal it, in one transaction; StoreError without a run."""
+
+    @abc.abstractmethod
+    def record_event(self, event: RunEvent) -> None:
+        """Journal an operator's request (a stop) for a coordinator, running or not, to act on."""
+
+    @abc.abstractmethod
+    def events(self) -> list[RunEvent]:
+        """The run's journal, oldest first."""
 
     @abc.abstractmethod
     def upsert_worker(self, worker: WorkerRecord) -> None:

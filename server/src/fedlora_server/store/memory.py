@@ -11,6 +11,7 @@ from fedlora_server.store.base import (
     DuplicateUploadError,
     MetricsRecord,
     RoundRecord,
+    RunEvent,
     RunRecord,
     StoreError,
     UploadRecord,
@@ -29,6 +30,7 @@ class MemoryStore(CoordinatorStore):
         self._uploads: dict[tuple[int, int, str], UploadRecord] = {}
         self._artifacts: list[ArtifactRecord] = []
         self._metrics: dict[tuple[int, str], MetricsRecord] = {}
+        self._events: list[RunEvent] = []
 
     def load_run(self) -> RunRecord | None:
         return self._run
@@ -43,6 +45,28 @@ class MemoryStore(CoordinatorStore):
         with self._lock:
             if self._run is not None:
                 self._run = replace(self._run, failure=reason)
+
+    def amend_run(self, config_json: str, event: RunEvent) -> None:
+        with self._lock:
+            if self._run is None:
+                raise StoreError("no run to amend")
+            self._run = replace(self._run, config_json=config_json)
+            self._events.append(event)
+
+    def reopen_run(self, event: RunEvent) -> None:
+        with self._lock:
+            if self._run is None:
+                raise StoreError("no run to retry")
+            self._run = replace(self._run, failure="")
+            self._events.append(event)
+
+    def record_event(self, event: RunEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def events(self) -> list[RunEvent]:
+        with self._lock:
+            return list(self._events)
 
     def upsert_worker(self, worker: WorkerRecord) -> None:
         with self._lock:

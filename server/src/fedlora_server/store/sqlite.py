@@ -16,6 +16,7 @@ from fedlora_server.store.base import (
     DuplicateUploadError,
     MetricsRecord,
     RoundRecord,
+    RunEvent,
     RunRecord,
     StateError,
     StoreError,
@@ -25,6 +26,8 @@ from fedlora_server.store.base import (
 from fedlora_server.store.wal import WalDamage, WalLog, committed_image, read_wal
 
 __all__ = ["SqliteStore", "wal_of"]
+
+BUSY_TIMEOUT_S = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -51,6 +54,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     eval_loss REAL NOT NULL, eval_tokens INTEGER NOT NULL, train_loss REAL NOT NULL,
     tokens_per_second REAL NOT NULL, record_epsilon REAL, memorization_json TEXT NOT NULL,
     PRIMARY KEY (round, worker_id));
+CREATE TABLE IF NOT EXISTS event (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
 MIGRATIONS = (
@@ -80,7 +85,9 @@ class SqliteStore(CoordinatorStore):
         elif log.exists():
             raise StateError(f"{log}: a write-ahead log without its database {path.name}; restore {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # An operator's command (amend, stop, retry) writes to the database a running coordinator holds: each
+        # waits its turn for the other's transaction instead of failing at once.
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         self._attach(path, db, setup=("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL"))
 
     @classmethod
@@ -180,6 +187,30 @@ class SqliteStore(CoordinatorStore):
     def fail_run(self, reason: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE run SET failure = ?", (reason,))
+
+    def amend_run(self, config_json: str, event: RunEvent) -> None:
+        with self._tx() as db:
+            if db.execute("UPDATE run SET config_json = ?", (config_json,)).rowcount != 1:
+                raise StoreError("no run to amend")
+            self._insert_event(db, event)
+
+    def reopen_run(self, event: RunEvent) -> None:
+        with self._tx() as db:
+            if db.execute("UPDATE run SET failure = ''").rowcount != 1:
+                raise StoreError("no run to retry")
+            self._insert_event(db, event)
+
+    def record_event(self, event: RunEvent) -> None:
+        with self._tx() as db:
+            self._insert_event(db, event)
+
+    @staticmethod
+    def _insert_event(db: sqlite3.Connection, event: RunEvent) -> None:
+        db.execute("INSERT INTO event (at, kind, detail) VALUES (?, ?, ?)", (event.at, event.kind, event.detail))
+
+    def events(self) -> list[RunEvent]:
+        rows = self._query("SELECT at, kind, detail FROM event ORDER BY seq")
+        return [RunEvent(*row) for row in rows]  # type: ignore[arg-type]
 
     def upsert_worker(self, worker: WorkerRecord) -> None:
         with self._tx() as db:
