@@ -198,11 +198,15 @@ def test_a_backup_of_a_stopped_coordinator_writes_nothing_in_the_state_directory
 def test_a_backup_of_what_a_kill_9_left_holds_every_transaction_of_its_log(tmp_path: Path) -> None:
     state = tmp_path / "state"
     committed = left_by_kill_9(state)
+    before = files_of(state)
 
     made = create_backup(state, tmp_path / "b.tar.gz")
     restore = main(["restore", "--from", str(made.path), "--state-dir", str(tmp_path / "restored")])
 
     assert restore == 0
+    # Only SQLite's shared-memory index of the log is rebuilt, as by any reader; the log itself is untouched.
+    changed = {name for name in before.keys() | files_of(state).keys() if before.get(name) != files_of(state).get(name)}
+    assert changed <= {"coordinator.db-shm"}
     assert [v.version for v in made.manifest.versions] == [0, 1]
     np.testing.assert_array_equal(_resumed_vector(tmp_path / "restored"), committed)
 

@@ -27,7 +27,7 @@ from fedlora_server.metrics import ServerMetrics
 from fedlora_server.store import SqliteStore
 from fedlora_worker.modeling import SiteModel, artifact_config_json, global_state, load_model
 from tests.server.conftest import WORKERS, Clock, initialized, run_settings, upload_header, vector_chunks
-from tests.server.statedir import files_of
+from tests.server.statedir import files_of, one_round_committed
 
 EXAMPLES = {"clinical": 120, "finance": 80, "legal": 100}
 PRIVACY = {
@@ -247,3 +247,39 @@ def test_a_damaged_final_version_is_refused_naming_it(
     assert err.endswith("; nothing exported\n")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["state"]
+
+
+def test_a_full_fine_tuning_run_exports_a_model_and_its_card_says_to_load_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a full fine-tuning run, no privacy, never audited, that committed round 1.
+    state = tmp_path / "state"
+    one_round_committed(state, mode="full")
+
+    # Execute
+    code, _, err = _run(capsys, "export", "--state-dir", state, "--out", tmp_path / "out")
+
+    # Assert
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "config.json",
+        "fedlora.json",
+        "model.safetensors",
+        "report.json",
+    ]
+    card = (tmp_path / "out" / "README.md").read_text()
+    expected = [
+        "library_name: transformers",
+        "A fully fine-tuned model for `tiny`",
+        f'model = AutoModelForCausalLM.from_pretrained("{tmp_path / "out"}")',
+        "| mode | full fine-tuning (every weight) (`full`) |",
+        "FedAvg, every weight averaged, weighted by examples (`fedavg`)",
+        "- Client-level DP: off.",
+        "- Record-level DP: off.",
+        "- Goldfish loss: off.",
+        "No round was audited.",
+    ]
+    assert [line for line in expected if line not in card] == []
+    assert "PeftModel" not in card
+    assert "| LoRA |" not in card

@@ -4,9 +4,10 @@ The database is copied with SQLite's online backup API, which reads one transact
 the coordinator writes (its write-ahead log included). The archive then holds exactly the versions that
 copy records, each checked against its recorded digest as it is archived, and an `adapter` link to the
 latest of round >= 1: a version committed meanwhile is not recorded in the copy, so it is not in the
-backup either. Nothing in the state directory is written. `fedlora-backup.json`, the archive's last
-member, names the run and its versions and gives every file's size and sha256 (`restore` checks
-an archive against it).
+backup either. The state directory is only read (SQLite may rebuild the shared-memory index,
+`coordinator.db-shm`, of a log a killed coordinator left, as any reader does). `fedlora-backup.json`,
+the archive's last member, names the run and its versions and gives every file's size and sha256
+(`restore` checks an archive against it).
 """
 
 from __future__ import annotations
