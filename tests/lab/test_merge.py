@@ -143,3 +143,16 @@ def test_a_merge_never_writes_into_a_directory_that_holds_anything(
         f"fedlora-lab merge: error: --out {out}: exists and is not empty; a merge never overwrites\n"
     )
     assert files_of(tmp_path) == before
+
+
+def test_a_base_that_is_not_a_model_directory_is_refused_in_one_line(
+    adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["merge", "--base", str(adapter), "--adapter", str(adapter), "--out", str(tmp_path / "m")])
+
+    assert code == 2
+    assert (
+        capsys.readouterr().err
+        == f"fedlora-lab merge: error: --base {adapter}: not a model directory (no config.json)\n"
+    )
+    assert not (tmp_path / "m").exists()

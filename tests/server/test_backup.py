@@ -228,10 +228,25 @@ def _damage_version_one(state: Path) -> None:
         (lambda tmp: None, ["--state-dir", "{tmp}/nowhere"], "nowhere: holds no coordinator.db"),
         (lambda tmp: _damage_version_one(tmp / "state"), ["--state-dir", "{state}"], "v000001: version 1"),
         (lambda tmp: None, ["--config", "{tmp}/other.yaml"], "holds run 'test-run', not 'other-run'"),
-        (lambda tmp: None, ["--out-of-place"], "error: one of the arguments --config --state-dir is required"),
+        (lambda tmp: None, [], "error: one of the arguments --config --state-dir is required"),
         (lambda tmp: None, ["--state-dir", "{state}", "--config", "{tmp}/other.yaml"], "not allowed with argument"),
+        (
+            lambda tmp: SqliteStore(tmp / "new" / "coordinator.db").close(),
+            ["--state-dir", "{tmp}/new"],
+            "records no run",
+        ),
+        (lambda tmp: None, ["--state-dir", "{state}", "--out", "{tmp}/gone/b.tar.gz"], "gone: no such directory"),
     ],
-    ids=["archive exists", "no database", "damaged version", "another run", "no state", "two states"],
+    ids=[
+        "archive exists",
+        "no database",
+        "damaged version",
+        "another run",
+        "no state",
+        "two states",
+        "no run",
+        "no such directory",
+    ],
 )
 def test_a_refused_backup_says_why_in_one_line_and_writes_nothing(
     tmp_path: Path,
@@ -249,7 +264,7 @@ def test_a_refused_backup_says_why_in_one_line_and_writes_nothing(
 
     # Execute
     args = [a.format(state=state, tmp=tmp_path) for a in argv]
-    code, out, err = _run(capsys, "backup", *args, "--out", tmp_path / "b.tar.gz")
+    code, out, err = _run(capsys, "backup", "--out", tmp_path / "b.tar.gz", *args)
 
     # Assert
     assert code == 2

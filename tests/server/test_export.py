@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +285,22 @@ def test_a_full_fine_tuning_run_exports_a_model_and_its_card_says_to_load_it_alo
     assert [line for line in expected if line not in card] == []
     assert "PeftModel" not in card
     assert "| LoRA |" not in card
+
+
+def test_a_run_whose_stored_settings_no_longer_load_asks_for_its_run_yaml(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a copy of the run whose pinned settings carry a key this version does not know.
+    state = tmp_path / "state"
+    shutil.copytree(trained, state, symlinks=True)
+    with closing(sqlite3.connect(state / "coordinator.db")) as db, db:
+        (config,) = db.execute("SELECT config_json FROM run").fetchone()
+        db.execute("UPDATE run SET config_json = ?", (json.dumps({**json.loads(config), "from_the_future": 1}),))
+
+    code, _, err = _run(capsys, "export", "--state-dir", state, "--out", tmp_path / "out")
+
+    assert code == 2
+    assert err.startswith(f"fedlora-server export: {state}: the run's stored settings do not load here (")
+    assert "from_the_future" in err
+    assert err.endswith("give --config run.yaml\n")
+    assert not (tmp_path / "out").exists()
