@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--batch-size", type=_positive, default=64)
     audit.add_argument("--seed", type=int, default=0, help="seeds the exposure candidates")
     audit.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base: a model that loads without peft")
+    merge.add_argument("--base", type=Path, required=True, help="the base model directory the adapter was trained on")
+    merge.add_argument("--adapter", type=Path, required=True, help="a peft adapter directory (an export, adapter/)")
+    merge.add_argument("--out", type=Path, required=True, help="where to save the merged model (absent or empty)")
     return parser
 
 
@@ -343,6 +347,26 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    import transformers
+
+    from fedlora_lab.merge import MergeError, merge_adapter
+
+    if not sys.stderr.isatty():  # loading bars are for a terminal; a refusal stays one line elsewhere
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        merged = merge_adapter(args.base, args.adapter, args.out)
+    except MergeError as exc:
+        sys.stderr.write(f"fedlora-lab merge: error: {exc}\n")
+        return 2
+    tokenizer = "with the base's tokenizer" if merged.tokenizer else "without a tokenizer (the base has none)"
+    sys.stdout.write(
+        f"{merged.out}: {args.adapter} merged into {args.base} ({merged.merged_modules} modules, "
+        f"{merged.parameters} parameters), {tokenizer}; loads with AutoModelForCausalLM.from_pretrained\n"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -368,4 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _experiment(args)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "merge":
+        return _merge(args)
     return _demo(args)
