@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -11,14 +10,15 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
 
 import structlog
 
 from fedlora_common.logs import configure_logging, quiet_grpc_core
 from fedlora_common.settings import ConfigError, load_settings, settings_flags, settings_reference
+from fedlora_server.commandline import OneLineParser, config_error
 from fedlora_server.config import RunSettings
 from fedlora_server.operate import COMMANDS
+from fedlora_server.state_commands import backup, export, restore
 
 __all__ = ["main"]
 
@@ -81,18 +81,6 @@ def _help() -> str:
     return USAGE.format(reference=REFERENCE) + "\n".join(lines) + "\n"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _config_error(exc: ConfigError | OSError) -> int:
-    sys.stderr.write(f"fedlora-server: config error: {exc}\n")
-    return 2
-
-
 def _readable(settings: RunSettings) -> None:
     """The files the settings name must be readable now, not at the first connection."""
     tls = settings.listen.tls
@@ -125,7 +113,7 @@ def check_config(argv: Sequence[str]) -> int:
         _readable(settings)
         check_listen_tls(settings.listen.tls, warn=lambda line: sys.stderr.write(f"fedlora-server: warning: {line}\n"))
     except ConfigError as exc:
-        return _config_error(exc)
+        return config_error(exc)
     tls = settings.listen.tls
     transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca else "TLS")
     secure = "on" if settings.secure_aggregation.enabled else "off"
@@ -144,9 +132,9 @@ def check(argv: Sequence[str]) -> int:
     try:
         settings = load_settings(RunSettings, argv)
     except ConfigError as exc:
-        return _config_error(exc)
+        return config_error(exc)
     if settings.listen.port == 0:
-        return _config_error(ConfigError("listen.port: 0 picks a port at start; --check needs it: --listen.port N"))
+        return config_error(ConfigError("listen.port: 0 picks a port at start; --check needs it: --listen.port N"))
     try:
         result = probe(settings.listen)
     except (OSError, ValueError) as exc:
@@ -162,14 +150,14 @@ def certs(argv: Sequence[str]) -> int:
     from fedlora_server.certs import issue_certificates, sign_request
 
     if argv and argv[0] == "sign":
-        signer = _Parser(prog="fedlora-server certs sign", description="Sign a site's certificate request.")
+        signer = OneLineParser(prog="fedlora-server certs sign", description="Sign a site's certificate request.")
         signer.add_argument("--ca-dir", type=Path, required=True, help="directory of ca.crt and ca.key")
         signer.add_argument("--csr", type=Path, required=True, help="the request fedlora-worker csr made at the site")
         signer.add_argument("--out", type=Path, required=True, help="where to write the certificate (a new file)")
         signer.add_argument("--days", type=int, default=365, help="validity of the certificate")
         try:
             request = signer.parse_args(argv[1:])
-        except SystemExit as exc:  # a bad argument: _Parser has written its one line
+        except SystemExit as exc:  # a bad argument: OneLineParser has written its one line
             return int(exc.code or 0)
         try:
             signed = sign_request(request.ca_dir, request.csr, request.out, days=request.days)
@@ -185,7 +173,7 @@ def certs(argv: Sequence[str]) -> int:
             f"public key sha256: {signed.public_key_sha256} (fedlora-worker csr printed it at the site: compare)\n"
         )
         return 0
-    parser = _Parser(prog="fedlora-server certs", description="Make the certificates for mutual TLS.")
+    parser = OneLineParser(prog="fedlora-server certs", description="Make the certificates for mutual TLS.")
     parser.add_argument("--out", type=Path, required=True, help="directory for ca, coordinator and worker files")
     parser.add_argument(
         "--workers",
@@ -201,7 +189,7 @@ def certs(argv: Sequence[str]) -> int:
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates (the CA: 3x)")
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # a bad argument: _Parser has written its one line
+    except SystemExit as exc:  # a bad argument: OneLineParser has written its one line
         return int(exc.code or 0)
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     sans = [s.strip() for group in args.san for s in group.split(",") if s.strip()]
@@ -222,111 +210,6 @@ def config_reference(argv: Sequence[str]) -> int:
         sys.stderr.write("fedlora-server config-reference: takes no arguments\n")
         return 2
     sys.stdout.write(settings_reference(RunSettings, file="run.yaml", program="fedlora-server, the coordinator"))
-    return 0
-
-
-def _state_parser(prog: str, description: str) -> _Parser:
-    """A parser for a command on one run's state: `--config run.yaml` or `--state-dir DIR`."""
-    parser = _Parser(prog=prog, description=description)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="the run's run.yaml (its state_dir, and its run_id checked)")
-    source.add_argument("--state-dir", type=Path, help="the coordinator's state directory")
-    return parser
-
-
-def _state_of(args: argparse.Namespace) -> tuple[Path, RunSettings | None]:
-    """The state directory the arguments name, and the run's settings when a run.yaml gave them."""
-    if args.config is None:
-        return args.state_dir, None
-    settings = load_settings(RunSettings, ["--config", str(args.config)])
-    return settings.state_dir, settings
-
-
-def _refused(prog: str, exc: Exception) -> int:
-    """A refusal: one line, exit 2. A failing disk is not a refusal: exit 1."""
-    sys.stderr.write(f"{prog}: {exc}\n")
-    return 1 if isinstance(exc, OSError) else 2
-
-
-def backup(argv: Sequence[str]) -> int:
-    """`backup (--config run.yaml | --state-dir DIR) --out FILE`: a consistent backup, the coordinator running or not."""
-    from time import monotonic
-
-    from fedlora_server.backup import BackupError, create_backup, versions_text
-    from fedlora_server.store import StateError
-
-    prog = "fedlora-server backup"
-    parser = _state_parser(prog, "Back up a run's state: database snapshot, committed versions, adapter link.")
-    parser.add_argument("--out", type=Path, required=True, help="the archive to write (.tar.gz); never overwritten")
-    try:
-        args = parser.parse_args(argv)
-        state_dir, settings = _state_of(args)
-    except SystemExit as exc:  # a bad argument: _Parser has written its one line
-        return int(exc.code or 0)
-    except ConfigError as exc:
-        return _config_error(exc)
-    started = monotonic()
-    try:
-        made = create_backup(state_dir, args.out, expect_run=settings.run_id if settings else None)
-    except (BackupError, StateError, OSError) as exc:
-        return _refused(prog, exc)
-    m = made.manifest
-    sys.stdout.write(
-        f"wrote {made.path}: run {m.run_id}, {versions_text(m)} (adapter: {m.adapter or 'none yet'}), "
-        f"{len(m.files)} files, {made.size_bytes} bytes in {monotonic() - started:.1f} s\n"
-    )
-    return 0
-
-
-def restore(argv: Sequence[str]) -> int:
-    """`restore --from FILE --state-dir DIR`: DIR absent or empty; the archive is checked before anything is written."""
-    from fedlora_server.backup import BackupError, versions_text
-    from fedlora_server.restore import restore_backup
-
-    prog = "fedlora-server restore"
-    parser = _Parser(prog=prog, description="Restore a backup into a new state directory.")
-    parser.add_argument("--from", dest="archive", type=Path, required=True, help="a fedlora-server backup archive")
-    parser.add_argument("--state-dir", type=Path, required=True, help="where to restore it: absent or empty")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        restored = restore_backup(args.archive, args.state_dir)
-    except (BackupError, OSError) as exc:
-        return _refused(prog, exc)
-    m = restored.manifest
-    sys.stdout.write(
-        f"restored run {m.run_id}, {versions_text(m)} ({len(m.files)} files, {restored.size_bytes} bytes) into "
-        f"{restored.state_dir}; resume it with: fedlora-server --config run.yaml --state_dir {restored.state_dir}\n"
-    )
-    return 0
-
-
-def export(argv: Sequence[str]) -> int:
-    """`export (--config run.yaml | --state-dir DIR) --out DIR`: adapter files, report.json, model card."""
-    from fedlora_server.backup import BackupError
-    from fedlora_server.export import ExportError, export_run
-    from fedlora_server.store import StateError
-
-    prog = "fedlora-server export"
-    parser = _state_parser(prog, "Export the run's latest committed adapter with its report and a model card.")
-    parser.add_argument("--out", type=Path, required=True, help="the directory to write (absent or empty)")
-    try:
-        args = parser.parse_args(argv)
-        state_dir, settings = _state_of(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except ConfigError as exc:
-        return _config_error(exc)
-    try:
-        done = export_run(state_dir, args.out, settings=settings)
-    except (ExportError, BackupError, StateError, OSError) as exc:
-        return _refused(prog, exc)
-    sys.stdout.write(
-        f"exported version {done.version.version} (round {done.version.round}) of run {done.run_id} to {done.out}: "
-        f"{', '.join(done.files)} ({done.size_bytes} bytes)\n"
-    )
     return 0
 
 
@@ -365,7 +248,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         settings = load_settings(RunSettings, args)
     except ConfigError as exc:
-        return _config_error(exc)
+        return config_error(exc)
     from fedlora_server.server import CannotListen, CoordinatorServer
     from fedlora_server.store import StateError
 
