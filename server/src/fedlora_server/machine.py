@@ -1,20 +1,15 @@
-"""The coordinator's phase machine: admission -> initialize -> (train -> commit -> evaluate)* -> finished.
+"""The coordinator's phase machine: what workers and operators ask of a run, over its transitions.
 
 Initialize: one worker uploads the initial global model, which holds no data; evaluating it gives
 the base model's held-out loss (round 0). Each training attempt is an aggregation that the
 run's aggregator opens; the machine knows the phases and their deadlines and nothing of how
-updates combine. Every decision is written to the store (through the ledger) before any worker
-can observe it. Thread-safe; transport-free.
+updates combine (fedlora_server.transitions moves the run). Thread-safe; transport-free.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
@@ -22,10 +17,6 @@ import structlog
 from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, RunSpec, Task, UploadHeader, UploadKind
 from fedlora_server.aggregation import (
-    Aggregate,
-    AggregationFailed,
-    Aggregator,
-    AttemptPlan,
     SecureMessage,
 )
 from fedlora_server.bounds import check_count, check_report, check_upload_numbers
@@ -41,29 +32,16 @@ from fedlora_server.errors import (
     Unavailable,
 )
 from fedlora_server.intake import Received, Spool, UploadSink, check_header, check_initial_manifest, receive
-from fedlora_server.journal import stop_request
-from fedlora_server.ledger import RoundLedger
-from fedlora_server.metrics import ServerMetrics
 from fedlora_server.phases import (
     Admission,
-    Backoff,
     Evaluation,
     Finished,
     Initialize,
-    Phase,
-    PhaseName,
     Training,
-    round_of,
 )
 from fedlora_server.planning import RoundPlans
-from fedlora_server.privacy import ClientPrivacy
-from fedlora_server.state_check import versions_without_run
-from fedlora_server.store import (
-    CoordinatorStore,
-    RoundRecord,
-    RunRecord,
-)
-from fedlora_server.versions import GlobalModel, Versions, check_artifact_config
+from fedlora_server.transitions import RunTransitions
+from fedlora_server.versions import GlobalModel, check_artifact_config
 
 __all__ = ["PhaseMachine"]
 
@@ -78,75 +56,7 @@ class _OpenUpload:
     accept: Callable[[Received], None]
 
 
-class PhaseMachine:
-    def __init__(
-        self,
-        *,
-        settings: RunSettings,
-        store: CoordinatorStore,
-        metrics: ServerMetrics,
-        versions: Versions,
-        aggregator: Aggregator,
-        plans: RoundPlans,
-        privacy: ClientPrivacy | None,
-        clock: Callable[[], float],
-        spool_dir: Path,
-    ) -> None:
-        self._settings = settings
-        self._ledger = RoundLedger(store=store, metrics=metrics, privacy=privacy, clock=clock)
-        self._metrics = metrics
-        self._versions = versions
-        self._aggregator = aggregator
-        self._plans = plans
-        self.privacy = privacy
-        self._clock = clock
-        self._spool_dir = spool_dir
-        self._run_spec = settings.run_spec()
-        self._lock = threading.RLock()
-        self._finished = threading.Event()
-        self._joined: dict[str, int] = {}
-        self._uploading: set[str] = set()
-        self._excluded: dict[int, set[str]] = {}
-        self._retried_at = 0.0
-        self._stop: str | None = None
-        """Why an operator asked the run to end after the round in progress; None unless asked."""
-        self._phase: Phase = Admission(clock() + settings.timeouts.admission_s)
-        self._resume()
-
-    # ---- what workers ask -------------------------------------------------------------
-
-    @property
-    def settings(self) -> RunSettings:
-        """The run's settings as they stand (amendments included)."""
-        return self._settings
-
-    @property
-    def stopping(self) -> str | None:
-        """Why an operator asked the run to end (it will, after the round in progress); None unless asked."""
-        return self._stop
-
-    @property
-    def run_spec(self) -> RunSpec:
-        return self._run_spec
-
-    @property
-    def phase(self) -> PhaseName:
-        return self._phase.name
-
-    @property
-    def current_phase(self) -> Phase:
-        return self._phase
-
-    @property
-    def finished(self) -> threading.Event:
-        return self._finished
-
-    @property
-    def failure(self) -> str | None:
-        """Why the run ended before its last round; None while it runs or once it finished."""
-        phase = self._phase
-        return phase.failure if isinstance(phase, Finished) else None
-
+class PhaseMachine(RunTransitions):
     def join(self, worker_id: str, num_examples: int) -> RunSpec:
         check_count("num_examples", num_examples, low=1)
         with self._lock:
@@ -299,18 +209,6 @@ class PhaseMachine:
                 return
             self._stopped()
 
-    def _stopped(self) -> None:
-        current = self._versions.current
-        self._finish(0 if current is None else current.round)
-        log.info("run_stopped", reason=self._stop)
-
-    def tick(self) -> None:
-        """Close phases whose deadline passed; called periodically by the server."""
-        with self._lock:
-            self._advance()
-
-    # ---- uploads ----------------------------------------------------------------------
-
     def _open_upload(self, header: UploadHeader) -> _OpenUpload:
         phase = self._phase
         if header.kind is UploadKind.INITIAL:
@@ -346,290 +244,3 @@ class PhaseMachine:
         self._ledger.upload_accepted(phase.record, header, weight, received)
         log.info("update_accepted", worker_id=header.worker_id, round=header.round, bytes=received.size_bytes)
         self._advance()
-
-    # ---- transitions ------------------------------------------------------------------
-
-    def _advance(self) -> None:
-        """Move through every transition that is due now (caller holds the lock)."""
-        while True:
-            before = self._state_key()
-            self._step()
-            if self._state_key() == before:
-                return
-
-    def _state_key(self) -> tuple[str, int, int, Hashable]:
-        phase = self._phase
-        if isinstance(phase, Training):
-            return (phase.name, phase.record.round, phase.record.attempt, phase.aggregation.progress())
-        return (phase.name, round_of(phase), 0, None)
-
-    def _step(self) -> None:
-        phase, now = self._phase, self._clock()
-        if isinstance(phase, Admission):
-            if len(self._joined) >= self._settings.min_workers:
-                self._leave_admission()
-            elif now >= phase.deadline_at:
-                log.warning("admission_waiting", joined=len(self._joined), needed=self._settings.min_workers)
-                phase.deadline_at = now + self._settings.timeouts.admission_s
-        elif isinstance(phase, Initialize) and now >= phase.deadline_at:
-            self._start_initialize(exclude={phase.initializer})
-        elif isinstance(phase, Backoff) and now >= phase.resume_at:
-            self._start_train(phase.round, phase.base)
-        elif isinstance(phase, Training):
-            try:
-                result = phase.aggregation.step(now)
-            except AggregationFailed as exc:
-                self._fail_attempt(phase, str(exc), offenders=exc.offenders)
-                return
-            except Exception as exc:  # whatever broke, it breaks this attempt only
-                log.exception("aggregation_failed_unexpectedly", round=phase.record.round)
-                self._fail_attempt(phase, f"aggregation failed: {type(exc).__name__}: {exc}", offenders=())
-                return
-            if result is not None:
-                self._commit(phase, result)
-        elif isinstance(phase, Evaluation) and (set(phase.participants) <= phase.done or now >= phase.deadline_at):
-            self._close_evaluation(phase)
-
-    def _leave_admission(self) -> None:
-        current = self._versions.current
-        if current is None:
-            self._start_initialize(exclude=set())
-            return
-        last = self._ledger.last_attempt(current.round)
-        if last is not None and last.status == "completed":
-            self._start_next_round_or_finish(current)
-        else:
-            self._start_evaluate(current, record=last if current.round > 0 else None)
-
-    def _start_initialize(self, *, exclude: set[str]) -> None:
-        candidates = sorted(set(self._joined) - exclude) or sorted(self._joined)
-        now = self._clock()
-        self._phase = Initialize(candidates[0], now, now + self._deadline(training=True))
-        log.info("initialize", initializer=candidates[0])
-
-    def _start_train(self, round_: int, base: GlobalModel) -> None:
-        train_s, stage_s = self._deadline(training=True), self._deadline(training=False)
-        participants = self._participants(round_)
-        if len(participants) < self._settings.min_workers:
-            self._understaffed(round_, self._excluded.get(round_, set()))
-            return
-        last = self._ledger.last_attempt(round_)
-        if last is not None and last.status == "training":  # its end was never recorded: the store failed
-            reason = "abandoned: the coordinator could not record how it ended (its storage failed)"
-            self._ledger.failed(last, dropped=(), excluded=(), reason=reason)
-        record = self._ledger.attempt_started(round_, participants, train_s)
-        plan = AttemptPlan(
-            round=round_,
-            attempt=record.attempt,
-            participants=record.participants,
-            base_version=base.number,
-            numel=self._versions.update_manifest(base).numel,
-            started_at=record.started_at,
-            train_deadline_s=train_s,
-            stage_deadline_s=stage_s,
-            min_updates=self._settings.min_workers,
-        )
-        self._phase = Training(record, self._aggregator.open(plan), base)
-        log.info("round_started", round=round_, attempt=record.attempt, participants=len(record.participants))
-
-    def _participants(self, round_: int) -> tuple[str, ...]:
-        """Who an attempt of `round_` would start with: the joined workers its earlier attempts did not exclude."""
-        return tuple(sorted(set(self._joined) - self._excluded.get(round_, set())))
-
-    def _understaffed(self, round_: int, excluded: set[str]) -> None:
-        """Too few workers for an attempt: wait in admission for those who may still join, else fail the run."""
-        departed = set(self._ledger.departures()) - set(self._joined)
-        eligible = {w.id for w in self._settings.workers} - excluded - departed
-        needed = self._settings.min_workers
-        if len(eligible) >= needed:
-            self._phase = Admission(self._clock() + self._settings.timeouts.admission_s)
-            log.info("round_waiting_for_workers", round=round_, excluded=sorted(excluded), needed=needed)
-            return
-        self._give_up(
-            round_,
-            f"round {round_} cannot go on: {len(eligible)} workers can take part once {', '.join(sorted(excluded))} "
-            f"sit out for faults its attempts showed, and the run needs {needed}",
-        )
-
-    def _commit(self, phase: Training, result: Aggregate) -> None:
-        record, started = phase.record, time.perf_counter()
-        try:
-            model = self._versions.commit_update(phase.base, result.mean, record.round)
-        except (OSError, Unavailable) as exc:
-            self._storage_fault(f"the coordinator could not commit round {record.round}: {exc}")
-            return
-        self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
-        try:
-            committed = self._ledger.committed(
-                record, dropped=phase.aggregation.missing, secagg=result.secagg, excluded=result.excluded
-            )
-        except Unavailable as exc:  # the version stands; its round's figures are booked again on resume
-            log.error("storage_fault", reason=str(exc), round=record.round)
-            committed = replace(record, status="evaluating")
-        phase.aggregation.discard()
-        log.info(
-            "round_committed", round=record.round, updates=len(result.contributors), train_loss=committed.train_loss
-        )
-        self._start_evaluate(model, record=committed)
-
-    def _fail_attempt(self, phase: Training, reason: str, *, offenders: tuple[str, ...]) -> None:
-        """Nothing of the attempt is kept; the round is retried without the workers shown at fault, after a
-        wait that grows with each failure of the round, until it has used its attempts and the run fails."""
-        record = phase.record
-        self._ledger.failed(record, dropped=phase.aggregation.missing, excluded=offenders, reason=reason)
-        self._excluded.setdefault(record.round, set()).update(offenders)
-        phase.aggregation.discard()
-        log.warning("round_failed", round=record.round, attempt=record.attempt, reason=reason, excluded=offenders)
-        timeouts = self._settings.timeouts
-        used = self._ledger.attempts_since(record.round, self._retried_at)
-        if used >= timeouts.attempts_per_round:
-            self._give_up(record.round, f"round {record.round} failed all {used} attempts; the last: {reason}")
-            return
-        delay = timeouts.retry_delay(used)
-        if delay <= 0 or len(self._participants(record.round)) < self._settings.min_workers:
-            self._start_train(record.round, phase.base)  # at once, or straight to waiting for workers (or failing)
-            return
-        self._phase = Backoff(record.round, phase.base, self._clock() + delay, reason)
-        self._metrics.round_backoff.set(1)
-        log.info("round_backoff", round=record.round, next_attempt=record.attempt + 1, wait_s=delay)
-
-    @contextmanager
-    def _blame(self, worker_id: str) -> Iterator[None]:
-        """An unexpected error while taking `worker_id`'s input ends the attempt (without it), not the run.
-
-        A fault of the coordinator's own disk or database ends the attempt too, blaming nobody, and
-        the worker hears UNAVAILABLE (it retries)."""
-        try:
-            yield
-        except Unavailable as exc:
-            self._storage_fault(str(exc))
-            raise
-        except CoordinatorError:
-            raise
-        except OSError as exc:
-            reason = f"the coordinator's disk failed: {exc}"
-            self._storage_fault(reason)
-            raise Unavailable(reason) from None
-        except Exception as exc:
-            phase = self._phase
-            log.exception("input_broke_attempt", worker_id=worker_id)
-            if isinstance(phase, Training):
-                self._fail_attempt(phase, f"{worker_id}'s input broke the attempt: {exc}", offenders=(worker_id,))
-            raise InvalidArgument(f"refused: it could not be taken into the round ({type(exc).__name__})") from None
-
-    def _storage_fault(self, reason: str, *, attempt: tuple[str, int, int, Hashable] | None = None) -> None:
-        """The coordinator's own storage failed: the open attempt (if it is still `attempt`) fails for that
-        reason, nobody excluded. If even that cannot be recorded, resume from the store as a restart would."""
-        phase = self._phase
-        log.error("storage_fault", reason=reason)
-        if not isinstance(phase, Training) or (attempt is not None and self._state_key()[:3] != attempt[:3]):
-            return
-        try:
-            self._fail_attempt(phase, reason, offenders=())
-        except Unavailable as exc:
-            log.error("resuming_from_store", round=phase.record.round, reason=str(exc))
-            with suppress(Unavailable):  # what the attempt held is dropped either way
-                phase.aggregation.discard()
-            self._phase = Admission(self._clock() + self._settings.timeouts.admission_s)
-
-    def _start_evaluate(self, model: GlobalModel, *, record: RoundRecord | None) -> None:
-        now = self._clock()
-        participants = tuple(sorted(self._joined))
-        self._phase = Evaluation(model.round, record, participants, now, now + self._deadline(training=True), model)
-        log.info("evaluation_started", round=model.round, version=model.number, participants=len(participants))
-
-    def _close_evaluation(self, phase: Evaluation) -> None:
-        eval_loss = self._ledger.evaluated(
-            phase.round,
-            phase.record,
-            participants=phase.participants,
-            started_at=phase.started_at,
-            deadline_at=phase.deadline_at,
-        )
-        log.info("round_evaluated", round=phase.round, eval_loss=eval_loss, reports=len(phase.done))
-        self._start_next_round_or_finish(phase.model)
-
-    def _fail_run(self, phase: Phase, failure: str) -> None:
-        if isinstance(phase, Training):
-            self._ledger.failed(phase.record, dropped=phase.aggregation.missing, excluded=(), reason=failure)
-            phase.aggregation.discard()
-        self._give_up(round_of(phase), failure)
-
-    def _give_up(self, round_: int, failure: str) -> None:
-        """The run ends without finishing its rounds; its last committed round stands."""
-        self._ledger.run_failed(failure)
-        self._finish(round_, failure)
-        log.error("run_failed", reason=failure)
-
-    def _finish(self, round_: int, failure: str | None = None) -> None:
-        """The run is over, finished or failed: say so to whoever waits on it, and to Prometheus."""
-        self._phase = Finished(round_, failure)
-        self._metrics.round_backoff.set(0)
-        self._metrics.run_finished.set(failure is None)
-        self._metrics.run_failed.set(failure is not None)
-        self._finished.set()
-
-    def _start_next_round_or_finish(self, model: GlobalModel) -> None:
-        if self._stop is not None:
-            self._stopped()
-            return
-        completed_round = model.round
-        budget_spent = self.privacy is not None and not self.privacy.allows(completed_round + 1)
-        if completed_round < self._settings.rounds and not budget_spent:
-            self._start_train(completed_round + 1, model)
-            return
-        self._finish(completed_round)
-        if budget_spent and completed_round < self._settings.rounds:
-            log.warning("privacy_budget_reached", rounds=completed_round, planned=self._settings.rounds)
-        log.info("run_finished", rounds=completed_round)
-
-    # ---- helpers ----------------------------------------------------------------------
-
-    def _deadline(self, *, training: bool) -> float:
-        current = self._versions.current
-        payload = current.version.size_bytes if current else 0
-        return self._settings.timeouts.phase_deadline(2 * payload, training=training).total_seconds()
-
-    def _require_joined(self, worker_id: str) -> None:
-        if worker_id not in self._joined:
-            raise FailedPrecondition(f"{worker_id} has not joined the run; call Join first")
-
-    def _take_journal(self, latest: GlobalModel | None) -> None:
-        """What operators asked of the run before this start: a retry (its attempts count afresh), a stop (the run
-        is over at its last committed round); and whether it had already committed all its rounds."""
-        events = self._ledger.events()
-        self._retried_at = max((e.at for e in events if e.kind == "retried"), default=0.0)
-        stop = stop_request(events)
-        if stop is not None:
-            self._stop = stop.reason or "the operator stopped the run"
-            self._stopped()
-        elif latest is not None and latest.round >= self._settings.rounds:
-            last = self._ledger.last_attempt(latest.round)
-            if last is not None and last.status == "completed":
-                self._finish(latest.round)
-                log.info("run_finished_before_restart", rounds=latest.round)
-
-    def _resume(self) -> None:
-        """Pick up a run this store already holds, at its last committed version; StateError if it cannot.
-
-        Exclusions are rebuilt from the attempts that showed them (a worker caught cheating stays out
-        of its round however often the coordinator restarts), and a version committed just before a
-        crash whose round was not booked as committed yet is booked now.
-        """
-        if self._ledger.stored_run() is None and (stray := self._versions.stray_artifacts()):
-            raise versions_without_run(stray)
-        existing = self._ledger.open_run(
-            RunRecord(self._settings.run_id, self._settings.model_dump_json(), self._clock())
-        )
-        if existing is not None:
-            latest = self._versions.restore()
-            self._excluded = self._ledger.exclusions()
-            booked = None if latest is None or latest.round < 1 else self._ledger.last_attempt(latest.round)
-            if booked is not None and booked.status == "failed":  # open_run closed it: the crash came first
-                self._ledger.committed(booked, dropped=(), secagg=None)
-                log.info("round_booked_as_committed", round=booked.round, attempt=booked.attempt)
-            log.info("run_resumed", run_id=existing.run_id, version=None if latest is None else latest.number)
-            self._take_journal(latest)
-            if existing.failure:  # a failed run stays failed: its report and its last committed round stand
-                self._finish(0 if latest is None else latest.round, existing.failure)
-                log.error("run_failed_before_restart", reason=existing.failure)
