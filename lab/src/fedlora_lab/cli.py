@@ -109,6 +109,12 @@ def _progress(label: str) -> ProgressFn:
     return report
 
 
+def _live(line: str) -> None:
+    """The demo's live line (on a terminal only): where the run stands, each time that changes."""
+    sys.stderr.write(f"  {line}\n")
+    sys.stderr.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -233,7 +239,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"running {args.workers} workers x {args.rounds} rounds ({args.mode}, {args.engine}); logs in {args.out}/logs\n"
     )
     try:
-        result = run_federation(plan, engine=args.engine)
+        result = run_federation(plan, engine=args.engine, say=_live if sys.stderr.isatty() else None)
     except ValidationError as exc:
         sys.stderr.write(f"fedlora-lab demo: error: run.yaml {describe(exc)}\n")
         return 2

@@ -9,10 +9,12 @@ thread it is given (`SimulatedFederation`). Both leave the same files and report
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Final, Literal
 
 from fedlora_lab.federation import FederationPlan, FederationResult, LocalFederation
 from fedlora_lab.simulation.federation import SimulatedFederation
+from fedlora_lab.watch import watching
 
 __all__ = ["ENGINES", "Engine", "run_federation"]
 
@@ -20,8 +22,16 @@ Engine = Literal["simulation", "processes"]
 ENGINES: Final[tuple[Engine, ...]] = ("simulation", "processes")
 
 
-def run_federation(plan: FederationPlan, *, engine: Engine, threads: int | None = None) -> FederationResult:
-    """Run `plan` on `engine`; `threads` is the simulation's torch threads (default: every core)."""
-    if engine == "processes":
-        return LocalFederation(plan).run()
-    return SimulatedFederation(plan).run_in_child(threads=threads or max(1, os.cpu_count() or 1))
+def run_federation(
+    plan: FederationPlan,
+    *,
+    engine: Engine,
+    threads: int | None = None,
+    say: Callable[[str], None] | None = None,
+) -> FederationResult:
+    """Run `plan` on `engine`; `threads` is the simulation's torch threads (default: every core); `say` gets a
+    line each time the run's round, phase or loss changes."""
+    with watching(plan.out_dir, rounds=plan.rounds, say=say or (lambda line: None)):
+        if engine == "processes":
+            return LocalFederation(plan).run()
+        return SimulatedFederation(plan).run_in_child(threads=threads or max(1, os.cpu_count() or 1))

@@ -40,6 +40,8 @@ class RunStatus:
     failure: str | None
     stopped: str | None
     sites: list[SiteStatus]
+    eval_loss: float | None = None
+    """The held-out loss of the latest evaluated round (round 0: the base model)."""
     journal: list[dict[str, Any]] = field(default_factory=list)
     coordinator: str | None = None
     """What the coordinator's health service answers (SERVING, NOT_SERVING, UNAVAILABLE...), when asked."""
@@ -115,5 +117,6 @@ def read_status(store: CoordinatorStore, *, rounds: int) -> RunStatus | None:
         failure=run.failure or None,
         stopped=None if stop is None else (stop.reason or "by the operator"),
         sites=[SiteStatus(w.worker_id, w.num_examples, w.left_reason or None) for w in store.workers()],
+        eval_loss=next((r.eval_loss for r in reversed(records) if r.eval_loss is not None), None),
         journal=[{"at": _when(e.at), "kind": e.kind, "detail": json.loads(e.detail)} for e in events],
     )
