@@ -41,7 +41,14 @@ def _date(certificate: Path, which: str = "after") -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
-def _client(target: str, tls: TlsClientSettings, retries: list[int], attempts: int = 8) -> CoordinatorClient:
+def _client(
+    target: str,
+    tls: TlsClientSettings,
+    retries: list[int],
+    tls_failures: list[int] | None = None,
+    attempts: int = 8,
+) -> CoordinatorClient:
+    tls_failures = [] if tls_failures is None else tls_failures
     return CoordinatorClient(
         target=target,
         worker_id="clinical",
@@ -49,6 +56,7 @@ def _client(target: str, tls: TlsClientSettings, retries: list[int], attempts: i
         retry=RetrySettings(attempts=attempts, initial_backoff_s=0.01, max_backoff_s=0.02, tls_failures=TLS_FAILURES),
         tls=tls,
         on_retry=lambda: retries.append(1),
+        on_tls_failure=lambda: tls_failures.append(1),
         sleep=lambda seconds: None,
     )
 
@@ -176,9 +184,10 @@ def test_a_worker_that_cannot_establish_tls_names_the_cause_and_gives_up_after_i
 ) -> None:
     # Prepare: a coordinator, and a worker whose TLS cannot work with it.
     retries: list[int] = []
+    tls_failures: list[int] = []
     with tls_coordinator(tmp_path / "state", pki, **fault.coordinator(pki)) as server:
         target = f"{fault.host}:{server.port}"
-        client = _client(target, fault.worker(pki), retries)
+        client = _client(target, fault.worker(pki), retries, tls_failures)
 
         # Execute
         with pytest.raises(TlsMisconfigured) as failed:
@@ -189,6 +198,7 @@ def test_a_worker_that_cannot_establish_tls_names_the_cause_and_gives_up_after_i
     # Assert: the cause in one line; TLS_FAILURES tries (so TLS_FAILURES - 1 retries), and nobody joined.
     assert str(failed.value) == fault.line(pki, f"localhost:{server.port}" if fault.host == "localhost" else target)
     assert len(retries) == TLS_FAILURES - 1
+    assert len(tls_failures) == TLS_FAILURES  # what fedlora_worker_tls_failures_total counts
     assert admitted == 0
 
 

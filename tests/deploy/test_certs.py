@@ -231,8 +231,19 @@ def test_a_key_made_at_the_site_is_signed_from_its_request_and_joins_over_mutual
         )
         spec = client.join(10)
         client.close()
+        expiry = {
+            name: server.registry.get_sample_value(
+                "fedlora_tls_certificate_expiry_timestamp_seconds", {"certificate": name}
+            )
+            for name in ("server", "client_ca")
+        }
 
     # Assert: a client certificate for the site's key, CN = its id, from the consortium's CA; the key stayed home.
+    # The coordinator tells Prometheus when its certificate and the CA it checks sites against run out.
+    assert expiry == {
+        "server": _load(tls / "coordinator.crt").not_valid_after_utc.timestamp(),
+        "client_ca": _load(tls / "ca.crt").not_valid_after_utc.timestamp(),
+    }
     certificate = _load(site / "tls.crt")
     assert signed == 0
     assert f"public key sha256: {made} " in out

@@ -60,7 +60,7 @@ def test_promtool_accepts_the_shipped_prometheus_config_and_its_rules() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     assert "1 rule files found" in config.stdout
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "9 rules found" in rules.stdout
+    assert "10 rules found" in rules.stdout
 
 
 def test_the_alerts_fire_when_and_only_when_their_unit_tests_say() -> None:

@@ -263,6 +263,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     import structlog
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from fedlora_common.certificates import not_valid_after
     from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused, TlsMisconfigured
     from fedlora_worker.daemon import Worker, WorkerFailed
     from fedlora_worker.metrics import WorkerMetrics, labelled
@@ -279,7 +280,12 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
         retry=settings.retry,
         tls=settings.tls,
         on_retry=metrics.retries.inc,
+        on_tls_failure=metrics.tls_failures.inc,
     )
+    if settings.tls is not None:
+        for name, path in (("client", settings.tls.cert), ("ca", settings.tls.ca)):
+            if path is not None:
+                metrics.certificate_expiry.labels(certificate=name).set(not_valid_after(path))
     stopped = threading.Event()
     worker: Worker | None = None
 

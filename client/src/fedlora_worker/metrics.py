@@ -64,6 +64,19 @@ class WorkerMetrics:
         self.retries = Counter(
             "fedlora_worker_retries_total", "Calls retried after a transient failure", registry=registry
         )
+        self.tls_failures = Counter(
+            "fedlora_worker_tls_failures_total",
+            "Calls that failed because TLS could not be established for a reason of configuration (name, CA, key, "
+            "dates, a refused certificate)",
+            registry=registry,
+        )
+        self.certificate_expiry = Gauge(
+            "fedlora_worker_tls_certificate_expiry_timestamp_seconds",
+            "When this site's client certificate (certificate=client) and the CA it trusts (certificate=ca) stop "
+            "being valid, Unix time",
+            ["certificate"],
+            registry=registry,
+        )
         self.dp_epsilon = Gauge(
             "fedlora_worker_dp_epsilon",
             "Record-level epsilon this site has spent (DP-SGD), at the run's delta",

@@ -112,6 +112,7 @@ class CoordinatorClient:
         tls: TlsClientSettings | None = None,
         chunk_bytes: int = 2**20,
         on_retry: Callable[[], None] = lambda: None,
+        on_tls_failure: Callable[[], None] = lambda: None,
         sleep: Callable[[float], object] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -122,6 +123,7 @@ class CoordinatorClient:
         self._channel = _channel(target, tls, chunk_bytes)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._on_retry = on_retry
+        self._on_tls_failure = on_tls_failure
         self._stopped = threading.Event()
         self._sleep = sleep or self._stopped.wait
         self._rng = rng or random.Random()
@@ -181,6 +183,7 @@ class CoordinatorClient:
             return
         self._tls_failures = self._tls_failures + 1 if fault == self._tls_fault else 1
         self._tls_fault = fault
+        self._on_tls_failure()
         log.warning("tls_failed", call=what, reason=fault, failures=self._tls_failures, limit=self._retry.tls_failures)
         if self._tls_failures >= self._retry.tls_failures:
             raise TlsMisconfigured(fault) from exc

@@ -42,6 +42,13 @@ class ServerMetrics:
             "1 once the run has failed (its last committed round stands; `fedlora-server retry` resumes it), else 0",
             registry=registry,
         )
+        self.certificate_expiry = Gauge(
+            "fedlora_tls_certificate_expiry_timestamp_seconds",
+            "When the coordinator's TLS certificate (certificate=server) and the CA it checks workers against "
+            "(certificate=client_ca) stop being valid, Unix time",
+            ["certificate"],
+            registry=registry,
+        )
         self.round_attempt = Gauge(
             "fedlora_round_attempt",
             "Attempt of the round in progress (above 1: the round is being retried, fedlora_round_backoff shows "

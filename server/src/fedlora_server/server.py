@@ -15,9 +15,10 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from fedlora_common.certificates import not_valid_after
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_server.auth import Authenticator
-from fedlora_server.config import RunSettings
+from fedlora_server.config import RunSettings, TlsServerSettings
 from fedlora_server.control import RunControl
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.interceptor import Door
@@ -70,15 +71,14 @@ class CoordinatorServer:
         self._serving: bool | None = None
         self._set_serving(False)
         self.registry = registry or CollectorRegistry()
+        self._metrics = ServerMetrics(self.registry)
         owned = store is None
         if store is None:  # the state on disk is judged before anything is written to it
             check_state_dir(settings)
             store = SqliteStore(settings.state_dir / DATABASE)
         self._store = store
         try:
-            self.coordinator = Coordinator(
-                settings=settings, store=store, metrics=ServerMetrics(self.registry), clock=clock
-            )
+            self.coordinator = Coordinator(settings=settings, store=store, metrics=self._metrics, clock=clock)
         except BaseException:
             if owned:
                 store.close()
@@ -137,12 +137,19 @@ class CoordinatorServer:
                 where = f"{s.listen.host}:{s.listen.metrics_port}"
                 raise CannotListen(f"listen.metrics_port: cannot listen on {where}: {exc.strerror}") from None
             self.metrics_port = int(self._metrics_http.server_port)
+        if s.listen.tls is not None:
+            self._export_certificate_expiry(s.listen.tls)
         # The state was restored in the constructor: a run that had already failed never reports SERVING.
         self._set_serving(self.coordinator.failure is None)
         self._ticker = threading.Thread(target=self._run_clock, name="deadlines", daemon=True)
         self._ticker.start()
         log.info("coordinator_listening", port=self.port, metrics_port=self.metrics_port, run_id=s.run_id)
         return self.port
+
+    def _export_certificate_expiry(self, tls: TlsServerSettings) -> None:
+        for name, path in (("server", tls.cert), ("client_ca", tls.client_ca)):
+            if path is not None:
+                self._metrics.certificate_expiry.labels(certificate=name).set(not_valid_after(path))
 
     def _set_serving(self, serving: bool) -> None:
         """The health service tells whether the coordinator can make progress."""
