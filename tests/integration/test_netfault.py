@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedlora_common.manifest import Manifest, TensorSpec
-from fedlora_common.messages import MetricsReport, Task, TaskKind, UploadKind
-from fedlora_common.secagg import KeyPair, dequantize_sum, identity_keypair, quantize
+from fedlora_common.secagg import KeyPair, dequantize_sum, identity_keypair
 from fedlora_server.server import CoordinatorServer
-from fedlora_worker.config import RetrySettings
-from fedlora_worker.coordinator import DownloadedModel, StaleTask
-from fedlora_worker.secagg_session import WorkerSession
-from fedlora_worker.transport import CoordinatorClient
 from tests.netfault import FaultyProxy
 from tests.server.conftest import ADAPTER_CONFIG, WORKERS, run_settings, token_of
+from tests.sites import Model, Site, make_sites, run_sites
 
 RUN = "test-run"
 MANIFEST = Manifest(
@@ -59,182 +52,30 @@ def _slow(proxy: FaultyProxy) -> None:
     proxy.delay(0.002)
 
 
-@dataclass
-class Site:
-    """One worker: its transport through its proxy, the faults it meets (step -> fault, each once), what it counted."""
-
-    worker: str
-    proxy: FaultyProxy
-    client: CoordinatorClient
-    faults: dict[str, Fault]
-    delta: np.ndarray
-    uploaded: list[int] = field(default_factory=list)
-    downloaded: list[int] = field(default_factory=list)
-    held: DownloadedModel | None = None
-    session: WorkerSession | None = None
-    encoded: np.ndarray | None = None
-    error: BaseException | None = None
-
-    def arm(self, step: str) -> None:
-        fault = self.faults.pop(step, None)
-        if fault is not None:
-            fault(self.proxy)
-
-    def count(self, into: list[int]) -> Callable[[int], None]:
-        into.append(0)
-
-        def add(n: int) -> None:
-            into[-1] += n
-
-        return add
-
-
 def _initial() -> np.ndarray:
     return np.random.default_rng(7).normal(0, 0.1, MANIFEST.numel).astype(np.float32)
 
 
-def _sites(server: CoordinatorServer, faults: dict[str, dict[str, Fault]]) -> list[Site]:
-    sites = []
-    for index, worker in enumerate(WORKERS):
-        proxy = FaultyProxy(("127.0.0.1", server.port)).start()
-        client = CoordinatorClient(
-            target=proxy.target,
-            worker_id=worker,
-            token=token_of(worker),
-            retry=RetrySettings(attempts=6, initial_backoff_s=0.05, max_backoff_s=0.5),
-            chunk_bytes=CHUNK,
-        )
-        delta = np.random.default_rng(index).normal(0, 0.01, MANIFEST.numel).astype(np.float32)
-        sites.append(Site(worker, proxy, client, dict(faults.get(worker, {})), delta))
-    return sites
+MODEL = Model(RUN, MANIFEST, _initial(), ADAPTER_CONFIG)
 
 
-def _take_part(site: Site, identities: dict[str, KeyPair] | None) -> None:
-    """What a worker daemon does with its transport, without the model: poll and carry out each task."""
-    client = site.client
-    client.join(EXAMPLES[site.worker])
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        task = client.poll(RUN)
-        if task.kind is TaskKind.FINISHED:
-            return
-        try:
-            _carry_out(site, task, identities)
-        except StaleTask:  # as the daemon does: the stage moved on (this answer was taken, or is too late)
-            continue
-    raise TimeoutError(f"{site.worker} did not see the run finish")
-
-
-def _carry_out(site: Site, task: Task, identities: dict[str, KeyPair] | None) -> None:
-    client = site.client
-    if task.kind is TaskKind.WAIT:
-        time.sleep(0.02)
-    elif task.kind is TaskKind.INITIALIZE:
-        site.arm("initialize")
-        client.upload(
-            run_id=RUN,
-            round_=0,
-            kind=UploadKind.INITIAL,
-            base_version=0,
-            num_examples=EXAMPLES[site.worker],
-            vector=_initial(),
-            manifest=MANIFEST,
-            artifact_config_json=ADAPTER_CONFIG,
-            on_bytes=site.count(site.uploaded),
-        )
-    elif task.kind is TaskKind.EVALUATE:
-        held = _sync(site, task)
-        client.report(MetricsReport(site.worker, RUN, task.round, held.version.version, 2.0, 50))
-    elif task.kind is TaskKind.TRAIN:
-        held = _sync(site, task)
-        if task.secagg is None:
-            site.arm("upload")
-            client.upload(
-                run_id=RUN,
-                round_=task.round,
-                kind=UploadKind.DELTA,
-                base_version=held.version.version,
-                num_examples=EXAMPLES[site.worker],
-                vector=site.delta,
-                on_bytes=site.count(site.uploaded),
-            )
-        else:
-            _advertise(site, task, identities or {})
-    else:
-        _secure_step(site, task)
-
-
-def _sync(site: Site, task: Task) -> DownloadedModel:
-    """The task's global version, downloaded unless already held (its digest checked by the transport)."""
-    wanted = task.global_version
-    assert wanted is not None
-    if site.held is None or site.held.version.sha256 != wanted.sha256:
-        site.arm("download")
-        site.held = site.client.download(RUN, wanted, on_bytes=site.count(site.downloaded))
-    return site.held
-
-
-def _advertise(site: Site, task: Task, identities: dict[str, KeyPair]) -> None:
-    assert task.secagg is not None
-    params = task.secagg.params
-    peers = {w: k.public for w, k in identities.items()}
-    site.session = WorkerSession(
-        worker_id=site.worker, params=params, identity_private=identities[site.worker].private, peer_identities=peers
+def _sites(
+    server: CoordinatorServer, faults: dict[str, dict[str, Fault]], identities: dict[str, KeyPair] | None = None
+) -> list[Site]:
+    """Every worker reaches the coordinator through a FaultyProxy of its own, faulted at the steps named."""
+    return make_sites(
+        server.port,
+        MODEL,
+        EXAMPLES,
+        token_of=token_of,
+        identities=identities,
+        faults={w: faults.get(w, {}) for w in WORKERS},
+        chunk_bytes=CHUNK,
     )
-    weight = EXAMPLES[site.worker]
-    quantized = quantize(
-        site.delta * np.float32(weight / params.max_examples),
-        clip=params.clip_range,
-        bits=params.bits,
-        rng=np.random.default_rng(1),
-    )
-    site.encoded = np.concatenate([quantized, np.array([weight], dtype=np.uint32)])
-    site.arm("advertise")
-    site.client.advertise(RUN, params.tag, site.session.advertise())
 
 
-def _secure_step(site: Site, task: Task) -> None:
-    assert task.secagg is not None
-    assert site.session is not None
-    assert site.encoded is not None
-    secagg, tag = task.secagg, task.secagg.params.tag
-    if task.kind is TaskKind.SECAGG_SHARE_KEYS:
-        site.arm("share")
-        site.client.share_keys(RUN, tag, site.session.share_keys(secagg.roster))
-    elif task.kind is TaskKind.SECAGG_MASKED_UPLOAD:
-        masked = site.session.mask(secagg.inbox, secagg.survivors, site.encoded)
-        site.arm("upload")
-        site.client.upload(
-            run_id=RUN,
-            round_=task.round,
-            kind=UploadKind.MASKED,
-            base_version=0,
-            num_examples=EXAMPLES[site.worker],
-            vector=masked,
-            tag=tag,
-            on_bytes=site.count(site.uploaded),
-        )
-    elif task.kind is TaskKind.SECAGG_UNMASK:
-        site.arm("reveal")
-        site.client.reveal(RUN, tag, site.session.reveal(secagg.survivors, secagg.dropped))
-
-
-def _run(server: CoordinatorServer, sites: list[Site], identities: dict[str, KeyPair] | None) -> None:
-    def work(site: Site) -> None:
-        try:
-            _take_part(site, identities)
-        except BaseException as exc:  # reported by the test
-            site.error = exc
-
-    threads = [threading.Thread(target=work, args=(site,), daemon=True) for site in sites]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    for site in sites:
-        site.client.close()
-        site.proxy.stop()
-    errors = {site.worker: site.error for site in sites if site.error is not None}
+def _run(sites: list[Site]) -> None:
+    errors = run_sites(sites)
     assert not errors, errors
 
 
@@ -268,7 +109,7 @@ def test_cut_stalled_and_slow_transfers_restart_and_a_plain_round_counts_each_up
         sites = _sites(server, FAULTS)
 
         # Execute
-        _run(server, sites, identities=None)
+        _run(sites)
         committed = server.coordinator._versions.current
         uploads = server._store.uploads(1, 1)
         attempts = [(r.round, r.attempt, r.status) for r in server._store.rounds()]
@@ -330,10 +171,10 @@ def test_cut_stalled_and_slow_calls_restart_and_a_secure_round_sums_each_masked_
     # Prepare
     identities = {w: identity_keypair() for w in WORKERS}
     with CoordinatorServer(settings=_secure_settings(tmp_path, identities)) as server:
-        sites = _sites(server, SECURE_FAULTS)
+        sites = _sites(server, SECURE_FAULTS, identities)
 
         # Execute
-        _run(server, sites, identities=identities)
+        _run(sites)
         committed = server.coordinator._versions.current
         attempts = [(r.round, r.attempt, r.status, r.dropped) for r in server._store.rounds()]
         received = _counter(server, "fedlora_received_bytes_total")
