@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,11 @@ from fedlora_common.messages import MetricsReport, TaskKind, UploadHeader, Uploa
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.serde import manifest_to_proto
+from fedlora_server.aggregation import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
+from fedlora_server.errors import FailedPrecondition
+from fedlora_server.intake import Received, UploadSink
 from fedlora_server.server import CoordinatorServer
 
 WORKERS = ("clinical", "finance", "legal")
@@ -223,3 +226,57 @@ def initialized(coordinator: Coordinator) -> None:
     )
     for w in WORKERS:
         coordinator.report_metrics(eval_report(w, 0, 3.0))
+
+
+# ---- an aggregator a test scripts ----------------------------------------------------------------
+
+LEGAL_AT_FAULT = "legal revealed a share off the polynomial"
+
+
+class ScriptedAttempts(Aggregator):
+    """Attempts that take no upload: with `cheat` the first fails showing legal at fault (LEGAL_AT_FAULT); the
+    others commit a zero update at once with `commit`, or stay open until the test moves on."""
+
+    def __init__(self, *, cheat: bool = True, commit: bool = False) -> None:
+        self.plans: list[AttemptPlan] = []
+        self._cheat = cheat
+        self._commit = commit
+
+    def open(self, plan: AttemptPlan) -> RoundAggregation:
+        self.plans.append(plan)
+        return _ScriptedAttempt(plan, fail=self._cheat and len(self.plans) == 1, commit=self._commit)
+
+
+class _ScriptedAttempt(RoundAggregation):
+    def __init__(self, plan: AttemptPlan, *, fail: bool, commit: bool) -> None:
+        super().__init__(plan)
+        self._fail = fail
+        self._commit = commit
+
+    @property
+    def deadline_at(self) -> float:
+        return float("inf")
+
+    def ask(self, worker: str) -> Ask | None:
+        return None
+
+    def open_upload(self, header: UploadHeader) -> UploadSink:
+        raise FailedPrecondition("this scripted attempt takes no upload")
+
+    def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
+        raise FailedPrecondition("this scripted attempt takes no upload")
+
+    def drop(self, worker: str) -> None:
+        pass
+
+    def step(self, now: float) -> Aggregate | None:
+        if self._fail:
+            raise AggregationFailed(LEGAL_AT_FAULT, offenders=("legal",))
+        return Aggregate(np.zeros(self.plan.numel, dtype=np.float32), self.plan.participants) if self._commit else None
+
+    def progress(self) -> Hashable:
+        return self._fail
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return ()

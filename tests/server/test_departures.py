@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Hashable
 from pathlib import Path
 
 import grpc
@@ -13,11 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
-from fedlora_server.aggregation import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
+from fedlora_common.messages import TaskKind, UploadKind
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import InvalidArgument
-from fedlora_server.intake import Received, UploadSink
+from fedlora_server.intake import UploadSink
 from fedlora_server.machine import PhaseMachine
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.phases import Training
@@ -27,9 +25,11 @@ from fedlora_server.server import SERVICE_NAME, CoordinatorServer
 from fedlora_server.store import MemoryStore
 from fedlora_server.versions import Versions
 from tests.server.conftest import (
+    LEGAL_AT_FAULT,
     MANIFEST,
     WORKERS,
     Clock,
+    ScriptedAttempts,
     connect,
     initial_vector,
     initialized,
@@ -96,55 +96,10 @@ def test_the_initializer_that_leaves_is_replaced_at_once(tmp_path: Path) -> None
     assert coordinator.poll("finance").kind is TaskKind.INITIALIZE
 
 
-class _FailsOnceNamingLegal(Aggregator):
-    """An aggregator whose first attempt shows `legal` at fault; later attempts need no upload at all."""
-
-    def __init__(self) -> None:
-        self.plans: list[AttemptPlan] = []
-
-    def open(self, plan: AttemptPlan) -> RoundAggregation:
-        self.plans.append(plan)
-        return _Attempt(plan, fail=len(self.plans) == 1)
-
-
-class _Attempt(RoundAggregation):
-    def __init__(self, plan: AttemptPlan, *, fail: bool) -> None:
-        super().__init__(plan)
-        self._fail = fail
-
-    @property
-    def deadline_at(self) -> float:
-        return float("inf")
-
-    def ask(self, worker: str) -> Ask | None:
-        return None
-
-    def open_upload(self, header: UploadHeader) -> UploadSink:
-        raise NotImplementedError
-
-    def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
-        raise NotImplementedError
-
-    def drop(self, worker: str) -> None:
-        pass
-
-    def step(self, now: float) -> Aggregate | None:
-        if self._fail:
-            raise AggregationFailed("legal revealed a share off the polynomial", offenders=("legal",))
-        return Aggregate(np.zeros(self.plan.numel, dtype=np.float32), self.plan.participants)
-
-    def progress(self) -> Hashable:
-        return self._fail
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        return ()
-
-
 def test_an_offender_sits_out_the_retry_and_is_named_in_the_failed_attempt(tmp_path: Path) -> None:
     settings = run_settings(tmp_path, min_workers=2)
     store, clock = MemoryStore(), Clock()
-    aggregator = _FailsOnceNamingLegal()
+    aggregator = ScriptedAttempts(commit=True)
     metrics = ServerMetrics(CollectorRegistry())
     machine = PhaseMachine(
         settings=settings,
@@ -162,7 +117,7 @@ def test_an_offender_sits_out_the_retry_and_is_named_in_the_failed_attempt(tmp_p
 
     assert [p.participants for p in aggregator.plans] == [WORKERS, ("clinical", "finance")]
     failed = next(r for r in store.rounds() if r.status == "failed")
-    assert (failed.excluded, failed.failure) == (("legal",), "legal revealed a share off the polynomial")
+    assert (failed.excluded, failed.failure) == (("legal",), LEGAL_AT_FAULT)
     assert metrics.excluded_workers._value.get() == 1
     assert machine.phase == "evaluate"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +13,12 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
+from fedlora_common.messages import TaskKind, UploadKind
 from fedlora_common.settings import ConfigError, load_settings
-from fedlora_server.aggregation import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
+from fedlora_server.aggregation import Aggregator
 from fedlora_server.artifacts import point_latest, write_artifact
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
-from fedlora_server.intake import Received, UploadSink
 from fedlora_server.machine import PhaseMachine
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.planning import RoundPlans
@@ -32,6 +31,7 @@ from tests.server.conftest import (
     MANIFEST,
     WORKERS,
     Clock,
+    ScriptedAttempts,
     initial_vector,
     initialized,
     run_settings,
@@ -265,52 +265,6 @@ def test_another_model_left_at_a_versions_name_is_moved_aside_never_deleted(tmp_
     assert files_of(state / "artifacts" / ".v000001.set-aside-1") == left
 
 
-class _Attempts(Aggregator):
-    """Attempts that stay open until the test moves on; with `cheat`, the first shows legal dealing bad shares."""
-
-    def __init__(self, *, cheat: bool) -> None:
-        self.plans: list[AttemptPlan] = []
-        self._cheat = cheat
-
-    def open(self, plan: AttemptPlan) -> RoundAggregation:
-        self.plans.append(plan)
-        return _Open(plan, cheat=self._cheat and len(self.plans) == 1)
-
-
-class _Open(RoundAggregation):
-    def __init__(self, plan: AttemptPlan, *, cheat: bool) -> None:
-        super().__init__(plan)
-        self._cheat = cheat
-
-    @property
-    def deadline_at(self) -> float:
-        return float("inf")
-
-    def ask(self, worker: str) -> Ask | None:
-        return None
-
-    def open_upload(self, header: UploadHeader) -> UploadSink:
-        raise NotImplementedError
-
-    def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
-        raise NotImplementedError
-
-    def drop(self, worker: str) -> None:
-        pass
-
-    def step(self, now: float) -> Aggregate | None:
-        if self._cheat:
-            raise AggregationFailed("legal dealt shares off its polynomial", offenders=("legal",))
-        return None
-
-    def progress(self) -> Hashable:
-        return self._cheat
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        return ()
-
-
 def _machine(state_dir: Path, store: SqliteStore, aggregator: Aggregator) -> PhaseMachine:
     settings, clock = run_settings(state_dir, min_workers=2), Clock()
     return PhaseMachine(
@@ -329,13 +283,13 @@ def _machine(state_dir: Path, store: SqliteStore, aggregator: Aggregator) -> Pha
 def test_an_excluded_dealer_stays_out_of_its_round_when_the_coordinator_restarts(tmp_path: Path) -> None:
     # Prepare: round 1's first attempt shows legal cheating; the retry without it is open when the coordinator dies.
     state = tmp_path / "state"
-    first_store, first_attempts = SqliteStore(state / "coordinator.db"), _Attempts(cheat=True)
+    first_store, first_attempts = SqliteStore(state / "coordinator.db"), ScriptedAttempts(cheat=True)
     initialized(_machine(state, first_store, first_attempts))  # type: ignore[arg-type]
     assert [p.participants for p in first_attempts.plans] == [WORKERS, ("clinical", "finance")]
     first_store.close()
 
     # Execute: a new coordinator on the same state; every worker comes back, legal first.
-    store, attempts = SqliteStore(state / "coordinator.db"), _Attempts(cheat=False)
+    store, attempts = SqliteStore(state / "coordinator.db"), ScriptedAttempts(cheat=False)
     restarted = _machine(state, store, attempts)
     for w in ("legal", "clinical", "finance"):
         restarted.join(w, 100)
