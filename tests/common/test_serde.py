@@ -125,6 +125,12 @@ def test_waiting_task_without_version_round_trips() -> None:
     assert task_from_proto(task_to_proto(task)) == task
 
 
+def test_a_finished_task_carries_why_the_run_is_over() -> None:
+    task = Task(TaskKind.FINISHED, round=2, reason="an operator stopped the run at round 2: budget review")
+
+    assert task_from_proto(task_to_proto(task)) == task
+
+
 def test_upload_header_round_trips_with_and_without_manifest() -> None:
     rng = random.Random(11)
     for manifest in (None, _manifest(rng)):

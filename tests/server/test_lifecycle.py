@@ -222,13 +222,22 @@ def test_stop_ends_a_live_run_and_the_sites_are_told_it_finished(tmp_path: Path,
         gate.opened.set()
         assert live.server.wait_finished(_WAIT)
         status = live.server.status()
+        told = CoordinatorClient(
+            target=f"127.0.0.1:{live.server.port}", worker_id="legal", token=token_of("legal"), retry=FAST_RETRY
+        )
+        finished = told.poll(MODEL.run_id)
+        told.close()
 
-    # Assert: after the round in progress (2), or at once (at 1); every site finished without an error.
+    # Assert: after the round in progress (2), or at once (at 1); every site finished without an error, told why.
     assert code == 0
     assert live.errors == {}
     assert (status.state, status.stopped) == ("stopped", "budget review")
     assert status.last_commit is not None
     assert status.last_commit["round"] == (1 if now else 2)
+    assert (finished.kind, finished.reason) == (
+        TaskKind.FINISHED,
+        f"an operator stopped the run at round {1 if now else 2}: budget review",
+    )
 
 
 def _fedlora_server(*args: str) -> subprocess.CompletedProcess[str]:

@@ -154,7 +154,7 @@ class Worker:
                 task = self._client.poll(spec.run_id)
                 structlog.contextvars.bind_contextvars(round=task.round)
                 if task.kind is TaskKind.FINISHED:
-                    log.info("run_finished", rounds_trained=trained)
+                    log.info("run_finished", rounds_trained=trained, reason=task.reason)
                     return WorkerOutcome(spec.run_id, trained, finished=True)
                 trained += self._do(spec, task)
             except _Stopping:

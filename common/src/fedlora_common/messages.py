@@ -79,6 +79,8 @@ class Task:
     deadline_s: float = 0.0
     secagg: SecAggTask | None = None
     audit: AuditPlan | None = None
+    reason: str = ""
+    """FINISHED: why the run is over."""
 
 
 @dataclass(frozen=True)

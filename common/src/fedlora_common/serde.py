@@ -305,6 +305,7 @@ def task_to_proto(task: Task) -> pb.Task:
         participants=list(task.participants),
         retry_after_ms=task.retry_after_ms,
         deadline_s=task.deadline_s,
+        reason=task.reason,
     )
     if task.global_version is not None:
         msg.model.CopyFrom(model_version_to_proto(task.global_version))
@@ -347,6 +348,7 @@ def task_from_proto(msg: pb.Task, *, run_id: str = "") -> Task:
             if msg.HasField("audit")
             else None
         ),
+        reason=msg.reason,
     )
 
 

@@ -76,7 +76,9 @@ class Evaluation:
 class Finished:
     round: int
     failure: str | None = None
-    """Why the run ended before its last round; None when it finished them."""
+    """Why the run ended before its last round; None when it finished them (or was stopped)."""
+    reason: str = ""
+    """Why the run is over, as the workers are told."""
     name: PhaseName = "finished"
 
 

@@ -49,7 +49,7 @@ class RoundPlans:
         """What `worker` is to do in `phase` (a joined worker; `uploading`: one of its uploads is still streaming)."""
         wait = Task(TaskKind.WAIT, round=round_of(phase), retry_after_ms=self._settings.timeouts.poll_wait_ms)
         if isinstance(phase, Finished):
-            return Task(TaskKind.FINISHED, round=phase.round)
+            return Task(TaskKind.FINISHED, round=phase.round, reason=phase.reason)
         if isinstance(phase, Backoff):
             resume_ms = max(0, round((phase.resume_at - now) * 1000))
             return Task(TaskKind.WAIT, round=phase.round, retry_after_ms=min(wait.retry_after_ms, resume_ms))

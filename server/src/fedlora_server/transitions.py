@@ -173,7 +173,12 @@ class RunTransitions:
                 return
             except Exception as exc:  # whatever broke, it breaks this attempt only
                 log.exception("aggregation_failed_unexpectedly", round=phase.record.round)
-                self._fail_attempt(phase, f"aggregation failed: {type(exc).__name__}: {exc}", offenders=())
+                self._fail_attempt(
+                    phase,
+                    f"the coordinator failed to aggregate ({type(exc).__name__}); its log has the details "
+                    "(aggregation_failed_unexpectedly)",
+                    offenders=(),
+                )
                 return
             if result is not None:
                 self._commit(phase, result)
@@ -304,7 +309,12 @@ class RunTransitions:
             phase = self._phase
             log.exception("input_broke_attempt", worker_id=worker_id)
             if isinstance(phase, Training):
-                self._fail_attempt(phase, f"{worker_id}'s input broke the attempt: {exc}", offenders=(worker_id,))
+                self._fail_attempt(
+                    phase,
+                    f"{worker_id}'s input broke the attempt ({type(exc).__name__}); the coordinator's log has the "
+                    "details (input_broke_attempt)",
+                    offenders=(worker_id,),
+                )
             raise InvalidArgument(f"refused: it could not be taken into the round ({type(exc).__name__})") from None
 
     def _storage_fault(self, reason: str, *, attempt: tuple[str, int, int, Hashable] | None = None) -> None:
@@ -352,8 +362,14 @@ class RunTransitions:
         log.error("run_failed", reason=failure)
 
     def _finish(self, round_: int, failure: str | None = None) -> None:
-        """The run is over, finished or failed: say so to whoever waits on it, and to Prometheus."""
-        self._phase = Finished(round_, failure)
+        """The run is over, finished, stopped or failed: say so to whoever waits on it, and to Prometheus."""
+        if failure is not None:
+            reason = f"the run failed: {failure}"
+        elif self._stop is not None:
+            reason = f"an operator stopped the run at round {round_}: {self._stop}"
+        else:
+            reason = f"the run committed all its {round_} rounds"
+        self._phase = Finished(round_, failure, reason)
         self._metrics.round_backoff.set(0)
         self._metrics.run_finished.set(failure is None)
         self._metrics.run_failed.set(failure is not None)

@@ -262,11 +262,14 @@ class Task(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     AUDIT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     kind: Global___TaskKind.ValueType
     round: _builtins.int
     retry_after_ms: _builtins.int
     deadline_s: _builtins.float
     """Seconds left before the coordinator closes this phase."""
+    reason: _builtins.str
+    """FINISHED: why the run is over (all its rounds committed, an operator stopped it, it failed)."""
     @_builtins.property
     def model(self) -> Global___ModelVersion:
         """The global model version the task is about; unset for WAIT, FINISHED and INITIALIZE."""
@@ -295,10 +298,11 @@ class Task(_message.Message):
         deadline_s: _builtins.float = ...,
         secagg: Global___SecAggPlan | None = ...,
         audit: Global___AuditPlan | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "model", b"model", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "retry_after_ms", b"retry_after_ms", "round", b"round", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "deadline_s", b"deadline_s", "kind", b"kind", "model", b"model", "participants", b"participants", "reason", b"reason", "retry_after_ms", b"retry_after_ms", "round", b"round", "secagg", b"secagg", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
