@@ -274,7 +274,7 @@ def _parquet_rows(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     try:
-        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+        rows = pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
     except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
         raise DataError(f"not a readable parquet file ({type(exc).__name__})", path) from None
     yield from enumerate(rows, start=1)
