@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from fedlora_common.settings import ConfigError, load_settings
 from fedlora_server.config import RunSettings
@@ -94,7 +95,7 @@ def status(argv: Sequence[str]) -> int:
             answer = probe(settings.listen).status if settings.listen.port else "not asked (listen.port is 0)"
         except (OSError, ValueError) as exc:
             answer = f"not asked ({exc})"
-        found = type(found)(**{**found.__dict__, "coordinator": answer})
+        found = replace(found, coordinator=answer)
         if "--json" in args:
             sys.stdout.write(json.dumps(found.as_json(), indent=1) + "\n")
         else:
