@@ -34,7 +34,6 @@ from fedlora_common.messages import (
     UploadKind,
 )
 from fedlora_common.privacy import gaussian_epsilon
-from fedlora_common.secagg import SecAggParams, StageError
 from fedlora_worker import protect
 from fedlora_worker.audit import audit_model, load_canaries
 from fedlora_worker.config import WorkerSettings
@@ -62,21 +61,12 @@ from fedlora_worker.modeling import (
     load_model,
     set_global_state,
 )
-from fedlora_worker.secagg_session import UnopenableShares, WorkerSession
+from fedlora_worker.secure_steps import SecureSteps
 from fedlora_worker.training import evaluate
 
 __all__ = ["Worker", "WorkerFailed", "WorkerOutcome"]
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True)
-class _SecureState:
-    """What a worker keeps between the secure-aggregation stages of one round attempt."""
-
-    session: WorkerSession
-    encoded: npt.NDArray[np.uint32]
-    loss: float
 
 
 @dataclass(frozen=True)
@@ -135,7 +125,13 @@ class Worker:
         self._train_data: TokenizedData | None = None
         self._eval_data: TokenizedData | None = None
         self._seq_len = 0
-        self._secure: _SecureState | None = None
+        self._secure = SecureSteps(
+            client=client,
+            identity=settings.identity_private,
+            peers=settings.peers,
+            idle=self._idle,
+            upload=self._upload_masked,
+        )
         self._trained: _Trained | None = None
 
     @property
@@ -227,7 +223,7 @@ class Worker:
         elif task.kind is TaskKind.EVALUATE:
             self._evaluate(spec, task)
         else:
-            self._secure_step(spec, task)
+            self._secure.step(spec, task)
         return 0
 
     def shutdown(self) -> None:
@@ -304,7 +300,7 @@ class Worker:
                 rounding=protect.rounding_generator(spec.seed, task.round, self._client.worker_id),
                 noise_rng=protect.noise_generator(),
             )
-            self._begin_secure(spec, task.secagg.params, encoded, loss)
+            self._secure.begin(spec, task.secagg.params, encoded, loss)
         self._metrics.rounds.inc()
 
     def _train_delta(self, spec: RunSpec, loaded: LoadedModel, plan: TrainingPlan, key: Hashable) -> _Trained:
@@ -341,50 +337,6 @@ class Worker:
             delta_norm=round(float(np.linalg.norm(delta)), 5),
         )
         return _Trained(key, delta, result.mean_loss)
-
-    # ---- secure aggregation -----------------------------------------------------------
-
-    def _begin_secure(self, spec: RunSpec, params: SecAggParams, encoded: npt.NDArray[np.uint32], loss: float) -> None:
-        """Keep the encoded update for the masking stage; advertise this round's keys."""
-        identity = self._settings.identity_private()
-        if identity is None:
-            raise StageError("this run aggregates securely but the worker has no identity_key")
-        peers = {worker: bytes.fromhex(key) for worker, key in self._settings.peers.items()}
-        session = WorkerSession(
-            worker_id=self._client.worker_id, params=params, identity_private=identity, peer_identities=peers
-        )
-        self._secure = _SecureState(session, encoded, loss)
-        self._client.advertise(spec.run_id, params.tag, session.advertise())
-        log.info("keys_advertised", tag=params.tag, threshold=params.threshold)
-
-    def _secure_step(self, spec: RunSpec, task: Task) -> None:
-        """One secure-aggregation stage; a protocol violation abandons this round's session."""
-        assert task.secagg is not None
-        state, secagg = self._secure, task.secagg
-        if state is None or state.session.params.tag != secagg.params.tag:
-            log.warning("no_session_for_round", tag=secagg.params.tag)
-            self._idle(1.0)
-            return
-        tag = secagg.params.tag
-        try:
-            if task.kind is TaskKind.SECAGG_SHARE_KEYS:
-                self._client.share_keys(spec.run_id, tag, state.session.share_keys(secagg.roster))
-            elif task.kind is TaskKind.SECAGG_MASKED_UPLOAD:
-                try:
-                    seeds = state.session.mask_seeds(secagg.inbox, secagg.survivors)
-                except UnopenableShares as exc:  # the sender is at fault, not this site: prove it
-                    log.warning("shares_unopenable", tag=tag, senders=exc.senders)
-                    self._client.complain(spec.run_id, tag, state.session.complain(exc.senders))
-                    self._secure = None
-                    return
-                masked = protect.mask(state.encoded, seeds)
-                self._upload(spec, task, UploadKind.MASKED, masked, base_version=0, loss=state.loss, tag=tag)
-            elif task.kind is TaskKind.SECAGG_UNMASK:
-                self._client.reveal(spec.run_id, tag, state.session.reveal(secagg.survivors, secagg.dropped))
-                self._secure = None
-        except StageError as exc:
-            log.error("secure_aggregation_refused", tag=tag, stage=task.kind.name, reason=str(exc))
-            self._secure = None
 
     def _evaluate(self, spec: RunSpec, task: Task) -> None:
         assert task.global_version is not None
@@ -474,6 +426,11 @@ class Worker:
                 artifact_config_json=artifact_config_json(loaded) if initial else "",
                 on_bytes=count,
             )
+
+    def _upload_masked(
+        self, spec: RunSpec, task: Task, masked: npt.NDArray[np.uint32], *, loss: float, tag: int
+    ) -> None:
+        self._upload(spec, task, UploadKind.MASKED, masked, base_version=0, loss=loss, tag=tag)
 
     def _progress(self, total: int, what: str, unit: str = "B") -> tqdm:
         return tqdm(
