@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fedlora_common.messages import TaskKind, UploadKind
+from fedlora_common.messages import Task, TaskKind, UploadKind
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from fedlora_server.metrics import ServerMetrics
@@ -217,3 +218,36 @@ def test_a_run_that_commits_all_its_rounds_says_it_finished_to_prometheus(tmp_pa
         1,
         0,
     )
+
+
+def test_a_held_poll_is_answered_as_soon_as_its_workers_phase_opens(coordinator: Coordinator) -> None:
+    # Prepare: every worker joined and version 0 committed; legal and finance have reported on it, clinical not.
+    for w in WORKERS:
+        coordinator.join(w, 100)
+    vector = initial_vector()
+    coordinator.receive_upload(
+        upload_header("clinical", vector, round_=0, kind=UploadKind.INITIAL), vector_chunks(vector)
+    )
+    for w in ("legal", "finance"):
+        coordinator.report_metrics(eval_report(w, 0, 3.0))
+    answered: list[Task] = []
+    polling = threading.Thread(target=lambda: answered.append(coordinator.poll("legal", hold_s=600)), daemon=True)
+    polling.start()
+
+    # Execute: the last report closes the evaluation, which opens round 1.
+    coordinator.report_metrics(eval_report("clinical", 0, 3.0))
+    polling.join(timeout=60)
+
+    # Assert: legal's poll, held for up to 10 minutes, came back with its training task.
+    assert not polling.is_alive()
+    assert [(t.kind, t.round) for t in answered] == [(TaskKind.TRAIN, 1)]
+
+
+def test_a_held_poll_with_nothing_to_do_says_wait_and_ask_again_at_once(coordinator: Coordinator) -> None:
+    for w in WORKERS:
+        coordinator.join(w, 100)
+
+    task = coordinator.poll("legal", hold_s=0.05)
+
+    assert (task.kind, task.retry_after_ms) == (TaskKind.WAIT, 0)
+    assert coordinator.poll("legal").retry_after_ms == 10  # unheld: the coordinator's poll_wait_ms

@@ -63,6 +63,8 @@ TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+POLL_TIMEOUT_S = 90.0
+"""A poll is held by the coordinator up to its timeouts.poll_wait_ms (60 s at most) before it answers WAIT."""
 STALE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 """What a coordinator answers a worker whose task it no longer holds (it restarted, or the round moved on)."""
 log = structlog.get_logger()
@@ -203,7 +205,7 @@ class CoordinatorClient:
         request = pb.PollTaskRequest(worker_id=self.worker_id, run_id=run_id)
         try:
             response = self._with_retry(
-                "poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=30)
+                "poll", lambda: self._stub.PollTask(request, metadata=self._metadata, timeout=POLL_TIMEOUT_S)
             )
         except StaleTask as exc:
             raise NotJoined(str(exc)) from exc

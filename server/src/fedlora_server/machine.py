@@ -8,14 +8,15 @@ updates combine (fedlora_server.transitions moves the run). Thread-safe; transpo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import structlog
 
 from fedlora_common.manifest import Manifest
-from fedlora_common.messages import MetricsReport, RunSpec, Task, UploadHeader, UploadKind
+from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadHeader, UploadKind
 from fedlora_server.aggregation import (
     SecureMessage,
 )
@@ -66,11 +67,23 @@ class PhaseMachine(RunTransitions):
             self._advance()
             return self._run_spec
 
-    def poll(self, worker_id: str) -> Task:
+    def poll(self, worker_id: str, *, hold_s: float = 0.0) -> Task:
+        """The worker's task. With `hold_s`, a poll that would wait is held until the run changes (a phase opens, a
+        stage closes) or `hold_s` passes, and answered at once then: no worker learns of its work late."""
         with self._lock:
             self._require_joined(worker_id)
-            self._advance()
-            return self._plans.task(self._phase, worker_id, now=self._clock(), uploading=worker_id in self._uploading)
+            held_until = time.monotonic() + hold_s
+            while True:
+                self._advance()
+                task = self._plans.task(
+                    self._phase, worker_id, now=self._clock(), uploading=worker_id in self._uploading
+                )
+                left = held_until - time.monotonic()
+                if task.kind is not TaskKind.WAIT or hold_s <= 0:
+                    return task
+                if left <= 0:  # held as long as asked: the worker may ask again at once
+                    return replace(task, retry_after_ms=0)
+                self._changed.wait(left)
 
     def global_model(self, worker_id: str, version: int) -> GlobalModel:
         with self._lock:

@@ -62,7 +62,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         with answering(context):
             worker_id = self._acting_for(request.worker_id, request.run_id)
-            return task_to_proto(self._coordinator.poll(worker_id))
+            hold_s = self._coordinator.settings.timeouts.poll_wait_ms / 1000
+            return task_to_proto(self._coordinator.poll(worker_id, hold_s=hold_s))
 
     def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
         with answering(context):

@@ -87,6 +87,8 @@ class RunTransitions:
         self._spool_dir = spool_dir
         self._run_spec = settings.run_spec()
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        """Notified whenever the run moves: held polls look again."""
         self._finished = threading.Event()
         self._joined: dict[str, int] = {}
         self._uploading: set[str] = set()
@@ -140,12 +142,16 @@ class RunTransitions:
             self._advance()
 
     def _advance(self) -> None:
-        """Move through every transition that is due now (caller holds the lock)."""
+        """Move through every transition that is due now (caller holds the lock); held polls hear of any."""
+        moved = False
         while True:
             before = self._state_key()
             self._step()
             if self._state_key() == before:
-                return
+                break
+            moved = True
+        if moved:
+            self._changed.notify_all()
 
     def _state_key(self) -> tuple[str, int, int, Hashable]:
         phase = self._phase
@@ -370,6 +376,7 @@ class RunTransitions:
         else:
             reason = f"the run committed all its {round_} rounds"
         self._phase = Finished(round_, failure, reason)
+        self._changed.notify_all()
         self._metrics.round_backoff.set(0)
         self._metrics.run_finished.set(failure is None)
         self._metrics.run_failed.set(failure is not None)
