@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from structlog.testing import capture_logs
 
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
@@ -275,11 +276,17 @@ def test_a_signed_certificate_whose_cn_names_another_site_is_refused_by_the_coor
             retry=RetrySettings(attempts=1),
             tls=settings,
         )
-        with pytest.raises(Refused) as refused:
+        with capture_logs() as logged, pytest.raises(Refused) as refused:
             client.join(10)
         client.close()
+        counted = server.registry.get_sample_value("fedlora_door_refused_total", {"reason": "certificate"})
 
     # Assert: PERMISSION_DENIED, a refusal only the operator can lift (the worker exits 2); check-config says so first.
+    # The coordinator logs and counts it too.
+    assert [(e["worker_id"], e["certificate_names"]) for e in logged if e["event"] == "certificate_refused"] == [
+        ("legal", ["clinical"])
+    ]
+    assert counted == 1
     assert refused.value.code == "PERMISSION_DENIED"
     assert refused.value.code in CONFIGURATION_REFUSALS
     assert str(refused.value) == "join: PERMISSION_DENIED: client certificate does not name legal"

@@ -24,6 +24,7 @@ from contextvars import ContextVar
 from typing import Any, TypeAlias, cast
 
 import grpc
+import structlog
 
 from fedlora_server.auth import Authenticator
 from fedlora_server.errors import CoordinatorError, InvalidArgument, StreamCancelled, Unauthenticated
@@ -33,6 +34,7 @@ from fedlora_server.streams import Lane, OverBudget, StreamGuard
 
 __all__ = ["Door", "caller"]
 
+log = structlog.get_logger()
 _CALLER: ContextVar[str] = ContextVar("fedlora_caller")
 Behaviour = Callable[..., Any]
 Deserializer = Callable[[bytes], Any]
@@ -189,6 +191,8 @@ class Door(grpc.ServerInterceptor):
         try:
             self._authenticator.check_certificate(worker, names)
         except CoordinatorError as exc:
+            self._metrics.refused.labels(reason="certificate").inc()
+            log.warning("certificate_refused", worker_id=worker, certificate_names=names, reason=str(exc))
             abort_with(context, exc)
         token = _CALLER.set(worker)
         try:
