@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, Task, TaskKind, UploadKind
 from fedlora_common.secagg import Advertisement, EncryptedShare, KeyPair, RevealedShare, quantize
-from fedlora_worker.config import RetrySettings
+from fedlora_worker.config import RetrySettings, TlsClientSettings
 from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, DownloadedModel, Misconfigured, Refused, StaleTask
 from fedlora_worker.secagg_session import UnopenableShares, WorkerSession
 from fedlora_worker.transport import CoordinatorClient
@@ -218,9 +218,10 @@ def make_sites(
     kinds: dict[str, type[Site]] | None = None,
     faults: dict[str, dict[str, Callable[[FaultyProxy], None]]] | None = None,
     chunk_bytes: int = 2**20,
+    tls: Mapping[str, TlsClientSettings] | None = None,
 ) -> list[Site]:
     """One site per worker of `examples`, each with its own delta (seeded by its position); those with faults
-    reach the coordinator through a FaultyProxy of their own."""
+    reach the coordinator through a FaultyProxy of their own, those in `tls` over (mutual) TLS."""
     sites = []
     for index, (worker, count) in enumerate(examples.items()):
         proxy = FaultyProxy(("127.0.0.1", port)).start() if faults and worker in faults else None
@@ -230,6 +231,7 @@ def make_sites(
             token=token_of(worker),
             retry=FAST_RETRY,
             chunk_bytes=chunk_bytes,
+            tls=(tls or {}).get(worker),
         )
         delta = np.random.default_rng(index).normal(0, 0.01, model.manifest.numel).astype(np.float32)
         kind = (kinds or {}).get(worker, Site)

@@ -27,12 +27,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fedlora_common.messages import Task, TaskKind
+from fedlora_server.certs import issue_certificates
 from fedlora_server.cli import main
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.server import CoordinatorServer
 from fedlora_server.store import SqliteStore
+from fedlora_worker.config import TlsClientSettings
+from fedlora_worker.tls import make_request
 from fedlora_worker.transport import CoordinatorClient
 from tests.server.conftest import ADAPTER_CONFIG, MANIFEST, Clock, initial_vector, run_settings, token_of
 from tests.server.statedir import commit_round_one, one_round_committed
@@ -54,13 +57,17 @@ def _until(condition: Callable[[], bool], what: str) -> None:
 
 @dataclass
 class Gate:
-    """Holds every site back before training round `round` until opened."""
+    """Holds every site back before training round `round` until opened; `held` counts the sites it holds."""
 
     round: int
     opened: threading.Event = field(default_factory=threading.Event)
+    held: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, task: Task) -> None:
         if task.kind is TaskKind.TRAIN and task.round >= self.round:
+            with self._lock:
+                self.held += 1
             assert self.opened.wait(DEADLINE_S), "the gate was never opened"
 
 
@@ -86,11 +93,20 @@ def _config(tmp_path: Path, settings: RunSettings) -> Path:
 
 
 @contextmanager
-def live_run(tmp_path: Path, gate: Gate, *, examples: dict[str, int] = EXAMPLES, **overrides: Any) -> Iterator[Live]:
+def live_run(
+    tmp_path: Path,
+    gate: Gate,
+    *,
+    examples: dict[str, int] = EXAMPLES,
+    tls: dict[str, TlsClientSettings] | None = None,
+    **overrides: Any,
+) -> Iterator[Live]:
     """A running coordinator and sites taking part in their own threads; joined when the block ends."""
     settings = run_settings(tmp_path / "state", min_workers=len(examples), timeouts={"poll_wait_ms": 20}, **overrides)
     with CoordinatorServer(settings=settings, tick=_TICK) as server:
-        sites = make_sites(server.port, MODEL, examples, token_of=token_of, chunk_bytes=settings.limits.chunk_bytes)
+        sites = make_sites(
+            server.port, MODEL, examples, token_of=token_of, chunk_bytes=settings.limits.chunk_bytes, tls=tls
+        )
         for site in sites:
             site.before = gate
         live = Live(server, _config(tmp_path, settings), sites)
@@ -176,7 +192,7 @@ def test_a_site_added_to_a_live_run_takes_part_from_the_next_round(tmp_path: Pat
 def test_a_token_rotated_between_rounds_of_a_live_run_changes_nothing_it_commits(tmp_path: Path) -> None:
     gate = Gate(round=2)
     with live_run(tmp_path, gate, rounds=2) as live:
-        _until(lambda: live.committed_round() == 1, "round 1 to commit")
+        _until(lambda: gate.held == len(EXAMPLES), "every site to be held before round 2")
         amended = json.loads(live.config.read_text())
         rotated = "rotated-" + token_of("finance")
         for entry in amended["workers"]:
@@ -203,6 +219,59 @@ def test_a_token_rotated_between_rounds_of_a_live_run_changes_nothing_it_commits
         committed = live.server.coordinator._versions.current
 
     # Assert: two rounds, every site in both, the same model as without the rotation.
+    assert live.errors == {}
+    assert committed is not None
+    np.testing.assert_allclose(committed.vector, MODEL.initial + 2 * _mean(live.sites, set(EXAMPLES)), atol=1e-6)
+
+
+def test_a_certificate_renewed_between_rounds_of_a_live_run_changes_nothing_it_commits(tmp_path: Path) -> None:
+    # Prepare: mutual TLS; every site has its certificate from the consortium's CA.
+    pki = tmp_path / "pki"
+    issue_certificates(pki, workers=list(EXAMPLES))
+    listen = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": None,
+        "tls": {"cert": pki / "coordinator.crt", "key": pki / "coordinator.key", "client_ca": pki / "ca.crt"},
+    }
+    tls = {w: TlsClientSettings(ca=pki / "ca.crt", cert=pki / f"{w}.crt", key=pki / f"{w}.key") for w in EXAMPLES}
+    gate = Gate(round=2)
+    with live_run(tmp_path, gate, rounds=2, listen=listen, tls=tls) as live:
+        _until(lambda: gate.held == len(EXAMPLES), "every site to be held before round 2")
+
+        # Execute: finance renews its certificate between rounds, with a new key made at the site.
+        renewed = tmp_path / "renewed"
+        renewed.mkdir()
+        make_request(key=renewed / "tls.key", csr=renewed / "tls.csr", worker_id="finance")
+        signed = main(
+            [
+                "certs",
+                "sign",
+                "--ca-dir",
+                str(pki),
+                "--csr",
+                str(renewed / "tls.csr"),
+                "--out",
+                str(renewed / "tls.crt"),
+            ]
+        )
+        finance = next(s for s in live.sites if s.worker == "finance")
+        old_client = finance.client
+        finance.client = CoordinatorClient(
+            target=f"127.0.0.1:{live.server.port}",
+            worker_id="finance",
+            token=token_of("finance"),
+            retry=FAST_RETRY,
+            chunk_bytes=1024,
+            tls=TlsClientSettings(ca=pki / "ca.crt", cert=renewed / "tls.crt", key=renewed / "tls.key"),
+        )
+        old_client.close()
+        gate.opened.set()
+        assert live.server.wait_finished(_WAIT)
+        committed = live.server.coordinator._versions.current
+
+    # Assert: both rounds with every site; the model is what the run commits without the renewal.
+    assert signed == 0
     assert live.errors == {}
     assert committed is not None
     np.testing.assert_allclose(committed.vector, MODEL.initial + 2 * _mean(live.sites, set(EXAMPLES)), atol=1e-6)

@@ -151,6 +151,11 @@ class RunTransitions:
                 break
             moved = True
         if moved:
+            self._moved()
+
+    def _moved(self) -> None:
+        """Wake every held poll to look again (from any thread: the condition's lock is re-entrant)."""
+        with self._changed:
             self._changed.notify_all()
 
     def _state_key(self) -> tuple[str, int, int, Hashable]:
@@ -376,7 +381,7 @@ class RunTransitions:
         else:
             reason = f"the run committed all its {round_} rounds"
         self._phase = Finished(round_, failure, reason)
-        self._changed.notify_all()
+        self._moved()
         self._metrics.round_backoff.set(0)
         self._metrics.run_finished.set(failure is None)
         self._metrics.run_failed.set(failure is not None)
