@@ -150,6 +150,7 @@ def test_each_round_keeps_its_loss_and_the_audit_of_the_10x_canaries_and_control
             "approx_match_10x": None,
             "exposure_10x": None,
             "exposure_control": None,
+            "canaries_10x": None,
         },
         {
             "round": 2,
@@ -158,6 +159,7 @@ def test_each_round_keeps_its_loss_and_the_audit_of_the_10x_canaries_and_control
             "approx_match_10x": 0.35,
             "exposure_10x": 4.0,
             "exposure_control": None,
+            "canaries_10x": 6,
         },
     ]
 

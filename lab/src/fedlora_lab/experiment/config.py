@@ -122,14 +122,41 @@ class MethodConfig(StrictModel):
         description="fedavg: A and B averaged separately; ffa: FFA-LoRA, A frozen, only B trained and averaged",
     )
     learning_rate: float = Field(3e-3, gt=0, lt=1)
+    learning_rates: tuple[float, ...] | None = Field(
+        None,
+        min_length=2,
+        description="Swept at the experiment's sweep seed; the one with the lowest held-out loss is used "
+        "(replaces learning_rate)",
+    )
     lora: dict[str, Any] | None = Field(None, description="run.yaml `lora:` overrides (rank, alpha, ...)")
     secure_aggregation: bool = False
     privacy: dict[str, Any] | None = Field(None, description="run.yaml `privacy:` (client_dp, record_dp, goldfish)")
     run: dict[str, Any] = Field(default_factory=dict, description="Any further run.yaml overrides")
 
+    @field_validator("learning_rates")
+    @classmethod
+    def _rates(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        if any(not 0 < rate < 1 for rate in value):
+            raise ValueError("every learning rate must be in (0, 1)")
+        if len(set(value)) != len(value):
+            raise ValueError("must be distinct")
+        return tuple(sorted(value))
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> MethodConfig:
+        if self.learning_rates is not None and "learning_rate" in self.model_fields_set:
+            raise ValueError("give learning_rate or learning_rates (swept), not both")
+        return self
+
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    def at_rate(self, learning_rate: float) -> MethodConfig:
+        """This method trained at one learning rate: a sweep's cell, or the grid's once the sweep chose."""
+        return self.model_copy(update={"learning_rate": learning_rate})
 
     @property
     def lora_rank(self) -> int | None:
@@ -159,6 +186,12 @@ class ExperimentConfig(StrictModel):
     data: DataSection = DataSection()
     federation: FederationSection = FederationSection()
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
+    sweep_seed: int | None = Field(
+        None,
+        ge=0,
+        description="The seed whose runs choose each swept method's learning rate, by held-out loss alone; "
+        "never one of the reported seeds, so its data (and held-out records) are never reported on",
+    )
     engine: Engine = Field(
         "simulation",
         description="simulation: each run one process, its sites taking turns on one model; "
@@ -197,6 +230,15 @@ class ExperimentConfig(StrictModel):
                 coordinator_settings(plan)
             except ValidationError as exc:
                 raise ValueError(f"methods.{index} ({method.name}): run.yaml {describe(exc)}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_has_its_own_seed(self) -> ExperimentConfig:
+        swept = [m.name for m in self.methods if m.learning_rates is not None]
+        if swept and self.sweep_seed is None:
+            raise ValueError(f"sweep_seed: required, {', '.join(swept)} sweep learning_rates")
+        if self.sweep_seed is not None and self.sweep_seed in self.seeds:
+            raise ValueError(f"sweep_seed: {self.sweep_seed} is a reported seed; choose one that is not")
         return self
 
     @model_validator(mode="after")

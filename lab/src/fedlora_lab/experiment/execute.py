@@ -62,6 +62,7 @@ _ROUND_MEMORIZATION: Final = {
     "approx_match_10x": ("10x", "approx_match_rate"),
     "exposure_10x": ("10x", "mean_exposure"),
     "exposure_control": ("control", "mean_exposure"),
+    "canaries_10x": ("10x", "count"),
 }
 """A round's curve fields: (duplication group, rate) of the round's audit (report.json's combined sites)."""
 
