@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from fedlora_lab.experiment import write_experiment_report
 from fedlora_lab.experiment.config import ExperimentConfig
 from fedlora_lab.experiment.summary import BOOTSTRAP_SEED, learning, matched_utility, reduction_factor
 from fedlora_lab.experiment.sweep import choose_rates, plan_sweep, sweep_json, with_chosen_rates
@@ -179,3 +180,38 @@ def test_without_a_learned_full_fine_tuning_there_is_a_target_but_no_factor() ->
     assert matched.reference is None
     assert matched.target_loss == pytest.approx(2.3)
     assert all(m.factors is None for m in matched.methods)
+
+
+def test_the_report_shows_the_sweep_flags_what_did_not_learn_and_compares_at_matched_utility(tmp_path: Path) -> None:
+    results = {
+        **_results(),
+        "experiment": "protocol",
+        "seeds": [0, 1, 2],
+        "sweep": {
+            "seed": 9,
+            "methods": {
+                "lora": {
+                    "chosen_learning_rate": 1e-3,
+                    "cells": [
+                        {"learning_rate": 1e-3, "eval_loss": 2.31, "base_eval_loss": 2.5, "error": None},
+                        {"learning_rate": 3e-3, "eval_loss": None, "base_eval_loss": 2.5, "error": "diverged"},
+                    ],
+                }
+            },
+        },
+    }
+    for run in results["runs"]:
+        run["eval_loss"] = run["rounds"][-1]["eval_loss"]
+
+    write_experiment_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+
+    assert "Learning rates (sweep)" in report
+    assert "| lora | 0.001 | 2.310 | 2.500 | chosen |" in report
+    assert "| lora | 0.003 | failed: diverged | 2.500 |  |" in report
+    assert "| Flat (did not learn) |" in report
+    assert "| Flat | 2.500 | 2.500 | did not learn |" in report
+    matched = report[report.index("Memorization at matched utility") :]
+    assert "Target held-out loss 2.300" in matched
+    assert "| LoRA | 3 | 2.300 ± 0.000 |" in matched
+    assert "Not ranked (did not learn): Flat." in matched

@@ -28,6 +28,7 @@ from fedlora_lab.experiment.summary import (
     round_curves,
     summarize,
 )
+from fedlora_lab.experiment.utility_tables import learning_table, matched_table, not_learned, sweep_table
 from fedlora_server.document import Document, Figure, Table, write_document
 
 __all__ = ["experiment_document", "tables", "write_experiment_report"]
@@ -49,11 +50,11 @@ def _percent(interval: Interval) -> str:
     return "—" if interval.mean is None else f"{100 * interval.mean:.3g}%"
 
 
-def _main_table(summaries: list[MethodSummary]) -> Table:
+def _main_table(summaries: list[MethodSummary], flagged: set[str]) -> Table:
     """The comparison at a glance: what each method trains and how, what it memorizes, what it costs in utility."""
     rows = tuple(
         (
-            s.label,
+            f"{s.label} (did not learn)" if s.name in flagged else s.label,
             s.aggregation or "—",
             _percent(s.metrics.get("trainable_fraction", Interval(None, None, 0))),
             f"{s.ok}/{s.runs}",
@@ -83,8 +84,9 @@ def _main_table(summaries: list[MethodSummary]) -> Table:
     return Table(title="Main results", columns=columns, rows=rows)
 
 
-def _factor_table(results: Mapping[str, Any]) -> Table | None:
-    """Each method's reduction factor against full fine-tuning; None without a full fine-tuning method."""
+def _factor_table(results: Mapping[str, Any], flagged: set[str]) -> Table | None:
+    """Each method's reduction factor against full fine-tuning at the final round; None without a full
+    fine-tuning method. A method that did not learn (or a reference that did not) is not ranked."""
     factors = reduction_factors(results)
     if not factors:
         return None
@@ -97,11 +99,15 @@ def _factor_table(results: Mapping[str, Any]) -> Table | None:
         "'> X (0 of N)': the method extracted none of the N 10x canaries audited over its seeds, so the "
         "factor is unbounded; X is the factor against 3/N, the rule of three's 95% upper bound on its rate.",
     )
+    reference = next(m["name"] for m in results.get("methods", []) if m.get("mode") == "full")
     rows = tuple(
         (
             f.label,
             f"{f.factors[FACTOR_METRICS[0][0]].n_reference}, {f.factors[FACTOR_METRICS[0][0]].n_method}",
-            *(format_factor(f.factors[metric]) for metric, _ in FACTOR_METRICS),
+            *(
+                "did not learn" if flagged & {f.name, reference} else format_factor(f.factors[metric])
+                for metric, _ in FACTOR_METRICS
+            ),
         )
         for f in factors
     )
@@ -118,7 +124,9 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
     exposure and exact match by prefix."""
     summaries = summarize(results)
     prefixes = audited_prefixes(results)
-    factor = _factor_table(results)
+    flagged = not_learned(results)
+    factor = _factor_table(results, flagged)
+    protocol = [t for t in (sweep_table(results), learning_table(results), matched_table(results)) if t is not None]
     utility = [
         (
             s.label,
@@ -133,8 +141,9 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
     ]
     utility.append(("base model (not fine-tuned)", "", _base_loss(results), _base_loss(results, exp=True), "", "", ""))
     out = [
-        _main_table(summaries),
+        _main_table(summaries, flagged),
         *([factor] if factor else []),
+        *protocol,
         Table(
             title="Utility and cost",
             columns=("method", "runs ok", "held-out loss", "perplexity", "epsilon", "MiB moved", "minutes"),
