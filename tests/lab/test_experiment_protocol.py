@@ -215,3 +215,38 @@ def test_the_report_shows_the_sweep_flags_what_did_not_learn_and_compares_at_mat
     assert "Target held-out loss 2.300" in matched
     assert "| LoRA | 3 | 2.300 ± 0.000 |" in matched
     assert "Not ranked (did not learn): Flat." in matched
+
+
+# --------------------------------------------------------------------------- a second decoding
+
+
+def test_a_second_decoding_must_differ_from_the_first() -> None:
+    with pytest.raises(ValidationError, match="second_frequency_penalty: the same as frequency_penalty"):
+        _config(audit={"frequency_penalty": 1.0, "second_frequency_penalty": 1.0})
+
+    audit = _config(audit={"second_frequency_penalty": 1.0}).audit
+
+    assert (audit.plan().frequency_penalty, audit.plan(1.0).frequency_penalty) == (0.0, 1.0)
+    assert audit.run_section()["frequency_penalty"] == 0.0  # type: ignore[index]  # the rounds decode once
+
+
+def _decoded(exact_10x: float) -> dict[str, Any]:
+    groups = {"10x": {"exact_match_rate": exact_10x, "approx_match_rate": exact_10x, "count": 3}}
+    return {"by_duplication": groups, "by_prefix": {}}
+
+
+def test_the_report_puts_each_methods_extraction_under_both_decodings_side_by_side(tmp_path: Path) -> None:
+    results = {**_results(), "experiment": "decoding", "config": {"audit": {"second_frequency_penalty": 1.0}}}
+    for run in results["runs"]:
+        run["memorization"] = _decoded(0.5 if run["method"] == "full" else 0.0)
+        run["second_decoding"] = {
+            "frequency_penalty": 1.0,
+            "memorization": _decoded(0.25 if run["method"] == "full" else 0.0),
+        }
+
+    write_experiment_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+
+    table = report[report.index("Extraction by decoding (frequency penalty)") :]
+    assert "| method | exact 10x, penalty 0 | exact 10x, penalty 1 |" in table
+    assert "| Full | 0.500 ± 0.000 | 0.250 ± 0.000 | — | — |" in table

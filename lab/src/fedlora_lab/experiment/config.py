@@ -90,6 +90,13 @@ class AuditSection(StrictModel):
     every: int | None = Field(
         1, ge=1, description="The federation audits its global model every N rounds (the per-round curves); None: off"
     )
+    second_frequency_penalty: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="The final audit decodes a second time with this frequency penalty (the paper's released code "
+        "uses 1.0), reported beside the first decoding",
+    )
 
     @field_validator("prefixes")
     @classmethod
@@ -98,10 +105,18 @@ class AuditSection(StrictModel):
             raise ValueError("every prefix length must be at least 1")
         return tuple(sorted(set(value)))
 
-    def plan(self) -> AuditPlan:
-        """The audit as the worker's vocabulary states it."""
+    @model_validator(mode="after")
+    def _second_decoding_differs(self) -> AuditSection:
+        if self.second_frequency_penalty == self.frequency_penalty:
+            raise ValueError("second_frequency_penalty: the same as frequency_penalty; give another or leave it out")
+        return self
+
+    def plan(self, frequency_penalty: float | None = None) -> AuditPlan:
+        """The audit as the worker's vocabulary states it (with another frequency penalty: the second decoding)."""
         return AuditPlan(
-            prefixes=self.prefixes, exposure_candidates=self.candidates, frequency_penalty=self.frequency_penalty
+            prefixes=self.prefixes,
+            exposure_candidates=self.candidates,
+            frequency_penalty=self.frequency_penalty if frequency_penalty is None else frequency_penalty,
         )
 
     def run_section(self) -> dict[str, Any] | None:

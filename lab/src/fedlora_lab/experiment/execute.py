@@ -182,8 +182,20 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
         result["error"] = f"audit failed: {exc}"
         result["audit_duration_s"] = time.monotonic() - audit_started
         return result
-    result["audit_duration_s"] = time.monotonic() - audit_started
     result["memorization_by_site"] = {site: summary.to_json() for site, summary in by_site.items()}
     result["memorization"] = combine_summaries(list(by_site.values())).to_json()
+    second = config.audit.second_frequency_penalty
+    if second is not None:
+        try:
+            again = [
+                audit_site(run.out_dir, site, base, adapter, config.audit, deadline, frequency_penalty=second)
+                for site, _ in site_names(config.federation.sites)
+            ]
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+            result["error"] = f"audit with frequency penalty {second:g} failed: {exc}"
+            result["audit_duration_s"] = time.monotonic() - audit_started
+            return result
+        result["second_decoding"] = {"frequency_penalty": second, "memorization": combine_summaries(again).to_json()}
+    result["audit_duration_s"] = time.monotonic() - audit_started
     result["status"] = "ok"
     return result

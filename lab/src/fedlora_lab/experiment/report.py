@@ -150,6 +150,9 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
             rows=tuple(utility),
         ),
     ]
+    decoding = _decoding_table(results, summaries)
+    if decoding is not None:
+        out.append(decoding)
     for metric, title, digits in MEMORIZATION_METRICS:
         rows = tuple((s.label, *(_cell(s, f"{metric}.{g}", digits) for g in GROUPS)) for s in summaries)
         out.append(Table(title=f"{title}, by duplication", columns=("method", *GROUPS), rows=rows))
@@ -172,6 +175,44 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
             )
         )
     return out
+
+
+def _decoding_table(results: Mapping[str, Any], summaries: list[MethodSummary]) -> Table | None:
+    """The final audit's extraction under both decodings, when the experiment decoded twice."""
+    audit = (results.get("config") or {}).get("audit") or {}
+    second = audit.get("second_frequency_penalty")
+    if second is None:
+        return None
+    first = audit.get("frequency_penalty", 0.0)
+    rows = tuple(
+        (
+            s.label,
+            *(
+                _cell(s, f"{prefix}{metric}.{group}")
+                for metric in ("exact_match_rate", "approx_match_rate")
+                for group in ("10x", "control")
+                for prefix in ("", "second_decoding.")
+            ),
+        )
+        for s in summaries
+    )
+    columns = tuple(
+        f"{title} {group}, penalty {penalty:g}"
+        for title in ("exact", "approx")
+        for group in ("10x", "control")
+        for penalty in (first, second)
+    )
+    return Table(
+        title="Extraction by decoding (frequency penalty)",
+        columns=("method", *columns),
+        rows=rows,
+        notes=(
+            f"The final audit decoded greedily with frequency penalty {first:g}, then again with {second:g} (the "
+            "paper's released code). A penalty discourages repeating tokens already generated, so a memorized "
+            "record that repeats its own phrases can be harder to extract with it; exposure does not decode and "
+            "is the same under both.",
+        ),
+    )
 
 
 def _failures(results: Mapping[str, Any]) -> list[str]:

@@ -127,9 +127,11 @@ def _run_metrics(run: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, f
         "mib_moved": moved / _MIB,
         "minutes": (run.get("duration_s") or 0) / 60 + (run.get("audit_duration_s") or 0) / 60,
     }
+    second = {"memorization": (run.get("second_decoding") or {}).get("memorization")}
     for metric, _, _ in MEMORIZATION_METRICS:
         for group in GROUPS:
             out[f"{metric}.{group}"] = _memorization_value(run, group, metric)
+            out[f"second_decoding.{metric}.{group}"] = _memorization_value(second, group, metric)
             for prefix in prefixes:
                 out[f"{metric}.{group}@{prefix}"] = _memorization_value(run, group, metric, prefix)
     return out
