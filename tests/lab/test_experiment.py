@@ -194,7 +194,7 @@ def test_single_seed_has_no_interval() -> None:
     assert format_interval(mean_ci([])) == "—"
 
 
-def _rates(count: int, exact: float, worst: float | None = None) -> AuditRates:
+def _rates(count: int, exact: float, worst: float | None = None, extrapolated: float | None = None) -> AuditRates:
     return AuditRates(
         count=count,
         pii_secrets=4 * count,
@@ -205,9 +205,11 @@ def _rates(count: int, exact: float, worst: float | None = None) -> AuditRates:
         mean_longest_prefix=None,
         pii_extraction_rate=0.0,
         mean_exposure=None,
+        mean_exposure_extrapolated=extrapolated,
         max_token_accuracy=None,
         longest_prefix_max=None,
         worst_exposure=worst,
+        worst_exposure_extrapolated=extrapolated,
     )
 
 
