@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,6 +87,16 @@ class MemorisingModel:
     def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
         known = [any(seq[: len(s)] == list(s) for seq in self.memorised) for s in sequences]
         return [0.0 if k else -100.0 for k in known]
+
+
+class SpreadModel(MemorisingModel):
+    """A memorising stub whose unknown sequences score like a real model's candidates: spread around
+    -50 (a normal draw keyed by the tokens), so a skew-normal can be fitted to them."""
+
+    def log_likelihood(self, sequences: Sequence[Sequence[int]], scored: Sequence[Sequence[bool]]) -> list[float]:
+        known = super().log_likelihood(sequences, scored)
+        noise = [np.random.default_rng(zlib.crc32(bytes(str(list(s)), "ascii"))).normal() for s in sequences]
+        return [k if k == 0.0 else -50.0 + 3.0 * z for k, z in zip(known, noise, strict=True)]
 
 
 class RecordingModel:
@@ -288,13 +299,36 @@ def test_the_summary_reports_each_group_beside_the_controls(
     assert [by[g]["pii_extraction_rate"] for g in ("10x", "1x", "control")] == [1.0, 0.5, 0.0]
     assert [by[g]["mean_exposure"] for g in ("10x", "1x", "control")] == [7.0, 3.5, 0.0]
     assert [by[g]["worst_exposure"] for g in ("10x", "1x", "control")] == [7.0, 7.0, 0.0]
+    # Every candidate scores the same (-100): nothing to fit, so the extrapolation is the rank.
+    assert [by[g]["mean_exposure_extrapolated"] for g in ("10x", "1x", "control")] == [7.0, 3.5, 0.0]
+    assert [by[g]["worst_exposure_extrapolated"] for g in ("10x", "1x", "control")] == [7.0, 7.0, 0.0]
     assert [by[g]["count"] for g in ("10x", "1x", "control")] == [2, 2, 2]
     assert by["1x"]["pii_secrets"] == 6
     assert summary["exact_match_rate"] == 0.75  # trained canaries: 3 of 4
     assert summary["pii_extraction_rate"] == 0.75
     assert summary["mean_exposure"] == pytest.approx(7.0 * 3 / 4)
+    assert summary["mean_exposure_extrapolated"] == pytest.approx(7.0 * 3 / 4)
     assert summary["by_prefix"]["50"]["1x"]["exact_match_rate"] == 0.5
     assert summary["by_prefix"]["10"]["control"]["max_token_accuracy"] < 1.0
+
+
+def test_extrapolated_exposure_goes_past_the_ranks_ceiling_for_a_memorised_secret_and_not_for_a_control(
+    tokenizer: PreTrainedTokenizerBase, make_sentences: Callable[[int, int], list[str]]
+) -> None:
+    groups: list[Group] = ["10x", "10x", "control", "control"]
+    records = [_record(i, g, make_sentences) for i, g in enumerate(groups)]
+    model = SpreadModel([tokenizer(r["text"])["input_ids"] for r in records[:2]], _junk(tokenizer))
+    plan = AuditPlan(prefixes=(10,), exposure_candidates=64)
+
+    report = run_audit(model, tokenizer, records, plan=plan)
+
+    by = report.summary()["by_duplication"]
+    ceiling = math.log2(candidate_space(records[0]["secrets"]["record_id"]))  # 10^8 values: 26.6 bits
+    assert [e.exposure for e in report.exposures if e.group == "10x"] == [6.0, 6.0]  # ranked first of 64
+    assert by["10x"]["mean_exposure_extrapolated"] == pytest.approx(ceiling)  # 0 against -50 ± 3: 17 sd past
+    assert by["10x"]["worst_exposure_extrapolated"] == pytest.approx(ceiling)
+    assert 0.0 <= by["control"]["worst_exposure_extrapolated"] < 6.0  # a draw among draws
+    assert by["control"]["exposure_count"] == 2
 
 
 def test_prefixes_too_long_for_a_record_are_skipped(
@@ -520,11 +554,13 @@ def test_audit_model_runs_a_real_model_and_restores_its_mode(
     model = AutoModelForCausalLM.from_pretrained(tiny_base_model).train()
     records = [_record(i, g, make_sentences) for i, g in enumerate(THREE_GROUPS)]
 
-    report = audit_model(model, tokenizer, records, plan=AuditPlan(prefixes=(10, 50), exposure_candidates=16))
+    report = audit_model(model, tokenizer, records, plan=AuditPlan(prefixes=(10, 50), exposure_candidates=32))
 
     assert model.training
     assert len(report.continuations) == 6
-    assert all(0.0 <= e.exposure <= 4.0 and e.candidates == 16 for e in report.exposures)
+    assert all(0.0 <= e.exposure <= 5.0 and e.candidates == 32 for e in report.exposures)
+    ceiling = math.log2(candidate_space(records[0]["secrets"]["record_id"]))  # same format in every record
+    assert all(0.0 <= e.exposure_extrapolated <= ceiling for e in report.exposures)
     assert len(report.exposures) == 3
 
 
@@ -556,7 +592,13 @@ def test_the_cli_audits_a_saved_model_and_adapter(
     assert summary["records"] == {"control": 1, "1x": 1, "10x": 1}
     assert set(summary["by_prefix"]) == {"10", "50"}
     assert summary["config"]["frequency_penalty"] == 1.0
+    for group in ("control", "1x", "10x"):  # 8 candidates: too few to fit, so the extrapolation is the rank
+        rates = summary["by_duplication"][group]
+        assert rates["mean_exposure"] is not None
+        assert rates["mean_exposure_extrapolated"] == rates["mean_exposure"]
+        assert rates["worst_exposure_extrapolated"] == rates["worst_exposure"]
     assert printed.splitlines()[0].split()[:3] == ["group", "prefix", "n"]
+    assert printed.splitlines()[0].split()[-2:] == ["exposure", "extrapolated"]
     assert len(printed.splitlines()) == 1 + 3 * 3
     for record in load_canaries([site / "canaries.jsonl", site / "controls.jsonl"]):
         assert all(value not in printed + out.read_text() for value in record["secrets"].values())

@@ -21,6 +21,8 @@ def _stats(count: int, exact: float | None) -> dict[str, Any]:
         "pii_extraction_rate": 0.0,
         "mean_exposure": 2.0,
         "worst_exposure": 4.0,
+        "mean_exposure_extrapolated": 3.0,
+        "worst_exposure_extrapolated": 9.5,
         "count": count,
         "pii_secrets": 4 * count,
         "exposure_count": count,
@@ -67,3 +69,21 @@ def test_unmeasured_rates_stay_unmeasured_and_worst_cases_take_the_largest() -> 
     assert combined.exact_match_rate == 0.5
     assert combined.worst_exposure == 6.0
     assert combined.count == 3
+
+
+def test_extrapolated_exposure_combines_weighted_by_the_exposures_measured_and_its_worst_is_the_largest() -> None:
+    few = AuditRates.from_json(
+        {**_stats(1, 0.0), "mean_exposure_extrapolated": 20.0, "worst_exposure_extrapolated": 20.0}
+    )
+    many = AuditRates.from_json(
+        {**_stats(3, 0.0), "mean_exposure_extrapolated": 4.0, "worst_exposure_extrapolated": 8.0}
+    )
+    unmeasured = AuditRates.from_json(
+        {**_stats(0, None), "mean_exposure_extrapolated": None, "worst_exposure_extrapolated": None}
+    )
+
+    combined = combine_audit_rates([few, many, unmeasured])
+
+    assert combined.exposure_count == 4
+    assert combined.mean_exposure_extrapolated == pytest.approx((20.0 * 1 + 4.0 * 3) / 4)
+    assert combined.worst_exposure_extrapolated == 20.0

@@ -194,7 +194,7 @@ def test_single_seed_has_no_interval() -> None:
     assert format_interval(mean_ci([])) == "—"
 
 
-def _rates(count: int, exact: float, worst: float | None = None) -> AuditRates:
+def _rates(count: int, exact: float, worst: float | None = None, extrapolated: float | None = None) -> AuditRates:
     return AuditRates(
         count=count,
         pii_secrets=4 * count,
@@ -205,9 +205,11 @@ def _rates(count: int, exact: float, worst: float | None = None) -> AuditRates:
         mean_longest_prefix=None,
         pii_extraction_rate=0.0,
         mean_exposure=None,
+        mean_exposure_extrapolated=extrapolated,
         max_token_accuracy=None,
         longest_prefix_max=None,
         worst_exposure=worst,
+        worst_exposure_extrapolated=extrapolated,
     )
 
 
@@ -247,6 +249,7 @@ def _synthetic_run(method: str, seed: int, rank: int | None, exact_10x: float, o
             "token_accuracy": 0.1 + rate,
             "pii_extraction_rate": rate / 2,
             "mean_exposure": 1.0 + 4 * rate,
+            "mean_exposure_extrapolated": 1.0 + 20 * rate,
             "count": 10,
         }
         for group, rate in (("control", 0.0), ("1x", 0.0), ("10x", exact_10x))
@@ -324,6 +327,12 @@ def test_report_from_synthetic_results_has_the_tables_and_the_plots(tmp_path: Pa
     assert "| method | control | 1x | 10x |" in markdown
     assert f"| Full fine-tuning | 0.000 ± 0.000 | 0.000 ± 0.000 | {expected_full_10x} |" in markdown
     assert "| LoRA r=16 | 1/2 |" in markdown
+    exposures = [mean_ci([1 + 4 * r for r in (0.5, 0.6, 0.7)]), mean_ci([1.0] * 3)]
+    exposures += [mean_ci([1 + 20 * r for r in (0.5, 0.6, 0.7)]), mean_ci([1.0] * 3)]
+    columns = ("exposure 10x", "exposure control", "extrapolated exposure 10x", "extrapolated exposure control")
+    assert "| " + " | ".join(f"{c} (bits)" for c in columns) + " |" in markdown
+    assert "| " + " | ".join(format_interval(e, 2) for e in exposures) + " |" in markdown
+    assert "## Mean extrapolated exposure (bits), by duplication" in markdown
     assert "lora-r16 seed 1: processes failed" in markdown
     assert "<table>" in page
     assert "<th>10x</th>" in page
@@ -388,6 +397,33 @@ def test_small_experiment_runs_end_to_end(tmp_path: Path, lab_cache: Path, capsy
     assert "| lora | 1/1 |" in markdown
     assert "<table>" in (out / "report.html").read_text(encoding="utf-8")
     assert MethodConfig.model_validate(SMALL["methods"][1]).lora_rank == 4
+
+
+def test_a_run_keeps_each_groups_extrapolated_exposure_from_its_final_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a federation that finished, and audits whose extrapolation differs by site.
+    config = ExperimentConfig.model_validate(SMALL)
+    finished = FederationResult(out_dir=tmp_path, report={"adapter_path": "final"}, exit_codes={"coordinator": 0})
+    clinical = {"10x": _rates(1, 1.0, extrapolated=20.0), "control": _rates(2, 0.0, extrapolated=1.0)}
+    legal = {"10x": _rates(3, 0.0, extrapolated=4.0), "control": _rates(2, 0.0, extrapolated=2.0)}
+    audits = {
+        site: AuditSummary(groups, by_prefix={}, records={})
+        for site, groups in (("clinical", clinical), ("legal", legal))
+    }
+    monkeypatch.setattr(execute, "run_federation", lambda *args, **kwargs: finished)
+    monkeypatch.setattr(execute, "audit_site", lambda run_dir, site, *args: audits[site])
+
+    # Execute
+    result = execute.execute_run(config, PlannedRun(config.methods[1], 0, tmp_path / "run"), tmp_path)
+
+    # Assert: combined over the sites, weighted by the exposures each measured.
+    groups = result["memorization"]["by_duplication"]
+    assert result["status"] == "ok"
+    assert groups["10x"]["mean_exposure_extrapolated"] == pytest.approx((20.0 + 3 * 4.0) / 4)
+    assert groups["10x"]["worst_exposure_extrapolated"] == 20.0
+    assert groups["control"]["mean_exposure_extrapolated"] == pytest.approx(1.5)
+    assert result["memorization_by_site"]["legal"]["by_duplication"]["10x"]["worst_exposure_extrapolated"] == 4.0
 
 
 def test_a_federation_that_fails_early_is_a_failed_run_not_an_exception(

@@ -93,7 +93,8 @@ class AuditRates:
     """One group's audit aggregates, at one prefix or the best over prefixes; None: nothing measured.
 
     ``count`` records had a continuation scored, ``pii_secrets`` (record, secret) pairs were probed,
-    ``exposure_count`` records had their exposure ranked.
+    ``exposure_count`` records had their exposure ranked (and extrapolated: the ``_extrapolated``
+    figures go past log2 of the candidates where the rank stops; they stay off the wire).
     """
 
     count: int
@@ -105,9 +106,11 @@ class AuditRates:
     mean_longest_prefix: float | None = _over("count")
     pii_extraction_rate: float | None = _over("pii_secrets")
     mean_exposure: float | None = _over("exposure_count")
+    mean_exposure_extrapolated: float | None = _over("exposure_count")
     max_token_accuracy: float | None = _worst()
     longest_prefix_max: float | None = _worst()
     worst_exposure: float | None = _worst()
+    worst_exposure_extrapolated: float | None = _worst()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AuditRates:

@@ -290,19 +290,22 @@ def _cell(value: float | None, digits: int = 2) -> str:
 
 
 def _audit_table(summary: AuditSummary) -> str:
-    """Group x prefix ("any" = best prefix per record), the rates of the summary, one line each."""
+    """Group x prefix ("any" = best prefix per record), the rates of the summary, one line each; exposure
+    and its extrapolation as mean/worst."""
     lines = [
-        f"{'group':<8} {'prefix':>6} {'n':>4} {'exact':>6} {'approx':>6} {'tokacc':>6} {'PII':>6} {'exposure':>12}"
+        f"{'group':<8} {'prefix':>6} {'n':>4} {'exact':>6} {'approx':>6} {'tokacc':>6} {'PII':>6} {'exposure':>12} "
+        f"{'extrapolated':>12}"
     ]
     rows: list[tuple[str, dict[str, AuditRates]]] = [("any", summary.by_duplication), *summary.by_prefix.items()]
     for group in ("control", "1x", "10x"):
         for prefix, by_group in rows:
             stats = by_group[group]
             exposure = f"{_cell(stats.mean_exposure)}/{_cell(stats.worst_exposure)}"
+            extrapolated = f"{_cell(stats.mean_exposure_extrapolated)}/{_cell(stats.worst_exposure_extrapolated)}"
             lines.append(
                 f"{group:<8} {prefix:>6} {stats.count:>4} {_cell(stats.exact_match_rate):>6} "
                 f"{_cell(stats.approx_match_rate):>6} {_cell(stats.token_accuracy):>6} "
-                f"{_cell(stats.pii_extraction_rate):>6} {exposure:>12}"
+                f"{_cell(stats.pii_extraction_rate):>6} {exposure:>12} {extrapolated:>12}"
             )
     return "\n".join(lines) + "\n"
 

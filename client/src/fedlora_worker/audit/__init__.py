@@ -1,6 +1,7 @@
 """Memorization audit: how much of its canary records a fine-tuned model gives back, beside controls."""
 
 from fedlora_worker.audit._candidates import candidate_space, random_candidates
+from fedlora_worker.audit._extrapolation import MIN_FIT_CANDIDATES, extrapolated_exposure
 from fedlora_worker.audit._generation import greedy_decode, log_likelihoods, shared_prefix_log_likelihoods
 from fedlora_worker.audit._metrics import (
     approx_match,
@@ -25,6 +26,7 @@ from fedlora_worker.audit._runner import (
 )
 
 __all__ = [
+    "MIN_FIT_CANDIDATES",
     "AuditOptions",
     "AuditReport",
     "ContinuationResult",
@@ -37,6 +39,7 @@ __all__ = [
     "candidate_space",
     "exact_match",
     "exposure",
+    "extrapolated_exposure",
     "greedy_decode",
     "load_canaries",
     "log_likelihoods",

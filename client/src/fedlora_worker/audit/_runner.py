@@ -19,7 +19,9 @@ size, seed, the secret exposure ranks).
   ``exposure_candidates - 1`` random values of its format by the log-likelihood of the tokens that
   spell the value at its first occurrence given only the record text before it (their log-perplexity,
   negated), with the candidate substituted. Later occurrences, and all text after the first, play no
-  part. It does not depend on the prefix.
+  part. It does not depend on the prefix. Beside it, the extrapolated exposure: the secret's tail
+  under a skew-normal fitted to the candidates' scores, which goes on past log2 |R| where the rank
+  stops (`extrapolated_exposure`).
 
 Prefixes combine per record as an attacker would use them: a record counts as exactly (or
 approximately) extracted if some prefix extracts it, its token accuracy and longest run are the best
@@ -44,6 +46,7 @@ from pydantic import Field
 from fedlora_common.plans import AuditPlan
 from fedlora_common.settings import StrictModel
 from fedlora_worker.audit._candidates import candidate_space, random_candidates
+from fedlora_worker.audit._extrapolation import extrapolated_exposure
 from fedlora_worker.audit._generation import greedy_decode, shared_prefix_log_likelihoods
 from fedlora_worker.audit._metrics import (
     exact_match,
@@ -133,11 +136,13 @@ class PiiResult:
 
 @dataclass(frozen=True)
 class ExposureResult:
-    """Exposure of one record's secret among ``candidates`` values of its format."""
+    """Exposure of one record's secret among ``candidates`` values of its format: by its rank, and
+    extrapolated from the candidates' score distribution."""
 
     record: int
     group: Group
     exposure: float
+    exposure_extrapolated: float
     candidates: int
 
 
@@ -186,7 +191,9 @@ class AuditReport:
         for s in self.pii:
             if s.group in groups and prefix in (None, s.prefix):
                 secrets[(s.record, s.field)] = secrets.get((s.record, s.field), False) or s.extracted
-        exposures = [e.exposure for e in self.exposures if e.group in groups]
+        exposures = [e for e in self.exposures if e.group in groups]
+        ranked = [e.exposure for e in exposures]
+        extrapolated = [e.exposure_extrapolated for e in exposures]
         stats = {
             "exact_match_rate": _rate(exact),
             "approx_match_rate": _rate(approx),
@@ -195,8 +202,10 @@ class AuditReport:
             "mean_longest_prefix": _mean(longest),
             "longest_prefix_max": _max(longest),
             "pii_extraction_rate": _rate(secrets.values()),
-            "mean_exposure": _mean(exposures),
-            "worst_exposure": _max(exposures),
+            "mean_exposure": _mean(ranked),
+            "worst_exposure": _max(ranked),
+            "mean_exposure_extrapolated": _mean(extrapolated),
+            "worst_exposure_extrapolated": _max(extrapolated),
         }
         return {
             **{key: _rounded(value) for key, value in stats.items()},
@@ -214,7 +223,14 @@ class AuditReport:
         unchanged under every prefix.
         """
         overall = self._stats(_TRAINED, None)
-        keys = ("exact_match_rate", "approx_match_rate", "mean_exposure", "token_accuracy", "pii_extraction_rate")
+        keys = (
+            "exact_match_rate",
+            "approx_match_rate",
+            "mean_exposure",
+            "mean_exposure_extrapolated",
+            "token_accuracy",
+            "pii_extraction_rate",
+        )
         return {
             **{key: overall[key] for key in keys},
             "by_duplication": {g: self._stats(frozenset({g}), None) for g in _GROUPS},
@@ -289,8 +305,9 @@ def _first_occurrence(
 
 def _exposure(
     lm: TokenModel, tokenizer: Any, record: CanaryRecord, whole: _Encoded, plan: AuditPlan, options: AuditOptions
-) -> tuple[float, int] | None:
-    """(exposure, |R|) of the record's exposure secret, or None if it has none or it never occurs.
+) -> tuple[float, float, int] | None:
+    """(exposure, extrapolated exposure, |R|) of the record's exposure secret, or None if it has none
+    or it never occurs.
 
     Each candidate's score is log p(secret tokens | tokens before them) at the first occurrence,
     the tokens as training saw them in the whole record; ``whole`` is the record's own encoding.
@@ -299,7 +316,8 @@ def _exposure(
     start = record["text"].find(secret) if secret else -1
     if not secret or start < 0:
         return None
-    size = min(plan.exposure_candidates, candidate_space(secret))
+    space = candidate_space(secret)
+    size = min(plan.exposure_candidates, space)
     if size < 2:
         return None
     values = [secret, *random_candidates(secret, size - 1, _record_rng(options.seed, record["id"]))]
@@ -316,7 +334,7 @@ def _exposure(
             return None
         sequences, flags = found
     scores = lm.log_likelihood(sequences, flags)
-    return exposure(scores[0], scores[1:]), size
+    return exposure(scores[0], scores[1:]), extrapolated_exposure(scores[0], scores[1:], space=space), size
 
 
 def run_audit(

@@ -63,6 +63,8 @@ def _main_table(summaries: list[MethodSummary], flagged: set[str]) -> Table:
             _cell(s, "exact_match_rate.control"),
             _cell(s, "mean_exposure.10x", 2),
             _cell(s, "mean_exposure.control", 2),
+            _cell(s, "mean_exposure_extrapolated.10x", 2),
+            _cell(s, "mean_exposure_extrapolated.control", 2),
             _cell(s, "eval_loss"),
             _cell(s, "epsilon", 2),
         )
@@ -78,6 +80,8 @@ def _main_table(summaries: list[MethodSummary], flagged: set[str]) -> Table:
         "exact match control",
         "exposure 10x (bits)",
         "exposure control (bits)",
+        "extrapolated exposure 10x (bits)",
+        "extrapolated exposure control (bits)",
         "held-out loss",
         "epsilon",
     )

@@ -44,6 +44,7 @@ MEMORIZATION_METRICS: Final[tuple[tuple[str, str, int], ...]] = (
     ("token_accuracy", "Token accuracy of the continuation", 3),
     ("pii_extraction_rate", "PII extraction rate", 3),
     ("mean_exposure", "Mean exposure (bits)", 2),
+    ("mean_exposure_extrapolated", "Mean extrapolated exposure (bits)", 2),
 )
 FACTOR_METRICS: Final[tuple[tuple[str, str], ...]] = (
     ("exact_match_rate", "exact match (10x)"),
