@@ -48,14 +48,14 @@ def silent_coordinator() -> Iterator[int]:
                 connection.close()
 
 
-def _worker_yaml(tmp_path: Path, base: Path, port: int, texts: list[str]) -> Path:
+def _worker_yaml(tmp_path: Path, base: Path, port: int, texts: list[str], extra: str = "") -> Path:
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     config = tmp_path / "worker.yaml"
     config.write_text(
         f"worker_id: clinical\ntoken: {token_of('clinical')}\nbase_model: {base}\n"
         f"coordinator: 127.0.0.1:{port}\ndata:\n  train: [{train}]\nmetrics_port: 0\nthreads: 1\n"
-        "retry:\n  attempts: 100\n  initial_backoff_s: 5.0\n  max_backoff_s: 30.0\n"
+        "retry:\n  attempts: 100\n  initial_backoff_s: 5.0\n  max_backoff_s: 30.0\n" + extra
     )
     return config
 
@@ -104,6 +104,41 @@ def test_sigterm_ends_a_worker_waiting_on_a_coordinator_that_never_answers(
     assert took < STOP_BOUND_S, f"stopped after {took:.1f} s"
 
 
+def _training_steps(log: Path) -> float | None:
+    """The worker's fedlora_worker_training_steps_total as its metrics endpoint serves it now (None: not yet)."""
+    started = next((e for e in _events(log) if e.get("event") == "metrics_listening"), None)
+    if started is None:
+        return None
+    page = urllib.request.urlopen(f"http://127.0.0.1:{started['port']}/metrics", timeout=5).read().decode()
+    steps = [line for line in page.splitlines() if line.startswith("fedlora_worker_training_steps_total")]
+    return float(steps[0].split()[-1]) if steps else None
+
+
+def test_a_worker_whose_run_finished_serves_its_last_counters_for_its_linger_and_a_signal_cuts_it_short(
+    tmp_path: Path, tiny_base_model: Path, make_sentences: Callable[[int, int], list[str]]
+) -> None:
+    # Prepare: a one-round run of 3 steps; the worker lingers far longer than the test waits.
+    settings = run_settings(
+        tmp_path / "state", min_workers=1, rounds=1, training={"local_steps": 3}, limits={"chunk_bytes": 2**20}
+    )
+    log = tmp_path / "worker.log"
+    yaml = _worker_yaml(tmp_path, tiny_base_model, 0, make_sentences(16, 3), extra="metrics_linger_s: 600\n")
+    with CoordinatorServer(settings=settings) as server:
+        yaml.write_text(yaml.read_text().replace("127.0.0.1:0", f"127.0.0.1:{server.port}"))
+        process = _start(yaml, log)
+        _until(lambda: any(e.get("event") == "run_finished" for e in _events(log)), "the run to finish")
+
+        # Execute: after the run, the endpoint still answers with the round's count; then SIGTERM.
+        steps = _training_steps(log)
+        alive = process.poll() is None
+        code, took = _stopped_within(process)
+
+    # Assert
+    assert (steps, alive) == (3.0, True)
+    assert code == 0, log.read_text()[-2000:]  # its run had finished: a signal while it lingers is no failure
+    assert took < STOP_BOUND_S, f"stopped after {took:.1f} s"
+
+
 def test_sigterm_ends_a_worker_in_the_middle_of_its_local_training(
     tmp_path: Path, tiny_base_model: Path, make_sentences: Callable[[int, int], list[str]]
 ) -> None:
@@ -115,15 +150,7 @@ def test_sigterm_ends_a_worker_in_the_middle_of_its_local_training(
     with CoordinatorServer(settings=settings) as server:
         process = _start(_worker_yaml(tmp_path, tiny_base_model, server.port, make_sentences(32, 2)), log)
 
-        def training() -> bool:
-            started = next((e for e in _events(log) if e.get("event") == "metrics_listening"), None)
-            if started is None:
-                return False
-            page = urllib.request.urlopen(f"http://127.0.0.1:{started['port']}/metrics", timeout=5).read().decode()
-            steps = [line for line in page.splitlines() if line.startswith("fedlora_worker_training_steps_total")]
-            return bool(steps) and float(steps[0].split()[-1]) >= 3
-
-        _until(training, "the worker to train")
+        _until(lambda: (_training_steps(log) or 0) >= 3, "the worker to train")
 
         # Execute
         code, took = _stopped_within(process)

@@ -57,7 +57,11 @@ def example(tmp_path_factory: pytest.TempPathFactory, lab_model: MadeModel) -> E
         for site, (config, _) in SITES.items():
             processes.start(
                 site,
-                [*worker_command(config), "--coordinator", f"localhost:{port}", "--metrics_port", str(metrics[site])],
+                [
+                    *worker_command(config),
+                    *("--coordinator", f"localhost:{port}", "--metrics_port", str(metrics[site])),
+                    *("--metrics_linger_s", "5"),  # this Prometheus scrapes every 1 s, up to 1 s each under load
+                ],
                 cwd=out,
             )
         codes = processes.wait_all(timeout=480)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import BaseModel
@@ -26,6 +26,9 @@ from fedlora_common.settings import ConfigError, load_settings
 from fedlora_worker.check import SiteError, check_site, coordinator_health
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.datafiles import DataError
+
+if TYPE_CHECKING:
+    from fedlora_worker.daemon import WorkerOutcome
 
 __all__ = ["SETTINGS_REFERENCE", "main", "usage"]
 
@@ -318,7 +321,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
         worker.shutdown()
     with worker:
         try:
-            outcome = worker.run()
+            outcome = _linger(worker.run(), settings, stopped)
         except TargetsMismatch as exc:
             sys.stderr.write(f"fedlora-worker: this site refuses the run: {exc}\n")
             return 2
@@ -339,6 +342,13 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     if outcome.finished:
         return 0
     return STOPPED if stopped.is_set() else 1
+
+
+def _linger(outcome: WorkerOutcome, settings: WorkerSettings, stopped: threading.Event) -> WorkerOutcome:
+    """Keep the metrics endpoint up `metrics_linger_s` after the run ended for this site, unless a signal ends it."""
+    if settings.metrics_port is not None and settings.metrics_linger_s and not stopped.is_set():
+        stopped.wait(settings.metrics_linger_s)
+    return outcome
 
 
 def _exit_after(seconds: float) -> None:

@@ -107,6 +107,14 @@ class WorkerSettings(BaseSettings):
         description="Address the metrics endpoint listens on: loopback by default; 0.0.0.0 (or the host's address) "
         "when Prometheus scrapes from another host or container. Every series carries a worker label (worker_id)",
     )
+    metrics_linger_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Once this site's part in the run is over (the run finished, or it ended without this site), "
+        "keep serving metrics this long before exiting (a signal cuts it short), so that Prometheus scrapes its last round's counters: about two scrape "
+        "intervals",
+    )
     retry: RetrySettings = Field(RetrySettings(), description="Retries of calls to the coordinator")
     progress: bool = Field(
         True, description="Progress bars while stderr is a terminal (never in a redirected log); false turns them off"
