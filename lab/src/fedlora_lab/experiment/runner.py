@@ -2,7 +2,8 @@
 
 Every (method, seed) pair is an independent federation in ``OUT/runs/<method>/seed-<s>/``
 (``execute_run``) on the config's ``engine``; ``parallel`` of them run side by side (simulation: each
-run one process with its share of the cores; processes: each worker on one thread). Each run leaves
+run one process with its share of the cores; processes: each worker on one thread), each a cell of an
+executor (``executors``); this process writes every result. Each run leaves
 ``result.json``; a run whose result exists (for the same settings) is not redone, so an
 interrupted experiment resumes where it stopped. Finally ``OUT/results.json`` gathers the runs and
 ``report`` turns it into ``report.md`` and ``report.html``. A ``secagg_check`` (one method at one seed,
@@ -15,7 +16,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from fedlora_common.files import atomic_write
 from fedlora_lab.experiment.config import ExperimentConfig
 from fedlora_lab.experiment.execute import PlannedRun, execute_run
+from fedlora_lab.experiment.executors import LocalExecutor
 from fedlora_lab.experiment.report import write_experiment_report
 from fedlora_lab.experiment.secagg_check import run_secagg_check
 from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model
@@ -143,12 +144,9 @@ def run_experiment(
     try:
         if results:
             bar.write(f"{len(results)} of {len(runs)} runs already done in {out_dir}; resuming")
-        with ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="experiment-run") as pool:
-            futures = {pool.submit(execute, config, run, base_model): run for run in todo}
-            failed = 0
-            for future in as_completed(futures):
-                run = futures[future]
-                result = future.result()
+        failed = 0
+        with LocalExecutor(parallel=config.parallel) as executor:
+            for run, result in executor.run(lambda cell: execute(config, cell, base_model), todo):
                 run.out_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(run.out_dir / "result.json", result)
                 results[run.key] = result
