@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from fedlora_lab.experiment.executors import LocalExecutor
+from fedlora_lab.experiment.executors import LocalExecutor, RayExecutor
 
 
 def test_the_local_executor_yields_each_cell_with_its_result_as_it_finishes() -> None:
@@ -34,3 +34,13 @@ def test_what_a_cell_raises_reaches_the_caller() -> None:
 
     with LocalExecutor(parallel=1) as executor, pytest.raises(ValueError, match="cell 7"):
         list(executor.run(fail, [7]))
+
+
+def test_ray_is_not_started_for_nothing_to_run() -> None:
+    import ray
+
+    with RayExecutor(parallel=1) as executor:
+        none = list(executor.run(str, []))
+
+    assert none == []
+    assert not ray.is_initialized()  # an experiment with every run done (resumed) starts no Ray

@@ -2,12 +2,12 @@
 
 Every (method, seed) pair is an independent federation in ``OUT/runs/<method>/seed-<s>/``
 (``execute_run``) on the config's ``engine``; ``parallel`` of them run side by side (simulation: each
-run one process with its share of the cores; processes: each worker on one thread), each a cell of an
-executor (``executors``); this process writes every result. Each run leaves
-``result.json``; a run whose result exists (for the same settings) is not redone, so an
-interrupted experiment resumes where it stopped. Finally ``OUT/results.json`` gathers the runs and
-``report`` turns it into ``report.md`` and ``report.html``. A ``secagg_check`` (one method at one seed,
-in the clear and masked) runs last and is stored beside the runs.
+run one process with its share of the cores; processes: each worker on one thread), as threads of this
+process or as Ray tasks (the config's ``executor``: ``executors``), and this process writes every
+result. Each run leaves ``result.json``; a run whose result exists (for the same settings) is not
+redone, so an interrupted experiment resumes where it stopped. Finally ``OUT/results.json`` gathers
+the runs and ``report`` turns it into ``report.md`` and ``report.html``. A ``secagg_check`` (one
+method at one seed, in the clear and masked) runs last, in this process, and is stored beside the runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from fedlora_common.files import atomic_write
 from fedlora_lab.experiment.config import ExperimentConfig
 from fedlora_lab.experiment.execute import PlannedRun, execute_run
-from fedlora_lab.experiment.executors import LocalExecutor
+from fedlora_lab.experiment.executors import open_executor
 from fedlora_lab.experiment.report import write_experiment_report
 from fedlora_lab.experiment.secagg_check import run_secagg_check
 from fedlora_lab.model_factory import LabModelConfig, ProgressFn, cached_model
@@ -94,16 +94,17 @@ def _secagg_check(config: ExperimentConfig, out_dir: Path, base_model: Path) -> 
 
 
 def _resolve_base(config: ExperimentConfig, cache_dir: Path, progress: ProgressFn | None) -> Path:
-    """The base model's directory: given, downloaded from the hub, or the lab model built into the cache."""
+    """The base model's directory, absolute (a Ray worker may start elsewhere): given, downloaded from the hub,
+    or the lab model built into the cache."""
     if config.model.path is not None:
         local = Path(config.model.path).expanduser()
         if local.is_dir():
-            return local
+            return local.resolve()
         from huggingface_hub import snapshot_download  # only for a hub id (the GPU config)
 
         return Path(snapshot_download(config.model.path))
     lab = LabModelConfig.named(config.model.lab or "default")
-    return cached_model(cache_dir, lab, progress=progress).path
+    return cached_model(cache_dir, lab, progress=progress).path.resolve()
 
 
 def run_experiment(
@@ -145,7 +146,7 @@ def run_experiment(
         if results:
             bar.write(f"{len(results)} of {len(runs)} runs already done in {out_dir}; resuming")
         failed = 0
-        with LocalExecutor(parallel=config.parallel) as executor:
+        with open_executor(config.executor, parallel=config.parallel, ray_address=config.ray_address) as executor:
             for run, result in executor.run(lambda cell: execute(config, cell, base_model), todo):
                 run.out_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(run.out_dir / "result.json", result)
