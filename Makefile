@@ -15,7 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python constraints.txt requirements-dev.txt common/pyproject.toml server/pyproject.toml client/pyproject.toml \
 		lab/pyproject.toml
 	$(PIP) torch==2.13.0
-	$(PIP) -e common -e server -e client -e lab -r requirements-dev.txt
+	$(PIP) -e common -e server -e client -e 'lab[ray]' -r requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)

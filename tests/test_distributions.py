@@ -62,3 +62,12 @@ def test_the_lab_brings_worker_and_coordinator() -> None:
     installed = closure("fedlora-lab")
 
     assert {"fedlora-worker", "fedlora-server", "faker", "scipy"} <= installed
+
+
+def test_ray_comes_only_with_the_labs_ray_extra() -> None:
+    lab = tomllib.loads((ROOT / "lab" / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    extra = [canonicalize_name(Requirement(r).name) for r in lab["optional-dependencies"]["ray"]]
+
+    assert extra == ["ray"]
+    assert not [name for name in LOCAL if "ray" in closure(name)]

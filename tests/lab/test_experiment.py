@@ -27,6 +27,7 @@ from fedlora_lab.experiment import (
 from fedlora_lab.experiment.config import coordinator_settings, federation_plan
 from fedlora_lab.experiment.execute import simulation_threads
 from fedlora_lab.federation import FederationResult
+from tests.lab_fixtures import SMALL_EXPERIMENT, ExperimentRun
 
 REPO = Path(__file__).resolve().parents[2]
 T_975_2DF = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom, from a table
@@ -37,20 +38,6 @@ PLOTS = (
     "utility_vs_memorization.png",
     "memorization_vs_loss_by_round.png",
 )
-
-SMALL: dict[str, Any] = {
-    "name": "small",
-    "model": {"lab": "tiny"},
-    "data": {"n_train": 6, "n_eval": 3, "n_canaries": 4, "frac_10x": 0.5, "n_controls": 2},
-    "federation": {"sites": 2, "rounds": 1, "local_steps": 2, "batch_size": 2, "max_seq_len": 64},
-    "seeds": [0],
-    "parallel": 2,
-    "audit": {"prefixes": [10], "candidates": 8},
-    "methods": [
-        {"name": "full", "mode": "full", "learning_rate": 1e-3},
-        {"name": "lora", "mode": "lora", "learning_rate": 3e-3, "lora": {"rank": 4, "alpha": 8}},
-    ],
-}
 
 
 def _write(tmp_path: Path, config: dict[str, Any]) -> Path:
@@ -68,7 +55,7 @@ def _run_cli(tmp_path: Path, config: dict[str, Any], capsys: pytest.CaptureFixtu
 
 
 def test_unknown_key_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = {**SMALL, "federation": {**SMALL["federation"], "epochs": 3}}
+    config = {**SMALL_EXPERIMENT, "federation": {**SMALL_EXPERIMENT["federation"], "epochs": 3}}
 
     code, err = _run_cli(tmp_path, config, capsys)
 
@@ -79,7 +66,7 @@ def test_unknown_key_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_bad_method_mode_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = {**SMALL, "methods": [{"name": "sgd", "mode": "sgd"}]}
+    config = {**SMALL_EXPERIMENT, "methods": [{"name": "sgd", "mode": "sgd"}]}
 
     code, err = _run_cli(tmp_path, config, capsys)
 
@@ -90,7 +77,7 @@ def test_bad_method_mode_exits_2_naming_the_field(tmp_path: Path, capsys: pytest
 
 def test_method_privacy_is_checked_by_the_run_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     method = {"name": "dp", "privacy": {"record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "epsilon": 3}}}
-    config = {**SMALL, "methods": [method]}
+    config = {**SMALL_EXPERIMENT, "methods": [method]}
 
     code, err = _run_cli(tmp_path, config, capsys)
 
@@ -101,14 +88,14 @@ def test_method_privacy_is_checked_by_the_run_schema(tmp_path: Path, capsys: pyt
 
 def test_repeated_method_names_are_refused() -> None:
     with pytest.raises(ValueError, match="repeated: lora"):
-        ExperimentConfig.model_validate({**SMALL, "methods": [{"name": "lora"}, {"name": "lora"}]})
+        ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "methods": [{"name": "lora"}, {"name": "lora"}]})
 
 
 @pytest.mark.parametrize("every", [2, None])
 def test_a_methods_aggregation_and_the_audit_reach_the_coordinators_settings(tmp_path: Path, every: int | None) -> None:
     audit = {"prefixes": [10, 50], "candidates": 8, "frequency_penalty": 1.0, "every": every}
-    method = {**SMALL["methods"][1], "aggregation": "ffa"}
-    config = ExperimentConfig.model_validate({**SMALL, "audit": audit, "methods": [method]})
+    method = {**SMALL_EXPERIMENT["methods"][1], "aggregation": "ffa"}
+    config = ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "audit": audit, "methods": [method]})
 
     plan = federation_plan(config, config.methods[0], 0, out_dir=tmp_path, base_model=tmp_path)
     settings = coordinator_settings(plan)
@@ -126,11 +113,11 @@ def test_a_methods_aggregation_and_the_audit_reach_the_coordinators_settings(tmp
 def test_runs_are_simulated_unless_the_config_asks_for_processes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    default = ExperimentConfig.model_validate(SMALL)
-    processes = ExperimentConfig.model_validate({**SMALL, "engine": "processes"})
+    default = ExperimentConfig.model_validate(SMALL_EXPERIMENT)
+    processes = ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "engine": "processes"})
     method = default.methods[0]
 
-    code, err = _run_cli(tmp_path, {**SMALL, "engine": "threads"}, capsys)
+    code, err = _run_cli(tmp_path, {**SMALL_EXPERIMENT, "engine": "threads"}, capsys)
 
     assert default.engine == "simulation"
     assert processes.engine == "processes"
@@ -143,7 +130,9 @@ def test_runs_are_simulated_unless_the_config_asks_for_processes(
 def test_simulated_runs_side_by_side_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 8)
 
-    threads = [simulation_threads(ExperimentConfig.model_validate({**SMALL, "parallel": n})) for n in (1, 2, 3, 16)]
+    threads = [
+        simulation_threads(ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "parallel": n})) for n in (1, 2, 3, 16)
+    ]
 
     assert threads == [8, 4, 2, 1]
 
@@ -346,7 +335,7 @@ def test_report_from_synthetic_results_has_the_tables_and_the_plots(tmp_path: Pa
 def test_a_failed_run_is_recorded_and_the_others_still_run(
     tmp_path: Path, lab_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = ExperimentConfig.model_validate({**SMALL, "seeds": [0, 1]})
+    config = ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "seeds": [0, 1]})
     calls: list[str] = []
 
     def execute(cfg: ExperimentConfig, spec: PlannedRun, base: Path) -> dict[str, Any]:
@@ -367,14 +356,10 @@ def test_a_failed_run_is_recorded_and_the_others_still_run(
 
 
 @pytest.mark.slow
-def test_small_experiment_runs_end_to_end(tmp_path: Path, lab_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = _write(tmp_path, SMALL)
-    out = tmp_path / "out"
+def test_small_experiment_runs_end_to_end(small_experiment: ExperimentRun) -> None:
+    out = small_experiment.out
 
-    code = main(["experiment", "--config", str(config), "--out", str(out), "--cache-dir", str(lab_cache)])
-
-    err = capsys.readouterr().err
-    assert code == 0, err
+    assert small_experiment.code == 0, small_experiment.stderr
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [(r["method"], r["seed"], r["status"]) for r in results["runs"]] == [("full", 0, "ok"), ("lora", 0, "ok")]
     for run in results["runs"]:
@@ -396,14 +381,14 @@ def test_small_experiment_runs_end_to_end(tmp_path: Path, lab_cache: Path, capsy
     assert "## Utility and cost" in markdown
     assert "| lora | 1/1 |" in markdown
     assert "<table>" in (out / "report.html").read_text(encoding="utf-8")
-    assert MethodConfig.model_validate(SMALL["methods"][1]).lora_rank == 4
+    assert MethodConfig.model_validate(SMALL_EXPERIMENT["methods"][1]).lora_rank == 4
 
 
 def test_a_run_keeps_each_groups_extrapolated_exposure_from_its_final_audit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: a federation that finished, and audits whose extrapolation differs by site.
-    config = ExperimentConfig.model_validate(SMALL)
+    config = ExperimentConfig.model_validate(SMALL_EXPERIMENT)
     finished = FederationResult(out_dir=tmp_path, report={"adapter_path": "final"}, exit_codes={"coordinator": 0})
     clinical = {"10x": _rates(1, 1.0, extrapolated=20.0), "control": _rates(2, 0.0, extrapolated=1.0)}
     legal = {"10x": _rates(3, 0.0, extrapolated=4.0), "control": _rates(2, 0.0, extrapolated=2.0)}
@@ -429,7 +414,7 @@ def test_a_run_keeps_each_groups_extrapolated_exposure_from_its_final_audit(
 def test_a_federation_that_fails_early_is_a_failed_run_not_an_exception(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = ExperimentConfig.model_validate(SMALL)
+    config = ExperimentConfig.model_validate(SMALL_EXPERIMENT)
     failed = FederationResult(out_dir=tmp_path, report={}, exit_codes={"coordinator": 1})
     monkeypatch.setattr(execute, "run_federation", lambda *args, **kwargs: failed)
 

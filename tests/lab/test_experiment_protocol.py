@@ -3,6 +3,7 @@ methods that did not learn flagged, and memorization compared at one held-out lo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedlora_lab.experiment import write_experiment_report
+from fedlora_lab.experiment import PlannedRun, run_experiment, write_experiment_report
 from fedlora_lab.experiment.config import ExperimentConfig
 from fedlora_lab.experiment.summary import BOOTSTRAP_SEED, learning, matched_utility, reduction_factor
 from fedlora_lab.experiment.sweep import choose_rates, plan_sweep, sweep_json, with_chosen_rates
@@ -250,3 +251,63 @@ def test_the_report_puts_each_methods_extraction_under_both_decodings_side_by_si
     table = report[report.index("Extraction by decoding (frequency penalty)") :]
     assert "| method | exact 10x, penalty 0 | exact 10x, penalty 1 |" in table
     assert "| Full | 0.500 ± 0.000 | 0.250 ± 0.000 | — | — |" in table
+
+
+# --------------------------------------------------------------------------- the runner: sweep, then grid
+
+
+def test_the_grid_runs_each_method_at_the_rate_its_sweep_chose_and_a_method_without_one_is_not_run(
+    tmp_path: Path,
+) -> None:
+    # Prepare: held-out loss is lowest at 3e-4 for full and at 3e-3 for lora; every sweep run of "broken" fails.
+    base = tmp_path / "base"
+    base.mkdir()
+    broken = {"name": "broken", "mode": "lora", "learning_rates": [1e-3, 2e-3]}
+    config = _config(model={"path": str(base)}, methods=[FULL, LORA, broken])
+    best = {"full": 3e-4, "lora": 3e-3}
+    calls: list[tuple[str, float, int]] = []
+
+    def execute(cfg: ExperimentConfig, run: PlannedRun, base_model: Path) -> dict[str, Any]:
+        name, rate = run.method.name, run.method.learning_rate
+        calls.append((name, rate, run.seed))
+        ok = name != "broken"
+        loss = 2.0 + abs(math.log10(rate / best.get(name, 1.0)))
+        synthetic = _run(name, run.seed, [(loss + 0.1, None), (loss, 0.5)])
+        return {
+            **synthetic,
+            "status": "ok" if ok else "failed",
+            "error": None if ok else "diverged",
+            "eval_loss": loss,
+            "duration_s": 1.0,
+            "fingerprint": cfg.fingerprint(run.method, run.seed),
+        }
+
+    # Execute
+    outcome = run_experiment(config, tmp_path / "out", cache_dir=tmp_path, show_progress=False, execute=execute)
+    again = run_experiment(config, tmp_path / "out", cache_dir=tmp_path, show_progress=False, execute=execute)
+
+    # Assert: the sweep ran first, on its seed only; the grid at the chosen rates; nothing twice (the second start
+    # resumed everything but the failed sweep runs, tried again).
+    assert sorted(calls[:7]) == sorted(
+        [
+            *(("full", rate, 9) for rate in (1e-4, 3e-4, 1e-3)),
+            *(("lora", rate, 9) for rate in (1e-3, 3e-3)),
+            *(("broken", rate, 9) for rate in (1e-3, 2e-3)),
+        ]
+    )
+    grid = {(name, seed): rate for name, rate, seed in calls if seed != 9}
+    assert grid == {("full", 0): 3e-4, ("full", 1): 3e-4, ("lora", 0): 3e-3, ("lora", 1): 3e-3}
+    assert [c for c in calls[len(calls) - 2 :]] == [("broken", 1e-3, 9), ("broken", 2e-3, 9)]
+    assert len(calls) == 7 + 4 + 2
+    sweep = outcome.results["sweep"]
+    assert {name: m["chosen_learning_rate"] for name, m in sweep["methods"].items()} == {
+        "full": 3e-4,
+        "lora": 3e-3,
+        "broken": None,
+    }
+    assert [m["learning_rate"] for m in outcome.results["methods"]] == [3e-4, 3e-3, 3e-3]
+    broken_runs = [r for r in again.results["runs"] if r["method"] == "broken"]
+    assert [(r["status"], r["error"]) for r in broken_runs] == [
+        ("failed", "no learning rate of the sweep finished")
+    ] * 2
+    assert "Learning rates (sweep)" in (tmp_path / "out" / "report.md").read_text()

@@ -18,6 +18,7 @@ from fedlora_common.plans import Aggregation, AuditPlan, LoraSpec, Mode
 from fedlora_common.settings import ConfigError, StrictModel, describe, merge, read_yaml_mapping
 from fedlora_lab.datagen import DataSpec
 from fedlora_lab.engines import Engine
+from fedlora_lab.experiment.executors import RAY_MISSING, Executor, ray_installed
 from fedlora_lab.federation import FederationPlan, run_settings, site_names
 from fedlora_lab.model_factory import LabSize
 from fedlora_server.config import RunSettings, WorkerEntry
@@ -212,7 +213,21 @@ class ExperimentConfig(StrictModel):
         description="simulation: each run one process, its sites taking turns on one model; "
         "processes: a coordinator and a worker per site, each a process, over gRPC",
     )
-    parallel: int = Field(2, ge=1, description="Runs side by side (simulation: the cores are split among them)")
+    parallel: int = Field(
+        2,
+        ge=1,
+        description="Runs side by side (simulation: the cores are split among them); on Ray, the tasks in flight",
+    )
+    executor: Executor = Field(
+        "local",
+        description="local: the runs are threads of this process; ray: each run a Ray task "
+        "(pip install 'fedlora-lab[ray]'), on a local Ray or the cluster at ray_address",
+    )
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="A Ray cluster to run on (auto, ray://head:10001); None: a Ray started here with `parallel` CPUs",
+    )
     audit: AuditSection = AuditSection()
     methods: tuple[MethodConfig, ...] = Field(min_length=1)
     secagg_check: SecaggCheckSection | None = None
@@ -224,6 +239,13 @@ class ExperimentConfig(StrictModel):
             raise ValueError("every seed must be >= 0")
         if len(set(value)) != len(value):
             raise ValueError("must be distinct")
+        return value
+
+    @field_validator("executor")
+    @classmethod
+    def _ray_is_installed(cls, value: Executor) -> Executor:
+        if value == "ray" and not ray_installed():
+            raise ValueError(RAY_MISSING)
         return value
 
     @field_validator("methods")
@@ -257,6 +279,12 @@ class ExperimentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _address_needs_ray(self) -> ExperimentConfig:
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address: only with executor: ray")
+        return self
+
+    @model_validator(mode="after")
     def _check_names_a_method(self) -> ExperimentConfig:
         check = self.secagg_check
         if check is not None:
@@ -275,7 +303,8 @@ class ExperimentConfig(StrictModel):
         return len(ranks) > 1
 
     def fingerprint(self, method: MethodConfig, seed: int) -> str:
-        """What a run's result depends on; a stored result with another fingerprint is redone."""
+        """What a run's result depends on; a stored result with another fingerprint is redone. Where runs go
+        (parallel, executor) is not in it: the same run gives the same result on any executor."""
         payload = {
             "version": self.version,
             "model": self.model.model_dump(),
