@@ -94,6 +94,8 @@ def test_write_site_repeats_each_canary_by_its_duplication_count(site: SiteData,
     assert len(lines) == SPEC.n_train + sum(c["duplicates"] for c in site.canaries)
     assert all(counts[c["text"]] == c["duplicates"] for c in site.canaries)
     assert all(counts[r["text"]] == 1 for r in site.train)
+    canary_lines = sum(counts[c["text"]] for c in site.canaries)
+    assert SPEC.canary_share == pytest.approx(canary_lines / len(lines))  # what the experiment's protocol bounds
 
 
 def test_write_site_never_puts_controls_or_eval_records_in_train(site: SiteData, tmp_path: Path) -> None:

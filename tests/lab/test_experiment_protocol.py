@@ -68,6 +68,42 @@ def test_every_swept_method_runs_at_each_of_its_rates_on_the_sweep_seed_only(tmp
     assert all(c.out_dir.is_relative_to(tmp_path / "sweep") for c in cells)
     # each cell is a run of its own: its fingerprint changes with the rate
     assert len({config.fingerprint(c.method, c.seed) for c in cells}) == len(cells)
+    assert not any(c.audited for c in cells)  # the sweep sees held-out loss and nothing the audit measures
+
+
+def test_a_sweep_run_federates_without_an_audit_and_its_result_keeps_the_experiments_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora_lab.experiment import execute
+    from fedlora_lab.federation import FederationResult
+
+    config = _config(audit={"every": 1, "second_frequency_penalty": 1.0})
+    planned: list[dict[str, Any]] = []
+
+    def federate(plan: Any, **_: Any) -> FederationResult:
+        planned.append(plan.run)
+        report = {"rounds": [{"round": 1, "eval_loss": 2.0}], "base_eval_loss": 2.5, "adapter_path": "adapter"}
+        return FederationResult(out_dir=plan.out_dir, report=report, exit_codes={"coordinator": 0})
+
+    def no_audit(*_: Any, **__: Any) -> None:
+        raise AssertionError("a sweep run was audited")
+
+    monkeypatch.setattr(execute, "run_federation", federate)
+    monkeypatch.setattr(execute, "audit_site", no_audit)
+    monkeypatch.setattr(execute, "_parameter_counts", lambda *_: {})
+    cell = next(c for c in plan_sweep(config, tmp_path) if c.method.mode == "lora")
+
+    result = execute.execute_run(config, cell, tmp_path / "base")
+
+    assert result["status"] == "ok", result["error"]
+    assert result["eval_loss"] == 2.0
+    assert result["memorization"] is None
+    assert "second_decoding" not in result
+    assert "audit" not in planned[0]
+    assert result["fingerprint"] == config.fingerprint(cell.method, cell.seed)  # so a resumed sweep keeps it
+    with pytest.raises(AssertionError, match="audited"):  # the grid's runs at the same settings are audited
+        execute.execute_run(config, PlannedRun(cell.method, 0, tmp_path / "grid"), tmp_path / "base")
+    assert planned[1]["audit"]["every"] == 1
 
 
 def _result(loss: float | None, *, ok: bool = True) -> dict[str, Any]:

@@ -79,6 +79,12 @@ class DataSpec:
         """Number of canaries repeated ten times in the training file."""
         return round(self.frac_10x * self.n_canaries)
 
+    @property
+    def canary_share(self) -> float:
+        """The fraction of the training file's records that are canary copies (a 10x canary counts ten times)."""
+        copies = _DUPLICATES_HIGH * self.n_10x + self.n_canaries - self.n_10x
+        return copies / (self.n_train + copies)
+
 
 @dataclass(frozen=True)
 class SiteData:

@@ -29,11 +29,13 @@ __all__ = ["PlannedRun", "execute_run", "simulation_threads"]
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One (method, seed) pair and the directory its federation runs in."""
+    """One (method, seed) pair and the directory its federation runs in; an unaudited run (the sweep's)
+    measures held-out loss alone, so nothing the audit sees can reach a choice made from it."""
 
     method: MethodConfig
     seed: int
     out_dir: Path
+    audited: bool = True
 
     @property
     def key(self) -> str:
@@ -143,6 +145,8 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
         "memorization_by_site": {},
     }
     _clear(run.out_dir)
+    if not run.audited:
+        config = config.model_copy(update={"audit": config.audit.model_copy(update={"every": None})})
     plan = federation_plan(config, method, run.seed, out_dir=run.out_dir, base_model=base_model)
     started = time.monotonic()
     deadline = started + plan.timeout.total_seconds() * 2
@@ -167,6 +171,9 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
         result.update(_parameter_counts(federation.report, base_model))
     except (KeyError, ValueError, OSError) as exc:  # the counts are context; the run's outcome stands
         result["parameter_count_error"] = f"{type(exc).__name__}: {exc}"
+    if not run.audited:
+        result["status"] = "ok"
+        return result
     final_model, base_dir = federation.out_dir / adapter_path, run.out_dir / "base-model"
     if method.mode == "full":
         base, adapter = with_tokenizer(final_model, base_dir, run.out_dir / "audit" / "final-model"), None

@@ -2,7 +2,7 @@
 
 A method's rate is chosen by held-out loss alone (the sweep seed's held-out records: a draw of the
 same distribution that no reported seed trains or is scored on), never by anything the audit measures,
-so the comparison of memorization cannot have been tuned for. The rate whose final held-out loss is
+so the comparison of memorization cannot have been tuned for: the sweep's runs are not audited at all. The rate whose final held-out loss is
 lowest wins; ties go to the smaller rate. A method none of whose rates finished has no rate, and its
 grid runs are failed without being run.
 """
@@ -48,7 +48,7 @@ def plan_sweep(config: ExperimentConfig, out_dir: Path) -> list[PlannedRun]:
     if config.sweep_seed is None:
         return []
     return [
-        PlannedRun(method.at_rate(rate), config.sweep_seed, _cell_dir(out_dir, method, rate))
+        PlannedRun(method.at_rate(rate), config.sweep_seed, _cell_dir(out_dir, method, rate), audited=False)
         for method in config.methods
         if method.learning_rates is not None
         for rate in method.learning_rates
