@@ -224,6 +224,7 @@ def test_the_report_shows_the_sweep_flags_what_did_not_learn_and_compares_at_mat
         **_results(),
         "experiment": "protocol",
         "seeds": [0, 1, 2],
+        "config": {"data": {"n_train": 100, "n_eval": 20, "n_canaries": 2, "frac_10x": 0.5, "n_controls": 2}},
         "sweep": {
             "seed": 9,
             "methods": {
@@ -243,6 +244,7 @@ def test_the_report_shows_the_sweep_flags_what_did_not_learn_and_compares_at_mat
     write_experiment_report(results, tmp_path)
     report = (tmp_path / "report.md").read_text()
 
+    assert "each site: 100 ordinary records, 2 canaries (1 of them 10x), 9.9% of its training lines" in report
     assert "Learning rates (sweep)" in report
     assert "| lora | 0.001 | 2.310 | 2.500 | chosen |" in report
     assert "| lora | 0.003 | failed: diverged | 2.500 |  |" in report

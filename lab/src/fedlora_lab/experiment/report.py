@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from fedlora_lab.datagen import DataSpec
 from fedlora_lab.experiment.plots import plot_duplication, plot_rank, plot_rounds, plot_utility
 from fedlora_lab.experiment.summary import (
     BOOTSTRAP_RESAMPLES,
@@ -281,11 +282,23 @@ def _figures(results: Mapping[str, Any], summaries: list[MethodSummary]) -> list
     return figures
 
 
+def _data_line(data: Mapping[str, Any]) -> str:
+    """What a site trains on: ordinary records, canaries, and the canaries' share of its training lines."""
+    spec = DataSpec(**data)
+    return (
+        f"- each site: {spec.n_train} ordinary records, {spec.n_canaries} canaries ({spec.n_10x} of them 10x), "
+        f"{spec.canary_share:.1%} of its training lines canary copies; {spec.n_eval} held-out records drawn like "
+        f"the ordinary ones; {spec.n_controls} never-trained controls"
+    )
+
+
 def experiment_document(results: Mapping[str, Any]) -> Document:
     """The report: what was run, the tables, the plots, then any failed runs."""
     intro = [str(results["description"]).strip()] if results.get("description") else []
     seeds = ", ".join(str(s) for s in results.get("seeds", []))
-    intro += [f"- base model: `{results.get('base_model')}`; seeds: {seeds}", _PREAMBLE]
+    intro.append(f"- base model: `{results.get('base_model')}`; seeds: {seeds}")
+    data = results.get("config", {}).get("data")
+    intro += [*([_data_line(data)] if isinstance(data, Mapping) else []), _PREAMBLE]
     failures = _failures(results)
     check = _secagg_check(results)
     blocks: list[Table | Figure] = [
