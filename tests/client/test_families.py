@@ -23,14 +23,15 @@ from peft import PeftModel
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedlora_common.plans import RunSpec
+from fedlora_common.plans import LoraSpec, RunSpec
 from fedlora_server.config import RunSettings
 from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.daemon import Worker, WorkerOutcome
 from fedlora_worker.metrics import WorkerMetrics
-from fedlora_worker.modeling import LoadedModel, SiteModel, load_model
+from fedlora_worker.modeling import LoadedModel, SiteModel, TargetsMismatch, load_model
 from fedlora_worker.transport import CoordinatorClient
+from tests.client.conftest import tiny_run
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -46,7 +47,7 @@ class Family:
     name: str
     config: Callable[[], transformers.PretrainedConfig]
     adapted: tuple[str, ...]
-    """Every linear layer of a block, by last name: what all-linear must adapt."""
+    """Every linear layer of a block and its fused experts, by last name: what all-linear must adapt."""
     per_layer: int
     """Adapted modules per block (GPT-2's c_proj is two: attention and MLP)."""
 
@@ -111,7 +112,50 @@ FAMILIES = (
         ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         6,
     ),
+    # Mixtures of experts: the routed experts are fused 3-d parameters (gate_up_proj, down_proj), adapted as
+    # parameters (two `experts` wrappers a block); Mixtral's and Qwen3-MoE's router (`gate`) is adapted too.
+    Family(
+        "mixtral",
+        lambda: transformers.MixtralConfig(
+            **_attention(hidden_size=64, intermediate_size=64, num_key_value_heads=2, num_local_experts=4)
+        ),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts"),
+        7,
+    ),
+    Family(
+        "qwen2_moe",
+        lambda: transformers.Qwen2MoeConfig(
+            **_attention(
+                hidden_size=64,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=64,
+                num_key_value_heads=2,
+                num_experts=4,
+                num_experts_per_tok=2,
+            )
+        ),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate", "experts"),
+        10,
+    ),
+    Family(
+        "qwen3_moe",
+        lambda: transformers.Qwen3MoeConfig(
+            **_attention(
+                hidden_size=64,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+            )
+        ),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts"),
+        7,
+    ),
 )
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 WORKERS = ("north", "south")
 
 
@@ -221,3 +265,37 @@ def test_every_family_federates_with_the_default_targets_and_its_adapter_loads_w
         adapter = tmp_path / family.name / "coordinator" / report["adapter_path"]
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
         assert not torch.allclose(logits(plain), logits(tuned), atol=1e-5), family.name
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_a_mixture_of_experts_with_lora_dropout_is_refused_in_one_line_saying_what_to_set(
+    tmp_path: Path, tiny_base_model: Path, name: str
+) -> None:
+    (family,) = [f for f in FAMILIES if f.name == name]
+    base = make_family_model(family, tmp_path / "base", tiny_base_model)
+    run = tiny_run("lora", lora=LoraSpec(rank=4, alpha=8, dropout=0.05))
+
+    with pytest.raises(TargetsMismatch) as refused:
+        load_model(run, SiteModel(path=str(base)))
+
+    message = str(refused.value)
+    assert message.startswith("lora.dropout: 0.05, but ")
+    assert "(experts.gate_up_proj, experts.down_proj)" in message
+    assert "set lora.dropout: 0 in run.yaml" in message
+    assert "\n" not in message
+
+
+def test_the_routed_experts_train_under_the_default_targets(tmp_path: Path, tiny_base_model: Path) -> None:
+    (family,) = [f for f in FAMILIES if f.name == "qwen2_moe"]  # the family peft's all-linear alone leaves out
+    base = make_family_model(family, tmp_path / "base", tiny_base_model)
+    run = tiny_run("lora", lora=LoraSpec(rank=4, alpha=8, dropout=0.0))
+    loaded = load_model(run, SiteModel(path=str(base)))
+
+    ids = torch.arange(3, 35).unsqueeze(0)
+    loaded.model(input_ids=ids, labels=ids).loss.backward()
+
+    experts = {n: p for n, p in loaded.model.named_parameters() if ".mlp.experts." in n and ".lora_" in n}
+    assert len(experts) == LAYERS * 2 * 2  # A and B of gate_up_proj and down_proj in every block
+    assert all(p.requires_grad for p in experts.values())
+    # B starts at zero, so A's first gradient is zero too: the loss reaches every expert's B
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in experts.items() if ".lora_B." in n)

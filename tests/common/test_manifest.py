@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from fedlora_common.manifest import Manifest, TensorSpec, flatten, unflatten, update_manifest
+from fedlora_common.manifest import (
+    Manifest,
+    TensorSpec,
+    adapted_modules,
+    flatten,
+    module_leaves,
+    unflatten,
+    update_manifest,
+)
 
 
 def _state(seed: int) -> dict[str, np.ndarray]:
@@ -47,3 +55,21 @@ def test_ffa_updates_carry_only_lora_b() -> None:
 def test_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unique"):
         Manifest((TensorSpec("a", (1,)), TensorSpec("a", (2,))))
+
+
+def test_adapted_modules_are_one_per_adapted_weight_and_named_by_the_module_they_adapt() -> None:
+    layer = "base_model.model.model.layers.0"
+    names = [
+        f"{layer}.self_attn.q_proj.lora_A.weight",
+        f"{layer}.self_attn.q_proj.lora_B.weight",
+        f"{layer}.mlp.experts.lora_A.weight",  # a fused experts' two parameters: two wrappers, one module
+        f"{layer}.mlp.experts.lora_B.weight",
+        f"{layer}.mlp.experts.base_layer.lora_A.weight",
+        f"{layer}.mlp.experts.base_layer.lora_B.weight",
+        f"{layer}.mlp.gate.weight",  # a full fine-tuning tensor: no adapter
+    ]
+
+    modules = adapted_modules(names)
+
+    assert modules == (f"{layer}.self_attn.q_proj", f"{layer}.mlp.experts", f"{layer}.mlp.experts.base_layer")
+    assert module_leaves(modules) == ("q_proj", "experts")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig
 
 from fedlora_common.plans import LoraSpec, Mode, RunSpec
 from fedlora_lab.cli import main
@@ -157,6 +157,7 @@ def test_plan_json_for_a_config_file_has_bytes_memory_and_secure_aggregation(
     assert plan["trainable"] == 3 * per_block
     assert plan["parameters"] == 3 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352 + 2 * 128) + 2 * 512 * 128 + 128
     assert plan["adapted_per_block"] == 7
+    assert plan["adapted"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert plan["up_masked_bytes"] > plan["up_plain_bytes"] > 4 * plan["trainable"]
     assert plan["down_bytes"] > 4 * plan["trainable"]
     memory = plan["memory"]
@@ -233,3 +234,39 @@ def test_the_gpu_smoke_script_runs_on_a_cpu_with_the_tiny_model(lab_cache: Path)
     ]
     assert all(float(row[2].replace(",", "")) > 0 and row[3] == "n/a" and float(row[4]) > 0 for row in rows)
     assert "2 rounds committed" in smoke.stdout
+
+
+def test_a_mixture_of_experts_plan_names_its_fused_experts_and_refuses_dropout_as_the_worker_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = Qwen2MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        vocab_size=512,
+    )
+    config.save_pretrained(tmp_path)
+    args = ["--model", str(tmp_path / "config.json"), "--rank", "4"]
+
+    code, out, _ = run_plan(capsys, *args, "--dropout", "0", "--json")
+    table_code, table, _ = run_plan(capsys, *args, "--dropout", "0")
+    refused, _, err = run_plan(capsys, *args, "--dropout", "0.05")
+
+    assert code == 0
+    plan: dict[str, Any] = json.loads(out)
+    assert plan["targets"] == ["all-linear"]
+    assert "experts" in plan["adapted"]  # the routed experts, which peft's all-linear alone leaves out
+    assert plan["adapted_per_block"] == 10  # q k v o, the shared expert's three and its gate, two fused experts
+    modules = [name for name in plan["adapted"] if name != "experts"]
+    named_code, named_out, _ = run_plan(capsys, *args, "--dropout", "0.05", "--targets", *modules, "--json")
+    assert named_code == 0  # named modules adapt no experts, so dropout is the run's to choose
+    assert json.loads(named_out)["trainable"] < plan["trainable"]
+    assert table_code == 0
+    assert f"on all-linear: {', '.join(plan['adapted'])} (10 modules a block)" in table
+    assert refused == 2
+    assert "set lora.dropout: 0" in err

@@ -5,14 +5,15 @@ parameter (full). It leaves and enters the model as float32 numpy arrays named a
 manifest, so the coordinator never needs torch.
 
 Any causal LM: the default targets (``all-linear``) are every linear layer of the transformer blocks
-but the output head, whatever the family names them (Conv1D included: GPT-2). Targets named by the
+but the output head, whatever the family names them (Conv1D included: GPT-2), and the routed experts a
+mixture of experts fuses into one parameter per projection. Targets named by the
 run must each match a module of this site's model, or loading refuses with `TargetsMismatch`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -42,6 +43,8 @@ __all__ = [
     "SiteModel",
     "TargetsMismatch",
     "artifact_config_json",
+    "experts_to_adapt",
+    "fused_experts",
     "global_state",
     "linear_layers",
     "load_model",
@@ -99,16 +102,47 @@ class LoadedModel:
         return int(pad)
 
 
-def lora_config(spec: LoraSpec) -> LoraConfig:
-    """The run's LoRA settings as peft's object: the one place the vocabulary meets peft."""
+def lora_config(spec: LoraSpec, experts: Sequence[str] = ()) -> LoraConfig:
+    """The run's LoRA settings as peft's object: the one place the vocabulary meets peft. `experts` are fused
+    expert parameters (`fused_experts`) to adapt as parameters beside the modules."""
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         # peft resolves the string "all-linear" itself; a list would be taken for module names.
         target_modules=ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules),
+        target_parameters=list(experts) or None,
         task_type="CAUSAL_LM",
     )
+
+
+def fused_experts(model: torch.nn.Module) -> list[str]:
+    """A mixture of experts' routed experts stacked in one 3-d parameter per projection (Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE in transformers 5), by owning module's and parameter's last names (experts.gate_up_proj),
+    as peft's `target_parameters` takes them: no linear layer holds them, so all-linear alone misses them."""
+    return list(
+        dict.fromkeys(
+            f"{module_name.rsplit('.', 1)[-1]}.{name}"
+            for module_name, module in model.named_modules()
+            for name, param in module.named_parameters(recurse=False)
+            if param.ndim == 3
+        )
+    )
+
+
+def experts_to_adapt(model: torch.nn.Module, spec: LoraSpec, path: str) -> list[str]:
+    """The fused experts all-linear adapts; peft wraps them without dropout only, so a run with dropout is refused
+    in one line that says what to set (named targets adapt the modules they name, and no experts)."""
+    if spec.target_modules != (ALL_LINEAR,):
+        return []
+    experts = fused_experts(model)
+    if experts and spec.dropout != 0:
+        raise TargetsMismatch(
+            f"lora.dropout: {spec.dropout:g}, but {path} ({type(model).__name__}) keeps its routed experts in fused "
+            f"parameters ({', '.join(experts)}), which peft adapts only without dropout: set lora.dropout: 0 in "
+            "run.yaml, or name lora.target_modules to adapt modules alone"
+        )
+    return experts
 
 
 def linear_layers(model: torch.nn.Module) -> list[str]:
@@ -171,11 +205,12 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     adapted: tuple[str, ...] = ()
     if run.mode != "full":
         _check_targets(model, run.lora, site.path)
+        experts = experts_to_adapt(model, run.lora, site.path)
         # Same seed, same A at every site (FFA-LoRA keeps it forever); the caller's RNG is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)
             try:
-                model = get_peft_model(model, lora_config(run.lora))
+                model = get_peft_model(model, lora_config(run.lora, experts))
             except ValueError as exc:  # e.g. a named target that is not a layer peft can adapt
                 reason = " ".join(str(exc).split())[:300]
                 raise TargetsMismatch(f"lora.target_modules: {reason}; {_found(linear_layers(model))}") from None

@@ -7,13 +7,24 @@ concatenation of those tensors in that order. Nothing here knows about torch.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MASKED_DTYPE", "WIRE_DTYPE", "Manifest", "TensorSpec", "flatten", "unflatten", "update_manifest"]
+__all__ = [
+    "MASKED_DTYPE",
+    "WIRE_DTYPE",
+    "Manifest",
+    "TensorSpec",
+    "adapted_modules",
+    "flatten",
+    "module_leaves",
+    "unflatten",
+    "update_manifest",
+]
 
 WIRE_DTYPE = "float32"
 MASKED_DTYPE = "uint32"
@@ -69,6 +80,20 @@ class Manifest:
     def subset(self, names: Iterable[str]) -> Manifest:
         keep = set(names)
         return Manifest(tuple(t for t in self.tensors if t.name in keep))
+
+
+def adapted_modules(tensor_names: Iterable[str]) -> tuple[str, ...]:
+    """The modules an adapter's lora_A/lora_B tensors adapt, in order: one per adapted weight, so a fused
+    experts' second parameter (peft's wrapper inside the first: ``experts.base_layer``) is one of its own."""
+    return tuple(
+        dict.fromkeys(name.rsplit(".lora_", 1)[0] for name in tensor_names if ".lora_A." in name or ".lora_B." in name)
+    )
+
+
+def module_leaves(modules: Iterable[str]) -> tuple[str, ...]:
+    """Distinct last names of modules (q_proj, not layers.0.self_attn.q_proj), a wrapper's inner ``base_layer``
+    named as the module it wraps (experts)."""
+    return tuple(dict.fromkeys(re.sub(r"(\.base_layer)+$", "", module).rsplit(".", 1)[-1] for module in modules))
 
 
 def update_manifest(manifest: Manifest, aggregation: str) -> Manifest:

@@ -67,7 +67,15 @@ from peft import get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count
-from fedlora_common.manifest import MASKED_DTYPE, WIRE_DTYPE, Manifest, TensorSpec, update_manifest
+from fedlora_common.manifest import (
+    MASKED_DTYPE,
+    WIRE_DTYPE,
+    Manifest,
+    TensorSpec,
+    adapted_modules,
+    module_leaves,
+    update_manifest,
+)
 from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
 from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
@@ -79,7 +87,14 @@ from fedlora_common.serde import (
     revealed_share_to_proto,
     upload_header_to_proto,
 )
-from fedlora_worker.modeling import LoadedModel, SiteModel, artifact_config_json, linear_layers, lora_config
+from fedlora_worker.modeling import (
+    LoadedModel,
+    SiteModel,
+    artifact_config_json,
+    experts_to_adapt,
+    linear_layers,
+    lora_config,
+)
 from fedlora_worker.secagg_session import WorkerSession
 
 __all__ = [
@@ -312,7 +327,8 @@ def meta_model(name: str, config: PretrainedConfig, mode: Mode, lora: LoraSpec, 
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's and transformers' deprecation notices
-            peft_model = get_peft_model(model, lora_config(lora))
+            # the worker's own choice: all-linear's modules and a mixture's fused experts, refused as it refuses
+            peft_model = get_peft_model(model, lora_config(lora, experts_to_adapt(model, lora, name)))
         adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         manifest = Manifest(tuple(TensorSpec(n, tuple(t.shape)) for n, t in adapter.items()))
         run = RunSpec(
@@ -525,6 +541,8 @@ class Capacity:
     aggregation: Aggregation
     rank: int
     targets: tuple[str, ...]
+    adapted: tuple[str, ...]
+    """What the targets resolve to on this model, by last name (all-linear: q_proj, ..., experts)."""
     adapted_per_block: int
     seq_len: int
     micro_batch: int
@@ -587,6 +605,7 @@ def capacity(
         aggregation=aggregation,
         rank=lora.rank,
         targets=lora.target_modules,
+        adapted=module_leaves(adapted_modules(t.name for t in meta.global_manifest.tensors)),
         adapted_per_block=len(meta.adapter_inputs),
         seq_len=seq_len,
         micro_batch=micro_batch,

@@ -26,7 +26,9 @@ def render(plan: Capacity) -> str:
     m, sa = plan.memory, plan.secure_aggregation
     per_gpu = math.ceil(m.peak_checkpointed / plan.gpus_per_process)
     weights = {"lora": "bf16", "qlora": "NF4 linear layers, bf16 rest", "full": "float32"}[plan.mode]
-    adapted = f", LoRA rank {plan.rank} on {', '.join(plan.targets)} ({plan.adapted_per_block} modules a block)"
+    resolved = ", ".join(plan.adapted)
+    targets = f"{ALL_LINEAR}: {resolved}" if plan.targets == (ALL_LINEAR,) else resolved
+    adapted = f", LoRA rank {plan.rank} on {targets} ({plan.adapted_per_block} modules a block)"
     transients = "logits and loss" + (", a dequantized weight" if plan.mode == "qlora" else "")
 
     def row(label: str, value: str) -> str:

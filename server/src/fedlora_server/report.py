@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fedlora_common.files import atomic_write
+from fedlora_common.manifest import adapted_modules, module_leaves
 from fedlora_server.artifacts import META_FILE
 from fedlora_server.config import RunSettings
 from fedlora_server.document import Align, Document, Figure, Table, figure_png, new_figure, write_document
@@ -156,11 +157,8 @@ def _adapted(settings: RunSettings, store: CoordinatorStore) -> dict[str, Any]:
         tensors = json.loads((path / META_FILE).read_text(encoding="utf-8"))["manifest"]
     except (OSError, ValueError, KeyError):
         return unknown
-    modules = dict.fromkeys(
-        name.rsplit(".lora_", 1)[0] for name in (t["name"] for t in tensors) if ".lora_A." in name or ".lora_B." in name
-    )
-    leaves = dict.fromkeys(module.rsplit(".", 1)[-1] for module in modules)
-    return {"adapted_modules": list(leaves), "adapted_count": len(modules)}
+    modules = adapted_modules(t["name"] for t in tensors)
+    return {"adapted_modules": list(module_leaves(modules)), "adapted_count": len(modules)}
 
 
 def _memorization(reports: list[MetricsRecord]) -> dict[str, Any] | None:
