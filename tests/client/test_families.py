@@ -154,8 +154,18 @@ FAMILIES = (
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts"),
         7,
     ),
+    Family(
+        "olmoe",
+        lambda: transformers.OlmoeConfig(
+            **_attention(
+                hidden_size=64, intermediate_size=32, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2
+            )
+        ),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts"),
+        7,
+    ),
 )
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 WORKERS = ("north", "south")
 
 
