@@ -144,12 +144,14 @@ def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:
 
     assert len(paper.seeds) >= 5
     # issue 19's protocol: three sites, canaries a small share of a corpus, every rate chosen by a sweep
-    assert paper.federation.sites == 3
-    assert paper.data.n_train >= 100
-    assert paper.data.spec(0).canary_share <= 0.10
-    assert all(m.learning_rates is not None and len(m.learning_rates) >= 2 for m in paper.methods)
-    assert paper.sweep_seed is not None
-    assert paper.sweep_seed not in paper.seeds
+    for protocol in (paper, gpu):
+        assert protocol.federation.sites == 3
+        assert protocol.data.n_train >= 100
+        assert protocol.data.spec(0).canary_share <= 0.10
+        assert all(m.learning_rates is not None and len(m.learning_rates) >= 2 for m in protocol.methods)
+        assert protocol.sweep_seed is not None
+        assert protocol.sweep_seed not in protocol.seeds
+        assert {protocol.audit.frequency_penalty, protocol.audit.second_frequency_penalty} == {0.0, 1.0}
     assert paper.audit.candidates >= 128
     assert paper.audit.second_frequency_penalty == 1.0
     assert len(rank.seeds) >= 3
