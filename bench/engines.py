@@ -16,7 +16,7 @@ the machine's load hits all of them alike; the table gives medians. It also chec
 simulation committed the same adapter as the processes (bit for bit is expected at equal threads:
 secure aggregation sums integers).
 
-Usage: python bench/engines.py [--rounds N] [--repeats N] [--quick] [--model-size default|small|tiny]
+Usage: python bench/engines.py [--rounds N] [--repeats N] [--sites N] [--quick] [--model-size default|small|tiny]
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ from fedlora_lab.simulation import SimulatedFederation
 SPEEDUP_TARGET = 1.0  # the simulation must not be slower; the figure is what it is
 
 
-def demo_plan(out: Path, base: Path, *, rounds: int, local_steps: int, data: DataSpec) -> FederationPlan:
-    """`fedlora-lab demo`'s run: 3 sites, LoRA lr 3e-3, batch 8, secure aggregation, audit every round."""
+def demo_plan(
+    out: Path, base: Path, *, rounds: int, local_steps: int, data: DataSpec, sites: int = 3
+) -> FederationPlan:
+    """`fedlora-lab demo`'s run (3 sites), LoRA lr 3e-3, batch 8, secure aggregation, audit every round."""
     return FederationPlan(
         out_dir=out,
         base_model=base,
-        workers=3,
+        workers=sites,
         rounds=rounds,
         mode="lora",
         secure_aggregation=True,
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round of 4 steps, small sites")
     parser.add_argument("--model-size", choices=LAB_SIZES, default="default")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "fedlora")
+    parser.add_argument("--sites", type=int, default=3, help="sites of the federation (the demo's: 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the simulation's torch threads")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
@@ -94,22 +97,26 @@ def main() -> None:
     data = DataSpec(n_train=24, n_canaries=4, n_controls=2) if args.quick else DataSpec()
     made = cached_model(args.cache_dir, LabModelConfig.named(size))
     threads_before = torch.get_num_threads()
+    processes_name = f"processes (1 + {args.sites} processes)"
+
+    def plan(out: Path) -> FederationPlan:
+        return demo_plan(out, made.path, rounds=rounds, local_steps=steps, data=data, sites=args.sites)
 
     def simulated(threads: int) -> Callable[[Path], FederationResult]:
         def run(out: Path) -> FederationResult:
             torch.set_num_threads(threads)
             try:
-                return SimulatedFederation(demo_plan(out, made.path, rounds=rounds, local_steps=steps, data=data)).run()
+                return SimulatedFederation(plan(out)).run()
             finally:
                 torch.set_num_threads(threads_before)
 
         return run
 
     def processes(out: Path) -> FederationResult:
-        return LocalFederation(demo_plan(out, made.path, rounds=rounds, local_steps=steps, data=data)).run()
+        return LocalFederation(plan(out)).run()
 
     engines: dict[str, tuple[str, Callable[[Path], FederationResult]]] = {
-        "processes (1 + 3 processes)": ("1 per worker", processes),
+        processes_name: ("1 per worker", processes),
         "simulation (1 process)": (str(args.threads), simulated(args.threads)),
         "simulation, 1 thread": ("1", simulated(1)),
     }
@@ -117,7 +124,7 @@ def main() -> None:
     rounds_s: dict[str, list[float]] = {name: [] for name in engines}
     adapters: dict[str, dict[str, np.ndarray]] = {}
     print(
-        f"the demo's run: {size} lab model, 3 sites, {rounds} round(s) x {steps} "
+        f"the demo's run: {size} lab model, {args.sites} sites, {rounds} round(s) x {steps} "
         f"local steps, secure aggregation, audit every round; {os.cpu_count()} cores, "
         f"{args.repeats} run(s) of each engine, alternating",
         flush=True,
@@ -137,7 +144,7 @@ def main() -> None:
                 print(f"  {name}: {walls[name][-1]:.1f} s", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
-    reference = statistics.median(walls["processes (1 + 3 processes)"])
+    reference = statistics.median(walls[processes_name])
     print()
     print(f"{'engine':<30} {'torch threads':>14} {'wall s':>9} {'rounds s':>9} {'speed-up':>9}")
     print("-" * 75)
@@ -147,7 +154,7 @@ def main() -> None:
             f"{name:<30} {threads:>14} {wall:>9.1f} {statistics.median(rounds_s[name]):>9.1f} {reference / wall:>8.2f}x"
         )
     print()
-    processes_adapter = adapters["processes (1 + 3 processes)"]
+    processes_adapter = adapters[processes_name]
     for name in ("simulation (1 process)", "simulation, 1 thread"):
         diff = _max_diff(adapters[name], processes_adapter)
         verdict = "bit-identical" if diff == 0 else f"max |difference| {diff:.3g}"
