@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from fedlora_lab.experiment import PlannedRun, run_experiment, write_experiment_report
 from fedlora_lab.experiment.config import ExperimentConfig
-from fedlora_lab.experiment.summary import BOOTSTRAP_SEED, learning, matched_utility, reduction_factor
+from fedlora_lab.experiment.matched import learning, matched_utility
+from fedlora_lab.experiment.summary import BOOTSTRAP_SEED, reduction_factor
 from fedlora_lab.experiment.sweep import choose_rates, plan_sweep, sweep_json, with_chosen_rates
 
 FULL = {"name": "full", "mode": "full", "learning_rates": [1e-4, 3e-4, 1e-3]}

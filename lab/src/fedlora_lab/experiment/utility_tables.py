@@ -5,14 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora_lab.experiment.summary import (
-    BOOTSTRAP_RESAMPLES,
-    FACTOR_METRICS,
-    format_factor,
-    format_interval,
-    learning,
-    matched_utility,
-)
+from fedlora_lab.experiment.matched import learning, matched_utility
+from fedlora_lab.experiment.summary import BOOTSTRAP_RESAMPLES, FACTOR_METRICS, format_factor, format_interval
 from fedlora_server.document import Table
 
 __all__ = ["learning_table", "matched_table", "not_learned", "sweep_table"]
