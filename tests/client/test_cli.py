@@ -480,7 +480,9 @@ def test_a_run_whose_targets_match_only_part_of_the_model_is_refused_at_join_and
     assert reason.endswith(
         "its linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (all-linear adapts them all)"
     )
-    assert report["workers"] == [{"id": "clinical", "num_examples": 4, "left": reason}]
+    assert report["workers"] == [
+        {"id": "clinical", "num_examples": 4, "rank": settings.lora.rank, "base_precision": None, "left": reason}
+    ]
     assert report["rounds"] == []
 
 

@@ -114,7 +114,7 @@ class FakeCoordinator:
         self.versions[version] = vector
         return ModelVersion(version, vector.nbytes, hashlib.sha256(vector.tobytes()).digest(), manifest)
 
-    def join(self, num_examples: int) -> RunSpec:
+    def join(self, num_examples: int, *, rank: int = 0, base_precision: str = "") -> RunSpec:
         self.joins += 1
         return self.run
 

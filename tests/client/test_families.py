@@ -29,7 +29,7 @@ from fedlora_server.server import CoordinatorServer
 from fedlora_worker.config import WorkerSettings
 from fedlora_worker.daemon import Worker, WorkerOutcome
 from fedlora_worker.metrics import WorkerMetrics
-from fedlora_worker.modeling import LoadedModel, SiteModel, TargetsMismatch, load_model
+from fedlora_worker.modeling import LoadedModel, SiteMismatch, SiteModel, load_model
 from fedlora_worker.transport import CoordinatorClient
 from tests.client.conftest import tiny_run
 
@@ -285,7 +285,7 @@ def test_a_mixture_of_experts_with_lora_dropout_is_refused_in_one_line_saying_wh
     base = make_family_model(family, tmp_path / "base", tiny_base_model)
     run = tiny_run("lora", lora=LoraSpec(rank=4, alpha=8, dropout=0.05))
 
-    with pytest.raises(TargetsMismatch) as refused:
+    with pytest.raises(SiteMismatch) as refused:
         load_model(run, SiteModel(path=str(base)))
 
     message = str(refused.value)

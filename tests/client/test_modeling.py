@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
 from fedlora_worker.modeling import (
     LoadedModel,
+    SiteMismatch,
     SiteModel,
-    TargetsMismatch,
     artifact_config_json,
     global_state,
     linear_layers,
@@ -309,7 +309,7 @@ def test_targets_that_match_nothing_or_only_part_are_refused_naming_the_modules_
 ) -> None:
     spec = LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=targets)
 
-    with pytest.raises(TargetsMismatch) as refused:
+    with pytest.raises(SiteMismatch) as refused:
         load_tiny("lora", lora=spec)
 
     message = str(refused.value)
@@ -321,7 +321,7 @@ def test_targets_that_match_nothing_or_only_part_are_refused_naming_the_modules_
 def test_a_target_that_is_no_layer_peft_can_adapt_is_refused_in_one_line(load_tiny: Load) -> None:
     spec = LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=("mlp",))
 
-    with pytest.raises(TargetsMismatch, match=r"^lora\.target_modules: .*its linear layers are q_proj") as refused:
+    with pytest.raises(SiteMismatch, match=r"^lora\.target_modules: .*its linear layers are q_proj") as refused:
         load_tiny("lora", lora=spec)
 
     assert "\n" not in str(refused.value)

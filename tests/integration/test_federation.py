@@ -35,8 +35,16 @@ ROUNDS = 2
 
 
 def _run_federation(
-    tmp_path: Path, base: Path, mode: str, *, secure: bool, rounds: int = ROUNDS, extra: dict | None = None
+    tmp_path: Path,
+    base: Path,
+    mode: str,
+    *,
+    secure: bool,
+    rounds: int = ROUNDS,
+    extra: dict | None = None,
+    sites_extra: dict[str, dict] | None = None,
 ) -> tuple[dict, list[WorkerOutcome]]:
+    """One run; `extra` adds to run.yaml, `sites_extra[worker]` to that worker's worker.yaml."""
     sites = site_names(3)
     tokens = {worker: f"secret-{worker}" for worker, _ in sites}
     identities = {worker: identity_keypair() for worker, _ in sites}
@@ -93,6 +101,7 @@ def _run_federation(
                     "progress": False,
                     "identity_key": key_file,
                     "peers": peers,
+                    **(sites_extra or {}).get(worker_id, {}),
                 }
             )
             client = CoordinatorClient(
@@ -241,3 +250,132 @@ def test_a_run_with_dp_goldfish_secure_aggregation_and_audit_reports_epsilon_and
         assert memo["count"] == sum(g["count"] for g in trained if g is not None) == 6  # two canaries per site
         for name in ("exact_match_rate", "approx_match_rate", "token_accuracy"):  # overall: the trained groups
             assert memo[name] == pytest.approx(_weighted(trained, name))
+
+
+RANKS = {"clinical": 4, "legal": 8, "finance": 16}
+PRECISIONS = {"clinical": "nf4", "legal": "float32", "finance": "float32"}
+ADAM = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+def _fedadam_reference(
+    before: dict[str, np.ndarray], mean: dict[str, np.ndarray], state: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Reddi et al. (2021) FedAdam on the unmasked mean, in float64, from its own state (m 0, v tau^2 at first)."""
+    after = {}
+    for name, delta in mean.items():
+        m, v = state.get(name, (np.zeros_like(delta), np.full_like(delta, ADAM["tau"] ** 2)))
+        m = ADAM["beta1"] * m + (1 - ADAM["beta1"]) * delta
+        v = ADAM["beta2"] * v + (1 - ADAM["beta2"]) * delta**2
+        state[name] = (m, v)
+        after[name] = before[name].astype(np.float64) + ADAM["lr"] * m / (np.sqrt(v) + ADAM["tau"])
+    return after
+
+
+def test_sites_of_rank_4_8_and_16_one_on_nf4_federate_securely_under_fedadam_as_the_numpy_reference_says(
+    tmp_path: Path, lab_model: MadeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: capture each site's unmasked update (delta, weight, rank) where the pipeline encodes it.
+    from fedlora_common.blocks import truncate_to_rank
+    from fedlora_worker import protect
+
+    sent: dict[int, list[tuple[np.ndarray, int, int]]] = {}
+    encode = protect.encode
+
+    def spy(delta: np.ndarray, **kwargs: object) -> np.ndarray:
+        params = kwargs["params"]
+        weight = min(int(kwargs["examples"]), params.max_examples)  # type: ignore[attr-defined]
+        sent.setdefault(params.tag, []).append((delta.copy(), weight, int(kwargs["site_rank"])))  # type: ignore[attr-defined]
+        return encode(delta, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(protect, "encode", spy)
+    extra = {
+        "aggregation": "hetlora",
+        "lora": {"rank": 16, "alpha": 32, "dropout": 0.0},
+        "base_precisions": ["nf4", "float32"],
+        "server_optimizer": {"name": "fedadam", **ADAM},
+    }
+    sites = {
+        w: {"lora": {"max_rank": r}, "base_precision": PRECISIONS[w], "dtype": "float32"} for w, r in RANKS.items()
+    }
+
+    # Execute
+    report, outcomes = _run_federation(tmp_path, lab_model.path, "lora", secure=True, extra=extra, sites_extra=sites)
+
+    # Assert: the report names each site's rank and precision; every round committed all three updates.
+    assert all(o.finished for o in outcomes)
+    assert {w["id"]: (w["rank"], w["base_precision"]) for w in report["workers"]} == {
+        w: (r, PRECISIONS[w]) for w, r in RANKS.items()
+    }
+    assert report["aggregation"] == "hetlora"
+    assert all(len(r["participants"]) == 3 for r in report["rounds"])
+    # Each version is what FedAdam makes of the previous one and the unmasked updates' per-rank-index mean.
+    versions = sorted((tmp_path / "coordinator" / "artifacts").glob("v*/adapter_model.safetensors"))
+    assert len(versions) == ROUNDS + 1
+    state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    names = [t["name"] for t in json.loads((versions[0].parent / "fedlora.json").read_text())["manifest"]]
+    # One quantization step per coordinate (clip 0.05, 28 bits at three sites), times M / sum(w), through
+    # Adam's step, whose slope in the mean is at most lr / tau.
+    tag_order = sorted(sent)
+    assert len(tag_order) == ROUNDS
+    for round_, tag in enumerate(tag_order, start=1):
+        before, after = load_file(str(versions[round_ - 1])), load_file(str(versions[round_]))
+        updates = sent[tag]
+        assert sorted(rank for _, _, rank in updates) == [4, 8, 16]
+        mean = _group_mean_reference(before, names, updates)
+        expected = _fedadam_reference(before, mean, state)
+        total = sum(w for _, w, _ in updates)
+        bound = 3 * (0.05 / (2**28 - 1)) * 65536 / min(w for _, w, _ in updates) * ADAM["lr"] / ADAM["tau"]
+        for name in names:
+            assert np.abs(after[name] - expected[name]).max() <= bound * 1.01 + 1e-6, (round_, name, total)
+        moved = [name for name in names if not np.array_equal(after[name], before[name])]
+        assert moved, "FedAdam moved nothing"
+    # Rank indices 8..15 of A were trained by the rank-16 site alone; 4..7 by two sites; all moved.
+    last = load_file(str(versions[-1]))
+    a = next(n for n in names if "lora_A" in n)
+    assert not np.array_equal(last[a][8:], load_file(str(versions[0]))[a][8:])
+    # Each site's share of the global adapter loads with stock peft at its own rank.
+    adapter = tmp_path / "coordinator" / report["adapter_path"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (16, 32)
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(lab_model.path), lab_model.path)
+    for worker, rank in RANKS.items():
+        own = tmp_path / f"adapter-{worker}"
+        own.mkdir()
+        (own / "adapter_config.json").write_text(json.dumps({**config, "r": rank, "lora_alpha": 32 * rank / 16}))
+        from safetensors.numpy import save_file
+
+        save_file(
+            truncate_to_rank(load_file(str(adapter / "adapter_model.safetensors")), rank=16, site_rank=rank),
+            str(own / "adapter_model.safetensors"),
+        )
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lab_model.path), own)
+        assert tuned.peft_config["default"].r == rank
+        logits = _logits(tuned, lab_model.path)
+        assert torch.isfinite(logits).all()
+        assert not torch.allclose(logits, base_logits, atol=1e-5)
+
+
+def _group_mean_reference(
+    before: dict[str, np.ndarray], names: list[str], updates: list[tuple[np.ndarray, int, int]]
+) -> dict[str, np.ndarray]:
+    """Each rank index of each A row / B column averaged, weight by weight, over the sites whose rank covers it."""
+    offsets, start = {}, 0
+    for name in names:
+        offsets[name] = (start, start + before[name].size)
+        start += before[name].size
+    mean = {}
+    for name in names:
+        lo, hi = offsets[name]
+        shape = before[name].shape
+        total = np.zeros(shape, dtype=np.float64)
+        weight = np.zeros(shape, dtype=np.float64)
+        for delta, w, rank in updates:
+            covered = np.zeros(shape, dtype=bool)
+            if "lora_A" in name:
+                covered[:rank] = True
+            else:
+                covered[:, :rank] = True
+            total += w * np.where(covered, delta[lo:hi].reshape(shape), 0.0)
+            weight += w * covered
+        mean[name] = np.divide(total, weight, out=np.zeros(shape), where=weight > 0)
+    return mean

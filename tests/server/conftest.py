@@ -213,10 +213,11 @@ def eval_report(worker: str, round_: int, loss: float) -> MetricsReport:
     return MetricsReport(worker, "test-run", round_, round_, eval_loss=loss, eval_tokens=50)
 
 
-def initialized(coordinator: Coordinator) -> None:
-    """Join all, initialize and evaluate version 0 directly: leaves the coordinator in round 1's training."""
+def initialized(coordinator: Coordinator, ranks: dict[str, int] | None = None) -> None:
+    """Join all (at `ranks`, if given), initialize and evaluate version 0 directly: leaves the coordinator in
+    round 1's training."""
     for w in WORKERS:
-        coordinator.join(w, 100)
+        coordinator.join(w, 100, rank=(ranks or {}).get(w, 0))
     assert coordinator.phase == "initialize"
     task = coordinator.poll("clinical")
     assert task.kind is TaskKind.INITIALIZE

@@ -251,3 +251,72 @@ def test_a_held_poll_with_nothing_to_do_says_wait_and_ask_again_at_once(coordina
 
     assert (task.kind, task.retry_after_ms) == (TaskKind.WAIT, 0)
     assert coordinator.poll("legal").retry_after_ms == 10  # unheld: the coordinator's poll_wait_ms
+
+
+def test_under_hetlora_each_rank_index_is_averaged_over_the_sites_that_trained_it(tmp_path: Path, clock: Clock) -> None:
+    # Prepare: sites of rank 1, 2 and 4 (the run's) in the clear; each sends a delta of ones up to its rank.
+    ranks, examples = {"clinical": 1, "finance": 2, "legal": 4}, {"clinical": 100, "finance": 300, "legal": 600}
+    coordinator = Coordinator(
+        settings=run_settings(tmp_path, aggregation="hetlora", lora={"rank": 4, "alpha": 8}),
+        store=MemoryStore(),
+        metrics=ServerMetrics(CollectorRegistry()),
+        clock=clock,
+    )
+    initialized(coordinator, ranks)
+    a_shape, b_shape = MANIFEST.tensors[0].shape, MANIFEST.tensors[1].shape
+
+    # Execute
+    for w in WORKERS:
+        a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+        a[: ranks[w]], b[:, : ranks[w]] = 1.0, 1.0
+        delta = np.concatenate([a.ravel(), b.ravel()]) * np.float32(WORKERS.index(w) + 1)
+        header = upload_header(w, delta, round_=1, kind=UploadKind.DELTA, num_examples=examples[w])
+        coordinator.receive_upload(header, vector_chunks(delta))
+
+    # Assert: index 0 is every site's weighted mean, index 1 clinical's excluded, 2-3 legal's alone.
+    moved = coordinator.global_model("legal", 1).vector - initial_vector()
+    a = moved[: a_shape[0] * a_shape[1]].reshape(a_shape)
+    value = {w: WORKERS.index(w) + 1 for w in WORKERS}
+    expect = [
+        sum(examples[w] * value[w] for w in WORKERS) / 1000,
+        (examples["finance"] * value["finance"] + examples["legal"] * value["legal"]) / 900,
+        value["legal"],
+        value["legal"],
+    ]
+    np.testing.assert_allclose(a.mean(axis=1), expect, rtol=1e-5)
+    np.testing.assert_allclose(a, np.repeat(np.array(expect)[:, None], a_shape[1], axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "join", "message"),
+    [
+        (
+            {},
+            {"rank": 2},
+            "rank 2: this run trains rank 4 at every site; a site of less rank takes part only in a "
+            "run with aggregation: hetlora",
+        ),
+        (
+            {},
+            {"base_precision": "nf4"},
+            "base_precision 'nf4': this run allows bfloat16, float32 (run.yaml "
+            "base_precisions); set one of them in worker.yaml",
+        ),
+    ],
+    ids=["less-rank-without-hetlora", "nf4-in-a-lora-run"],
+)
+def test_a_site_whose_rank_or_precision_the_run_does_not_allow_is_refused_at_join(
+    tmp_path: Path, clock: Clock, overrides: dict, join: dict, message: str
+) -> None:
+    coordinator = Coordinator(
+        settings=run_settings(tmp_path, lora={"rank": 4, "alpha": 8}, **overrides),
+        store=MemoryStore(),
+        metrics=ServerMetrics(CollectorRegistry()),
+        clock=clock,
+    )
+
+    with pytest.raises(FailedPrecondition) as caught:
+        coordinator.join("clinical", 100, **join)
+
+    assert str(caught.value) == message
+    assert coordinator.phase == "admission"

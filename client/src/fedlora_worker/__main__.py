@@ -1,5 +1,3 @@
-import sys
+from fedlora_worker.cli import entry
 
-from fedlora_worker.cli import main
-
-sys.exit(main())
+entry()

@@ -7,6 +7,7 @@ after that, so `check-config` and `--help` answer at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 from pydantic import BaseModel
@@ -182,6 +183,21 @@ def health(argv: Sequence[str]) -> int:
     return 0
 
 
+def entry() -> NoReturn:
+    """The `fedlora-worker` program: main's exit status, without the interpreter's teardown.
+
+    pyarrow (the parquet reader, and datasets under training) keeps native threads that the teardown can
+    destroy while still joinable, which aborts a process whose work is done ("terminate called without an
+    active exception", SIGABRT, apache/arrow#34314). A site's exit status must say how its run went: once
+    main has returned, the streams and log handlers are flushed and the process ends there.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_grpc_core()  # before anything imports grpc
@@ -270,7 +286,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     from fedlora_worker.coordinator import CONFIGURATION_REFUSALS, Misconfigured, Refused, TlsMisconfigured
     from fedlora_worker.daemon import Worker, WorkerFailed
     from fedlora_worker.metrics import WorkerMetrics, labelled
-    from fedlora_worker.modeling import TargetsMismatch
+    from fedlora_worker.modeling import SiteMismatch
     from fedlora_worker.transport import CoordinatorClient
 
     log = structlog.get_logger()
@@ -322,7 +338,7 @@ def _take_part(settings: WorkerSettings, hooks: dict[str, Any]) -> int:
     with worker:
         try:
             outcome = _linger(worker.run(), settings, stopped)
-        except TargetsMismatch as exc:
+        except SiteMismatch as exc:
             sys.stderr.write(f"fedlora-worker: this site refuses the run: {exc}\n")
             return 2
         except TlsMisconfigured as exc:  # nothing reaches the coordinator: nothing to leave

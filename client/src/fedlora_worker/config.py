@@ -35,6 +35,19 @@ class TlsClientSettings(StrictModel):
     server_name: str | None = Field(None, description="Override the name checked in the server certificate")
 
 
+class SiteLoraSection(StrictModel):
+    """What this site's hardware allows of the run's adapter."""
+
+    max_rank: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "The most LoRA rank this site trains; in a run with aggregation hetlora it trains the leading "
+            "min(max_rank, lora.rank) ranks of the global adapter. Absent: the run's rank"
+        ),
+    )
+
+
 class RetrySettings(StrictModel):
     """How calls to the coordinator are retried after a transient failure (exponential backoff)."""
 
@@ -82,6 +95,15 @@ class WorkerSettings(BaseSettings):
             "that supports it, float32 otherwise (and for full fine-tuning)"
         ),
     )
+    base_precision: Literal["auto", "nf4", "bfloat16", "float32"] = Field(
+        "auto",
+        description=(
+            "How this site loads the frozen base: nf4 (4-bit QLoRA, computing in `dtype`), bfloat16 or float32, "
+            "within what the run allows (run.yaml base_precisions); auto: as the run's mode says (qlora: nf4) "
+            "in `dtype`"
+        ),
+    )
+    lora: SiteLoraSection = Field(SiteLoraSection(), description="This site's share of the run's LoRA adapter")
     device_map: DeviceMap = Field(
         "device",
         description=(

@@ -87,8 +87,9 @@ class Coordinator(Protocol):
     @property
     def worker_id(self) -> str: ...
 
-    def join(self, num_examples: int) -> RunSpec:
-        """Register (again) with the run; returns what is fixed for the whole run."""
+    def join(self, num_examples: int, *, rank: int = 0, base_precision: str = "") -> RunSpec:
+        """Register (again) with the run; returns what is fixed for the whole run. `rank`: the most LoRA rank this
+        site trains, `base_precision` how it loads the base (0 and empty: the run's)."""
         ...
 
     def poll(self, run_id: str) -> Task:

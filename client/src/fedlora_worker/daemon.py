@@ -21,6 +21,7 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from fedlora_common.blocks import block_groups
 from fedlora_common.manifest import flatten, unflatten, update_manifest
 from fedlora_common.messages import (
     AuditPlan,
@@ -54,8 +55,8 @@ from fedlora_worker.distributed import Trainer, site_model, train_in_process
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import (
     LoadedModel,
+    SiteMismatch,
     SiteModel,
-    TargetsMismatch,
     artifact_config_json,
     global_state,
     load_model,
@@ -187,7 +188,11 @@ class Worker:
         """Join, waiting out an unreachable coordinator for as long as it takes; None once shut down."""
         while not self._stopping.is_set():
             try:
-                spec = self._client.join(self.num_examples)
+                spec = self._client.join(
+                    self.num_examples,
+                    rank=self._site.max_rank or 0,
+                    base_precision="" if self._site.base_precision == "auto" else self._site.base_precision,
+                )
             except Unreachable as exc:
                 log.warning("coordinator_unreachable", reason=str(exc))
                 self._idle(self._settings.retry.max_backoff_s)
@@ -199,11 +204,11 @@ class Worker:
 
     def _load_at_join(self, spec: RunSpec) -> None:
         """Load the model as the run specifies it before any task, so a run this site's model does not fit
-        (TargetsMismatch: re-raised, exit 2) or a model that does not load is refused now, and the coordinator told why."""
+        (SiteMismatch: re-raised, exit 2) or a model that does not load is refused now, and the coordinator told why."""
         try:
             self._model(spec)
         except Exception as exc:
-            mismatch = isinstance(exc, TargetsMismatch)
+            mismatch = isinstance(exc, SiteMismatch)
             reason = str(exc) if mismatch else f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
             log.error("cannot_go_on", reason=reason)
             self._client.leave(spec.run_id, reason)
@@ -299,6 +304,12 @@ class Worker:
                 params=task.secagg.params,
                 rounding=protect.rounding_generator(spec.seed, task.round, self._client.worker_id),
                 noise_rng=protect.noise_generator(),
+                groups=block_groups(
+                    update_manifest(loaded.manifest, spec.aggregation),
+                    rank=spec.lora.rank,
+                    heterogeneous=spec.aggregation == "hetlora",
+                ),
+                site_rank=loaded.rank,
             )
             self._secure.begin(spec, task.secagg.params, encoded, loss)
         self._metrics.rounds.inc()

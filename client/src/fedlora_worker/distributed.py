@@ -109,6 +109,8 @@ def site_model(settings: WorkerSettings, launch: Launch | None = None) -> SiteMo
         device_map=settings.device_map,
         gpus=gpus,
         max_memory_per_gpu=settings.max_memory_per_gpu,
+        base_precision=settings.base_precision,
+        max_rank=settings.lora.max_rank,
     )
 
 

@@ -7,7 +7,7 @@ manifest, so the coordinator never needs torch.
 Any causal LM: the default targets (``all-linear``) are every linear layer of the transformer blocks
 but the output head, whatever the family names them (Conv1D included: GPT-2), and the routed experts a
 mixture of experts fuses into one parameter per projection. Targets named by the
-run must each match a module of this site's model, or loading refuses with `TargetsMismatch`.
+run must each match a module of this site's model, or loading refuses with `SiteMismatch`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,16 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from fedlora_common.blocks import pad_to_rank, truncate_to_rank
 from fedlora_common.manifest import Manifest, TensorSpec
-from fedlora_common.plans import ALL_LINEAR, LoraSpec, Mode, RunSpec
+from fedlora_common.plans import ALL_LINEAR, BasePrecision, LoraSpec, Mode, RunSpec
 from fedlora_common.settings import StrictModel
 from fedlora_worker.config import DeviceMap
 
 __all__ = [
     "LoadedModel",
+    "SiteMismatch",
     "SiteModel",
-    "TargetsMismatch",
     "artifact_config_json",
     "experts_to_adapt",
     "fused_experts",
@@ -51,15 +52,18 @@ __all__ = [
     "lora_config",
     "resolved_dtype",
     "set_global_state",
+    "site_precision",
+    "site_rank",
 ]
 
 _ADAPTER = "default"
 log = structlog.get_logger()
 
 
-class TargetsMismatch(ValueError):
-    """The run's LoRA targets do not fit this site's base model; the message is one line naming the
-    modules the model has. The site refuses the run at join."""
+class SiteMismatch(ValueError):
+    """The run does not fit this site: its LoRA targets match no module of this site's base model (the message
+    names the modules it has), or the site's rank or precision is one the run does not allow. The site refuses
+    the run at join, in one line."""
 
 
 class SiteModel(StrictModel):
@@ -77,6 +81,10 @@ class SiteModel(StrictModel):
     device_map: DeviceMap = Field("device", description="device: all on `device`; auto: the base spread over GPUs")
     gpus: tuple[int, ...] = Field((), description="GPUs device_map auto may use; empty: every visible one")
     max_memory_per_gpu: str | None = Field(None, description="device_map auto: at most this much per GPU (20GiB)")
+    base_precision: Literal["auto", "nf4", "bfloat16", "float32"] = Field(
+        "auto", description="How this site loads the base; auto: the run's mode (qlora: nf4) and `dtype`"
+    )
+    max_rank: int | None = Field(None, ge=1, description="The most LoRA rank this site trains (hetlora runs)")
 
 
 @dataclass
@@ -88,8 +96,14 @@ class LoadedModel:
     run: RunSpec
     site: SiteModel
     manifest: Manifest
+    """The global state's tensors at the run's rank: what travels, whatever rank this site trains."""
     adapted_modules: tuple[str, ...] = ()
     """Full names of the modules that carry a LoRA adapter (none for mode full)."""
+    rank: int = 0
+    """The rank this site trains: the run's, or less under hetlora (0 for mode full)."""
+    precision: BasePrecision = "float32"
+    held: dict[str, npt.NDArray[np.float32]] | None = None
+    """The last global state set, at the run's rank: a site of less rank pads what it trains from it."""
 
     @property
     def pad_id(self) -> int:
@@ -102,12 +116,16 @@ class LoadedModel:
         return int(pad)
 
 
-def lora_config(spec: LoraSpec, experts: Sequence[str] = ()) -> LoraConfig:
+def lora_config(spec: LoraSpec, experts: Sequence[str] = (), *, rank: int | None = None) -> LoraConfig:
     """The run's LoRA settings as peft's object: the one place the vocabulary meets peft. `experts` are fused
-    expert parameters (`fused_experts`) to adapt as parameters beside the modules."""
+    expert parameters (`fused_experts`) to adapt as parameters beside the modules. A site of less `rank`
+    (hetlora) scales alpha with it, so alpha / r, what scales B A, is the run's and its leading ranks of the
+    global adapter compute what they compute at the run's rank."""
+    rank = spec.rank if rank is None else rank
     return LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
+        r=rank,
+        # peft annotates an int; it only ever divides alpha by r, and a scaled alpha may be fractional.
+        lora_alpha=spec.alpha if rank == spec.rank else spec.alpha * rank / spec.rank,  # type: ignore[arg-type]
         lora_dropout=spec.dropout,
         # peft resolves the string "all-linear" itself; a list would be taken for module names.
         target_modules=ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules),
@@ -137,7 +155,7 @@ def experts_to_adapt(model: torch.nn.Module, spec: LoraSpec, path: str) -> list[
         return []
     experts = fused_experts(model)
     if experts and spec.dropout != 0:
-        raise TargetsMismatch(
+        raise SiteMismatch(
             f"lora.dropout: {spec.dropout:g}, but {path} ({type(model).__name__}) keeps its routed experts in fused "
             f"parameters ({', '.join(experts)}), which peft adapts only without dropout: set lora.dropout: 0 in "
             "run.yaml, or name lora.target_modules to adapt modules alone"
@@ -164,7 +182,7 @@ def _check_targets(model: torch.nn.Module, spec: LoraSpec, path: str) -> None:
     else:
         missing = [t for t in spec.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
-        raise TargetsMismatch(
+        raise SiteMismatch(
             f"lora.target_modules: {', '.join(missing)} match no module of {path} ({type(model).__name__}); "
             f"{_found(linear)}"
         )
@@ -187,9 +205,11 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     The adapter is attached only once the model is on its device: peft (and Opacus after it) must see
     the final parameters, or the trained update can silently stay zero.
     """
-    dtype = resolved_dtype(site, run.mode)
+    precision = site_precision(run, site)
+    rank = site_rank(run, site)
+    dtype = resolved_dtype(site, run.mode) if precision == "nf4" else cast(torch.dtype, getattr(torch, precision))
     quantization = None
-    if run.mode == "qlora":
+    if precision == "nf4":
         quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
@@ -200,9 +220,10 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
     )
     if site.device_map == "auto":
         log.info("base_model_placed", devices=sorted({str(p.device) for p in model.parameters()}))
-    if run.mode == "qlora":
+    if precision == "nf4":
         _same_4bit_compute_on_every_cpu(model)
     adapted: tuple[str, ...] = ()
+    held: dict[str, npt.NDArray[np.float32]] | None = None
     if run.mode != "full":
         _check_targets(model, run.lora, site.path)
         experts = experts_to_adapt(model, run.lora, site.path)
@@ -213,16 +234,65 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
                 model = get_peft_model(model, lora_config(run.lora, experts))
             except ValueError as exc:  # e.g. a named target that is not a layer peft can adapt
                 reason = " ".join(str(exc).split())[:300]
-                raise TargetsMismatch(f"lora.target_modules: {reason}; {_found(linear_layers(model))}") from None
+                raise SiteMismatch(f"lora.target_modules: {reason}; {_found(linear_layers(model))}") from None
+        if rank < run.lora.rank:  # the run's seeded rank-R adapter is the global start; this site trains its lead
+            held = _copies(_global_tensors(model, run.mode))
+            model = get_peft_model(cast(PeftModel, model).unload(), lora_config(run.lora, experts, rank=rank))
         if run.aggregation == "ffa":
             for name, param in model.named_parameters():
                 if ".lora_A." in name:
                     param.requires_grad_(False)
         adapted = tuple(name.removeprefix("base_model.model.") for name in _adapter_modules(model))
-    tensors = _global_tensors(model, run.mode)
-    manifest = Manifest(tuple(TensorSpec(name, tuple(t.shape)) for name, t in tensors.items()))
+    shapes = {name: tuple(t.shape) for name, t in (held or _global_tensors(model, run.mode)).items()}
+    manifest = Manifest(tuple(TensorSpec(name, shape) for name, shape in shapes.items()))
     _log_trainable(model, run, adapted)
-    return LoadedModel(model=model, tokenizer=tokenizer, run=run, site=site, manifest=manifest, adapted_modules=adapted)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        run=run,
+        site=site,
+        manifest=manifest,
+        adapted_modules=adapted,
+        rank=rank,
+        precision=precision,
+    )
+    if held is not None:
+        set_global_state(loaded, held)
+    return loaded
+
+
+def site_precision(run: RunSpec, site: SiteModel) -> BasePrecision:
+    """How this site loads the base: as worker.yaml says, or under auto as the run's mode does (qlora: nf4)
+    in the site's dtype; SiteMismatch for a precision the run does not allow."""
+    if site.base_precision != "auto":
+        precision: BasePrecision = site.base_precision
+    elif run.mode == "qlora":
+        precision = "nf4"
+    else:
+        precision = "bfloat16" if resolved_dtype(site, run.mode) == torch.bfloat16 else "float32"
+    if precision not in run.allowed_precisions:
+        raise SiteMismatch(
+            f"base_precision: {precision}, but this run allows {', '.join(run.allowed_precisions)} "
+            "(run.yaml base_precisions); set one of them in worker.yaml"
+        )
+    return precision
+
+
+def site_rank(run: RunSpec, site: SiteModel) -> int:
+    """The LoRA rank this site trains: the run's, or its worker.yaml `lora.max_rank` when less (hetlora only)."""
+    if run.mode == "full":
+        return 0
+    rank = min(site.max_rank or run.lora.rank, run.lora.rank)
+    if rank < run.lora.rank and run.aggregation != "hetlora":
+        raise SiteMismatch(
+            f"lora.max_rank: {site.max_rank}, but this run trains rank {run.lora.rank} at every site; a site of less "
+            "rank takes part only in a run with aggregation: hetlora"
+        )
+    return rank
+
+
+def _copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, npt.NDArray[np.float32]]:
+    return {name: t.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy() for name, t in tensors.items()}
 
 
 def _same_4bit_compute_on_every_cpu(model: torch.nn.Module) -> None:
@@ -295,11 +365,12 @@ def _global_tensors(model: torch.nn.Module, mode: Mode) -> dict[str, torch.Tenso
 
 
 def global_state(loaded: LoadedModel) -> dict[str, npt.NDArray[np.float32]]:
-    """Float32 copies of the global state in manifest order (copies: training must not move them)."""
-    return {
-        name: tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
-        for name, tensor in _global_tensors(loaded.model, loaded.run.mode).items()
-    }
+    """Float32 copies of the global state in manifest order (copies: training must not move them), at the run's
+    rank: a site of less rank writes what it trained over the leading ranks of the state it was last given."""
+    state = _copies(_global_tensors(loaded.model, loaded.run.mode))
+    if loaded.held is None:
+        return state
+    return pad_to_rank(state, loaded.held, site_rank=loaded.rank)
 
 
 def set_global_state(loaded: LoadedModel, state: Mapping[str, npt.NDArray[np.floating]]) -> None:
@@ -313,6 +384,9 @@ def set_global_state(loaded: LoadedModel, state: Mapping[str, npt.NDArray[np.flo
             raise ValueError(f"tensor {name}: missing")
         if tuple(state[name].shape) != shape:
             raise ValueError(f"tensor {name}: shape {tuple(state[name].shape)} != manifest {shape}")
+    if loaded.rank and loaded.rank < loaded.run.lora.rank:
+        loaded.held = {name: np.array(state[name], dtype=np.float32) for name in expected}
+        state = truncate_to_rank(loaded.held, rank=loaded.run.lora.rank, site_rank=loaded.rank)
     tensors = {name: torch.tensor(np.asarray(state[name], dtype=np.float32)) for name in expected}
     if loaded.run.mode != "full":
         set_peft_model_state_dict(loaded.model, tensors, adapter_name=_ADAPTER)
@@ -333,6 +407,7 @@ def artifact_config_json(loaded: LoadedModel) -> str:
         return text
     config: dict[str, Any] = cast(PeftModel, loaded.model).peft_config[_ADAPTER].to_dict()
     config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+    config.update(r=loaded.run.lora.rank, lora_alpha=loaded.run.lora.alpha)  # the global adapter's, at any site
     config["base_model_name_or_path"] = loaded.site.path
     config["inference_mode"] = True
     return json.dumps(config, indent=2, sort_keys=True)

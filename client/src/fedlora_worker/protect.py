@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from fedlora_common.blocks import BlockGroups, site_weights
 from fedlora_common.privacy import add_integer_noise, skellam_noise
 from fedlora_common.secagg import SecAggParams, mask_vector, quantize
 
@@ -108,12 +109,18 @@ def encode(
     params: SecAggParams,
     rounding: np.random.Generator,
     noise_rng: np.random.Generator,
+    groups: BlockGroups | None = None,
+    site_rank: int = 0,
 ) -> Ring:
-    """Steps 1 to 4 for secure aggregation: clip, weight, quantize (step 3), noise; the weight appended last."""
+    """Steps 1 to 4 for secure aggregation: clip, weight, quantize (step 3), noise; the weight appended last, once
+    per block group (`groups`, hetlora: the weight where this site trained its `site_rank` ranks, 0 elsewhere)."""
     weighted = weight(clip(delta, clip_norm), examples=examples, max_examples=params.max_examples)
     quantized = quantize(weighted.vector, clip=params.clip_range, bits=params.bits, rng=rounding)
     noised = noise(quantized, variance=params.noise_variance, rng=noise_rng)
-    return np.concatenate([noised, np.array([weighted.weight], dtype=np.uint32)])
+    if groups is None or groups.count == 1:
+        return np.concatenate([noised, np.array([weighted.weight], dtype=np.uint32)])
+    weights = site_weights(groups, site_rank=site_rank, weight=weighted.weight)
+    return np.concatenate([noised, weights.astype(np.uint32)])
 
 
 def rounding_generator(run_seed: int, round_: int, worker_id: str) -> np.random.Generator:

@@ -190,12 +190,14 @@ class CoordinatorClient:
         if self._tls_failures >= self._retry.tls_failures:
             raise TlsMisconfigured(fault) from exc
 
-    def join(self, num_examples: int) -> RunSpec:
+    def join(self, num_examples: int, *, rank: int = 0, base_precision: str = "") -> RunSpec:
         request = pb.JoinRequest(
             worker_id=self.worker_id,
             num_examples=num_examples,
             software_version=software_version(),
             protocol_version=PROTOCOL,
+            rank=rank,
+            base_precision=base_precision,
         )
         response = self._with_retry("join", lambda: self._stub.Join(request, metadata=self._metadata, timeout=30))
         return run_spec_from_proto(response.run)

@@ -42,6 +42,13 @@ class StreamingAccumulator:
         return int(self._sum.size)
 
     @property
+    def sums(self) -> npt.NDArray[np.float64]:
+        """The running weighted sum (read-only view), for means that divide blocks by weights of their own."""
+        view = self._sum.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def total_weight(self) -> float:
         return self._weight
 

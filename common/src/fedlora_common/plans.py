@@ -16,8 +16,10 @@ from fedlora_common.settings import StrictModel
 
 __all__ = [
     "ALL_LINEAR",
+    "MODE_PRECISIONS",
     "Aggregation",
     "AuditPlan",
+    "BasePrecision",
     "GoldfishPlan",
     "LoraSpec",
     "LrSchedule",
@@ -35,8 +37,20 @@ ALL_LINEAR = "all-linear"
 Mode = Literal["lora", "qlora", "full"]
 """lora: LoRA on a float base; qlora: LoRA on a 4-bit NF4 base; full: every weight (the baseline)."""
 
-Aggregation = Literal["fedavg", "ffa"]
-"""fedavg: A and B averaged separately; ffa: A frozen at the shared seeded init, only B travels."""
+Aggregation = Literal["fedavg", "ffa", "hetlora"]
+"""fedavg: A and B averaged separately; ffa: A frozen at the shared seeded init, only B travels; hetlora: each site
+trains the leading rank-r_i rows of A and columns of B its hardware allows (Cho et al. 2024, zero-padded to the
+run's rank), and each rank index is averaged over the sites that trained it."""
+
+BasePrecision = Literal["nf4", "bfloat16", "float32"]
+"""How a site loads the frozen base: 4-bit NF4 (QLoRA), or bfloat16 / float32 weights."""
+
+MODE_PRECISIONS: dict[str, tuple[BasePrecision, ...]] = {
+    "lora": ("bfloat16", "float32"),
+    "qlora": ("nf4",),
+    "full": ("bfloat16", "float32"),
+}
+"""The base precisions a run of each mode allows when run.yaml names none."""
 
 
 def _require(data: Any, field: str, why: str) -> Any:
@@ -140,6 +154,14 @@ class TrainingSettings(StrictModel):
         ),
     )
     grad_clip_norm: float = Field(1.0, gt=0, description="L2 clip of each step's gradient")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "FedProx (Li et al. 2020): each site adds mu/2 * ||w - w_global||^2 over what it trains to its loss, "
+            "so sites with unequal data drift less from the round's model; 0: plain local training"
+        ),
+    )
     update_clip_norm: float = Field(0.0, ge=0, description="L2 bound on each update; 0 leaves it unbounded")
 
     @model_validator(mode="after")
@@ -252,9 +274,24 @@ class RunSpec(StrictModel):
     lora: LoraSpec
     total_rounds: int = Field(ge=1)
     seed: int = Field(ge=0)
+    base_precisions: tuple[BasePrecision, ...] = Field(
+        (),
+        description=(
+            "How sites may load the base (each site picks in worker.yaml `base_precision`): nf4, bfloat16, "
+            "float32; empty: the mode's own (lora: bfloat16 or float32, qlora: nf4, full: bfloat16 or float32)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
-        if self.mode == "full" and self.aggregation == "ffa":
-            raise ValueError("aggregation: ffa applies to LoRA adapters, not to mode full")
+        if self.mode == "full" and self.aggregation in ("ffa", "hetlora"):
+            raise ValueError(f"aggregation: {self.aggregation} applies to LoRA adapters, not to mode full")
+        if self.mode == "full" and "nf4" in self.base_precisions:
+            raise ValueError("base_precisions: full fine-tuning trains every weight, which a 4-bit NF4 base cannot")
+        if len(set(self.base_precisions)) != len(self.base_precisions):
+            raise ValueError("base_precisions: each precision once")
         return self
+
+    @property
+    def allowed_precisions(self) -> tuple[BasePrecision, ...]:
+        return self.base_precisions or MODE_PRECISIONS[self.mode]

@@ -96,6 +96,7 @@ def run_spec_to_proto(spec: RunSpec) -> pb.RunSpec:
         lora=_lora_to_proto(spec.lora),
         total_rounds=spec.total_rounds,
         seed=spec.seed,
+        base_precisions=list(spec.base_precisions),
     )
 
 
@@ -116,6 +117,7 @@ def run_spec_from_proto(msg: pb.RunSpec) -> RunSpec:
         ),
         total_rounds=msg.total_rounds,
         seed=msg.seed,
+        base_precisions=tuple(msg.base_precisions),
     )
 
 
@@ -150,6 +152,7 @@ def _plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
         precision=plan.precision,
         schedule_start=plan.schedule_start,
         schedule_steps=plan.schedule_steps,
+        proximal_mu=plan.proximal_mu,
     )
     if plan.goldfish is not None:
         g = plan.goldfish
@@ -182,6 +185,7 @@ def _plan_from_proto(msg: pb.TrainingPlan) -> TrainingPlan:
         precision=msg.precision,
         schedule_start=msg.schedule_start,
         schedule_steps=msg.schedule_steps,
+        proximal_mu=msg.proximal_mu,
         goldfish=_validated(GoldfishPlan, k=g.k, h=g.h, seed=g.seed) if msg.HasField("goldfish") else None,
         record_dp=(
             _validated(RecordDPPlan, noise_multiplier=d.noise_multiplier, max_grad_norm=d.max_grad_norm, delta=d.delta)

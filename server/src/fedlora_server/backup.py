@@ -2,7 +2,8 @@
 
 The database is copied with SQLite's online backup API, which reads one transaction's view even while
 the coordinator writes (its write-ahead log included). The archive then holds exactly the versions that
-copy records, each checked against its recorded digest as it is archived, and an `adapter` link to the
+copy records, each checked against its recorded digest as it is archived, with the server optimizer's
+state after each of them where the run keeps one (`optimizer/vNNNNNN.npz`), and an `adapter` link to the
 latest of round >= 1: a version committed meanwhile is not recorded in the copy, so it is not in the
 backup either. The state directory is only read (SQLite may rebuild the shared-memory index,
 `coordinator.db-shm`, of a log a killed coordinator left, as any reader does). `fedlora-backup.json`,
@@ -34,6 +35,7 @@ from fedlora_common.settings import StrictModel
 from fedlora_server.state_check import DATABASE
 from fedlora_server.store import ArtifactRecord, RunRecord, SqliteStore
 from fedlora_server.store.sqlite import wal_of
+from fedlora_server.strategy_state import STATE_DIR, state_path
 from fedlora_server.versions import ADAPTER_LINK, ARTIFACTS_DIR, artifact_path, verified_artifact
 
 __all__ = [
@@ -53,7 +55,9 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "fedlora-backup.json"
-ARCHIVE_FILE = re.compile(rf"{re.escape(DATABASE)}|{ARTIFACTS_DIR}/v\d{{6,}}/[A-Za-z0-9][A-Za-z0-9._-]*")
+ARCHIVE_FILE = re.compile(
+    rf"{re.escape(DATABASE)}|{ARTIFACTS_DIR}/v\d{{6,}}/[A-Za-z0-9][A-Za-z0-9._-]*|{STATE_DIR}/v\d{{6,}}\.npz"
+)
 
 
 class BackupError(Exception):
@@ -176,6 +180,10 @@ def create_backup(
                         name = f"{ARTIFACTS_DIR}/{source.name}/{path.name}"
                         if path.is_file() and not path.is_symlink() and ARCHIVE_FILE.fullmatch(name):
                             files[name] = _add_file(tar, name, path)
+                    state = state_path(state_dir, record.version)
+                    if state.is_file() and not state.is_symlink():
+                        name = f"{STATE_DIR}/{state.name}"
+                        files[name] = _add_file(tar, name, state)
                 adapter = None if linked is None else f"{ARTIFACTS_DIR}/{artifact_path(state_dir, linked.path).name}"
                 if adapter is not None:
                     link = tarfile.TarInfo(ADAPTER_LINK)

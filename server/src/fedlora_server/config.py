@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fedlora_common.plans import (
     Aggregation,
     AuditPlan,
+    BasePrecision,
     GoldfishPlan,
     LoraSpec,
     Mode,
@@ -33,6 +34,7 @@ __all__ = [
     "PrivacySection",
     "RunSettings",
     "SecureAggregationSection",
+    "ServerOptimizerSection",
     "TimeoutSettings",
     "TlsServerSettings",
     "WorkerEntry",
@@ -81,6 +83,20 @@ class SecureAggregationSection(StrictModel):
     )
     clip_range: float = Field(0.05, gt=0, description="Each weighted coordinate is clamped here before quantization")
     bits: int | None = Field(None, ge=2, le=31, description="Quantization bits; by default the most that cannot wrap")
+
+
+class ServerOptimizerSection(StrictModel):
+    """What the coordinator does with the round's mean update (Reddi et al. 2021, "Adaptive Federated
+    Optimization"): none adds it to the global model as FedAvg does; fedavgm, fedadam and fedyogi treat it as a
+    pseudo-gradient for a server-side optimizer whose state lives with the run's versions."""
+
+    name: Literal["none", "fedavgm", "fedadam", "fedyogi"] = Field(
+        "none", description="none: global += mean update (FedAvg); fedavgm: with momentum; fedadam, fedyogi: adaptive"
+    )
+    lr: float = Field(1.0, gt=0, description="Server learning rate (eta): the step taken along the (adapted) mean")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Momentum of the mean update (fedavgm's momentum)")
+    beta2: float = Field(0.99, ge=0, lt=1, description="Decay of the second moment (fedadam, fedyogi)")
+    tau: float = Field(1e-3, gt=0, description="Adaptivity: added to the second moment's root (fedadam, fedyogi)")
 
 
 class ClientDPSection(StrictModel):
@@ -340,9 +356,22 @@ class RunSettings(BaseSettings):
         "lora", description="lora: LoRA on a float base; qlora: LoRA on a 4-bit NF4 base; full: every weight"
     )
     aggregation: Aggregation = Field(
-        "fedavg", description="fedavg: A and B averaged separately; ffa: A frozen at the seeded init, only B travels"
+        "fedavg",
+        description=(
+            "fedavg: A and B averaged separately; ffa: A frozen at the seeded init, only B travels; hetlora: each "
+            "site trains the leading ranks its worker.yaml `lora.max_rank` allows (at most lora.rank), and each rank "
+            "index is averaged over the sites that trained it"
+        ),
     )
     lora: LoraSpec = LoraSpec()
+    base_precisions: tuple[BasePrecision, ...] = Field(
+        (),
+        description=(
+            "How sites may load the base (each picks in worker.yaml `base_precision`): nf4 (QLoRA), bfloat16, "
+            "float32; empty: the mode's own (lora: bfloat16 or float32; qlora: nf4; full: bfloat16 or float32)"
+        ),
+    )
+    server_optimizer: ServerOptimizerSection = ServerOptimizerSection()
     training: TrainingSettings = TrainingSettings()
     rounds: int = Field(3, ge=1, description="Rounds to commit before the run finishes")
     min_workers: int = Field(
@@ -425,6 +454,7 @@ class RunSettings(BaseSettings):
             lora=self.lora,
             total_rounds=self.rounds,
             seed=self.seed,
+            base_precisions=self.base_precisions,
         )
 
     @property

@@ -69,8 +69,10 @@ class RoundLedger:
                     self._store.save_round(replace(record, status="failed", finished_at=self._clock()))
         return existing
 
-    def worker_joined(self, worker_id: str, num_examples: int, workers: int) -> None:
-        self._store.upsert_worker(WorkerRecord(worker_id, num_examples, self._clock()))
+    def worker_joined(self, worker_id: str, num_examples: int, workers: int, *, rank: int, base_precision: str) -> None:
+        self._store.upsert_worker(
+            WorkerRecord(worker_id, num_examples, self._clock(), rank=rank, base_precision=base_precision)
+        )
         self._metrics.workers_connected.set(workers)
 
     def worker_left(self, worker_id: str, reason: str, *, workers: int) -> None:

@@ -58,14 +58,36 @@ class _OpenUpload:
 
 
 class PhaseMachine(RunTransitions):
-    def join(self, worker_id: str, num_examples: int) -> RunSpec:
+    def join(self, worker_id: str, num_examples: int, *, rank: int = 0, base_precision: str = "") -> RunSpec:
+        """`rank` and `base_precision`: what the site trains and loads (0 and empty: the run's own)."""
         check_count("num_examples", num_examples, low=1)
+        rank = self._site_rank(rank)
+        if base_precision and base_precision not in self._run_spec.allowed_precisions:
+            raise FailedPrecondition(
+                f"base_precision {base_precision!r}: this run allows {', '.join(self._run_spec.allowed_precisions)} "
+                "(run.yaml base_precisions); set one of them in worker.yaml"
+            )
         with self._lock:
             self._joined[worker_id] = num_examples
-            self._ledger.worker_joined(worker_id, num_examples, len(self._joined))
+            self._ranks[worker_id] = rank
+            self._ledger.worker_joined(
+                worker_id, num_examples, len(self._joined), rank=rank, base_precision=base_precision
+            )
             log.info("worker_joined", worker_id=worker_id, workers=len(self._joined))
             self._advance()
             return self._run_spec
+
+    def _site_rank(self, asked: int) -> int:
+        """The rank a joining site trains: the run's unless it asked for less, which only hetlora allows."""
+        spec = self._run_spec
+        if spec.mode == "full" or asked == 0 or asked >= spec.lora.rank:
+            return spec.lora.rank
+        if spec.aggregation != "hetlora":
+            raise FailedPrecondition(
+                f"rank {asked}: this run trains rank {spec.lora.rank} at every site; a site of less rank takes part "
+                "only in a run with aggregation: hetlora"
+            )
+        return asked
 
     def poll(self, worker_id: str, *, hold_s: float = 0.0) -> Task:
         """The worker's task. With `hold_s`, a poll that would wait is held until the run changes (a phase opens, a

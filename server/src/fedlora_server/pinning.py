@@ -28,6 +28,8 @@ PINNED = (
     "mode",
     "aggregation",
     "lora",
+    "base_precisions",
+    "server_optimizer",
     "training",
     "rounds",
     "min_workers",

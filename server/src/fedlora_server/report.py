@@ -94,6 +94,9 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
         "run_id": settings.run_id,
         "mode": settings.mode,
         "aggregation": settings.aggregation,
+        "server_optimizer": None
+        if settings.server_optimizer.name == "none"
+        else settings.server_optimizer.model_dump(mode="json"),
         "secure_aggregation": settings.secure_aggregation.enabled,
         "base_model": settings.base_model,
         "lora": None
@@ -105,7 +108,14 @@ def build_report(settings: RunSettings, store: CoordinatorStore) -> dict[str, An
             **_adapted(settings, store),
         },
         "workers": [
-            {"id": w.worker_id, "num_examples": w.num_examples, "left": w.left_reason or None} for w in store.workers()
+            {
+                "id": w.worker_id,
+                "num_examples": w.num_examples,
+                "rank": w.rank or None,
+                "base_precision": w.base_precision or None,
+                "left": w.left_reason or None,
+            }
+            for w in store.workers()
         ],
         "adapter_path": ADAPTER_LINK if latest is not None and latest.round >= 1 else None,
         "base_eval_loss": base.eval_loss if base else None,

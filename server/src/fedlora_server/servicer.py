@@ -56,7 +56,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             worker_id = self._acting_for(request.worker_id)
             if why := incompatibility(request.protocol_version, request.software_version):
                 raise Incompatible(why)
-            spec = self._coordinator.join(worker_id, request.num_examples)
+            spec = self._coordinator.join(
+                worker_id, request.num_examples, rank=request.rank, base_precision=request.base_precision
+            )
             return pb.JoinResponse(run_id=spec.run_id, worker_id=worker_id, run=run_spec_to_proto(spec))
 
     def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.Task:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from fedlora_common.blocks import block_groups
 from fedlora_common.messages import RunSpec
 from fedlora_server.aggregation import (
     Aggregate,
@@ -91,6 +92,8 @@ class RunTransitions:
         """Notified whenever the run moves: held polls look again."""
         self._finished = threading.Event()
         self._joined: dict[str, int] = {}
+        self._ranks: dict[str, int] = {}
+        """The rank each joined site trains (hetlora: at most the run's)."""
         self._uploading: set[str] = set()
         self._excluded: dict[int, set[str]] = {}
         self._retried_at = 0.0
@@ -224,16 +227,21 @@ class RunTransitions:
             reason = "abandoned: the coordinator could not record how it ended (its storage failed)"
             self._ledger.failed(last, dropped=(), excluded=(), reason=reason)
         record = self._ledger.attempt_started(round_, participants, train_s)
+        blocks = self._versions.update_manifest(base)
+        heterogeneous = self._settings.aggregation == "hetlora"
         plan = AttemptPlan(
             round=round_,
             attempt=record.attempt,
             participants=record.participants,
             base_version=base.number,
-            numel=self._versions.update_manifest(base).numel,
+            numel=blocks.numel,
             started_at=record.started_at,
             train_deadline_s=train_s,
             stage_deadline_s=stage_s,
             min_updates=self._settings.min_workers,
+            blocks=blocks,
+            groups=block_groups(blocks, rank=self._settings.lora.rank, heterogeneous=heterogeneous),
+            ranks={w: self._ranks.get(w, self._settings.lora.rank) for w in record.participants},
         )
         self._phase = Training(record, self._aggregator.open(plan), base)
         log.info("round_started", round=round_, attempt=record.attempt, participants=len(record.participants))
@@ -260,7 +268,9 @@ class RunTransitions:
     def _commit(self, phase: Training, result: Aggregate) -> None:
         record, started = phase.record, time.perf_counter()
         try:
-            model = self._versions.commit_update(phase.base, result.mean, record.round)
+            model = self._versions.commit_update(
+                phase.base, result.mean, record.round, contributors=len(result.contributors)
+            )
         except (OSError, Unavailable) as exc:
             self._storage_fault(f"the coordinator could not commit round {record.round}: {exc}")
             return

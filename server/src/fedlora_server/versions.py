@@ -4,6 +4,9 @@ A version is written whole (temp dir, fsync, checksum, rename) and recorded in t
 any worker can see it; `state_dir/adapter` then points at it. A resumed run checks every version
 the store records: the latest must be whole (it is all a run needs), an older one missing or
 damaged is reported, and a stale `adapter` link is re-pointed.
+
+The run's `Strategy` makes each next version of the round's mean update; a stateful one's state
+after a version is written before that version is recorded, and read back with it on resume.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import numpy.typing as npt
 import structlog
 from safetensors import SafetensorError
 
-from fedlora_common.aggregation import apply_update
 from fedlora_common.chunking import as_bytes, sha256
 from fedlora_common.manifest import Manifest, update_manifest
 from fedlora_common.messages import ModelVersion
@@ -27,6 +29,8 @@ from fedlora_common.plans import Aggregation, Mode
 from fedlora_server.artifacts import META_FILE, load_artifact, point_latest, write_artifact
 from fedlora_server.errors import InvalidArgument
 from fedlora_server.store import ArtifactRecord, CoordinatorStore, StateError
+from fedlora_server.strategy import FedAvg, OptimizerState, Strategy
+from fedlora_server.strategy_state import load_state, save_state
 
 __all__ = [
     "GlobalModel",
@@ -120,7 +124,9 @@ class Versions:
         aggregation: Aggregation,
         store: CoordinatorStore,
         clock: Callable[[], float],
+        strategy: Strategy | None = None,
     ) -> None:
+        """`strategy`: how the round's mean update becomes the next version; None: FedAvg (global += mean)."""
         self._state_dir = state_dir
         self._artifacts_dir = state_dir / ARTIFACTS_DIR
         self._latest_link = state_dir / ADAPTER_LINK
@@ -128,6 +134,8 @@ class Versions:
         self._aggregation = aggregation
         self._store = store
         self._clock = clock
+        self._strategy = FedAvg(weighting="examples") if strategy is None else strategy
+        self._strategy_state: OptimizerState = {}
         self.current: GlobalModel | None = None
 
     def restore(self) -> GlobalModel | None:
@@ -140,6 +148,7 @@ class Versions:
             manifest, vector, config_json = verified_artifact(self._state_dir, latest)
             version = ModelVersion(latest.version, latest.size_bytes, bytes.fromhex(latest.sha256), manifest)
             restored = GlobalModel(version, vector, config_json, latest.round)
+            self._strategy_state = self._state_of(restored)
         for record in records[:-1]:
             if (fault := reference_fault(self._state_dir, record)) is not None:
                 path = str(artifact_path(self._state_dir, record.path))
@@ -147,6 +156,13 @@ class Versions:
         self._repair_link(latest)
         self.current = restored
         return restored
+
+    def _state_of(self, model: GlobalModel) -> OptimizerState:
+        """The strategy's state after `model`: fresh at version 0, else as committed (StateError if missing)."""
+        numel = self.update_manifest(model).numel
+        if model.number == 0 or not self._strategy.stateful:
+            return self._strategy.fresh_state(numel)
+        return load_state(self._state_dir, model.number, names=self._strategy.state_names, numel=numel)
 
     def _repair_link(self, latest: ArtifactRecord | None) -> None:
         """`adapter` points at the latest committed round >= 1, or is absent; anything but a link is left alone."""
@@ -176,19 +192,38 @@ class Versions:
 
     def commit_initial(self, vector: npt.NDArray[np.float32], config_json: str, manifest: Manifest) -> GlobalModel:
         check_artifact_config(config_json)
-        return self._commit(vector, config_json, 0, manifest)
+        model = self._commit(vector, config_json, 0, manifest)
+        self._strategy_state = self._strategy.fresh_state(self.update_manifest(model).numel)
+        return model
 
-    def commit_update(self, current: GlobalModel, mean_delta: npt.NDArray[np.float32], round_: int) -> GlobalModel:
-        """Apply the round's mean update to `current` and commit the result as the next version."""
+    def commit_update(
+        self, current: GlobalModel, mean_delta: npt.NDArray[np.float32], round_: int, *, contributors: int
+    ) -> GlobalModel:
+        """Make the next version of `current` and the round's mean update of `contributors` updates, by the
+        strategy, and commit it with the strategy's state (written first, so a recorded version has its state)."""
         manifest = current.version.manifest
-        vector = apply_update(current.vector, manifest, self.update_manifest(current), mean_delta)
-        return self._commit(vector, current.config_json, round_, manifest)
+        vector, state = self._strategy.next_state(
+            current.vector,
+            manifest,
+            self.update_manifest(current),
+            mean_delta,
+            self._strategy_state,
+            contributors=contributors,
+        )
+        if self._strategy.stateful:
+            save_state(self._state_dir, self._next_number(), state)
+        model = self._commit(vector, current.config_json, round_, manifest)
+        self._strategy_state = state
+        return model
+
+    def _next_number(self) -> int:
+        return 0 if self.current is None else self.current.number + 1
 
     def _commit(
         self, vector: npt.NDArray[np.float32], config_json: str, round_: int, manifest: Manifest
     ) -> GlobalModel:
         """Write, record, publish. OSError or errors.Unavailable before the record: nothing is committed."""
-        number = 0 if self.current is None else self.current.number + 1
+        number = self._next_number()
         artifact = write_artifact(
             self._artifacts_dir, number, mode=self._mode, manifest=manifest, vector=vector, config_json=config_json
         )

@@ -26,7 +26,6 @@ from fedlora_server.aggregation import (
     Aggregate,
     AggregationFailed,
     AttemptPlan,
-    CentralNoise,
     KeyShares,
     PlainAggregator,
     Reveal,
@@ -452,24 +451,3 @@ def test_secure_below_the_threshold_fails_the_attempt(tmp_path: Path, metrics: S
 
     with pytest.raises(AggregationFailed, match="threshold"):
         sites.aggregation.step(150.0)
-
-
-# ---- central noise ----------------------------------------------------------------------
-
-
-def test_central_noise_adds_gaussian_noise_of_std_zc_over_n_to_the_inner_mean(
-    tmp_path: Path, metrics: ServerMetrics
-) -> None:
-    numel = 200_000
-    inner = PlainAggregator(weighting="uniform", max_examples=1000, spool_dir=tmp_path, metrics=metrics)
-    aggregation = CentralNoise(inner, noise_multiplier=2.0, clip_norm=0.5).open(replace(PLAN, numel=numel))
-    payload = np.full(numel, 0.25, dtype=np.float32).tobytes()
-    for w in WORKERS:
-        _upload(aggregation, _header(w, payload), payload, metrics)
-
-    result = aggregation.step(101.0)
-
-    assert result is not None
-    noise = result.mean.astype(np.float64) - 0.25
-    assert abs(noise.mean()) < 5 * (2.0 * 0.5 / 3) / np.sqrt(numel)
-    assert noise.std() == pytest.approx(2.0 * 0.5 / 3, rel=0.01)

@@ -102,11 +102,14 @@ class InProcessClient:
         if run_id is not None and run_id != self._coordinator.run_spec.run_id:
             raise FailedPrecondition(f"run {run_id!r} is not this coordinator's run")
 
-    def join(self, num_examples: int) -> RunSpec:
+    def join(self, num_examples: int, *, rank: int = 0, base_precision: str = "") -> RunSpec:
         """Join in turn, and keep the turn for what the daemon does on joining (loading the model)."""
         self._take("join")
         try:
-            spec = self._refused("join", lambda: self._coordinator.join(self.worker_id, num_examples))
+            spec = self._refused(
+                "join",
+                lambda: self._coordinator.join(self.worker_id, num_examples, rank=rank, base_precision=base_precision),
+            )
         except BaseException:
             self._turns.answered(self.worker_id, work=False)
             raise

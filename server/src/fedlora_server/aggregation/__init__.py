@@ -1,4 +1,4 @@
-"""How updates combine: plainly, securely, or with central DP noise around either."""
+"""How updates combine into a round's mean: plainly or securely (what becomes of the mean is a `Strategy`)."""
 
 from fedlora_server.aggregation.base import (
     Aggregate,
@@ -11,7 +11,6 @@ from fedlora_server.aggregation.base import (
     RoundAggregation,
     SecureMessage,
 )
-from fedlora_server.aggregation.noise import CentralNoise
 from fedlora_server.aggregation.plain import PlainAggregator, PlainRoundAggregation, Weighting
 from fedlora_server.aggregation.secure import SecureAggregator, SecureRoundAggregation
 
@@ -21,7 +20,6 @@ __all__ = [
     "Aggregator",
     "Ask",
     "AttemptPlan",
-    "CentralNoise",
     "KeyShares",
     "PlainAggregator",
     "PlainRoundAggregation",

@@ -3,7 +3,9 @@
 The phase machine opens one `RoundAggregation` per round attempt from its `AttemptPlan`, asks it
 what each participant should do now, hands it every upload stream and secure-aggregation
 message, and steps it until it yields the mean update or fails. It never learns how updates
-combine: plainly, securely, or with central noise around either.
+combine: plainly or securely, as one block group or one per rank index (`fedlora_common.blocks`).
+What the mean then becomes (FedAvg, a server optimizer, central noise) is the run's
+`fedlora_server.strategy.Strategy`, which sees only the mean.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedlora_common.blocks import BlockGroups
+from fedlora_common.manifest import Manifest
 from fedlora_common.messages import SecAggTask, TaskKind, UploadHeader
 from fedlora_common.secagg import Advertisement, Complaint, EncryptedShare, RevealedShare
 from fedlora_server.errors import FailedPrecondition
@@ -50,6 +54,16 @@ class AttemptPlan:
     stage_deadline_s: float
     """Each later stage (secure aggregation)."""
     min_updates: int
+    blocks: Manifest | None = None
+    """The update's named blocks (its manifest), which `groups` folds; None: one group over `numel` elements."""
+    groups: BlockGroups | None = None
+    """Which weight divides each block's sum: one for all, or one per rank index (hetlora)."""
+    ranks: Mapping[str, int] = field(default_factory=dict)
+    """The rank each participant trains (hetlora), as it said at join."""
+
+    @property
+    def group_count(self) -> int:
+        return 1 if self.groups is None else self.groups.count
 
 
 @dataclass(frozen=True)

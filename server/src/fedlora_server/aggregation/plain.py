@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from fedlora_common.aggregation import StreamingAccumulator
+from fedlora_common.blocks import group_mean, site_weights
 from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
 from fedlora_server.aggregation.base import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
 from fedlora_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
@@ -59,6 +61,7 @@ class PlainRoundAggregation(RoundAggregation):
     ) -> None:
         super().__init__(plan)
         self.accumulator = StreamingAccumulator(plan.numel)
+        self._group_weights = np.zeros(plan.group_count, dtype=np.float64)
         self._weighting = weighting
         self._max_examples = max_examples
         self._spool_dir = spool_dir
@@ -110,6 +113,9 @@ class PlainRoundAggregation(RoundAggregation):
             for offset, values in spool.slices(np.float32):
                 self.accumulator.add_slice(offset, values, weight)
             self.accumulator.close_update(weight)
+            if plan_groups := self.plan.groups:
+                rank = self.plan.ranks.get(header.worker_id, plan_groups.rank)
+                self._group_weights += site_weights(plan_groups, site_rank=rank or 1, weight=weight)
         finally:
             spool.discard()
         self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
@@ -124,10 +130,17 @@ class PlainRoundAggregation(RoundAggregation):
         done, enough = self._done, len(self._done) >= self.plan.min_updates
         waited_for = set(self.plan.participants) - self._gone
         if enough and (waited_for <= done or now >= self.deadline_at):
-            return Aggregate(self.accumulator.mean(), tuple(sorted(done)))
+            return Aggregate(self._mean(), tuple(sorted(done)))
         if now >= self.deadline_at:
             raise AggregationFailed(f"{len(done)} of {len(self.plan.participants)} updates by the deadline")
         return None
+
+    def _mean(self) -> npt.NDArray[np.float32]:
+        """FedAvg's weighted mean; under heterogeneous rank each rank index over the sites that trained it."""
+        plan = self.plan
+        if plan.group_count == 1 or plan.blocks is None or plan.groups is None:
+            return self.accumulator.mean()
+        return group_mean(self.accumulator.sums, plan.blocks, plan.groups, self._group_weights)
 
     def discard(self) -> None:
         for spool in self._spools.values():

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from fedlora_common.blocks import group_mean
 from fedlora_common.messages import SecAggTask, TaskKind, UploadHeader, UploadKind
 from fedlora_common.privacy import plan_distributed_noise
 from fedlora_common.secagg import Advertisement, Complaint, SecAggParams, dequantize_sum, max_bits, round_tag
@@ -98,7 +99,7 @@ class SecureAggregator(Aggregator):
         self._identities = dict(identities)
 
     def open(self, plan: AttemptPlan) -> SecureRoundAggregation:
-        secure = SecureRound(params=self.params(plan), identities=self._identities, numel=plan.numel + 1)
+        secure = SecureRound(params=self.params(plan), identities=self._identities, numel=plan.numel + plan.group_count)
         return SecureRoundAggregation(plan, secure, metrics=self._metrics, journal_dir=self._journal_dir)
 
 
@@ -317,13 +318,17 @@ class SecureRoundAggregation(RoundAggregation):
         return Aggregate(mean, self._secure.u3, secagg=self._stats, excluded=tuple(sorted(self._secure.liars)))
 
     def _dequantized_mean(self, total: npt.NDArray[np.uint32]) -> npt.NDArray[np.float32]:
-        """sum_u (w_u/M) delta_u / sum_u (w_u/M): the example-weighted mean, from sums alone."""
-        params = self._secure.params
-        weight = float(total[-1])
-        if weight <= 0:
+        """sum_u (w_u/M) delta_u / sum_u (w_u/M): the example-weighted mean, from sums alone; under heterogeneous
+        rank, each rank index's sum over the weights of the sites that trained it (summed in the masked vector)."""
+        params, plan = self._secure.params, self.plan
+        groups = plan.group_count
+        weights = total[-groups:].astype(np.float64)
+        if weights[0] <= 0:
             raise ValueError("the securely aggregated weight is zero")
-        values = dequantize_sum(total[:-1], clip=params.clip_range, bits=params.bits)
-        return (values * (params.max_examples / weight)).astype(np.float32)
+        values = dequantize_sum(total[:-groups], clip=params.clip_range, bits=params.bits)
+        if groups == 1 or plan.blocks is None or plan.groups is None:
+            return (values * (params.max_examples / float(weights[0]))).astype(np.float32)
+        return group_mean(values * params.max_examples, plan.blocks, plan.groups, weights)
 
     def _revoke_open_streams(self) -> None:
         for stream in self._streams.values():

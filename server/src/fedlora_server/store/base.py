@@ -74,6 +74,10 @@ class WorkerRecord:
     joined_at: float
     left_reason: str = ""
     """Why the worker said it could not go on; empty while it takes part."""
+    rank: int = 0
+    """The LoRA rank the site trains (0: the run's)."""
+    base_precision: str = ""
+    """How the site loads the base: nf4, bfloat16, float32 (empty: the mode's, or a worker of before)."""
 
 
 @dataclass(frozen=True)

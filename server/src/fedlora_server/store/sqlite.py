@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS run (
     run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, created_at REAL NOT NULL, failure TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS worker (
     worker_id TEXT PRIMARY KEY, num_examples INTEGER NOT NULL, joined_at REAL NOT NULL,
-    left_reason TEXT NOT NULL DEFAULT '');
+    left_reason TEXT NOT NULL DEFAULT '', rank INTEGER NOT NULL DEFAULT 0,
+    base_precision TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS round (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
     participants TEXT NOT NULL, started_at REAL NOT NULL, deadline_at REAL NOT NULL,
@@ -63,6 +64,8 @@ MIGRATIONS = (
     ("round", "failure", "TEXT NOT NULL DEFAULT ''"),
     ("run", "failure", "TEXT NOT NULL DEFAULT ''"),
     ("worker", "left_reason", "TEXT NOT NULL DEFAULT ''"),
+    ("worker", "rank", "INTEGER NOT NULL DEFAULT 0"),
+    ("worker", "base_precision", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -215,14 +218,22 @@ class SqliteStore(CoordinatorStore):
     def upsert_worker(self, worker: WorkerRecord) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO worker (worker_id, num_examples, joined_at, left_reason) VALUES (?, ?, ?, ?) "
+                "INSERT INTO worker (worker_id, num_examples, joined_at, left_reason, rank, base_precision) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(worker_id) DO UPDATE SET num_examples = excluded.num_examples, "
-                "left_reason = excluded.left_reason",
-                (worker.worker_id, worker.num_examples, worker.joined_at, worker.left_reason),
+                "left_reason = excluded.left_reason, rank = excluded.rank, base_precision = excluded.base_precision",
+                (
+                    worker.worker_id,
+                    worker.num_examples,
+                    worker.joined_at,
+                    worker.left_reason,
+                    worker.rank,
+                    worker.base_precision,
+                ),
             )
 
     def workers(self) -> list[WorkerRecord]:
-        rows = self._query("SELECT worker_id, num_examples, joined_at, left_reason FROM worker ORDER BY worker_id")
+        rows = self._query("SELECT worker_id, num_examples, joined_at, left_reason, rank, base_precision FROM worker ORDER BY worker_id")
         return [WorkerRecord(*row) for row in rows]  # type: ignore[arg-type]
 
     def save_round(self, record: RoundRecord) -> None:

@@ -103,6 +103,8 @@ class JoinRequest(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    BASE_PRECISION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     num_examples: _builtins.int
     """Examples the worker holds for training; used to weight its update."""
@@ -111,6 +113,11 @@ class JoinRequest(_message.Message):
     which the coordinator must speak too. 0 (absent) is protocol 1.
     """
     protocol_version: _builtins.int
+    rank: _builtins.int
+    """The LoRA rank this site trains (hetlora: at most the run's) and how it loads the base, for the report.
+    0 / "" (absent): the run's rank and the mode's precision.
+    """
+    base_precision: _builtins.str
     def __init__(
         self,
         *,
@@ -118,10 +125,12 @@ class JoinRequest(_message.Message):
         num_examples: _builtins.int = ...,
         software_version: _builtins.str = ...,
         protocol_version: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        base_precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_precision", b"base_precision", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "rank", b"rank", "software_version", b"software_version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,16 +175,21 @@ class RunSpec(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     TOTAL_ROUNDS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    BASE_PRECISIONS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     mode: _builtins.str
     """"lora" | "qlora" | "full" """
     aggregation: _builtins.str
-    """"fedavg" | "ffa" """
+    """"fedavg" | "ffa" | "hetlora" """
     base_model: _builtins.str
     total_rounds: _builtins.int
     seed: _builtins.int
     @_builtins.property
     def lora(self) -> Global___LoraSpec: ...
+    @_builtins.property
+    def base_precisions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """How sites may load the base ("nf4" | "bfloat16" | "float32"); empty: the mode's own."""
+
     def __init__(
         self,
         *,
@@ -186,10 +200,11 @@ class RunSpec(_message.Message):
         lora: Global___LoraSpec | None = ...,
         total_rounds: _builtins.int = ...,
         seed: _builtins.int = ...,
+        base_precisions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "base_model", b"base_model", "lora", b"lora", "mode", b"mode", "run_id", b"run_id", "seed", b"seed", "total_rounds", b"total_rounds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "base_model", b"base_model", "base_precisions", b"base_precisions", "lora", b"lora", "mode", b"mode", "run_id", b"run_id", "seed", b"seed", "total_rounds", b"total_rounds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -697,6 +712,7 @@ class TrainingPlan(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     SCHEDULE_START_FIELD_NUMBER: _builtins.int
     SCHEDULE_STEPS_FIELD_NUMBER: _builtins.int
+    PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -721,6 +737,8 @@ class TrainingPlan(_message.Message):
     the round's place on the learning-rate schedule.
     """
     schedule_steps: _builtins.int
+    proximal_mu: _builtins.float
+    """FedProx: mu/2 * ||w - w_global||^2 added to each site's loss; 0 = none."""
     @_builtins.property
     def goldfish(self) -> Global___GoldfishPlan:
         """Set when the run trains with Goldfish loss."""
@@ -750,10 +768,11 @@ class TrainingPlan(_message.Message):
         precision: _builtins.str = ...,
         schedule_start: _builtins.int = ...,
         schedule_steps: _builtins.int = ...,
+        proximal_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["goldfish", b"goldfish", "record_dp", b"record_dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "goldfish", b"goldfish", "grad_clip_norm", b"grad_clip_norm", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lr_schedule", b"lr_schedule", "max_seq_len", b"max_seq_len", "micro_batch_size", b"micro_batch_size", "min_lr_ratio", b"min_lr_ratio", "packing", b"packing", "precision", b"precision", "record_dp", b"record_dp", "schedule_start", b"schedule_start", "schedule_steps", b"schedule_steps", "seed", b"seed", "update_clip_norm", b"update_clip_norm", "warmup_steps", b"warmup_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "goldfish", b"goldfish", "grad_clip_norm", b"grad_clip_norm", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lr_schedule", b"lr_schedule", "max_seq_len", b"max_seq_len", "micro_batch_size", b"micro_batch_size", "min_lr_ratio", b"min_lr_ratio", "packing", b"packing", "precision", b"precision", "proximal_mu", b"proximal_mu", "record_dp", b"record_dp", "schedule_start", b"schedule_start", "schedule_steps", b"schedule_steps", "seed", b"seed", "update_clip_norm", b"update_clip_norm", "warmup_steps", b"warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
