@@ -112,6 +112,26 @@ FAMILIES = (
         ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         6,
     ),
+    Family(
+        "starcoder2",
+        lambda: transformers.Starcoder2Config(
+            **_attention(hidden_size=64, intermediate_size=128, num_key_value_heads=2)
+        ),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
+        6,
+    ),
+    Family(
+        "olmo2",
+        lambda: transformers.Olmo2Config(**_attention(hidden_size=64, intermediate_size=128, num_key_value_heads=2)),
+        LLAMA_LIKE,
+        7,
+    ),
+    Family(
+        "granite",
+        lambda: transformers.GraniteConfig(**_attention(hidden_size=64, intermediate_size=128, num_key_value_heads=2)),
+        LLAMA_LIKE,
+        7,
+    ),
     # Mixtures of experts: the routed experts are fused 3-d parameters (gate_up_proj, down_proj), adapted as
     # parameters (two `experts` wrappers a block); Mixtral's and Qwen3-MoE's router (`gate`) is adapted too.
     Family(
