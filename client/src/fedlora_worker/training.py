@@ -23,6 +23,7 @@ __all__ = [
     "EvalResult",
     "Replicas",
     "TrainResult",
+    "add_proximal_gradient",
     "causal_lm_loss",
     "check_plan",
     "evaluate",
@@ -125,6 +126,25 @@ def check_plan(plan: TrainingPlan, *, world_size: int = 1) -> None:
         )
 
 
+def add_proximal_gradient(params: Sequence[torch.nn.Parameter], start: Sequence[torch.Tensor], mu: float) -> None:
+    """Add mu * (w - w0) to each parameter's gradient: the gradient of FedProx's mu/2 * sum ||w - w0||^2
+    (Li et al. 2020), w0 the parameters at the round's start.
+
+    Written out rather than backpropagated, so it joins the data gradient however that was made
+    (micro-batches, DDP's synchronised backward, Opacus' noised per-record sum); the term itself
+    needs no graph. A parameter without a gradient gets the term alone.
+    """
+    with torch.no_grad():
+        for p, w0 in zip(params, start, strict=True):
+            pull = (p - w0).mul_(mu)
+            p.grad = pull if p.grad is None else p.grad.add_(pull)
+
+
+def _round_start(params: Sequence[torch.nn.Parameter], mu: float) -> list[torch.Tensor] | None:
+    """FedProx's anchor w0: a detached copy of the trained parameters; None (no copy) when mu is 0."""
+    return [p.detach().clone() for p in params] if mu > 0 else None
+
+
 def learning_rate_at(plan: TrainingPlan, step: int) -> float:
     """The learning rate of the run's optimizer step `step` (from 0) on the plan's schedule.
 
@@ -166,7 +186,8 @@ def train_locally(
     draw, and each record's gradient is clipped to record_dp.max_grad_norm in place of
     grad_clip_norm on the batch's. The Poisson draws and the noise come from dp_generator, by
     default seeded from the OS (never from plan.seed, see dp_sgd.secret_generator); an empty draw
-    reports a loss of nan.
+    reports a loss of nan. plan.proximal_mu > 0 adds FedProx's pull towards the parameters this
+    call started from (add_proximal_gradient); the reported loss stays the data's.
     """
     world = replicas.world_size if replicas is not None else 1
     check_plan(plan, world_size=world)
@@ -176,9 +197,10 @@ def train_locally(
     device = _input_device(model)
     if plan.packing:
         data = pack(data, plan.max_seq_len)
+    start = _round_start(params, plan.proximal_mu)
     sample_rate = 0.0
     if plan.record_dp is None:
-        steps = _plain_steps(model, data, plan, params, pad_id=pad_id, replicas=replicas)
+        steps = _plain_steps(model, data, plan, params, start, pad_id=pad_id, replicas=replicas)
     else:
         records = record_windows(data)
         if plan.batch_size > len(records):
@@ -186,7 +208,7 @@ def train_locally(
         sample_rate = plan.batch_size / len(records)
         generator = dp_generator if dp_generator is not None else secret_generator()
         steps = _private_steps(
-            model, data, records, sample_rate, plan, plan.record_dp, params, pad_id=pad_id, generator=generator
+            model, data, records, sample_rate, plan, plan.record_dp, params, start, pad_id=pad_id, generator=generator
         )
     loss_sum, loss_tokens, tokens = 0.0, 0, 0
     _reset_peak_memory(model)
@@ -225,12 +247,14 @@ def _plain_steps(
     data: TokenizedData,
     plan: TrainingPlan,
     params: list[torch.nn.Parameter],
+    start: list[torch.Tensor] | None,
     *,
     pad_id: int,
     replicas: Replicas | None,
 ) -> Generator[_Step]:
     """Shuffled full batches; the batch's token-mean loss, summed over micro-batches (and processes) so
-    that their gradients add up to the batch's; that gradient clipped to grad_clip_norm."""
+    that their gradients add up to the batch's; FedProx's term added once the processes have averaged
+    (it is the same in each), as if it were part of the loss; that gradient clipped to grad_clip_norm."""
     forward, rank, world = (model, 0, 1) if replicas is None else (replicas.model, replicas.rank, replicas.world_size)
     device = _input_device(model)
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
@@ -251,6 +275,8 @@ def _plain_steps(
                 (losses.sum() * (world / max(counted, 1))).backward()  # type: ignore[no-untyped-call]
             loss_sum += losses.detach().sum()
         value = _checked(_summed(loss_sum, world) / max(counted, 1), step)
+        if start is not None:
+            add_proximal_gradient(params, start, plan.proximal_mu)
         torch.nn.utils.clip_grad_norm_(params, plan.grad_clip_norm)
         _set_learning_rate(optimizer, learning_rate_at(plan, plan.schedule_start + step - 1))
         optimizer.step()
@@ -265,6 +291,7 @@ def _private_steps(
     plan: TrainingPlan,
     dp: RecordDPPlan,
     params: list[torch.nn.Parameter],
+    start: list[torch.Tensor] | None,
     *,
     pad_id: int,
     generator: torch.Generator,
@@ -275,6 +302,12 @@ def _private_steps(
     one); each is clipped and summed by Opacus, which adds the noise once, after the last. Raises if
     the parameters did not move, the symptom of Opacus hooks on modules other than the ones holding
     the optimizer's parameters (a fingerprint, so full fine-tuning needs no copy).
+
+    FedProx's term joins the gradient after the noise, unclipped: it depends on no record (w0 is the
+    round's global model, w the result of noised steps), so adding it is post-processing and costs
+    no privacy. Put into each record's loss instead, it would be clipped with that record's gradient
+    (taking its share of the clip norm) and summed once per drawn record, no longer the gradient of
+    mu/2 * ||w - w0||^2.
     """
     device = _input_device(model)
     before = _fingerprint(params)
@@ -310,7 +343,10 @@ def _private_steps(
                 merge_grad_samples(params, owner, len(part))
                 optimizer.signal_skip_step(do_skip=i < len(parts) - 1)
                 _set_learning_rate(optimizer, learning_rate_at(plan, plan.schedule_start + step - 1))
-                optimizer.step()
+                if optimizer.pre_step():  # after the last part: clipped, summed, noised, averaged
+                    if start is not None:
+                        add_proximal_gradient(params, start, plan.proximal_mu)
+                    optimizer.original_optimizer.step()
             yield _Step(loss_sum / counted if counted else math.nan, counted, tokens)
     if torch.equal(_fingerprint(params), before):
         raise RuntimeError("DP-SGD left the trainable parameters unchanged: per-sample gradients missed them")

@@ -11,12 +11,15 @@ the published Llama shapes in `PUBLISHED`): no weights are read or allocated. Fr
   functions below are the ones it uses): the serialized protobuf messages of a stream (header,
   then 1 MiB chunks) plus gRPC's 5-byte prefix per message. Down: the global version (the whole
   adapter). Up: the delta as float32 (plain) or masked as uint32 with one more coordinate, the
-  weight. Secure aggregation also moves the round's keys and shares, sized from a real exchange
-  between `--sites` worker sessions.
+  weight (hetlora: one per block group, `fedlora_common.blocks`). Secure aggregation also moves
+  the round's keys and shares, sized from a real exchange between `--sites` worker sessions.
 * **GPU memory** per training process, in bytes:
   - weights: lora, float base in bf16 (2 bytes a parameter); qlora, NF4 blocks of 64 (0.5 byte a
     weight plus a float32 absmax per block: 0.5625) for every linear layer but the output head,
-    bf16 for the rest; full, float32 (4).
+    bf16 for the rest; full, float32 (4). A site may load a (Q)LoRA base otherwise (`precision`):
+    nf4, bfloat16, or float32 (4), whose block inputs then stay float32 (4hT each under
+    checkpointing) and whose linear layers and head autocast keeps in bf16 copies for the backward
+    (2 bytes a weight), as under full.
   - adapter 4 bytes a LoRA parameter (float32); gradients 4 and AdamW state 8 (two float32
     moments) a trainable parameter.
   - activations, what autograd keeps from the forward of one micro-batch of T = micro-batch x
@@ -36,11 +39,16 @@ the published Llama shapes in `PUBLISHED`): no weights are read or allocated. Fr
     activation checkpointing every block keeps only its input (2hT; full: 4hT), and in the
     backward one block's activations live again while it is recomputed.
   - transients: the loss's logits, their float32 copy and gradients (10VT beyond the 4VT kept), and
-    under qlora one dequantized weight (bf16) of the largest linear layer.
+    on an NF4 base one dequantized weight (bf16) of the largest linear layer.
   The sum is the estimated peak; CUDA's own context and the allocator's fragmentation come on
   top (`bench/gpu_smoke.py` prints the ratio to torch.cuda.max_memory_allocated on a GPU). A
   process that spreads the base over G GPUs (device_map auto) holds about 1/G of it on each:
   accelerate places whole blocks, so one GPU may carry a block more.
+* **Sites of unequal hardware** (`SiteSpec`): each site's peak per GPU at its own rank and base
+  precision (the formulas above, on the run's model built at that rank), whether it fits the site's
+  GPU, and for a site that states its GPU but not its rank the largest of 4, 8, 16, ... up to the
+  run's rank that fits (`largest_fitting_rank`). Its bytes on the wire are the run's: a site of
+  less rank (aggregation hetlora) sends and receives the run's rank-R layout, zero-padded.
 * **Secure aggregation** at N sites: each worker masks its vector with N AES-256-CTR keystreams
   (its self mask and N - 1 pairwise) and the coordinator removes the N self masks (plus N - d
   pairwise ones for each of d sites that drop after masking), at the keystream rate measured with
@@ -55,7 +63,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -66,6 +74,7 @@ from google.protobuf.message import Message
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
+from fedlora_common.blocks import block_groups
 from fedlora_common.chunking import DEFAULT_CHUNK_BYTES, chunk_count
 from fedlora_common.manifest import (
     MASKED_DTYPE,
@@ -77,7 +86,7 @@ from fedlora_common.manifest import (
     update_manifest,
 )
 from fedlora_common.messages import ModelVersion, UploadHeader, UploadKind
-from fedlora_common.plans import Aggregation, LoraSpec, Mode, RunSpec
+from fedlora_common.plans import Aggregation, BasePrecision, LoraSpec, Mode, RunSpec
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.secagg import SecAggParams, identity_keypair, mask_vector, max_bits, round_tag
 from fedlora_common.serde import (
@@ -102,15 +111,20 @@ __all__ = [
     "GRPC_PREFIX_BYTES",
     "KEYSTREAM_MB_S",
     "MB",
+    "PLANNED_PRECISION",
     "PUBLISHED",
     "Capacity",
     "ChunkWrapper",
+    "SitePlan",
+    "SiteSpec",
     "capacity",
     "download_chunk",
     "download_header",
     "framed",
+    "largest_fitting_rank",
     "measure_keystream",
     "model_config",
+    "rank_ladder",
     "stream_wire_bytes",
     "upload_chunk",
     "upload_header",
@@ -124,6 +138,8 @@ KEYSTREAM_MB_S = 2500.0
 
 GIB = 2**30
 MB = 1e6
+PLANNED_PRECISION: dict[Mode, BasePrecision] = {"lora": "bfloat16", "qlora": "nf4", "full": "float32"}
+"""How the planner loads the base of each mode unless a site says otherwise."""
 SITE_IDS = "site-{:03d}"
 """Site ids in the key exchange that sizes the secure-aggregation messages: 8 characters each."""
 
@@ -381,23 +397,30 @@ class Memory:
 
 
 def memory(
-    meta: MetaModel, mode: Mode, lora: LoraSpec, *, seq_len: int, micro_batch: int, dropout_mask_bytes: int = 1
+    meta: MetaModel,
+    mode: Mode,
+    lora: LoraSpec,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    dropout_mask_bytes: int = 1,
+    precision: BasePrecision | None = None,
 ) -> Memory:
     """The estimate of the module docstring, for micro-batches of micro_batch x seq_len tokens.
 
     dropout_mask_bytes: what LoRA dropout keeps per input element; CUDA's fused dropout keeps a
-    bool mask (1), the CPU's a float32 one (4).
+    bool mask (1), the CPU's a float32 one (4). precision: how a (Q)LoRA site loads the base
+    (default PLANNED_PRECISION[mode]; mode full is planned in float32 only).
     """
     s = meta.shapes
     tokens = seq_len * micro_batch
     trainable = meta.update_manifest.numel
     adapter = 0 if mode == "full" else 4 * meta.global_manifest.numel
-    if mode == "full":
-        weights = 4 * meta.parameters
-    elif mode == "qlora":
+    precision = precision or PLANNED_PRECISION[mode]
+    if precision == "nf4":
         weights = math.ceil(meta.linear_weights * (0.5 + 4 / 64)) + 2 * (meta.parameters - meta.linear_weights)
     else:
-        weights = 2 * meta.parameters
+        weights = (4 if precision == "float32" else 2) * meta.parameters
     # autocast's bf16 copies of float32 weights, kept for the backward: in the blocks (dropped with
     # them under checkpointing) and of the head
     if mode == "full":
@@ -410,11 +433,14 @@ def memory(
         block = 12 * s.hidden + 6 * s.intermediate + 4 * s.kv_width + lora_terms
         kept_input, head = 2 * s.hidden, 4 * s.hidden
         block_copies, head_copy = 2 * meta.global_manifest.numel, 0
+        if precision == "float32":  # the frozen base's copies too, and float32 block inputs
+            kept_input, head_copy = 4 * s.hidden, 2 * s.vocab * s.hidden
+            block_copies += 2 * meta.linear_weights
     rest = (head + 4 * s.vocab) * tokens + head_copy  # final norm and head input; the loss's log-probabilities
     activations = s.layers * block * tokens + block_copies + rest
     checkpointed = s.layers * kept_input * tokens + rest
     recomputed = block * tokens + block_copies // s.layers
-    transient = 10 * s.vocab * tokens + (2 * meta.largest_linear if mode == "qlora" else 0)
+    transient = 10 * s.vocab * tokens + (2 * meta.largest_linear if precision == "nf4" else 0)
     fixed = weights + adapter + 4 * trainable + 8 * trainable
     return Memory(
         weights=weights,
@@ -528,6 +554,117 @@ def measure_keystream(megabytes: int = 32, repeats: int = 3) -> float:
     return 5 * values.nbytes / best / MB
 
 
+# ---- sites of unequal hardware --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site as `--site` states it; rank None asks for the largest rank that fits gpu_bytes, the memory of
+    each of its `gpus` cards (a training process a card: each holds a whole replica)."""
+
+    name: str
+    rank: int | None
+    precision: BasePrecision
+    gpu_bytes: int | None = None
+    gpus: int = 1
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One site's row: peak_bytes per GPU at its rank and precision (with activation checkpointing when the
+    run trains with it); wire bytes the run's, per round."""
+
+    name: str
+    rank: int
+    auto_rank: bool
+    precision: BasePrecision
+    peak_bytes: int
+    checkpointing: bool
+    gpu_bytes: int | None
+    gpus: int
+    fits: bool | None
+    """peak_bytes <= gpu_bytes; None without a stated GPU."""
+    down_bytes: int
+    up_plain_bytes: int
+    up_masked_bytes: int
+
+
+def rank_ladder(run_rank: int) -> tuple[int, ...]:
+    """The ranks a site may be offered, 4, 8, 16, ... up to the run's, largest first (the run's alone below 4)."""
+    ladder = [4]
+    while ladder[-1] * 2 <= run_rank:
+        ladder.append(ladder[-1] * 2)
+    return tuple(reversed([r for r in ladder if r <= run_rank])) or (run_rank,)
+
+
+def largest_fitting_rank(run_rank: int, gpu_bytes: int, peak_at: Callable[[int], int]) -> int | None:
+    """The largest rank of rank_ladder whose peak_at(rank) fits gpu_bytes; None if not even the least does.
+
+    The peak grows with the rank, so the ladder is walked down and stops at the first that fits.
+    """
+    return next((rank for rank in rank_ladder(run_rank) if peak_at(rank) <= gpu_bytes), None)
+
+
+def _site_rank(
+    spec: SiteSpec, peak_at: Callable[[int, BasePrecision], int], *, run_rank: int, aggregation: Aggregation
+) -> int:
+    """The rank a site trains: as given, or under auto the largest that fits its GPU (the ladder's least, not
+    fitting, when none does; without hetlora the run's, the only one allowed). ValueError in one line for a
+    rank above the run's, or below it without hetlora (the worker refuses such a site at join)."""
+    if spec.rank is not None:
+        rank = spec.rank
+    elif spec.gpu_bytes is None:
+        raise ValueError(f"--site {spec.name}: rank=auto needs gpu= to fit the rank to")
+    elif aggregation != "hetlora":
+        rank = run_rank
+    else:
+        fitting = largest_fitting_rank(run_rank, spec.gpu_bytes, lambda r: peak_at(r, spec.precision))
+        rank = fitting or rank_ladder(run_rank)[-1]
+    if rank > run_rank:
+        raise ValueError(f"--site {spec.name}: rank {rank} exceeds the run's --rank {run_rank}")
+    if rank < run_rank and aggregation != "hetlora":
+        raise ValueError(
+            f"--site {spec.name}: rank {rank} is below the run's {run_rank}, which only --aggregation hetlora "
+            "allows (under fedavg and ffa every site trains the run's rank)"
+        )
+    return rank
+
+
+def _site_plans(
+    specs: Sequence[SiteSpec],
+    peak_at: Callable[[int, BasePrecision], int],
+    *,
+    run_rank: int,
+    aggregation: Aggregation,
+    checkpointing: bool,
+    wire: tuple[int, int, int],
+) -> tuple[SitePlan, ...]:
+    """Each site's row, in the order given; peak_at(rank, precision) is a process's peak per GPU, wire the
+    run's (down, up plain, up masked) bytes."""
+    down, up_plain, up_masked = wire
+    rows = []
+    for spec in specs:
+        rank = _site_rank(spec, peak_at, run_rank=run_rank, aggregation=aggregation)
+        peak = peak_at(rank, spec.precision)
+        rows.append(
+            SitePlan(
+                name=spec.name,
+                rank=rank,
+                auto_rank=spec.rank is None,
+                precision=spec.precision,
+                peak_bytes=peak,
+                checkpointing=checkpointing,
+                gpu_bytes=spec.gpu_bytes,
+                gpus=spec.gpus,
+                fits=None if spec.gpu_bytes is None else peak <= spec.gpu_bytes,
+                down_bytes=down,
+                up_plain_bytes=up_plain,
+                up_masked_bytes=up_masked,
+            )
+        )
+    return tuple(rows)
+
+
 # ---- the plan ------------------------------------------------------------------------------------
 
 
@@ -560,9 +697,15 @@ class Capacity:
     gpus_per_process: int
     """GPUs one training process spreads the base over (device_map auto); 1: one GPU a process."""
     secure_aggregation: SecureAggregation
+    sites: tuple[SitePlan, ...] = ()
+    """One row per --site, in the order given."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """asdict, with `sites` only when sites were planned (the JSON of a plan without them is unchanged)."""
+        data = asdict(self)
+        if not self.sites:
+            del data["sites"]
+        return data
 
 
 def capacity(
@@ -577,11 +720,28 @@ def capacity(
     gpus_per_process: int = 1,
     keystream_mb_s: float = KEYSTREAM_MB_S,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    site_specs: Sequence[SiteSpec] = (),
+    gradient_checkpointing: bool = False,
 ) -> Capacity:
-    """The plan for `model` (see model_config) as fedlora-lab plan prints it."""
+    """The plan for `model` (see model_config) as fedlora-lab plan prints it.
+
+    site_specs adds a row per site (see SitePlan), whose peak counts activation checkpointing when
+    the run trains with it (gradient_checkpointing, for the whole run).
+    """
     lora = lora or LoraSpec()
+    if site_specs and mode == "full":
+        raise ValueError("--site: a site's rank and base precision are LoRA's; mode full trains every weight")
     name, config = model_config(model)
     meta = meta_model(name, config, mode, lora, aggregation)
+    metas = {lora.rank: meta}
+
+    def peak_at(rank: int, precision: BasePrecision) -> int:
+        at_rank = lora.model_copy(update={"rank": rank})
+        if rank not in metas:
+            metas[rank] = meta_model(name, config, mode, at_rank, aggregation)
+        m = memory(metas[rank], mode, at_rank, seq_len=seq_len, micro_batch=micro_batch, precision=precision)
+        return math.ceil((m.peak_checkpointed if gradient_checkpointing else m.peak) / gpus_per_process)
+
     digest = bytes(32)  # a SHA-256 is 32 bytes whatever its value
     sent = meta.update_manifest
     down = stream_wire_bytes(
@@ -593,7 +753,8 @@ def capacity(
     up_plain = stream_wire_bytes(
         upload_header(digest, sent.nbytes, chunk_bytes), sent.nbytes, chunk_bytes, upload_chunk
     )
-    masked = (sent.numel + 1) * 4
+    weight_count = block_groups(sent, rank=lora.rank, heterogeneous=aggregation == "hetlora").count
+    masked = (sent.numel + weight_count) * 4  # the update, then its weight (hetlora: one per block group)
     tag = round_tag(1, 1)
     up_masked = stream_wire_bytes(
         upload_header(digest, masked, chunk_bytes, kind=UploadKind.MASKED, tag=tag), masked, chunk_bytes, upload_chunk
@@ -622,4 +783,12 @@ def capacity(
         memory=memory(meta, mode, lora, seq_len=seq_len, micro_batch=micro_batch),
         gpus_per_process=gpus_per_process,
         secure_aggregation=secure_aggregation(sites, masked, keystream_mb_s),
+        sites=_site_plans(
+            site_specs,
+            peak_at,
+            run_rank=lora.rank,
+            aggregation=aggregation,
+            checkpointing=gradient_checkpointing,
+            wire=(down, up_plain, up_masked),
+        ),
     )
