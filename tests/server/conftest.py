@@ -20,7 +20,15 @@ from fedlora_common.messages import MetricsReport, TaskKind, UploadHeader, Uploa
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2 as pb
 from fedlora_common.proto.fedlora.v1 import coordinator_pb2_grpc as pb_grpc
 from fedlora_common.serde import manifest_to_proto
-from fedlora_server.aggregation import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
+from fedlora_server.aggregation import (
+    Aggregate,
+    AggregationFailed,
+    Aggregator,
+    Ask,
+    AttemptPlan,
+    Closing,
+    RoundAggregation,
+)
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.errors import FailedPrecondition
@@ -270,10 +278,12 @@ class _ScriptedAttempt(RoundAggregation):
     def drop(self, worker: str) -> None:
         pass
 
-    def step(self, now: float) -> Aggregate | None:
+    def step(self, now: float) -> Closing | None:
         if self._fail:
             raise AggregationFailed(LEGAL_AT_FAULT, offenders=("legal",))
-        return Aggregate(np.zeros(self.plan.numel, dtype=np.float32), self.plan.participants) if self._commit else None
+        if not self._commit:
+            return None
+        return Closing(lambda: Aggregate(np.zeros(self.plan.numel, dtype=np.float32), self.plan.participants))
 
     def progress(self) -> Hashable:
         return self._fail

@@ -320,3 +320,86 @@ def test_a_site_whose_rank_or_precision_the_run_does_not_allow_is_refused_at_joi
 
     assert str(caught.value) == message
     assert coordinator.phase == "admission"
+
+
+def test_requests_are_answered_while_a_version_is_written_and_the_round_moves_on_once_it_stands(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a commit whose write blocks until released (a slow disk), as the last upload closes round 1.
+    initialized(coordinator)
+    versions = coordinator._versions
+    writing, release = threading.Event(), threading.Event()
+    commit_update = versions.commit_update
+
+    def slow_commit(*args: object, **kwargs: object) -> object:
+        writing.set()
+        assert release.wait(30)
+        return commit_update(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(versions, "commit_update", slow_commit)
+    delta = np.ones(MANIFEST.numel, dtype=np.float32)
+    for w in WORKERS[:-1]:
+        coordinator.receive_upload(upload_header(w, delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta))
+    last = WORKERS[-1]
+    uploader = threading.Thread(
+        target=coordinator.receive_upload,
+        args=(upload_header(last, delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta)),
+    )
+    uploader.start()
+    assert writing.wait(30)
+
+    # Execute: while the version is written, other requests come in (each would deadlock under the lock).
+    answers: list[Task] = []
+    poller = threading.Thread(target=lambda: answers.append(coordinator.poll(WORKERS[0])))
+    poller.start()
+    poller.join(10)
+    phase_meanwhile = coordinator.phase
+    with pytest.raises(FailedPrecondition, match="not accepting updates"):
+        coordinator.receive_upload(
+            upload_header(WORKERS[0], delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta)
+        )
+    release.set()
+    uploader.join(30)
+
+    # Assert: answered (wait) during the write; the round then committed and its evaluation opened.
+    assert not poller.is_alive()
+    assert [a.kind for a in answers] == [TaskKind.WAIT]
+    assert phase_meanwhile == "commit"
+    assert not uploader.is_alive()
+    assert coordinator.phase == "evaluate"
+    assert coordinator.poll(WORKERS[0]).kind is TaskKind.EVALUATE
+
+
+def test_an_operator_stop_during_the_write_ends_the_run_once_the_version_stands(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    initialized(coordinator)
+    versions = coordinator._versions
+    writing, release = threading.Event(), threading.Event()
+    commit_update = versions.commit_update
+
+    def slow_commit(*args: object, **kwargs: object) -> object:
+        writing.set()
+        assert release.wait(30)
+        return commit_update(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(versions, "commit_update", slow_commit)
+    delta = np.ones(MANIFEST.numel, dtype=np.float32)
+    for w in WORKERS[:-1]:
+        coordinator.receive_upload(upload_header(w, delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta))
+    uploader = threading.Thread(
+        target=coordinator.receive_upload,
+        args=(upload_header(WORKERS[-1], delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta)),
+    )
+    uploader.start()
+    assert writing.wait(30)
+
+    coordinator.stop(now=True, reason="maintenance")
+    phase_meanwhile = coordinator.phase
+    release.set()
+    uploader.join(30)
+
+    assert phase_meanwhile == "commit"
+    assert coordinator.phase == "finished"
+    assert coordinator._versions.current is not None
+    assert coordinator._versions.current.number == 1  # the version written stands

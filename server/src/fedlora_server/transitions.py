@@ -38,6 +38,7 @@ from fedlora_server.metrics import ServerMetrics
 from fedlora_server.phases import (
     Admission,
     Backoff,
+    Committing,
     Evaluation,
     Finished,
     Initialize,
@@ -88,6 +89,8 @@ class RunTransitions:
         self._spool_dir = spool_dir
         self._run_spec = settings.run_spec()
         self._lock = threading.RLock()
+        self._depth = threading.local()
+        """Per thread, how deeply it holds the lock through `_transition`."""
         self._changed = threading.Condition(self._lock)
         """Notified whenever the run moves: held polls look again."""
         self._finished = threading.Event()
@@ -141,7 +144,7 @@ class RunTransitions:
 
     def tick(self) -> None:
         """Close phases whose deadline passed; called periodically by the server."""
-        with self._lock:
+        with self._transition():
             self._advance()
 
     def _advance(self) -> None:
@@ -194,8 +197,8 @@ class RunTransitions:
                     offenders=(),
                 )
                 return
-            if result is not None:
-                self._commit(phase, result)
+            if result is not None:  # finished and written by `_settle`, once the lock is released
+                self._phase = Committing(phase, result, writer=threading.get_ident())
         elif isinstance(phase, Evaluation) and (set(phase.participants) <= phase.done or now >= phase.deadline_at):
             self._close_evaluation(phase)
 
@@ -265,16 +268,83 @@ class RunTransitions:
             f"sit out for faults its attempts showed, and the run needs {needed}",
         )
 
-    def _commit(self, phase: Training, result: Aggregate) -> None:
-        record, started = phase.record, time.perf_counter()
+    @contextmanager
+    def _transition(self) -> Iterator[None]:
+        """The lock, for one request's part in the run; once released, the commit its transitions left due.
+
+        A commit writes and fsyncs the next version (about a second at 42M parameters): under the lock every
+        poll, health check and upload would wait behind it. Nested uses settle at the outermost only.
+        """
+        depth = getattr(self._depth, "count", 0)
+        with self._lock:
+            self._depth.count = depth + 1
+            try:
+                yield
+            finally:
+                self._depth.count = depth
+        if depth == 0:
+            self._settle()
+
+    def _commit_due(self) -> bool:
+        """A version waits for this thread to write it (caller holds the lock)."""
+        phase = self._phase
+        return isinstance(phase, Committing) and phase.writer == threading.get_ident() and not phase.writing
+
+    def _settle(self) -> None:
+        """Write the version this thread's request left due, outside the lock, then move on."""
+        with self._lock:
+            phase = self._phase
+            if not self._commit_due():
+                return
+            assert isinstance(phase, Committing)
+            phase.writing = True
+        training = phase.training
+        result: Aggregate | None = None
+        model: GlobalModel | None = None
+        fault: Exception | None = None
         try:
+            result = phase.closing.finish()
+            started = time.perf_counter()
             model = self._versions.commit_update(
-                phase.base, result.mean, record.round, contributors=len(result.contributors)
+                training.base, result.mean, training.record.round, contributors=len(result.contributors)
             )
-        except (OSError, Unavailable) as exc:
-            self._storage_fault(f"the coordinator could not commit round {record.round}: {exc}")
+            self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
+        except Exception as exc:  # booked under the lock below, whatever it was
+            fault = exc
+        with self._lock:
+            self._written(phase, result, model, fault)
+            self._advance()
+
+    def _written(
+        self, phase: Committing, result: Aggregate | None, model: GlobalModel | None, fault: Exception | None
+    ) -> None:
+        """Book the written version (or why there is none) and open the evaluation; the run may have ended
+        meanwhile."""
+        training = phase.training
+        record = training.record
+        if self._phase is not phase:  # the run failed or was stopped meanwhile: what was written stands
+            log.warning("commit_outlived_its_round", round=record.round, written=model is not None)
             return
-        self._metrics.aggregation_seconds.labels(step="commit").observe(time.perf_counter() - started)
+        self._phase = training
+        if isinstance(fault, AggregationFailed):
+            self._fail_attempt(training, str(fault), offenders=fault.offenders)
+            return
+        if isinstance(fault, (OSError, Unavailable)):
+            self._storage_fault(f"the coordinator could not commit round {record.round}: {fault}")
+            return
+        if fault is not None or model is None or result is None:
+            log.error("commit_failed_unexpectedly", round=record.round, error=repr(fault))
+            self._fail_attempt(
+                training,
+                f"the coordinator failed to commit ({type(fault).__name__}); its log has the details "
+                "(commit_failed_unexpectedly)",
+                offenders=(),
+            )
+            return
+        self._commit(training, result, model, stop_now=phase.stop_now)
+
+    def _commit(self, phase: Training, result: Aggregate, model: GlobalModel, *, stop_now: bool) -> None:
+        record = phase.record
         try:
             committed = self._ledger.committed(
                 record, dropped=phase.aggregation.missing, secagg=result.secagg, excluded=result.excluded
@@ -286,6 +356,9 @@ class RunTransitions:
         log.info(
             "round_committed", round=record.round, updates=len(result.contributors), train_loss=committed.train_loss
         )
+        if stop_now:
+            self._stopped()
+            return
         self._start_evaluate(model, record=committed)
 
     def _fail_attempt(self, phase: Training, reason: str, *, offenders: tuple[str, ...]) -> None:
@@ -371,6 +444,8 @@ class RunTransitions:
         self._start_next_round_or_finish(phase.model)
 
     def _fail_run(self, phase: Phase, failure: str) -> None:
+        if isinstance(phase, Committing):  # the version being written stands; its attempt is booked as failed
+            phase = phase.training
         if isinstance(phase, Training):
             self._ledger.failed(phase.record, dropped=phase.aggregation.missing, excluded=(), reason=failure)
             phase.aggregation.discard()

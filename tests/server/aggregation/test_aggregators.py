@@ -26,6 +26,7 @@ from fedlora_server.aggregation import (
     Aggregate,
     AggregationFailed,
     AttemptPlan,
+    Closing,
     KeyShares,
     PlainAggregator,
     Reveal,
@@ -77,9 +78,16 @@ def _chunks(payload: bytes) -> Iterator[tuple[int, bytes]]:
     return ((seq, bytes(c)) for seq, c in enumerate(iter_chunks(payload, CHUNK)))
 
 
+def _finished(closing: Closing | None) -> Aggregate:
+    """What the phase machine does with a closing attempt, once its lock is released."""
+    assert closing is not None
+    return closing.finish()
+
+
 def _upload(aggregation: RoundAggregation, header: UploadHeader, payload: bytes, metrics: ServerMetrics) -> None:
     sink = aggregation.open_upload(header)
     received = receive(header, _chunks(payload), sink, chunk_bytes=CHUNK, metrics=metrics)
+    aggregation.fold(header, sink, received)  # as the machine does: outside its lock, then accept under it
     aggregation.accept(header, sink, received)
 
 
@@ -108,7 +116,7 @@ def test_plain_yields_the_example_weighted_mean_once_every_participant_uploaded(
         assert aggregation.step(101.0) is None
         payload = updates[w].tobytes()
         _upload(aggregation, _header(w, payload, num_examples=examples[w]), payload, metrics)
-    result = aggregation.step(101.0)
+    result = _finished(aggregation.step(101.0))
 
     assert isinstance(result, Aggregate)
     expected = sum(updates[w].astype(np.float64) * examples[w] for w in WORKERS) / 100
@@ -127,7 +135,7 @@ def test_plain_caps_a_self_reported_example_count_at_max_examples(tmp_path: Path
         payload = np.full(NUMEL, float(value), dtype=np.float32).tobytes()
         _upload(aggregation, _header(w, payload, num_examples=claims[w]), payload, metrics)
 
-    result = aggregation.step(101.0)
+    result = _finished(aggregation.step(101.0))
 
     assert result is not None
     np.testing.assert_allclose(result.mean, np.full(NUMEL, 1.0, dtype=np.float32))
@@ -141,7 +149,7 @@ def test_plain_uniform_weighting_ignores_example_counts(tmp_path: Path, metrics:
         payload = np.full(NUMEL, float(value), dtype=np.float32).tobytes()
         _upload(aggregation, _header(w, payload, num_examples=10**6 if value == 2 else 1), payload, metrics)
 
-    result = aggregation.step(101.0)
+    result = _finished(aggregation.step(101.0))
 
     assert result is not None
     np.testing.assert_array_equal(result.mean, np.full(NUMEL, 1.0, dtype=np.float32))
@@ -191,7 +199,7 @@ def test_plain_at_the_deadline_commits_with_enough_updates_and_fails_below(
     _upload(short, _header("clinical", payload), payload, metrics)
 
     assert enough.step(149.0) is None  # before the deadline it waits for legal
-    result = enough.step(150.0)
+    result = _finished(enough.step(150.0))
     with pytest.raises(AggregationFailed, match="1 of 3 updates"):
         short.step(150.0)
 
@@ -309,7 +317,8 @@ class SecureSites:
                 if tamper is not None:
                     shares = tamper(w, shares)
                 self.aggregation.receive(w, self.params.tag, Reveal(tuple(shares)))
-        return self.aggregation.step(now)
+        closing = self.aggregation.step(now)
+        return None if closing is None else closing.finish()
 
     def expected(self, workers: tuple[str, ...]) -> np.ndarray:
         total = np.zeros(NUMEL + 1, dtype=np.uint32)

@@ -11,7 +11,7 @@ What the mean then becomes (FedAvg, a server optimizer, central noise) is the ru
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "Aggregator",
     "Ask",
     "AttemptPlan",
+    "Closing",
     "KeyShares",
     "Reveal",
     "RoundAggregation",
@@ -87,6 +88,15 @@ class Aggregate:
     completed from the honest shares: recorded with the round."""
 
 
+@dataclass(frozen=True)
+class Closing:
+    """An attempt that has all it waits for. `finish` computes its result (a mean over a 42M-element sum,
+    unmasking) and is called once, without the coordinator's lock; it raises AggregationFailed if the result
+    cannot be had (shares that do not reconstruct)."""
+
+    finish: Callable[[], Aggregate]
+
+
 class AggregationFailed(Exception):
     """The attempt cannot produce a mean; nothing of it is kept and the round is retried.
 
@@ -132,9 +142,13 @@ class RoundAggregation(abc.ABC):
     def open_upload(self, header: UploadHeader) -> UploadSink:
         """Check an upload's header against this attempt and return where its chunks go."""
 
+    def fold(self, header: UploadHeader, sink: UploadSink, received: Received) -> None:
+        """Fold a verified upload into the aggregate, without the coordinator's lock (it may take a while): guard
+        what `step` reads. Raising refuses the upload. The default folds nothing (what streams in is folded)."""
+
     @abc.abstractmethod
     def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
-        """Take a verified upload into the aggregate; return the weight to record for its train loss."""
+        """Take a verified (and folded) upload into the attempt; return the weight to record for its train loss."""
 
     def receive(self, worker: str, tag: int, message: SecureMessage) -> int:
         """Take a secure-aggregation message; return the bytes it carried."""
@@ -145,8 +159,9 @@ class RoundAggregation(abc.ABC):
         """`worker` left the run: stop waiting for it (what it already sent may still count)."""
 
     @abc.abstractmethod
-    def step(self, now: float) -> Aggregate | None:
-        """Close what is due; the mean once everything is in, else None. Raises AggregationFailed."""
+    def step(self, now: float) -> Closing | None:
+        """Close what is due; once everything is in, how to finish the attempt, else None. Raises
+        AggregationFailed."""
 
     @abc.abstractmethod
     def progress(self) -> Hashable:

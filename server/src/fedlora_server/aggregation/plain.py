@@ -8,6 +8,7 @@ accumulator, whatever the number of workers.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Hashable
 from pathlib import Path
@@ -19,7 +20,15 @@ import numpy.typing as npt
 from fedlora_common.aggregation import StreamingAccumulator
 from fedlora_common.blocks import group_mean, site_weights
 from fedlora_common.messages import TaskKind, UploadHeader, UploadKind
-from fedlora_server.aggregation.base import Aggregate, AggregationFailed, Aggregator, Ask, AttemptPlan, RoundAggregation
+from fedlora_server.aggregation.base import (
+    Aggregate,
+    AggregationFailed,
+    Aggregator,
+    Ask,
+    AttemptPlan,
+    Closing,
+    RoundAggregation,
+)
 from fedlora_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from fedlora_server.intake import Received, Spool, UploadSink
 from fedlora_server.metrics import ServerMetrics
@@ -69,6 +78,10 @@ class PlainRoundAggregation(RoundAggregation):
         self._done: set[str] = set()
         self._gone: set[str] = set()
         self._spools: dict[str, Spool] = {}
+        self._folding = threading.Lock()
+        """Held while an upload folds (outside the coordinator's lock) and while the mean is taken from the sum."""
+        self._closed = False
+        """The mean was taken: no fold may change the sum any more."""
 
     @property
     def deadline_at(self) -> float:
@@ -104,36 +117,51 @@ class PlainRoundAggregation(RoundAggregation):
         self._spools[header.worker_id] = spool
         return spool
 
-    def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
-        spool = self._spools.pop(header.worker_id)
+    def fold(self, header: UploadHeader, sink: UploadSink, received: Received) -> None:
+        """Fold the verified stream, whole, into the sum and its weights, with the coordinator's lock free."""
         started = time.perf_counter()
         examples = min(header.num_examples, self._max_examples)
         weight = 1.0 if self._weighting == "uniform" else float(examples)
-        try:
-            for offset, values in spool.slices(np.float32):
-                self.accumulator.add_slice(offset, values, weight)
-            self.accumulator.close_update(weight)
-            if plan_groups := self.plan.groups:
-                rank = self.plan.ranks.get(header.worker_id, plan_groups.rank)
-                self._group_weights += site_weights(plan_groups, site_rank=rank or 1, weight=weight)
-        finally:
-            spool.discard()
+        with self._folding:
+            spool = self._spools.pop(header.worker_id)
+            try:
+                if self._closed:
+                    raise FailedPrecondition("the round closed while the upload was streaming")
+                for offset, values in spool.slices(np.float32):
+                    self.accumulator.add_slice(offset, values, weight)
+                self.accumulator.close_update(weight)
+                if plan_groups := self.plan.groups:
+                    rank = self.plan.ranks.get(header.worker_id, plan_groups.rank)
+                    self._group_weights += site_weights(plan_groups, site_rank=rank or 1, weight=weight)
+            finally:
+                spool.discard()
+            self._done.add(header.worker_id)
         self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
-        self._done.add(header.worker_id)
-        return examples
+
+    def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
+        return min(header.num_examples, self._max_examples)
 
     def drop(self, worker: str) -> None:
         self._gone.add(worker)
 
-    def step(self, now: float) -> Aggregate | None:
-        """The mean once every participant still in the run uploaded, or at the deadline; never below min_updates."""
-        done, enough = self._done, len(self._done) >= self.plan.min_updates
-        waited_for = set(self.plan.participants) - self._gone
-        if enough and (waited_for <= done or now >= self.deadline_at):
-            return Aggregate(self._mean(), tuple(sorted(done)))
-        if now >= self.deadline_at:
-            raise AggregationFailed(f"{len(done)} of {len(self.plan.participants)} updates by the deadline")
-        return None
+    def step(self, now: float) -> Closing | None:
+        """The mean once every participant still in the run uploaded, or at the deadline; never below min_updates.
+        While an upload folds nothing closes: its end steps the attempt again."""
+        if not self._folding.acquire(blocking=False):
+            return None
+        try:
+            done, enough = self._done, len(self._done) >= self.plan.min_updates
+            waited_for = set(self.plan.participants) - self._gone
+            if enough and (waited_for <= done or now >= self.deadline_at):
+                self._closed = True  # the sum stands from here: the mean is taken from it without any lock
+                contributors = tuple(sorted(done))
+                return Closing(lambda: Aggregate(self._mean(), contributors))
+            if now >= self.deadline_at:
+                self._closed = True
+                raise AggregationFailed(f"{len(done)} of {len(self.plan.participants)} updates by the deadline")
+            return None
+        finally:
+            self._folding.release()
 
     def _mean(self) -> npt.NDArray[np.float32]:
         """FedAvg's weighted mean; under heterogeneous rank each rank index over the sites that trained it."""
@@ -143,6 +171,7 @@ class PlainRoundAggregation(RoundAggregation):
         return group_mean(self.accumulator.sums, plan.blocks, plan.groups, self._group_weights)
 
     def discard(self) -> None:
-        for spool in self._spools.values():
+        self._closed = True  # a fold still running refuses its upload
+        for spool in list(self._spools.values()):
             spool.discard()
         self._spools.clear()

@@ -32,6 +32,7 @@ from fedlora_server.aggregation.base import (
     Aggregator,
     Ask,
     AttemptPlan,
+    Closing,
     KeyShares,
     Reveal,
     RoundAggregation,
@@ -266,7 +267,7 @@ class SecureRoundAggregation(RoundAggregation):
     def drop(self, worker: str) -> None:
         self._secure.drop(worker)
 
-    def step(self, now: float) -> Aggregate | None:
+    def step(self, now: float) -> Closing | None:
         secure = self._secure
         if secure.faults:
             reason = "; ".join(f"{w} {why}" for w, why in sorted(secure.faults.items()))
@@ -285,8 +286,8 @@ class SecureRoundAggregation(RoundAggregation):
             elif stage == "masked":
                 self._revoke_open_streams()
                 secure.close_masked()
-            else:
-                return self._finish(now, members)
+            else:  # unmasking (self masks over the whole vector) runs once the coordinator's lock is free
+                return Closing(lambda: self._finish(now, members))
         except RoundFailed as exc:
             self._record_stage(stage, now, dropouts=len(members))
             raise AggregationFailed(str(exc)) from None

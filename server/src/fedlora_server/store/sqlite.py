@@ -233,7 +233,9 @@ class SqliteStore(CoordinatorStore):
             )
 
     def workers(self) -> list[WorkerRecord]:
-        rows = self._query("SELECT worker_id, num_examples, joined_at, left_reason, rank, base_precision FROM worker ORDER BY worker_id")
+        rows = self._query(
+            "SELECT worker_id, num_examples, joined_at, left_reason, rank, base_precision FROM worker ORDER BY worker_id"
+        )
         return [WorkerRecord(*row) for row in rows]  # type: ignore[arg-type]
 
     def save_round(self, record: RoundRecord) -> None:
