@@ -486,6 +486,59 @@ def test_a_run_whose_targets_match_only_part_of_the_model_is_refused_at_join_and
     assert report["rounds"] == []
 
 
+@pytest.mark.parametrize(
+    ("site", "message"),
+    [
+        (
+            "lora:\n  max_rank: 2\n",
+            "rank 2: this run trains rank 4 at every site; a site of less rank takes part only in a run with "
+            "aggregation: hetlora",
+        ),
+        (
+            "base_precision: nf4\n",
+            "base_precision 'nf4': this run allows bfloat16, float32 (run.yaml base_precisions); set one of them in "
+            "worker.yaml",
+        ),
+    ],
+    ids=["rank-below-the-runs-without-hetlora", "precision-the-run-does-not-allow"],
+)
+def test_a_site_whose_rank_or_precision_the_run_does_not_admit_exits_2_in_one_line_at_the_join(
+    tmp_path: Path, tiny_base_model: Path, site: str, message: str
+) -> None:
+    # Prepare: a plain fedavg LoRA run of rank 4; the site asks for less rank, or a 4-bit base.
+    settings = RunSettings.model_validate(
+        {
+            "run_id": "unequal",
+            "base_model": str(tiny_base_model),
+            "min_workers": 1,
+            "workers": [{"id": "clinical", "token_sha256": hashlib.sha256(b"s3cret").hexdigest()}],
+            "secure_aggregation": {"enabled": False},
+            "state_dir": tmp_path / "coordinator",
+            "lora": {"rank": 4, "alpha": 8},
+            "listen": {"port": 0, "metrics_port": None},
+            "timeouts": {"poll_wait_ms": 20},
+        }
+    )
+    with CoordinatorServer(settings=settings) as server:
+        config = worker_yaml(
+            tmp_path, tiny_base_model, [text_file(tmp_path / "train.jsonl")], coordinator=f"127.0.0.1:{server.port}"
+        )
+        config.write_text(config.read_text() + site)
+
+        # Execute
+        result = fedlora_worker("--config", str(config), timeout=300)
+        report = json.loads(server.write_report()[0].read_text())
+
+    # Assert: exit 2 and one line saying what the run admits; the site never joined, nothing trained.
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        result.stderr.splitlines()[-1] == f"fedlora-worker: the coordinator refused: join: PERMISSION_DENIED: {message}"
+    )
+    assert "Traceback" not in result.stderr
+    assert report["workers"] == []
+    assert report["rounds"] == []
+
+
 def test_a_metrics_port_in_use_is_one_line_naming_it_and_exit_2(tmp_path: Path, tiny_base_model: Path) -> None:
     # Prepare: a site whose checks all pass, and its metrics port taken by another program.
     config = worker_yaml(tmp_path, tiny_base_model, [text_file(tmp_path / "train.jsonl")])

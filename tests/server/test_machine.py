@@ -315,7 +315,7 @@ def test_a_site_whose_rank_or_precision_the_run_does_not_allow_is_refused_at_joi
         clock=clock,
     )
 
-    with pytest.raises(FailedPrecondition) as caught:
+    with pytest.raises(PermissionDenied) as caught:
         coordinator.join("clinical", 100, **join)
 
     assert str(caught.value) == message

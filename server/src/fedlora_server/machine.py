@@ -66,7 +66,7 @@ class PhaseMachine(RunTransitions):
         check_count("num_examples", num_examples, low=1)
         rank = self._site_rank(rank)
         if base_precision and base_precision not in self._run_spec.allowed_precisions:
-            raise FailedPrecondition(
+            raise PermissionDenied(
                 f"base_precision {base_precision!r}: this run allows {', '.join(self._run_spec.allowed_precisions)} "
                 "(run.yaml base_precisions); set one of them in worker.yaml"
             )
@@ -81,12 +81,13 @@ class PhaseMachine(RunTransitions):
             return self._run_spec
 
     def _site_rank(self, asked: int) -> int:
-        """The rank a joining site trains: the run's unless it asked for less, which only hetlora allows."""
+        """The rank a joining site trains: the run's unless it asked for less, which only hetlora allows (a site the
+        run does not admit as configured: PERMISSION_DENIED, on which a worker exits 2)."""
         spec = self._run_spec
         if spec.mode == "full" or asked == 0 or asked >= spec.lora.rank:
             return spec.lora.rank
         if spec.aggregation != "hetlora":
-            raise FailedPrecondition(
+            raise PermissionDenied(
                 f"rank {asked}: this run trains rank {spec.lora.rank} at every site; a site of less rank takes part "
                 "only in a run with aggregation: hetlora"
             )

@@ -188,12 +188,20 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f}"
 
 
+def _site(worker: dict[str, Any]) -> str:
+    """A site by id, with the rank and base precision it said it trains at, where it said them."""
+    profile = [f"rank {worker['rank']}"] if worker.get("rank") else []
+    profile += [worker["base_precision"]] if worker.get("base_precision") else []
+    return f"{worker['id']} ({', '.join(profile)})" if profile else str(worker["id"])
+
+
 def _run_table(report: dict[str, Any]) -> Table:
     """The run's settings as notes, then one row per round."""
     lora = report["lora"]
     notes = (
         f"mode: **{report['mode']}**, aggregation: **{report['aggregation']}**, "
-        f"secure aggregation: **{'on' if report['secure_aggregation'] else 'off'}**",
+        f"secure aggregation: **{'on' if report['secure_aggregation'] else 'off'}**"
+        + (f", server optimizer: **{o['name']}** (lr {o['lr']:g})" if (o := report["server_optimizer"]) else ""),
         f"base model: `{report['base_model']}`"
         + (f"; LoRA rank {lora['rank']}, alpha {lora['alpha']}, targets {', '.join(lora['targets'])}" if lora else ""),
         *(
@@ -201,7 +209,7 @@ def _run_table(report: dict[str, Any]) -> Table:
             if lora and lora["adapted_modules"]
             else []
         ),
-        f"workers: {', '.join(w['id'] for w in report['workers'])}",
+        f"workers: {', '.join(_site(w) for w in report['workers'])}",
         f"base model held-out loss: **{_fmt(report['base_eval_loss'])}**",
         f"final adapter: `{report['adapter_path']}`",
         *([f"**run failed**: {report['failure']}"] if report["failure"] else []),
