@@ -329,3 +329,20 @@ def test_the_routed_experts_train_under_the_default_targets(tmp_path: Path, tiny
     assert all(p.requires_grad for p in experts.values())
     # B starts at zero, so A's first gradient is zero too: the loss reaches every expert's B
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in experts.items() if ".lora_B." in n)
+
+
+def test_heterogeneous_rank_on_fused_experts_is_refused_in_one_line_naming_what_to_set(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    (family,) = [f for f in FAMILIES if f.name == "mixtral"]
+    base = make_family_model(family, tmp_path / "base", tiny_base_model)
+    run = tiny_run("lora", lora=LoraSpec(rank=4, alpha=8, dropout=0.0), aggregation="hetlora")
+
+    with pytest.raises(SiteMismatch) as refused:
+        load_model(run, SiteModel(path=str(base)))
+
+    message = str(refused.value)
+    assert message.startswith("aggregation: hetlora, but tensor ")
+    assert "experts" in message
+    assert message.endswith("use aggregation fedavg for this model")
+    assert "\n" not in message

@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from fedlora_common.blocks import pad_to_rank, truncate_to_rank
+from fedlora_common.blocks import block_groups, pad_to_rank, truncate_to_rank
 from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.plans import ALL_LINEAR, BasePrecision, LoraSpec, Mode, RunSpec
 from fedlora_common.settings import StrictModel
@@ -245,6 +245,11 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
         adapted = tuple(name.removeprefix("base_model.model.") for name in _adapter_modules(model))
     shapes = {name: tuple(t.shape) for name, t in (held or _global_tensors(model, run.mode)).items()}
     manifest = Manifest(tuple(TensorSpec(name, shape) for name, shape in shapes.items()))
+    if run.aggregation == "hetlora":
+        try:
+            block_groups(manifest, rank=run.lora.rank, heterogeneous=True)
+        except ValueError as exc:
+            raise SiteMismatch(f"aggregation: hetlora, but {exc}") from None
     _log_trainable(model, run, adapted)
     loaded = LoadedModel(
         model=model,

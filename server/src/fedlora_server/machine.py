@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import structlog
 
+from fedlora_common.blocks import block_groups
 from fedlora_common.manifest import Manifest
 from fedlora_common.messages import MetricsReport, RunSpec, Task, TaskKind, UploadHeader, UploadKind
 from fedlora_server.aggregation import (
@@ -271,6 +272,11 @@ class PhaseMachine(RunTransitions):
             if header.manifest is None or not header.manifest.tensors or not header.artifact_config_json:
                 raise InvalidArgument("an initial upload needs a manifest and an artifact config")
             check_initial_manifest(header.manifest)
+            if self._settings.aggregation == "hetlora":  # every LoRA tensor must have a rank axis to pad
+                try:
+                    block_groups(header.manifest, rank=self._settings.lora.rank, heterogeneous=True)
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
             check_artifact_config(header.artifact_config_json)
             if header.total_size != header.manifest.nbytes:
                 raise InvalidArgument(
