@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -80,13 +80,16 @@ def test_planned_bytes_equal_what_bench_comm_counts_on_the_built_messages(
     assert planned.down_bytes == measured.down_bytes
 
 
-def saved_bytes(path: Path, mode: Mode, lora: LoraSpec, *, tokens: int, checkpointing: bool) -> int:
-    """Bytes autograd keeps from a training forward of one row of `tokens` (bf16 autocast, bf16 base
-    for (Q)LoRA), as the planner assumes a GPU runs it: parameters excluded, each storage once."""
+def saved_bytes(
+    path: Path, mode: Mode, lora: LoraSpec, *, tokens: int, checkpointing: bool, dtype: str | None = None
+) -> int:
+    """Bytes autograd keeps from a training forward of one row of `tokens` (bf16 autocast; the base in `dtype`,
+    by default bf16 for (Q)LoRA), as the planner assumes a GPU runs it: parameters excluded, each storage once."""
     run = RunSpec(run_id="r", mode=mode, aggregation="fedavg", base_model="b", lora=lora, total_rounds=1, seed=0)
-    model = load_model(run, SiteModel(path=str(path), dtype="float32" if mode == "full" else "bfloat16")).model
+    dtype = dtype or ("float32" if mode == "full" else "bfloat16")
+    model = load_model(run, SiteModel(path=str(path), dtype=dtype)).model  # type: ignore[arg-type]
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        cast(Any, model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-import torch
 
-from fedlora_common.plans import LoraSpec, RunSpec
+from fedlora_common.plans import LoraSpec
 from fedlora_lab.plan import largest_fitting_rank, memory, meta_model, model_config, rank_ladder
-from fedlora_worker.modeling import SiteModel, load_model
-from fedlora_worker.training import token_losses
 from tests.lab import test_plan
-from tests.lab.test_plan import ACTIVATIONS_WITHIN, run_plan
+from tests.lab.test_plan import ACTIVATIONS_WITHIN, run_plan, saved_bytes
 
 comm, block_llama = test_plan.comm, test_plan.block_llama  # test_plan's fixtures: its three-block Llama on disk
 Plan = dict[str, Any]
@@ -154,31 +151,6 @@ def test_rank_auto_that_nothing_fits_shows_the_least_rank_not_fitting(
     assert (sites(plan)["tiny"]["rank"], sites(plan)["tiny"]["fits"]) == (4, False)
 
 
-def kept_by_autograd(path: Path, lora: LoraSpec, *, tokens: int, checkpointing: bool) -> int:
-    """Bytes autograd keeps from a LoRA training forward on a float32 base under bf16 autocast, parameters
-    excluded, each storage once (test_plan.saved_bytes counts the bf16 base the same way)."""
-    run = RunSpec(run_id="r", mode="lora", aggregation="fedavg", base_model="b", lora=lora, total_rounds=1, seed=0)
-    model = load_model(run, SiteModel(path=str(path), dtype="float32")).model
-    if checkpointing:
-        cast(Any, model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    ids = torch.randint(3, 500, (1, tokens), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=ids, use_cache=False).logits
-        token_losses(logits, ids)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_float32_base_counts_what_autograd_keeps(block_llama: Path, checkpointing: bool) -> None:
     lora = LoraSpec(rank=8, dropout=0.0)
@@ -187,7 +159,7 @@ def test_a_float32_base_counts_what_autograd_keeps(block_llama: Path, checkpoint
         meta_model(name, config, "lora", lora, "fedavg"), "lora", lora, seq_len=512, micro_batch=1, precision="float32"
     )
 
-    counted = kept_by_autograd(block_llama, lora, tokens=512, checkpointing=checkpointing)
+    counted = saved_bytes(block_llama, "lora", lora, tokens=512, checkpointing=checkpointing, dtype="float32")
 
     estimate = planned.activations_checkpointed if checkpointing else planned.activations
     assert counted * (1 - ACTIVATIONS_WITHIN) <= estimate <= counted * (1 + ACTIVATIONS_WITHIN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -322,10 +323,17 @@ def test_a_site_whose_rank_or_precision_the_run_does_not_allow_is_refused_at_joi
     assert coordinator.phase == "admission"
 
 
-def test_requests_are_answered_while_a_version_is_written_and_the_round_moves_on_once_it_stands(
-    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Prepare: a commit whose write blocks until released (a slow disk), as the last upload closes round 1.
+@dataclass
+class SlowDisk:
+    """Round 1 with all but the last update in, and a version write that blocks until `release` is set."""
+
+    writing: threading.Event
+    release: threading.Event
+    delta: np.ndarray
+
+
+@pytest.fixture
+def slow_disk(coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch) -> SlowDisk:
     initialized(coordinator)
     versions = coordinator._versions
     writing, release = threading.Event(), threading.Event()
@@ -340,6 +348,14 @@ def test_requests_are_answered_while_a_version_is_written_and_the_round_moves_on
     delta = np.ones(MANIFEST.numel, dtype=np.float32)
     for w in WORKERS[:-1]:
         coordinator.receive_upload(upload_header(w, delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta))
+    return SlowDisk(writing, release, delta)
+
+
+def test_requests_are_answered_while_a_version_is_written_and_the_round_moves_on_once_it_stands(
+    coordinator: Coordinator, slow_disk: SlowDisk
+) -> None:
+    # Prepare: a commit whose write blocks until released (a slow disk), as the last upload closes round 1.
+    writing, release, delta = slow_disk.writing, slow_disk.release, slow_disk.delta
     last = WORKERS[-1]
     uploader = threading.Thread(
         target=coordinator.receive_upload,
@@ -371,22 +387,9 @@ def test_requests_are_answered_while_a_version_is_written_and_the_round_moves_on
 
 
 def test_an_operator_stop_during_the_write_ends_the_run_once_the_version_stands(
-    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+    coordinator: Coordinator, slow_disk: SlowDisk
 ) -> None:
-    initialized(coordinator)
-    versions = coordinator._versions
-    writing, release = threading.Event(), threading.Event()
-    commit_update = versions.commit_update
-
-    def slow_commit(*args: object, **kwargs: object) -> object:
-        writing.set()
-        assert release.wait(30)
-        return commit_update(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(versions, "commit_update", slow_commit)
-    delta = np.ones(MANIFEST.numel, dtype=np.float32)
-    for w in WORKERS[:-1]:
-        coordinator.receive_upload(upload_header(w, delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta))
+    writing, release, delta = slow_disk.writing, slow_disk.release, slow_disk.delta
     uploader = threading.Thread(
         target=coordinator.receive_upload,
         args=(upload_header(WORKERS[-1], delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta)),

@@ -63,7 +63,6 @@ class Strategy(abc.ABC):
         """The state before the first round, over an update of `numel` elements."""
         return {}
 
-    @abc.abstractmethod
     def next_state(
         self,
         global_vector: Vector,
@@ -76,10 +75,12 @@ class Strategy(abc.ABC):
     ) -> tuple[Vector, OptimizerState]:
         """The next global vector and state, from the current ones and the round's mean update (over
         `update_manifest`, scattered into `manifest` by name) of `contributors` updates."""
+        step, state = self.step(mean_delta, state, contributors=contributors)
+        return apply_update(global_vector, manifest, update_manifest, step), state
 
-
-def _stepped(global_vector: Vector, manifest: Manifest, update_manifest: Manifest, step: Moment) -> Vector:
-    return apply_update(global_vector, manifest, update_manifest, step.astype(np.float32))
+    @abc.abstractmethod
+    def step(self, mean_delta: Vector, state: OptimizerState, *, contributors: int) -> tuple[Vector, OptimizerState]:
+        """What to add to the global model's updated elements, and the next state."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,17 +89,8 @@ class FedAvg(Strategy):
 
     weighting: Weighting
 
-    def next_state(
-        self,
-        global_vector: Vector,
-        manifest: Manifest,
-        update_manifest: Manifest,
-        mean_delta: Vector,
-        state: OptimizerState,
-        *,
-        contributors: int,
-    ) -> tuple[Vector, OptimizerState]:
-        return apply_update(global_vector, manifest, update_manifest, mean_delta), state
+    def step(self, mean_delta: Vector, state: OptimizerState, *, contributors: int) -> tuple[Vector, OptimizerState]:
+        return mean_delta, state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,18 +105,9 @@ class FedAvgM(Strategy):
     def fresh_state(self, numel: int) -> OptimizerState:
         return {"m": np.zeros(numel, dtype=np.float64)}
 
-    def next_state(
-        self,
-        global_vector: Vector,
-        manifest: Manifest,
-        update_manifest: Manifest,
-        mean_delta: Vector,
-        state: OptimizerState,
-        *,
-        contributors: int,
-    ) -> tuple[Vector, OptimizerState]:
+    def step(self, mean_delta: Vector, state: OptimizerState, *, contributors: int) -> tuple[Vector, OptimizerState]:
         m = momentum(state["m"], mean_delta, beta1=self.beta1)
-        return _stepped(global_vector, manifest, update_manifest, self.lr * m), {"m": m}
+        return (self.lr * m).astype(np.float32), {"m": m}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,20 +127,10 @@ class FedAdam(Strategy):
     def second_moment(self, v: Moment, delta: Vector) -> Moment:
         return adam_second_moment(v, delta, beta2=self.beta2)
 
-    def next_state(
-        self,
-        global_vector: Vector,
-        manifest: Manifest,
-        update_manifest: Manifest,
-        mean_delta: Vector,
-        state: OptimizerState,
-        *,
-        contributors: int,
-    ) -> tuple[Vector, OptimizerState]:
+    def step(self, mean_delta: Vector, state: OptimizerState, *, contributors: int) -> tuple[Vector, OptimizerState]:
         m = first_moment(state["m"], mean_delta, beta1=self.beta1)
         v = self.second_moment(state["v"], mean_delta)
-        step = adaptive_step(m, v, lr=self.lr, tau=self.tau)
-        return _stepped(global_vector, manifest, update_manifest, step), {"m": m, "v": v}
+        return adaptive_step(m, v, lr=self.lr, tau=self.tau).astype(np.float32), {"m": m, "v": v}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,16 +180,7 @@ class CentralNoise(Strategy):
     def fresh_state(self, numel: int) -> OptimizerState:
         return self.inner.fresh_state(numel)
 
-    def next_state(
-        self,
-        global_vector: Vector,
-        manifest: Manifest,
-        update_manifest: Manifest,
-        mean_delta: Vector,
-        state: OptimizerState,
-        *,
-        contributors: int,
-    ) -> tuple[Vector, OptimizerState]:
+    def step(self, mean_delta: Vector, state: OptimizerState, *, contributors: int) -> tuple[Vector, OptimizerState]:
         std = self.noise_multiplier * self.clip_norm / contributors
         noised = (mean_delta + central_noise(mean_delta.size, std=std, rng=self._rng())).astype(np.float32)
-        return self.inner.next_state(global_vector, manifest, update_manifest, noised, state, contributors=contributors)
+        return self.inner.step(noised, state, contributors=contributors)
