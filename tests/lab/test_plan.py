@@ -87,7 +87,7 @@ def saved_bytes(
     by default bf16 for (Q)LoRA), as the planner assumes a GPU runs it: parameters excluded, each storage once."""
     run = RunSpec(run_id="r", mode=mode, aggregation="fedavg", base_model="b", lora=lora, total_rounds=1, seed=0)
     dtype = dtype or ("float32" if mode == "full" else "bfloat16")
-    model = load_model(run, SiteModel(path=str(path), dtype=dtype)).model  # type: ignore[arg-type]
+    model = load_model(run, SiteModel(path=str(path), dtype=dtype)).model
     if checkpointing:
         cast(Any, model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
