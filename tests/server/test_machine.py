@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -406,3 +407,55 @@ def test_an_operator_stop_during_the_write_ends_the_run_once_the_version_stands(
     assert coordinator.phase == "finished"
     assert coordinator._versions.current is not None
     assert coordinator._versions.current.number == 1  # the version written stands
+
+
+def test_held_polls_of_every_worker_hear_at_once_that_a_written_round_is_under_evaluation(
+    coordinator: Coordinator,
+) -> None:
+    # Prepare: round 1 with two updates in; the other workers' polls held (long) while the last one closes it.
+    initialized(coordinator)
+    delta = np.ones(MANIFEST.numel, dtype=np.float32)
+    for w in WORKERS[:-1]:
+        coordinator.receive_upload(upload_header(w, delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta))
+    answers: dict[str, tuple[TaskKind, float]] = {}
+
+    def held(worker: str) -> None:
+        task = coordinator.poll(worker, hold_s=30.0)
+        answers[worker] = (task.kind, time.monotonic())
+
+    pollers = [threading.Thread(target=held, args=(w,)) for w in WORKERS[:-1]]
+    for poller in pollers:
+        poller.start()
+    time.sleep(0.2)  # both held
+
+    # Execute: the last upload closes the round; its own thread writes the version.
+    coordinator.receive_upload(upload_header(WORKERS[-1], delta, round_=1, kind=UploadKind.DELTA), vector_chunks(delta))
+    written = time.monotonic()
+    for poller in pollers:
+        poller.join(30)
+
+    # Assert: each held poll answered EVALUATE when the version stood, not when its 30 s hold ran out.
+    assert {w: kind for w, (kind, _) in answers.items()} == dict.fromkeys(WORKERS[:-1], TaskKind.EVALUATE)
+    assert all(at - written < 10 for _, at in answers.values())
+
+
+def test_held_polls_hear_at_once_that_the_initial_model_is_under_evaluation(coordinator: Coordinator) -> None:
+    for w in WORKERS:
+        coordinator.join(w, 100)
+    assert coordinator.poll("clinical").kind is TaskKind.INITIALIZE
+    answers: list[tuple[TaskKind, float]] = []
+    poller = threading.Thread(
+        target=lambda: answers.append((coordinator.poll("legal", hold_s=30.0).kind, time.monotonic()))
+    )
+    poller.start()
+    time.sleep(0.2)
+
+    vector = initial_vector()
+    coordinator.receive_upload(
+        upload_header("clinical", vector, round_=0, kind=UploadKind.INITIAL), vector_chunks(vector)
+    )
+    uploaded = time.monotonic()
+    poller.join(30)
+
+    assert [kind for kind, _ in answers] == [TaskKind.EVALUATE]
+    assert answers[0][1] - uploaded < 10

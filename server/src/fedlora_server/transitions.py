@@ -273,15 +273,20 @@ class RunTransitions:
         """The lock, for one request's part in the run; once released, the commit its transitions left due.
 
         A commit writes and fsyncs the next version (about a second at 42M parameters): under the lock every
-        poll, health check and upload would wait behind it. Nested uses settle at the outermost only.
+        poll, health check and upload would wait behind it. Nested uses settle at the outermost only. Whatever
+        moved the run meanwhile (a transition of `_advance`, or one a request made itself, like the initial
+        upload's), held polls hear of it.
         """
         depth = getattr(self._depth, "count", 0)
         with self._lock:
             self._depth.count = depth + 1
+            before = self._state_key()
             try:
                 yield
             finally:
                 self._depth.count = depth
+                if self._state_key() != before:
+                    self._moved()
         if depth == 0:
             self._settle()
 
@@ -314,6 +319,7 @@ class RunTransitions:
         with self._lock:
             self._written(phase, result, model, fault)
             self._advance()
+            self._moved()  # the commit phase is over, whatever follows it
 
     def _written(
         self, phase: Committing, result: Aggregate | None, model: GlobalModel | None, fault: Exception | None

@@ -126,6 +126,34 @@ def test_plain_yields_the_example_weighted_mean_once_every_participant_uploaded(
     assert list(tmp_path.iterdir()) == []  # spools are gone once folded
 
 
+@pytest.mark.parametrize("now", [101.0, 10_000.0], ids=["all-in", "past-the-deadline"])
+def test_plain_does_not_close_while_a_folded_update_waits_to_be_accepted(
+    tmp_path: Path, metrics: ServerMetrics, now: float
+) -> None:
+    # Prepare: two updates in; the third folded (outside the coordinator's lock) but not yet accepted.
+    aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
+        PLAN
+    )
+    payloads = {w: np.full(NUMEL, float(i + 1), dtype=np.float32).tobytes() for i, w in enumerate(WORKERS)}
+    for w in WORKERS[:-1]:
+        _upload(aggregation, _header(w, payloads[w]), payloads[w], metrics)
+    last = WORKERS[-1]
+    header = _header(last, payloads[last])
+    sink = aggregation.open_upload(header)
+    received = receive(header, _chunks(payloads[last]), sink, chunk_bytes=CHUNK, metrics=metrics)
+    aggregation.fold(header, sink, received)
+
+    # Execute: another request steps the attempt in between, then the upload is accepted.
+    between = aggregation.step(now)
+    aggregation.accept(header, sink, received)
+    result = _finished(aggregation.step(now))
+
+    # Assert: nothing closed in between; what closes counts the third update, and says so.
+    assert between is None
+    assert result.contributors == WORKERS
+    np.testing.assert_allclose(result.mean, np.full(NUMEL, 2.0, dtype=np.float32))
+
+
 def test_plain_caps_a_self_reported_example_count_at_max_examples(tmp_path: Path, metrics: ServerMetrics) -> None:
     aggregation = PlainAggregator(weighting="examples", max_examples=1000, spool_dir=tmp_path, metrics=metrics).open(
         PLAN

@@ -76,6 +76,9 @@ class PlainRoundAggregation(RoundAggregation):
         self._spool_dir = spool_dir
         self._metrics = metrics
         self._done: set[str] = set()
+        """Updates folded and accepted (booked under the coordinator's lock)."""
+        self._folded: set[str] = set()
+        """Updates in the sum; one not yet in `_done` is between its fold and its acceptance."""
         self._gone: set[str] = set()
         self._spools: dict[str, Spool] = {}
         self._folding = threading.Lock()
@@ -135,10 +138,11 @@ class PlainRoundAggregation(RoundAggregation):
                     self._group_weights += site_weights(plan_groups, site_rank=rank or 1, weight=weight)
             finally:
                 spool.discard()
-            self._done.add(header.worker_id)
+            self._folded.add(header.worker_id)
         self._metrics.aggregation_seconds.labels(step="fold").observe(time.perf_counter() - started)
 
     def accept(self, header: UploadHeader, sink: UploadSink, received: Received) -> int:
+        self._done.add(header.worker_id)
         return min(header.num_examples, self._max_examples)
 
     def drop(self, worker: str) -> None:
@@ -146,10 +150,13 @@ class PlainRoundAggregation(RoundAggregation):
 
     def step(self, now: float) -> Closing | None:
         """The mean once every participant still in the run uploaded, or at the deadline; never below min_updates.
-        While an upload folds nothing closes: its end steps the attempt again."""
+        While an upload folds, or waits to be accepted after its fold, nothing closes: its acceptance steps the
+        attempt again (an update in the sum is always one the round books, and whose sender hears it counted)."""
         if not self._folding.acquire(blocking=False):
             return None
         try:
+            if self._folded - self._done:
+                return None
             done, enough = self._done, len(self._done) >= self.plan.min_updates
             waited_for = set(self.plan.participants) - self._gone
             if enough and (waited_for <= done or now >= self.deadline_at):
