@@ -11,7 +11,8 @@ bytes over loopback, each in its own process:
   vectors that the coordinator folds into its modular sum as the chunks arrive (no spool, no
   second pass); after the receipts they reveal their shares and the round commits;
 * the sink: a bare gRPC server with the same options whose UploadUpdate decodes the same
-  messages and drops them, the most any gRPC Python server could ingest on this machine.
+  messages and drops them, the most any gRPC Python server could ingest on this machine (its
+  DownloadGlobal streams `--download-bytes` in 1 MiB chunks, for bench/rounds.py).
 
 Rate = N x payload / (first byte -> last receipt); the ratio coordinator/sink is what to read,
 both are measured in the same run, alternately, and the median of the repeats is reported. The
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,15 +129,36 @@ def _drop_upload(requests: Iterator[pb.UploadMessage], context: grpc.ServicerCon
     return pb.UploadReceipt(round=1, bytes_received=received)
 
 
-def start_sink() -> grpc.Server:
-    """A server, not yet bound, whose UploadUpdate decodes every message of the stream and drops it."""
+def _send_download(
+    download_bytes: int,
+) -> Callable[[pb.DownloadRequest, grpc.ServicerContext], Iterator[pb.DownloadChunk]]:
+    """DownloadGlobal of `download_bytes` bytes: a header, then chunks of CHUNK_BYTES, each one message."""
+    block = np.random.default_rng(0).bytes(CHUNK_BYTES)
+
+    def send(request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
+        yield pb.DownloadChunk(header=pb.DownloadHeader(chunk_count=chunk_count(download_bytes, CHUNK_BYTES)))
+        for seq, start in enumerate(range(0, download_bytes, CHUNK_BYTES)):
+            yield pb.DownloadChunk(chunk=pb.Chunk(seq=seq, data=block[: min(CHUNK_BYTES, download_bytes - start)]))
+
+    return send
+
+
+def start_sink(download_bytes: int = 0) -> grpc.Server:
+    """A server, not yet bound, whose UploadUpdate decodes every message of the stream and drops it, and whose
+    DownloadGlobal streams `download_bytes` bytes whatever the request."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
-    handler = grpc.stream_unary_rpc_method_handler(
+    upload = grpc.stream_unary_rpc_method_handler(
         _drop_upload,
         request_deserializer=pb.UploadMessage.FromString,
         response_serializer=pb.UploadReceipt.SerializeToString,
     )
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {"UploadUpdate": handler})])
+    download = grpc.unary_stream_rpc_method_handler(
+        _send_download(download_bytes),
+        request_deserializer=pb.DownloadRequest.FromString,
+        response_serializer=pb.DownloadChunk.SerializeToString,
+    )
+    handlers = {"UploadUpdate": upload, "DownloadGlobal": download}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
     return server
 
 
@@ -149,9 +171,9 @@ def serve_coordinator(settings_file: Path) -> None:
     coordinator.shutdown()
 
 
-def serve_sink() -> None:
-    """Child process: run the sink, print its port, and stop when stdin closes."""
-    sink = start_sink()
+def serve_sink(download_bytes: int = 0) -> None:
+    """Child process: run the sink (its downloads `download_bytes` long), print its port, and stop when stdin closes."""
+    sink = start_sink(download_bytes)
     port = sink.add_insecure_port("127.0.0.1:0")
     sink.start()
     print(port, flush=True)
@@ -496,9 +518,10 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=None, help="fixed HTTP/2 stream window in bytes")
     parser.add_argument("--serve", choices=("coordinator", "sink"), help=argparse.SUPPRESS)
     parser.add_argument("--settings", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--download-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve == "sink":
-        serve_sink()
+        serve_sink(args.download_bytes)
         return
     if args.serve == "coordinator":
         serve_coordinator(args.settings)

@@ -27,10 +27,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import yaml
@@ -41,6 +42,7 @@ from fedlora_common.plans import LoraSpec
 from fedlora_common.secagg import KeyPair, identity_keypair, quantize
 from fedlora_lab.model_factory import LabModelConfig, cached_model
 from fedlora_worker.config import RetrySettings
+from fedlora_worker.coordinator import DownloadedModel, StaleTask, TransferError
 from fedlora_worker.modeling import SiteModel, artifact_config_json, global_state, load_model
 from fedlora_worker.secagg_session import WorkerSession
 from fedlora_worker.transport import CoordinatorClient
@@ -98,39 +100,86 @@ def _run_yaml(where: Path, state: Path, identities: dict[str, KeyPair], tokens: 
     return path
 
 
+@dataclass
+class RoundTimes:
+    """One round as a numpy worker saw it: wall-clock times (time.time(), comparable with the coordinator's log)."""
+
+    train_at: float
+    """When its TRAIN task arrived (the first time, if the round's attempt was retried)."""
+    evaluate_at: float | None = None
+    """When its EVALUATE task for the version this round committed arrived."""
+    compute_s: float = 0.0
+    """Wall seconds in its own compute (delta, quantize, session advertise/share/mask/reveal); no RPC."""
+    marks: dict[str, float] = field(default_factory=dict)
+    """When each later step ended or task arrived, the first time: 'downloaded', 'SECAGG_SHARE_KEYS', 'uploaded'..."""
+
+
 class NumpyWorker:
-    """A site without a model: joins, answers every task, sends a fixed random delta each round."""
+    """A site without a model: joins, answers every task, sends a fixed random delta each round.
+
+    On TRAIN it downloads the task's global version (unless it holds it), as the daemon's `_sync` does;
+    then, plain (the task has no secagg plan), it uploads its float32 delta; secure, it quantizes it and
+    takes the secure stages. `times` holds what it saw of each round. A task the coordinator no longer
+    holds (StaleTask, TransferError) is abandoned, as the daemon does; `abandoned` says which.
+    """
 
     def __init__(
-        self, worker: str, client: CoordinatorClient, identities: dict[str, KeyPair], adapter: Adapter, seed: int
+        self,
+        worker: str,
+        client: CoordinatorClient,
+        identities: dict[str, KeyPair],
+        adapter: Adapter,
+        seed: int,
+        run_id: str = RUN,
     ) -> None:
         self.worker = worker
         self.client = client
         self.identities = identities
         self.adapter = adapter
+        self.run_id = run_id
         self.delta = np.random.default_rng(seed).normal(0, 1e-3, adapter.initial.size)
         self.session: WorkerSession | None = None
         self.encoded: np.ndarray | None = None
+        self.held: DownloadedModel | None = None
+        self.times: dict[int, RoundTimes] = {}
+        self.abandoned: list[str] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             self.client.join(100)
             while True:
-                task = self.client.poll(RUN)
+                task = self.client.poll(self.run_id)
                 if task.kind is TaskKind.FINISHED:
                     return
-                self._do(task)
+                try:
+                    self._do(task)
+                except (StaleTask, TransferError) as exc:  # as the daemon does: the round moved on, poll again
+                    self.abandoned.append(f"round {task.round} {task.kind.name}: {exc}")
         except BaseException as exc:  # reported by main
             self.error = exc
 
+    def _mark(self, round_: int, name: str) -> None:
+        if round_ in self.times:
+            self.times[round_].marks.setdefault(name, time.time())
+
+    @contextmanager
+    def _computing(self, round_: int) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[round_].compute_s += time.perf_counter() - started
+
     def _do(self, task: Task) -> None:
-        client, secagg = self.client, task.secagg
+        client, secagg, run = self.client, task.secagg, self.run_id
+        if task.kind is not TaskKind.WAIT:
+            self._mark(task.round, task.kind.name)
         if task.kind is TaskKind.WAIT:
             time.sleep(0.01)
         elif task.kind is TaskKind.INITIALIZE:
             client.upload(
-                run_id=RUN,
+                run_id=run,
                 round_=0,
                 kind=UploadKind.INITIAL,
                 base_version=0,
@@ -141,45 +190,123 @@ class NumpyWorker:
             )
         elif task.kind is TaskKind.EVALUATE:
             assert task.global_version is not None
-            report = MetricsReport(self.worker, RUN, task.round, task.global_version.version, 3.0, 100)
+            if task.round in self.times:
+                self.times[task.round].evaluate_at = self.times[task.round].evaluate_at or time.time()
+            report = MetricsReport(self.worker, run, task.round, task.global_version.version, 3.0, 100)
             client.report(report)
         elif task.kind is TaskKind.TRAIN:
-            assert secagg is not None
+            version = task.global_version
+            assert version is not None
+            self.times.setdefault(task.round, RoundTimes(train_at=time.time()))
+            if self.held is None or self.held.version.sha256 != version.sha256:
+                self.held = client.download(run, version)
+            self._mark(task.round, "downloaded")
+            if secagg is None:
+                with self._computing(task.round):
+                    delta = self.delta.astype(np.float32)
+                try:
+                    client.upload(
+                        run_id=run,
+                        round_=task.round,
+                        kind=UploadKind.DELTA,
+                        base_version=version.version,
+                        num_examples=100,
+                        vector=delta,
+                    )
+                finally:
+                    self._mark(task.round, "uploaded")
+                return
             params = secagg.params
             peers = {w: k.public for w, k in self.identities.items()}
-            self.session = WorkerSession(
-                worker_id=self.worker,
-                params=params,
-                identity_private=self.identities[self.worker].private,
-                peer_identities=peers,
-            )
-            rng = np.random.default_rng(task.round)
-            scaled = (self.delta * (100 / params.max_examples)).astype(np.float32)
-            quantized = quantize(scaled, clip=params.clip_range, bits=params.bits, rng=rng)
-            self.encoded = np.concatenate([quantized, np.array([100], dtype=np.uint32)])
-            client.advertise(RUN, params.tag, self.session.advertise())
+            with self._computing(task.round):
+                self.session = WorkerSession(
+                    worker_id=self.worker,
+                    params=params,
+                    identity_private=self.identities[self.worker].private,
+                    peer_identities=peers,
+                )
+                rng = np.random.default_rng(task.round)
+                scaled = (self.delta * (100 / params.max_examples)).astype(np.float32)
+                quantized = quantize(scaled, clip=params.clip_range, bits=params.bits, rng=rng)
+                self.encoded = np.concatenate([quantized, np.array([100], dtype=np.uint32)])
+                advertisement = self.session.advertise()
+            client.advertise(run, params.tag, advertisement)
+            self._mark(task.round, "advertised")
         elif task.kind is TaskKind.SECAGG_SHARE_KEYS:
             assert secagg is not None
             assert self.session is not None
-            client.share_keys(RUN, secagg.params.tag, self.session.share_keys(secagg.roster))
+            with self._computing(task.round):
+                shares = self.session.share_keys(secagg.roster)
+            client.share_keys(run, secagg.params.tag, shares)
+            self._mark(task.round, "shared")
         elif task.kind is TaskKind.SECAGG_MASKED_UPLOAD:
             assert secagg is not None
             assert self.session is not None
             assert self.encoded is not None
-            masked = self.session.mask(secagg.inbox, secagg.survivors, self.encoded)
-            client.upload(
-                run_id=RUN,
-                round_=task.round,
-                kind=UploadKind.MASKED,
-                base_version=0,
-                num_examples=100,
-                vector=masked,
-                tag=secagg.params.tag,
-            )
+            with self._computing(task.round):
+                masked = self.session.mask(secagg.inbox, secagg.survivors, self.encoded)
+            try:
+                client.upload(
+                    run_id=run,
+                    round_=task.round,
+                    kind=UploadKind.MASKED,
+                    base_version=0,
+                    num_examples=100,
+                    vector=masked,
+                    tag=secagg.params.tag,
+                )
+            finally:
+                self._mark(task.round, "uploaded")
         elif task.kind is TaskKind.SECAGG_UNMASK:
             assert secagg is not None
             assert self.session is not None
-            client.reveal(RUN, secagg.params.tag, self.session.reveal(secagg.survivors, secagg.dropped))
+            with self._computing(task.round):
+                revealed = self.session.reveal(secagg.survivors, secagg.dropped)
+            client.reveal(run, secagg.params.tag, revealed)
+            self._mark(task.round, "revealed")
+
+
+def start_coordinator(run_yaml: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int]:
+    """`fedlora-server --config run_yaml` as its own process (its log to `log`), and the port it listens on."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedlora_server", "--config", str(run_yaml)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert server.stdout is not None
+    return server, int(json.loads(server.stdout.readline())["port"])
+
+
+def numpy_workers(
+    port: int, tokens: dict[str, str], identities: dict[str, KeyPair], adapter: Adapter, *, run_id: str
+) -> list[NumpyWorker]:
+    """One NumpyWorker a site of `tokens`, each with its own client of the coordinator on `port`."""
+    return [
+        NumpyWorker(
+            w,
+            CoordinatorClient(
+                target=f"127.0.0.1:{port}",
+                worker_id=w,
+                token=tokens[w],
+                retry=RetrySettings(initial_backoff_s=0.05, max_backoff_s=0.5),
+            ),
+            identities,
+            adapter,
+            seed=index,
+            run_id=run_id,
+        )
+        for index, w in enumerate(tokens)
+    ]
+
+
+def run_all(workers: list[NumpyWorker]) -> None:
+    """Every worker in a thread of its own, until each has finished."""
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 @dataclass(frozen=True)
@@ -256,14 +383,7 @@ def main() -> int:
         run_yaml = _run_yaml(Path(tmp), state, identities, tokens, args.rounds)
         log = Path(tmp) / "coordinator.log"
         with log.open("wb") as handle:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "fedlora_server", "--config", str(run_yaml)],
-                stdout=subprocess.PIPE,
-                stderr=handle,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-            assert server.stdout is not None
-            port = json.loads(server.stdout.readline())["port"]
+            server, port = start_coordinator(run_yaml, handle)
             done = threading.Event()
             watcher = threading.Thread(
                 target=watch_rounds,
@@ -272,26 +392,8 @@ def main() -> int:
             )
             watcher.start()
             started = time.perf_counter()
-            workers = [
-                NumpyWorker(
-                    w,
-                    CoordinatorClient(
-                        target=f"127.0.0.1:{port}",
-                        worker_id=w,
-                        token=tokens[w],
-                        retry=RetrySettings(initial_backoff_s=0.05, max_backoff_s=0.5),
-                    ),
-                    identities,
-                    adapter,
-                    seed=index,
-                )
-                for index, w in enumerate(names)
-            ]
-            threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            workers = numpy_workers(port, tokens, identities, adapter, run_id=RUN)
+            run_all(workers)
             elapsed = time.perf_counter() - started
             time.sleep(0.2)
             done.set()
