@@ -38,6 +38,7 @@ from fedlora_common.manifest import Manifest, TensorSpec
 from fedlora_common.plans import ALL_LINEAR, BasePrecision, LoraSpec, Mode, RunSpec
 from fedlora_common.settings import StrictModel
 from fedlora_worker.config import DeviceMap
+from fedlora_worker.dropout import own_dropout
 
 __all__ = [
     "LoadedModel",
@@ -250,6 +251,7 @@ def load_model(run: RunSpec, site: SiteModel) -> LoadedModel:
             block_groups(manifest, rank=run.lora.rank, heterogeneous=True)
         except ValueError as exc:
             raise SiteMismatch(f"aggregation: hetlora, but {exc}") from None
+    own_dropout(model)  # each model draws its dropout masks from its own generator, seeded per round by training
     _log_trainable(model, run, adapted)
     loaded = LoadedModel(
         model=model,

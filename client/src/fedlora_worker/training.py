@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fedlora_common.plans import GoldfishPlan, RecordDPPlan, TrainingPlan
 from fedlora_worker.data import IGNORE_INDEX, Batch, TokenizedData, batches, collate
 from fedlora_worker.dp_sgd import dp_optimizer, draw_records, merge_grad_samples, record_windows, secret_generator
+from fedlora_worker.dropout import seed_dropout
 from fedlora_worker.goldfish import goldfish_mask
 from fedlora_worker.packing import pack
 
@@ -217,7 +218,8 @@ def train_locally(
     rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
     # closing: Opacus lets go of the model even if on_step raises
     with rng, _checkpointing(model, plan.gradient_checkpointing), contextlib.closing(steps):
-        torch.manual_seed(plan.seed)
+        torch.manual_seed(plan.seed)  # what draws from the global generator: dropout a model computes in functions
+        seed_dropout(model, plan.seed)  # its dropout modules: their own generator (`dropout`), seeded alike
         for number, step in enumerate(steps, start=1):
             loss_sum += step.loss * step.counted if step.counted else 0.0
             loss_tokens += step.counted
