@@ -1,7 +1,8 @@
 """A real model on a real GPU: 2 sites x 2 rounds of QLoRA with everything on, measured beside the planner.
 
 The federation is the simulation engine's (fedlora_lab.simulation: the real coordinator and one
-real worker daemon per site in this process, taking turns on one loaded base), with secure
+real worker daemon per site in this process, each on its own adapter over one loaded base; on a
+GPU they train one at a time, so each site's memory peak is its own), with secure
 aggregation, micro-batches with gradient accumulation, activation checkpointing, packing, a
 cosine schedule with warmup across the rounds, and precision auto (bf16 autocast on a CUDA GPU
 that has it, float32 on a CPU). Each site trains on generated clinical or legal records. Printed

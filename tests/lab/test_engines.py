@@ -1,8 +1,8 @@
 """Two engines, one code: the same small federation, same seeds and threads, commits the same adapter.
 
 Secure aggregation sums integers mod 2^32, so the order in which updates arrive cannot matter:
-bit for bit. Plain FedAvg folds floats in arrival order (fixed by the turns in a simulation, by
-the scheduler across processes): within one float32 rounding step.
+bit for bit. Plain FedAvg folds floats into a float64 sum in arrival order (which the scheduler
+decides, across processes and across a simulation's threads alike): within one float32 rounding step.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 ``processes`` (the deployment engine): a coordinator and one worker per site, each an OS process,
 over gRPC on 127.0.0.1 (`LocalFederation`). ``simulation``: the same coordinator and worker code in
-one `fedlora-lab simulate` process, the sites taking turns on one loaded base model with every
-thread it is given (`SimulatedFederation`). Both leave the same files and report.
+one `fedlora-lab simulate` process, the sites training at once, each on its own copy of one loaded
+base model with its share of the threads it is given (`SimulatedFederation`). Both leave the same files and report.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run_federation(
     threads: int | None = None,
     say: Callable[[str], None] | None = None,
 ) -> FederationResult:
-    """Run `plan` on `engine`; `threads` is the simulation's torch threads (default: every core); `say` gets a
+    """Run `plan` on `engine`; `threads`: the cores the simulation splits among its sites (default: all); `say` gets a
     line each time the run's round, phase or loss changes."""
     with watching(plan.out_dir, rounds=plan.rounds, say=say or (lambda line: None)):
         if engine == "processes":

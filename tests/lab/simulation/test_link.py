@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fedlora_common.messages import ModelVersion, TaskKind, UploadKind
+from fedlora_lab.simulation.clock import ContendedClock
 from fedlora_lab.simulation.link import InProcessClient
-from fedlora_lab.simulation.turns import Turns
 from fedlora_server.coordinator import Coordinator
 from fedlora_server.metrics import ServerMetrics
 from fedlora_server.store import MemoryStore
@@ -31,13 +31,17 @@ def coordinator(tmp_path: Path, registry: CollectorRegistry) -> Coordinator:
 
 
 @pytest.fixture
-def clients(coordinator: Coordinator) -> dict[str, InProcessClient]:
-    turns = Turns(list(WORKERS))
-    return {w: InProcessClient(coordinator=coordinator, worker_id=w, turns=turns, chunk_bytes=CHUNK) for w in WORKERS}
+def clock() -> ContendedClock:
+    return ContendedClock(cores=1, threads=1)  # its pace is 1 / the sites working, once two or more work
+
+
+@pytest.fixture
+def clients(coordinator: Coordinator, clock: ContendedClock) -> dict[str, InProcessClient]:
+    return {w: InProcessClient(coordinator=coordinator, worker_id=w, clock=clock, chunk_bytes=CHUNK) for w in WORKERS}
 
 
 def _join_all(clients: dict[str, InProcessClient]) -> None:
-    """Each joins in turn and is told to wait (admission, then clinical initializes): the turn is back at clinical."""
+    """Each joins and is told to wait (admission, then clinical initializes)."""
     for client in clients.values():
         client.join(100)
         assert client.poll("test-run").kind is TaskKind.WAIT
@@ -63,25 +67,34 @@ def _initialize(clients: dict[str, InProcessClient]) -> list[int]:
     return sent
 
 
-def test_a_poll_before_join_is_not_joined_and_passes_the_turn_on(clients: dict[str, InProcessClient]) -> None:
-    turns_before = clients["clinical"]._turns.holder
-
+def test_a_poll_before_join_is_not_joined(clients: dict[str, InProcessClient], clock: ContendedClock) -> None:
     with pytest.raises(NotJoined):
         clients["clinical"].poll("test-run")
 
-    assert turns_before == "clinical"
-    assert clients["clinical"]._turns.holder == "finance"
+    assert clock.pace == 1.0
 
 
-def test_a_join_keeps_the_turn_until_the_next_poll(clients: dict[str, InProcessClient]) -> None:
-    turns = clients["clinical"]._turns
-
-    clients["clinical"].join(100)
-    held = turns.holder
+def test_a_site_works_from_its_join_or_a_poll_that_gives_it_a_task_until_its_next_poll(
+    clients: dict[str, InProcessClient], clock: ContendedClock
+) -> None:
+    clients["clinical"].join(100)  # loading its model
+    clients["legal"].join(100)
+    both_loading = clock.pace
     clients["clinical"].poll("test-run")
+    clients["legal"].poll("test-run")
+    clients["finance"].join(100)
+    clients["finance"].poll("test-run")
+    nobody = clock.pace
+    initialize = clients["clinical"].poll("test-run")
+    legal_waits = clients["legal"].poll("test-run")
+    one_works = clock.pace
 
-    assert held == "clinical"
-    assert turns.holder == "finance"
+    assert both_loading == 0.5
+    assert nobody == 1.0
+    assert (initialize.kind, legal_waits.kind) == (TaskKind.INITIALIZE, TaskKind.WAIT)
+    assert one_works == 1.0
+    clients["legal"].join(100)  # a rejoin: loading again, beside clinical's initial upload
+    assert clock.pace == 0.5
 
 
 def test_a_poll_for_another_run_is_not_joined(clients: dict[str, InProcessClient]) -> None:
@@ -163,14 +176,18 @@ def test_a_resent_update_counts_as_received_and_is_taken_once(
     assert registry.get_sample_value("fedlora_received_bytes_total") == before + delta.nbytes
 
 
-def test_finished_retires_the_client_and_leave_too(
-    clients: dict[str, InProcessClient], coordinator: Coordinator
+def test_a_site_that_leaves_or_is_told_the_run_finished_works_no_more(
+    clients: dict[str, InProcessClient], coordinator: Coordinator, clock: ContendedClock
 ) -> None:
     _join_all(clients)
+    for client in clients.values():
+        client.join(100)  # each loading its model again: three work
 
     clients["finance"].leave("test-run", "out of memory")
+    finance_left = clock.pace
+    finished = clients["clinical"].poll("test-run")
 
-    assert clients["finance"]._turns.active == ("clinical", "legal")
     assert coordinator.failure is not None
-    assert clients["clinical"].poll("test-run").kind is TaskKind.FINISHED
-    assert clients["clinical"]._turns.active == ("legal",)
+    assert finance_left == 0.5
+    assert finished.kind is TaskKind.FINISHED
+    assert clock.pace == 1.0  # legal alone

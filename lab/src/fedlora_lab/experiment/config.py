@@ -210,7 +210,7 @@ class ExperimentConfig(StrictModel):
     )
     engine: Engine = Field(
         "simulation",
-        description="simulation: each run one process, its sites taking turns on one model; "
+        description="simulation: each run one process, its sites training at once over one loaded model; "
         "processes: a coordinator and a worker per site, each a process, over gRPC",
     )
     parallel: int = Field(

@@ -32,14 +32,14 @@ __all__ = ["SUMMARY", "add_simulate_arguments", "simulate"]
 PROG = "fedlora-lab simulate"
 
 
-SUMMARY = "run a federation (coordinator and every site) in one process, the sites taking turns on one model"
+SUMMARY = "run a federation (coordinator and every site) in one process, the sites training at once"
 
 
 def add_simulate_arguments(simulate: argparse.ArgumentParser) -> None:
     simulate.add_argument("--config", type=Path, required=True, help="the run's run.yaml")
     simulate.add_argument("--sites", type=Path, nargs="+", required=True, help="each site's worker.yaml")
     simulate.add_argument(
-        "--threads", type=int, default=None, help="torch threads for whichever site trains (default: every core)"
+        "--threads", type=int, default=None, help="torch threads each site computes with (default: cores / sites, >= 1)"
     )
     simulate.add_argument("--timeout-minutes", type=float, default=120.0, help="stop and fail the run after this")
 
@@ -68,11 +68,14 @@ def simulate(args: argparse.Namespace, run_flags: Sequence[str]) -> int:
         return 2
     try:
         settings, sites = _load(args, run_flags)
-        simulation = Simulation(settings=settings, sites=sites, timeout=timedelta(minutes=args.timeout_minutes))
+        threads = args.threads or max(1, len(os.sched_getaffinity(0)) // len(sites))
+        simulation = Simulation(
+            settings=settings, sites=sites, timeout=timedelta(minutes=args.timeout_minutes), threads=threads
+        )
     except (ConfigError, SimulationError) as exc:
         sys.stderr.write(f"{PROG}: config error: {exc}\n")
         return 2
-    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     log_path = settings.state_dir / "logs" / "simulation.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log_file, simulation:

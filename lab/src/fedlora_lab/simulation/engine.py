@@ -2,34 +2,37 @@
 
 The real `fedlora_server.coordinator.Coordinator` (phase machine, aggregators, secure aggregation,
 DP plan, ledger in SQLite, report) and one real `fedlora_worker.daemon.Worker` per site, each in
-its own thread, joined by `InProcessClient` instead of gRPC. The clients take turns (`Turns`): one
-works at a time, on the one base model loaded for all of them (`SharedBase`), with every torch
-thread of the process. What a process federation leaves in the run's state_dir, this leaves too:
-coordinator.db, the committed versions, `adapter`, report.json, report.md, report.html.
+its own thread, joined by `InProcessClient` instead of gRPC. The sites work at once, as deployed
+workers do: each trains its own copy of the model over one loaded base (`SiteModels`), with the
+torch threads the process was given, and trains alone only where training touches state torch
+keeps once per process (`SideBySide`). What a process federation leaves in the run's state_dir,
+this leaves too: coordinator.db, the committed versions, `adapter`, report.json, report.md, report.html.
 
-Because the clients of a round work one after another rather than side by side, the run's phase
-deadlines (`timeouts.phase_base_s` and `timeouts.train_s`) are stretched by the number of clients.
+The coordinator's deadlines run on a clock that slows while more sites work than the cores serve
+(`ContendedClock`): a deadline passes when it would have on the sites' own machines.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import structlog
+import torch
 from prometheus_client import CollectorRegistry
 
 from fedlora_common.plans import RunSpec
+from fedlora_lab.simulation.clock import ContendedClock
 from fedlora_lab.simulation.link import InProcessClient
-from fedlora_lab.simulation.shared_base import SharedBase
-from fedlora_lab.simulation.turns import Turns
+from fedlora_lab.simulation.side_by_side import SideBySide
+from fedlora_lab.simulation.site_models import SiteModels
 from fedlora_server.auth import Authenticator, check_claim
 from fedlora_server.config import RunSettings
 from fedlora_server.coordinator import Coordinator
@@ -42,7 +45,7 @@ from fedlora_worker.daemon import Worker, WorkerOutcome
 from fedlora_worker.metrics import WorkerMetrics
 from fedlora_worker.modeling import LoadedModel, SiteModel, load_model
 
-__all__ = ["Simulation", "SimulationError", "SimulationOutcome", "SiteOutcome", "check_sites", "stretched"]
+__all__ = ["Simulation", "SimulationError", "SimulationOutcome", "SiteOutcome", "check_sites"]
 
 log = structlog.get_logger()
 
@@ -98,21 +101,6 @@ def check_sites(settings: RunSettings, sites: Sequence[WorkerSettings]) -> None:
             check_claim(door.identify(token), site.worker_id)
         except CoordinatorError as exc:
             raise SimulationError(f"site {site.worker_id}: not admitted by the run's workers list: {exc}") from None
-    models = {SiteModel(path=site.base_model, device=site.device) for site in sites}
-    if len(models) > 1:
-        named = "; ".join(f"{s.worker_id}: {s.base_model} on {s.device}" for s in sites)
-        raise SimulationError(f"sites: one base model is loaded for all, so all must name the same one ({named})")
-
-
-def stretched(settings: RunSettings, clients: int) -> RunSettings:
-    """The run's settings with phase deadlines for `clients` that work one after another."""
-    timeouts = settings.timeouts.model_copy(
-        update={
-            "phase_base_s": settings.timeouts.phase_base_s * clients,
-            "train_s": settings.timeouts.train_s * clients,
-        }
-    )
-    return settings.model_copy(update={"timeouts": timeouts})
 
 
 class Simulation:
@@ -127,13 +115,22 @@ class Simulation:
         load: Callable[[RunSpec, SiteModel], LoadedModel] = load_model,
         loading: threading.Lock | None = None,
         registry: CollectorRegistry | None = None,
+        cores: int | None = None,
+        threads: int | None = None,
     ) -> None:
+        """`loading`: held while a model loads and while a site trains alone (share it between simulations in
+        one process). `cores` and `threads` (this machine's, and each site's torch threads: by default the
+        process's) set the clock's pace."""
         check_sites(settings, sites)
         self._settings = settings
         self._sites = tuple(sites)
         self._timeout = timeout
-        self._base = SharedBase(load=load, loading=loading)
-        self._turns = Turns([site.worker_id for site in sites])
+        alone = loading or threading.Lock()
+        self._models = SiteModels(load=load, loading=alone)
+        self._trainer = SideBySide(alone)
+        self._clock = ContendedClock(
+            cores=cores or len(os.sched_getaffinity(0)), threads=threads or torch.get_num_threads()
+        )
         self.registry = registry or CollectorRegistry()
         self._workers: list[Worker] = []
         self._stopping = threading.Event()
@@ -147,9 +144,10 @@ class Simulation:
         store = SqliteStore(self._settings.state_dir / "coordinator.db")
         try:
             coordinator = Coordinator(
-                settings=stretched(self._settings, len(self._sites)),
+                settings=self._settings,
                 store=store,
                 metrics=ServerMetrics(self.registry),
+                clock=self._clock,
             )
             outcomes: dict[str, SiteOutcome] = {}
             workers = [(site, self._worker(coordinator, site)) for site in self._sites]
@@ -174,15 +172,15 @@ class Simulation:
             sites={site.worker_id: outcomes[site.worker_id] for site in self._sites},
             failure=coordinator.failure,
             seconds=seconds,
-            base_loads=self._base.loads,
+            base_loads=self._models.loads,
         )
 
     def _worker(self, coordinator: Coordinator, site: WorkerSettings) -> Worker:
-        """The site's real daemon, talking in process, idling by turns, loading the shared model."""
+        """The site's real daemon, talking in process, training its own copy of the model."""
         client = InProcessClient(
             coordinator=coordinator,
             worker_id=site.worker_id,
-            turns=self._turns,
+            clock=self._clock,
             chunk_bytes=self._settings.limits.chunk_bytes,
         )
         try:
@@ -190,8 +188,8 @@ class Simulation:
                 settings=site,
                 client=client,
                 metrics=WorkerMetrics(CollectorRegistry()),
-                idle=partial(self._turns.pause, site.worker_id),
-                load=self._base.load,
+                load=self._models.load,
+                train=self._trainer,
             )
         except (OSError, ValueError) as exc:  # what fedlora-worker refuses at start with exit 2
             raise SimulationError(f"site {site.worker_id}: data: {exc}") from None
@@ -208,7 +206,7 @@ class Simulation:
                 log.error("site_failed", worker_id=site.worker_id, error=error)
                 outcomes[site.worker_id] = SiteOutcome(site.worker_id, None, error)
             finally:
-                self._turns.retire(site.worker_id)
+                self._clock.working(site.worker_id, False)
 
         thread = threading.Thread(target=work, name=f"site-{site.worker_id}", daemon=True)
         thread.start()
@@ -240,7 +238,6 @@ class Simulation:
         self._stopping.set()
         for worker in self._workers:
             worker.shutdown()
-        self._turns.stop()
 
     def __enter__(self) -> Simulation:
         return self

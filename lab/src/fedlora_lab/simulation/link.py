@@ -9,8 +9,9 @@ client maps their status codes: FAILED_PRECONDITION or NOT_FOUND -> StaleTask (N
 poll), ALREADY_EXISTS on a resend -> success, anything else raised as the coordinator's own
 refusal. Nothing is transient in process, so nothing is retried.
 
-A client acts only while it holds its turn (`Turns`): `join` and `poll` take the turn, and a poll
-hands it on when the answer is WAIT or FINISHED.
+Every client calls at once, as deployed workers do; a poll that would wait is held open as the
+servicer holds it. The client tells the simulation's clock (`ContendedClock`) when its site works: from
+the join (it loads its model) or a poll that gives it a task, to its next poll.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from fedlora_common.serde import (
     upload_header_from_proto,
     upload_header_to_proto,
 )
-from fedlora_lab.simulation.turns import Turns, TurnsStopped
+from fedlora_lab.simulation.clock import ContendedClock
 from fedlora_server.aggregation import KeyShares, Reveal, SecureMessage
 from fedlora_server.auth import check_claim
 from fedlora_server.coordinator import Coordinator
@@ -59,7 +60,6 @@ from fedlora_worker.coordinator import (
     Refused,
     StaleTask,
     TransferError,
-    Unreachable,
     prepare_upload,
 )
 
@@ -72,18 +72,19 @@ log = structlog.get_logger()
 class InProcessClient:
     """One virtual client's calls, made directly on the coordinator object it shares with the others."""
 
-    def __init__(self, *, coordinator: Coordinator, worker_id: str, turns: Turns, chunk_bytes: int) -> None:
+    def __init__(self, *, coordinator: Coordinator, worker_id: str, clock: ContendedClock, chunk_bytes: int) -> None:
         self.worker_id = worker_id
         self._coordinator = coordinator
-        self._turns = turns
+        self._clock = clock
         self._chunk_bytes = chunk_bytes
+        self._hold_s = coordinator.settings.timeouts.poll_wait_ms / 1000
 
     def close(self) -> None:
-        self._turns.retire(self.worker_id)
+        self._clock.working(self.worker_id, False)
 
     def stop(self) -> None:
-        """No call of an in-process client outlives its turn; retiring lets the others go on without it."""
-        self._turns.retire(self.worker_id)
+        """Nothing to cancel in process: a held poll returns within poll_wait_ms, and the site works no more."""
+        self._clock.working(self.worker_id, False)
 
     def _refused(self, what: str, call: Callable[[], T]) -> T:
         """The coordinator's answer; a refusal for a task it no longer holds becomes StaleTask, any other Refused
@@ -103,41 +104,24 @@ class InProcessClient:
             raise FailedPrecondition(f"run {run_id!r} is not this coordinator's run")
 
     def join(self, num_examples: int, *, rank: int = 0, base_precision: str = "") -> RunSpec:
-        """Join in turn, and keep the turn for what the daemon does on joining (loading the model)."""
-        self._take("join")
-        try:
-            spec = self._refused(
-                "join",
-                lambda: self._coordinator.join(self.worker_id, num_examples, rank=rank, base_precision=base_precision),
-            )
-        except BaseException:
-            self._turns.answered(self.worker_id, work=False)
-            raise
-        self._turns.answered(self.worker_id, work=True)
+        """Join; what the daemon does on joining (loading its model) is work."""
+        spec = self._refused(
+            "join",
+            lambda: self._coordinator.join(self.worker_id, num_examples, rank=rank, base_precision=base_precision),
+        )
+        self._clock.working(self.worker_id, True)
         return run_spec_from_proto(run_spec_to_proto(spec))
 
-    def _take(self, what: str) -> None:
-        try:
-            self._turns.take(self.worker_id)
-        except TurnsStopped as exc:
-            raise Unreachable(f"{what}: {exc}") from exc
-
     def poll(self, run_id: str) -> Task:
-        """The next task, once this client holds the turn; NotJoined when the coordinator does not count it."""
-        self._take("poll")
+        """The next task, held as the servicer holds it; NotJoined when the coordinator does not count this client."""
+        self._clock.working(self.worker_id, False)
         try:
             self._acting_for(self.worker_id, run_id)
-            task = task_from_proto(task_to_proto(self._coordinator.poll(self.worker_id)), run_id=run_id)
+            task = self._coordinator.poll(self.worker_id, hold_s=self._hold_s)
+            task = task_from_proto(task_to_proto(task), run_id=run_id)
         except (FailedPrecondition, NotFound) as exc:
-            self._turns.answered(self.worker_id, work=False)
             raise NotJoined(f"poll: {exc}") from exc
-        except BaseException:
-            self._turns.answered(self.worker_id, work=False)
-            raise
-        if task.kind is TaskKind.FINISHED:
-            self._turns.retire(self.worker_id)
-        else:
-            self._turns.answered(self.worker_id, work=task.kind is not TaskKind.WAIT)
+        self._clock.working(self.worker_id, task.kind not in (TaskKind.WAIT, TaskKind.FINISHED))
         return task
 
     def download(
@@ -266,11 +250,11 @@ class InProcessClient:
         self._refused("report", deliver)
 
     def leave(self, run_id: str, reason: str) -> None:
-        """Tell the coordinator this client cannot go on; one try, and it takes no more turns."""
+        """Tell the coordinator this client cannot go on; one try."""
         try:
             self._acting_for(self.worker_id, run_id)
             self._coordinator.leave(self.worker_id, reason)
         except CoordinatorError as exc:
             log.warning("leave_not_delivered", reason=str(exc))
         finally:
-            self._turns.retire(self.worker_id)
+            self._clock.working(self.worker_id, False)
