@@ -5,15 +5,21 @@ train in one process at once (the lab's simulation engine trains every site in a
 draw each other's numbers. `SeededDropout` draws from a stream that belongs to its model: on the CPU it computes
 what `torch.nn.functional.dropout` computes there (x times a Bernoulli(1 - p) mask divided by 1 - p, the mask
 drawn by `bernoulli_`), so a stream seeded as the global generator was gives the same result bit for bit. On
-an accelerator it is torch's fused dropout, on the global generator, as before.
+an accelerator it is torch's fused dropout, on the global generator, as before. Activation checkpointing
+replays the global generator when it recomputes a segment; `replay_on_recompute` replays the streams.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DropoutStream", "SeededDropout", "own_dropout", "seed_dropout"]
+__all__ = ["DropoutStream", "SeededDropout", "own_dropout", "replay_on_recompute", "seed_dropout"]
+
+Contexts = tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]
 
 
 class DropoutStream:
@@ -61,8 +67,40 @@ def own_dropout(model: torch.nn.Module) -> int:
     return len(found)
 
 
+def _streams(model: torch.nn.Module) -> list[DropoutStream]:
+    """The streams `model`'s dropouts draw from (one, unless models were merged)."""
+    return list({id(m.stream): m.stream for m in model.modules() if isinstance(m, SeededDropout)}.values())
+
+
 def seed_dropout(model: torch.nn.Module, seed: int) -> None:
-    """Seed the streams `model`'s dropouts draw from (one, unless models were merged)."""
-    streams = {id(m.stream): m.stream for m in model.modules() if isinstance(m, SeededDropout)}
-    for stream in streams.values():
+    for stream in _streams(model):
         stream.seed(seed)
+
+
+def replay_on_recompute(model: torch.nn.Module) -> Callable[[], Contexts]:
+    """`torch.utils.checkpoint`'s `context_fn` for `model`: a segment recomputed in the backward pass draws the
+    masks its forward pass drew, and the streams then go on from where they were."""
+    streams = _streams(model)
+
+    def context_fn() -> Contexts:
+        at_forward: list[torch.Tensor] = []
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
+            at_forward[:] = [stream.generator.get_state() for stream in streams]
+            yield
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            now = [stream.generator.get_state() for stream in streams]
+            for stream, state in zip(streams, at_forward, strict=True):
+                stream.generator.set_state(state)
+            try:
+                yield
+            finally:
+                for stream, state in zip(streams, now, strict=True):
+                    stream.generator.set_state(state)
+
+        return forward(), recompute()
+
+    return context_fn

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fedlora_common.plans import GoldfishPlan, RecordDPPlan, TrainingPlan
 from fedlora_worker.data import IGNORE_INDEX, Batch, TokenizedData, batches, collate
 from fedlora_worker.dp_sgd import dp_optimizer, draw_records, merge_grad_samples, record_windows, secret_generator
-from fedlora_worker.dropout import seed_dropout
+from fedlora_worker.dropout import replay_on_recompute, seed_dropout
 from fedlora_worker.goldfish import goldfish_mask
 from fedlora_worker.packing import pack
 
@@ -413,7 +413,8 @@ def _autocast(plan: TrainingPlan, device: torch.device) -> torch.autocast:
 
 @contextlib.contextmanager
 def _checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
-    """transformers' activation checkpointing of every block (non-reentrant: frozen inputs need no grad), for one call."""
+    """transformers' activation checkpointing of every block (non-reentrant: frozen inputs need no grad), for one call;
+    a recomputed block draws the dropout masks its forward pass drew."""
     if not on:
         yield
         return
@@ -421,7 +422,7 @@ def _checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
     disable = getattr(model, "activation_checkpointing_disable", None)
     if enable is None or disable is None:
         raise ValueError(f"training.gradient_checkpointing: {type(model).__name__} cannot checkpoint activations")
-    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": replay_on_recompute(model)})
     try:
         yield
     finally:
