@@ -25,7 +25,7 @@ from fedlora_lab.experiment import (
     write_experiment_report,
 )
 from fedlora_lab.experiment.config import coordinator_settings, federation_plan
-from fedlora_lab.experiment.execute import simulation_threads
+from fedlora_lab.experiment.execute import simulation_cores
 from fedlora_lab.federation import FederationResult
 from tests.lab_fixtures import SMALL_EXPERIMENT, ExperimentRun
 
@@ -130,11 +130,11 @@ def test_runs_are_simulated_unless_the_config_asks_for_processes(
 def test_simulated_runs_side_by_side_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 8)
 
-    threads = [
-        simulation_threads(ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "parallel": n})) for n in (1, 2, 3, 16)
+    cores = [
+        simulation_cores(ExperimentConfig.model_validate({**SMALL_EXPERIMENT, "parallel": n})) for n in (1, 2, 3, 16)
     ]
 
-    assert threads == [8, 4, 2, 1]
+    assert cores == [8, 4, 2, 1]
 
 
 def test_shipped_configs_are_valid_and_vary_only_what_they_compare() -> None:

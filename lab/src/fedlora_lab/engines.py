@@ -26,12 +26,12 @@ def run_federation(
     plan: FederationPlan,
     *,
     engine: Engine,
-    threads: int | None = None,
+    cores: int | None = None,
     say: Callable[[str], None] | None = None,
 ) -> FederationResult:
-    """Run `plan` on `engine`; `threads`: the cores the simulation splits among its sites (default: all); `say` gets a
+    """Run `plan` on `engine`; `cores`: what the simulation splits among its sites (default: all); `say` gets a
     line each time the run's round, phase or loss changes."""
     with watching(plan.out_dir, rounds=plan.rounds, say=say or (lambda line: None)):
         if engine == "processes":
             return LocalFederation(plan).run()
-        return SimulatedFederation(plan).run_in_child(threads=threads or max(1, os.cpu_count() or 1))
+        return SimulatedFederation(plan).run_in_child(cores=cores or len(os.sched_getaffinity(0)))

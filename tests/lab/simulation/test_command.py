@@ -59,6 +59,7 @@ def test_a_site_the_run_does_not_admit_exits_2_naming_it(tmp_path: Path, capsys:
     [
         (["--rounds", "0"], "rounds"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--cores", "0"], "--cores must be >= 1"),
     ],
 )
 def test_a_wrong_flag_exits_2_with_one_line(

@@ -24,7 +24,7 @@ from fedlora_lab.experiment.config import ExperimentConfig, MethodConfig, federa
 from fedlora_lab.federation import site_names
 from fedlora_lab.plan import capacity
 
-__all__ = ["PlannedRun", "execute_run", "simulation_threads"]
+__all__ = ["PlannedRun", "execute_run", "simulation_cores"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class PlannedRun:
         return f"{self.method.name}/seed-{self.seed}"
 
 
-def simulation_threads(config: ExperimentConfig) -> int:
-    """Torch threads of one simulated run: the cores shared by the runs that go side by side."""
+def simulation_cores(config: ExperimentConfig) -> int:
+    """The cores of one simulated run (its sites split them): this machine's, shared by the runs side by side."""
     return max(1, (os.cpu_count() or 1) // config.parallel)
 
 
@@ -151,7 +151,7 @@ def execute_run(config: ExperimentConfig, run: PlannedRun, base_model: Path) -> 
     started = time.monotonic()
     deadline = started + plan.timeout.total_seconds() * 2
     try:
-        federation = run_federation(plan, engine=config.engine, threads=simulation_threads(config))
+        federation = run_federation(plan, engine=config.engine, cores=simulation_cores(config))
     except Exception as exc:  # a failed run is recorded, the experiment goes on
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["duration_s"] = time.monotonic() - started

@@ -41,6 +41,12 @@ def add_simulate_arguments(simulate: argparse.ArgumentParser) -> None:
     simulate.add_argument(
         "--threads", type=int, default=None, help="torch threads each site computes with (default: cores / sites, >= 1)"
     )
+    simulate.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="cores this run may count on, for the pace of its deadlines' clock (default: all it may run on)",
+    )
     simulate.add_argument("--timeout-minutes", type=float, default=120.0, help="stop and fail the run after this")
 
 
@@ -60,17 +66,24 @@ def _load(args: argparse.Namespace, run_flags: Sequence[str]) -> tuple[RunSettin
 
 
 def simulate(args: argparse.Namespace, run_flags: Sequence[str]) -> int:
-    if args.threads is not None and args.threads < 1:
-        sys.stderr.write(f"{PROG}: error: --threads must be >= 1, got {args.threads}\n")
-        return 2
+    for flag in ("threads", "cores"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            sys.stderr.write(f"{PROG}: error: --{flag} must be >= 1, got {value}\n")
+            return 2
     if args.timeout_minutes <= 0:
         sys.stderr.write(f"{PROG}: error: --timeout-minutes must be > 0, got {args.timeout_minutes}\n")
         return 2
     try:
         settings, sites = _load(args, run_flags)
-        threads = args.threads or max(1, len(os.sched_getaffinity(0)) // len(sites))
+        cores = args.cores or len(os.sched_getaffinity(0))
+        threads = args.threads or max(1, cores // len(sites))
         simulation = Simulation(
-            settings=settings, sites=sites, timeout=timedelta(minutes=args.timeout_minutes), threads=threads
+            settings=settings,
+            sites=sites,
+            timeout=timedelta(minutes=args.timeout_minutes),
+            cores=cores,
+            threads=threads,
         )
     except (ConfigError, SimulationError) as exc:
         sys.stderr.write(f"{PROG}: config error: {exc}\n")

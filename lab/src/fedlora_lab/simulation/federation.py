@@ -46,15 +46,15 @@ class SimulatedFederation:
         outcome = Simulation(settings=settings, sites=sites, timeout=self._plan.timeout, loading=self._loading).run()
         return FederationResult(self._plan.out_dir.resolve(), outcome.report, outcome.exit_codes)
 
-    def run_in_child(self, *, threads: int) -> FederationResult:
-        """Simulate in one `fedlora-lab simulate` process on `threads` cores, split among the sites (at least one
+    def run_in_child(self, *, cores: int) -> FederationResult:
+        """Simulate in one `fedlora-lab simulate` process on `cores` cores, split among the sites (at least one
         torch thread each); its output in logs/."""
         run_yaml, worker_yamls = self.prepare()
         out = self._plan.out_dir.resolve()
         minutes = self._plan.timeout.total_seconds() / 60
         argv = [sys.executable, "-m", "fedlora_lab", "simulate", "--config", str(run_yaml), "--sites"]
         argv += [str(path) for path in worker_yamls]
-        argv += ["--threads", str(max(1, threads // len(worker_yamls))), "--timeout-minutes", f"{minutes:g}"]
+        argv += ["--cores", str(cores), "--timeout-minutes", f"{minutes:g}"]
         with (out / "logs" / "simulate.out").open("wb") as output:
             try:
                 code = subprocess.run(
