@@ -101,3 +101,28 @@ def test_sites_that_all_end_before_the_run_can_start_end_the_simulation_with_the
 
     refusal = "Refused: join: PERMISSION_DENIED: base_precision 'nf4'"
     assert all(f"{worker}: {refusal}" in str(ended.value) for worker in ("clinical", "legal", "finance"))
+
+
+def test_sites_of_another_rank_and_precision_each_load_their_own_kind_once(
+    tmp_path: Path, lab_model: MadeModel
+) -> None:
+    settings, sites = _configs(
+        tmp_path, lab_model.path, aggregation="hetlora", base_precisions=["nf4", "float32"], lora={"rank": 8}
+    )
+    shapes = [({"max_rank": 2}, "nf4"), ({"max_rank": 4}, "float32"), ({}, "float32")]
+    sites = [
+        site.model_copy(update={"lora": site.lora.model_copy(update=lora), "base_precision": precision})
+        for site, (lora, precision) in zip(sites, shapes, strict=True)
+    ]
+    loads: list[SiteModel] = []
+
+    def load(run: RunSpec, site: SiteModel) -> LoadedModel:
+        loads.append(site)
+        return load_model(run, site)
+
+    outcome = Simulation(settings=settings, sites=sites, load=load).run()
+
+    assert outcome.failure is None
+    assert sorted((s.max_rank or 8, s.base_precision) for s in loads) == [(2, "nf4"), (4, "float32"), (8, "float32")]
+    ranks = {w["id"]: (w["rank"], w["base_precision"]) for w in outcome.report["workers"]}
+    assert ranks == {"clinical": (2, "nf4"), "legal": (4, "float32"), "finance": (8, "float32")}
