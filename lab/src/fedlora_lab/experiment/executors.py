@@ -6,8 +6,9 @@ caller stores every result the moment it exists. The grid of (method, seed) runs
 any other stage of an experiment hands its own cells to the same executor.
 
 Ray is an optional extra (``pip install 'fedlora-lab[ray]'``), imported only when a Ray executor
-starts. A local Ray is started here with ``parallel`` CPUs and stopped at the end; a cluster named by
-its address is only connected to, and left running. A cell's work is done on whichever node runs it:
+starts. A local Ray is started here with ``parallel`` CPUs and stopped at the end, its tasks at this
+program's priority (Ray's own default, nice 15, starves them beside any other work on the machine); a
+cluster named by its address is only connected to, and left running. A cell's work is done on whichever node runs it:
 its function's arguments (the base model's path, the output directory) must mean the same there.
 """
 
@@ -104,7 +105,13 @@ class RayExecutor(CellExecutor):
 
         _ray_logs_through_this_program()
         if self._address is None:
-            ray.init(num_cpus=self._parallel, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(
+                num_cpus=self._parallel,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                _system_config={"worker_niceness": 0},  # what Ray adds to the niceness its workers inherit
+            )
         else:
             ray.init(address=self._address, log_to_driver=False, configure_logging=False)
         self._started = True
