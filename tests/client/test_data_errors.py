@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -400,8 +401,17 @@ def _fedlora_worker(*args: str, timeout: float = 120) -> subprocess.CompletedPro
 
 
 def _quoted(*outputs: str) -> list[str]:
-    """The secrets, or pieces of them, that any of the outputs holds."""
-    return [piece for piece in (*SECRETS, *FRAGMENTS) if any(piece in output for output in outputs)]
+    """The secrets, or pieces of them, that any of the outputs holds; a run of digits only where no digit goes on
+    either side (a log timestamp's microseconds or a port may hold "2290" by chance; a quoted account number is
+    cut at its dashes)."""
+    patterns = [
+        re.escape(piece) if not piece.isdigit() else rf"(?<!\d){piece}(?!\d)" for piece in (*SECRETS, *FRAGMENTS)
+    ]
+    return [
+        piece
+        for piece, pattern in zip((*SECRETS, *FRAGMENTS), patterns, strict=True)
+        if any(re.search(pattern, output) for output in outputs)
+    ]
 
 
 def _ids(probes: list[Probe]) -> list[str]:
